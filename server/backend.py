@@ -1,0 +1,72 @@
+"""Build the inference executor the configuration asks for."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from server.config import Config
+from server.inference.echo import ECHO_PATH, EchoEngine
+from server.inference.engine import Engine
+from server.inference.executor import ExecutorLimits, InferenceExecutor
+from server.inference.images import ImageLimits
+
+log = logging.getLogger("vlbridge.backend")
+
+DEMO_BANNER = """
+  ****************************************************************************
+  *  DEMO MODEL: no model is configured (model.path = ""), so vlbridge runs  *
+  *  a tiny randomly initialised Qwen3-VL built locally. Its answers are     *
+  *  RANDOM TEXT. Set model.path to e.g. "Qwen/Qwen3-VL-2B-Instruct" or a    *
+  *  local checkpoint directory for real answers.                            *
+  ****************************************************************************"""
+
+
+def image_limits(config: Config) -> ImageLimits:
+    return ImageLimits(
+        max_bytes=config.server.max_image_bytes,
+        max_pixels=config.model.max_pixels,
+        max_side=config.model.max_image_side,
+    )
+
+
+def model_label(config: Config) -> str:
+    return config.model.path or "vlbridge-demo (random answers)"
+
+
+def build_executor(config: Config) -> InferenceExecutor:
+    """An executor whose engine loads on the worker thread when the executor starts."""
+    limits = image_limits(config)
+    path = config.model.path
+
+    def factory(progress: Callable[[float], None]) -> Engine:
+        if path == ECHO_PATH:
+            return EchoEngine(limits)
+        from server.inference.demo_model import ensure_demo_model
+        from server.inference.model.engine import ModelEngine
+
+        source = path
+        if not source:
+            source = str(ensure_demo_model(Path(config.storage_path)))
+            log.warning("%s", DEMO_BANNER)
+        return ModelEngine.load(
+            source,
+            device=config.model.device,
+            dtype=config.model.dtype,
+            limits=limits,
+            max_context_tokens=config.model.max_context_tokens,
+            progress=progress,
+        )
+
+    return InferenceExecutor(
+        factory,
+        ExecutorLimits(
+            max_batch=config.executor.max_batch,
+            queue_size=config.executor.queue_size,
+            request_timeout=config.executor.request_timeout,
+            max_new_tokens=config.model.max_new_tokens,
+            prefill_tokens=config.executor.prefill_chunk_tokens,
+        ),
+        model_name=model_label(config),
+    )

@@ -1,0 +1,237 @@
+"""The one configuration object, read once at the process edge.
+
+`load_config(path, environ)` reads a TOML file, applies ``VLBRIDGE_<SECTION>_<KEY>``
+environment overrides and returns a frozen, typed `Config`. Nothing deeper in the
+program reads the environment or the file again.
+
+Any problem raises `ConfigError` whose message is one line naming the file, the key,
+what was expected and what was found; unknown keys are errors (a typo must never be
+silently ignored). Secrets (`feishu.app_secret`, `feishu.encrypt_key`,
+`feishu.verification_token`) are accepted only from the environment and are held as
+`SecretStr`, so they never appear in logs or reprs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from server.errors import ConfigError
+
+ENV_PREFIX = "VLBRIDGE_"
+SECRET_KEYS = {("feishu", "app_secret"), ("feishu", "encrypt_key"), ("feishu", "verification_token")}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    auth_tokens: tuple[str, ...] = ()
+    ping_interval: float = Field(45.0, gt=0)
+    ping_timeout: float = Field(10.0, gt=0)
+    max_sessions: int = Field(10_000, ge=1)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_images: int = Field(8, ge=1)
+    max_frame_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_frames_per_second: float = Field(50.0, gt=0)
+    resume_ttl: float = Field(300.0, ge=0)
+    resume_buffer_frames: int = Field(2048, ge=16)
+    agent_check_port: int = Field(0, ge=0, le=65535)
+    allow_remote_images: bool = False
+    shutdown_grace: float = Field(20.0, ge=0)
+    test_page: bool = True
+
+
+class ModelConfig(_Section):
+    path: str = ""
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_new_tokens: int = Field(512, ge=1)
+    max_pixels: int = Field(1280 * 32 * 32, ge=32 * 32)
+    max_image_side: int = Field(16384, ge=32)
+    max_context_tokens: int = Field(16384, ge=64)
+    cuda_graphs: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("expected auto|cpu|cuda|cuda:N")
+
+
+class ExecutorConfig(_Section):
+    max_batch: int = Field(32, ge=1, le=1024)
+    queue_size: int = Field(256, ge=1)
+    request_timeout: float = Field(300.0, gt=0)
+    max_batch_tokens: int = Field(262_144, ge=256)
+    prefill_chunk_tokens: int = Field(16_384, ge=256)
+
+
+class FeishuConfig(_Section):
+    enabled: bool = False
+    app_id: str = ""
+    app_secret: SecretStr = SecretStr("")
+    mode: Literal["longconn", "webhook"] = "longconn"
+    domain: str = "https://open.feishu.cn"
+    encrypt_key: SecretStr = SecretStr("")
+    verification_token: SecretStr = SecretStr("")
+    allowed_chats: tuple[str, ...] = ()
+    allowed_users: tuple[str, ...] = ()
+    language: Literal["zh", "en"] = "zh"
+    max_message_age: float = Field(1800.0, gt=0)
+    user_rate_per_minute: int = Field(10, ge=1)
+    dedup_hours: float = Field(24.0, ge=12.0)
+    watchdog_interval: float = Field(10.0, gt=0)
+    stream_interval: float = Field(0.3, gt=0)
+
+
+class StorageConfig(_Section):
+    path: str = "data"
+
+
+class Config(BaseModel):
+    """Everything configurable, typed and frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    server: ServerConfig = ServerConfig()
+    model: ModelConfig = ModelConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    feishu: FeishuConfig = FeishuConfig()
+    storage: StorageConfig = StorageConfig()
+    source: str = Field("<defaults>", exclude=True)
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(self.storage.path).expanduser()
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "server": ServerConfig,
+    "model": ModelConfig,
+    "executor": ExecutorConfig,
+    "feishu": FeishuConfig,
+    "storage": StorageConfig,
+}
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    kind = type(value).__name__
+    return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _env_value(raw: str, annotation: Any) -> Any:
+    """Turn an environment string into the TOML-ish value its field expects."""
+    kind = getattr(annotation, "__origin__", annotation)
+    if kind is tuple:
+        raw = raw.strip()
+        if raw.startswith("["):
+            return orjson.loads(raw)
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if annotation is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        return raw
+    if annotation is int:
+        try:
+            return int(raw)
+        except ValueError:
+            return raw
+    if annotation is float:
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def _apply_env(data: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> list[str]:
+    """Merge ``VLBRIDGE_SECTION_KEY`` variables into *data*; return the variable names used."""
+    used: list[str] = []
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        model = _SECTIONS.get(section)
+        if model is None or key not in model.model_fields:
+            continue  # VLBRIDGE_* variables of other tools (e.g. VLBRIDGE_TEST_...) are not ours
+        annotation = model.model_fields[key].annotation
+        value: Any = raw if annotation is SecretStr else _env_value(raw, annotation)
+        data.setdefault(section, {})[key] = value
+        used.append(name)
+    return used
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read *path* (or defaults when None) plus environment overrides into a `Config`.
+
+    Raises `ConfigError` with a one-line message naming file, key, expectation and finding.
+    """
+    environ = {} if environ is None else environ
+    source = "<defaults>" if path is None else str(path)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        for section, table in data.items():
+            if section not in _SECTIONS:
+                raise ConfigError(
+                    f"{source}: unknown section [{section}]; expected one of {', '.join(_SECTIONS)}"
+                )
+            if not isinstance(table, dict):
+                raise ConfigError(
+                    f"{source}: {section}: expected a table [{section}], found {_describe(table)}"
+                )
+            for key in table:
+                if (section, key) in SECRET_KEYS:
+                    env = f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+                    raise ConfigError(
+                        f"{source}: {section}.{key}: secrets may come only from the environment; "
+                        f"remove it from the file and set {env}"
+                    )
+    _apply_env(data, environ)
+    for table in data.values():
+        for key, value in table.items():
+            if isinstance(value, list):
+                table[key] = tuple(value)  # TOML arrays -> the frozen tuples the model holds
+    try:
+        return Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_first_error(source, exc, data)) from None
+
+
+def _first_error(source: str, exc: ValidationError, data: dict[str, Any]) -> str:
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc[:2]) if loc else "?"
+    section_name = loc[0] if loc else ""
+    if error["type"] == "extra_forbidden":
+        section = _SECTIONS.get(section_name)
+        known = ", ".join(section.model_fields) if section is not None else ""
+        return f"{source}: {key}: unknown key; expected one of: {known}"
+    found = "missing" if error["type"] == "missing" else _describe(error.get("input"))
+    if len(loc) >= 2 and isinstance(data.get(section_name), dict):
+        found = _describe(data[section_name].get(loc[1], error.get("input")))
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{source}: {key}: {message}; found {found}"

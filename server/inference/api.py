@@ -1,0 +1,194 @@
+"""Platform-neutral inference types: what a caller submits and the events it gets back.
+
+This module imports neither torch nor transformers; the WebSocket endpoint, the HTTP API
+and the Feishu adapter all speak these types and convert at their own edge.
+
+A caller does::
+
+    handle = executor.submit(InferenceRequest(id=..., messages=[Turn.user("what is it?", [png])]))
+    async for event in handle:          # Queued*, Started, Delta*, then exactly one Done or Failed
+        ...
+    handle.cancel()                     # at any time; the stream then ends with Failed("cancelled")
+
+`submit` never blocks and never raises for a request-level problem: a full queue, a
+bad picture or a model that is still loading arrive as a `Failed` event with a stable
+`code` (see server.errors) and, for "busy", a `retry_after` estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal, Protocol
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One message of a conversation; *images* are encoded picture files (PNG, JPEG, ...)."""
+
+    role: Role
+    text: str = ""
+    images: tuple[bytes, ...] = ()
+
+    @classmethod
+    def user(cls, text: str, images: list[bytes] | tuple[bytes, ...] = ()) -> Turn:
+        return cls("user", text, tuple(images))
+
+    @classmethod
+    def assistant(cls, text: str) -> Turn:
+        return cls("assistant", text)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request generation settings; requests with different settings share a batch.
+
+    temperature 0 means greedy. `min_new_tokens` suppresses end-of-answer tokens until
+    reached (benchmarks force the answer length with min == max).
+    """
+
+    max_new_tokens: int | None = None  # None: the model's configured max_new_tokens
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """A question about zero or more pictures, with the earlier turns as context."""
+
+    id: str
+    messages: list[Turn]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    timeout: float | None = None  # seconds from submission; None: executor.request_timeout
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(turn.images) for turn in self.messages)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    image_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Seconds, measured from submission."""
+
+    queued: float  # until the request joined the batch
+    first_token: float  # time to first token
+    total: float
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # end-of-answer token or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    position: int  # 1 = next to start
+    eta: float | None = None  # seconds until it starts, estimated
+    type: Literal["queued"] = "queued"
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    type: Literal["started"] = "started"
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    text: str
+    type: Literal["delta"] = "delta"
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    text: str
+    usage: Usage
+    timings: Timings
+    finish_reason: FinishReason = FinishReason.STOP
+    token_ids: tuple[int, ...] = ()
+    type: Literal["done"] = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    code: str
+    message: str
+    retry_after: float | None = None
+    type: Literal["error"] = "error"
+
+
+Event = Queued | Started | Delta | Done | Failed
+
+
+class ExecutorState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorStats:
+    """A snapshot for /health, /metrics and /status."""
+
+    state: ExecutorState
+    load_progress: float  # 0..1 while loading
+    model: str
+    device: str
+    queue_depth: int
+    queue_capacity: int
+    active: int  # requests in the running batch
+    max_batch: int
+    tokens_per_second: float  # output tokens/s over the last few seconds
+    requests_total: int
+    tokens_total: int
+    gpu_memory_used: int | None = None  # bytes
+    gpu_memory_total: int | None = None
+    detail: str = ""  # e.g. why it failed to load
+
+    @property
+    def load(self) -> float:
+        """0 (idle) .. 1 (full): running batch and queue together."""
+        capacity = self.max_batch + self.queue_capacity
+        return min(1.0, (self.active + self.queue_depth) / capacity) if capacity else 1.0
+
+
+class RequestHandle(Protocol):
+    """The caller's side of one submitted request."""
+
+    id: str
+
+    def __aiter__(self) -> AsyncIterator[Event]: ...
+
+    def cancel(self) -> None:
+        """Stop the request; its slot is freed at the next step. Idempotent."""
+
+
+class Executor(Protocol):
+    """What the server and the adapters need from an inference backend."""
+
+    def submit(self, request: InferenceRequest) -> RequestHandle: ...
+
+    def stats(self) -> ExecutorStats: ...
+
+    async def start(self) -> None:
+        """Begin loading in the background; returns at once (stats().state says when ready)."""
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Let running requests finish for up to *grace* seconds, fail the rest, free the model."""

@@ -1,0 +1,84 @@
+"""A zero-cost engine that answers by echoing the question: for transport tests and benchmarks.
+
+Selected with ``model.path = "builtin:echo"``. It runs the real executor (queueing,
+batching, streaming, cancellation) with no model, so what is measured is everything
+but the model. Each character is one token; `step_delay` simulates a decode step.
+"""
+
+from __future__ import annotations
+
+import time
+
+from server.errors import BadImage
+from server.inference.api import Turn
+from server.inference.engine import PreparedPrompt, Sequence
+from server.inference.images import ImageLimits, decode_image
+
+ECHO_PATH = "builtin:echo"
+_EOS = 0
+
+
+class EchoEngine:
+    name = ECHO_PATH
+    device = "none"
+    eos_token_ids = frozenset({_EOS})
+
+    def __init__(
+        self, limits: ImageLimits | None = None, step_delay: float = 0.0, capacity: int = 1 << 30
+    ) -> None:
+        self.limits = limits or ImageLimits()
+        self.step_delay = step_delay
+        self.capacity = capacity  # tokens of "memory"
+        self.used = 0
+
+    def prepare(self, messages: list[Turn]) -> PreparedPrompt:
+        sizes = []
+        for turn in messages:
+            for number, data in enumerate(turn.images, start=1):
+                try:
+                    image = decode_image(data, self.limits)
+                except BadImage as exc:
+                    raise BadImage(f"picture {number}: {exc.message}") from None
+                sizes.append(f"{image.width}x{image.height}")
+        question = messages[-1].text if messages else ""
+        answer = f"echo: {question}" + (f" [{', '.join(sizes)}]" if sizes else "")
+        tokens = [ord(ch) for ch in answer] + [_EOS]
+        length = sum(len(t.text) for t in messages) + 1
+        return PreparedPrompt(length=length, image_tokens=len(sizes), data=tokens)
+
+    def reserve(self, seq: Sequence) -> bool:
+        need = seq.prompt.length + seq.max_new_tokens
+        if self.used + need > self.capacity:
+            return False
+        self.used += need
+        seq.state = need
+        return True
+
+    def _next(self, seq: Sequence) -> int:
+        answer: list[int] = seq.prompt.data
+        index = len(seq.tokens)
+        if index < len(answer):
+            return answer[index]
+        return ord(".")  # forced past the end (min_new_tokens): pad with dots
+
+    def prefill(self, seqs: list[Sequence]) -> list[int]:
+        return [self._next(seq) for seq in seqs]
+
+    def decode(self, seqs: list[Sequence]) -> list[int]:
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        return [self._next(seq) for seq in seqs]
+
+    def release(self, seq: Sequence) -> None:
+        if seq.state:
+            self.used -= seq.state
+            seq.state = None
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return "".join(chr(t) for t in token_ids if t != _EOS)
+
+    def memory(self) -> tuple[int, int] | None:
+        return None
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,505 @@
+"""The inference executor: one worker thread owns the engine; asyncio only enqueues and awaits.
+
+Scheduling is iteration-level (continuous batching): between two decode steps the
+worker drops finished, cancelled and expired sequences and admits waiting ones (their
+prompts run in one batched prefill), so a long answer never holds newcomers back.
+Admission is bounded: past `queue_size` waiting requests, `submit` answers `busy` with a
+retry-after estimate at once. A failure in one request is reported on that request
+only; the worker survives everything but its own shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from server.errors import Cancelled, InternalError, RequestError, Timeout, TooLarge, Unavailable
+from server.inference.api import (
+    Delta,
+    Done,
+    Event,
+    ExecutorState,
+    ExecutorStats,
+    Failed,
+    FinishReason,
+    InferenceRequest,
+    Queued,
+    Started,
+    Timings,
+    Usage,
+)
+from server.inference.detok import IncrementalDetokenizer
+from server.inference.engine import Engine, PreparedPrompt, Sequence
+
+log = logging.getLogger("vlbridge.executor")
+
+EngineFactory = Callable[[Callable[[float], None]], Engine]  # called with a progress callback
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorLimits:
+    max_batch: int = 32
+    queue_size: int = 256
+    request_timeout: float = 300.0
+    max_new_tokens: int = 512
+    prefill_tokens: int = 16384  # prompt tokens admitted into one prefill
+
+
+class _Handle:
+    """The caller's end: an async iterator fed from the worker thread."""
+
+    def __init__(
+        self, request_id: str, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None]
+    ) -> None:
+        self.id = request_id
+        self._loop = loop
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._on_cancel = on_cancel
+        self._closed = False
+        self.cancelled = False
+
+    def push(self, event: Event) -> None:  # on the event loop
+        if not self._closed:
+            self._events.put_nowait(event)
+            if isinstance(event, Done | Failed):
+                self._closed = True
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._on_cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        try:
+            while True:
+                event = await self._events.get()
+                yield event
+                if isinstance(event, Done | Failed):
+                    return
+        finally:
+            if not self._events.empty() or not self._closed:
+                self.cancel()  # the caller stopped listening: free the slot
+
+
+@dataclass(eq=False)
+class _Job:
+    request: InferenceRequest
+    handle: _Handle
+    submitted: float
+    deadline: float
+    prompt: PreparedPrompt | None = None
+    error: RequestError | None = None
+    seq: Sequence | None = None
+    detok: IncrementalDetokenizer | None = None
+    started: float = 0.0
+    first_token: float = 0.0
+    last_position: int = 0
+    finished: bool = False
+    order: int = field(default_factory=itertools.count().__next__)
+
+
+class InferenceExecutor:
+    """Implements server.inference.api.Executor over an Engine built on the worker thread."""
+
+    def __init__(
+        self,
+        engine_factory: EngineFactory,
+        limits: ExecutorLimits,
+        *,
+        model_name: str = "",
+        prepare_workers: int = 4,
+    ) -> None:
+        self._factory = engine_factory
+        self.limits = limits
+        self._model_name = model_name
+        self._engine: Engine | None = None
+        self._state = ExecutorState.STOPPED
+        self._progress = 0.0
+        self._detail = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: queue.SimpleQueue[_Job | str] = queue.SimpleQueue()
+        self._waiting: list[_Job] = []  # worker-owned: prepared, not yet running (FIFO)
+        self._running: list[_Job] = []  # worker-owned
+        self._pending = 0  # submitted and not yet running; guarded by _lock
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(prepare_workers, thread_name_prefix="vlbridge-prepare")
+        self._accepting = False
+        self._loaded = threading.Event()  # set once loading ended, well or not
+        self._idle = threading.Event()  # set while nothing is waiting or running
+        self._outbox: list[tuple[_Handle, Event]] = []
+        # counters
+        self._requests_total = 0
+        self._tokens_total = 0
+        self._token_times: deque[tuple[float, int]] = deque()
+        self._durations: deque[float] = deque(maxlen=64)
+        self.step_times: deque[float] = deque(maxlen=256)  # seconds per decode step
+        self.batch_sizes: deque[int] = deque(maxlen=256)
+
+    # ---- asyncio side -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"expected a stopped executor, got state {self._state.value}")
+        self._loop = asyncio.get_running_loop()
+        self._state = ExecutorState.LOADING
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="vlbridge-executor", daemon=True)
+        self._thread.start()
+
+    async def wait_ready(self, within: float | None = None) -> None:
+        """Wait up to *within* seconds for the model to load; raise Unavailable unless it is ready."""
+        await asyncio.to_thread(self._loaded.wait, within)
+        if self._state is not ExecutorState.READY:
+            raise Unavailable(f"the model is {self._state.value}: {self._detail}")
+
+    def submit(self, request: InferenceRequest) -> _Handle:
+        loop = self._loop or asyncio.get_running_loop()
+        handle = _Handle(request.id, loop, lambda: self._inbox.put("cancel"))
+        now = time.monotonic()
+        timeout = request.timeout if request.timeout is not None else self.limits.request_timeout
+        job = _Job(request, handle, now, now + timeout)
+        if not self._accepting:
+            handle.push(Failed("unavailable", "the service is shutting down; try again shortly", 5.0))
+            return handle
+        if self._state is ExecutorState.FAILED:
+            handle.push(Failed("unavailable", f"the model failed to load: {self._detail}"))
+            return handle
+        with self._lock:
+            if self._pending >= self.limits.queue_size:
+                retry = self._retry_after()
+                handle.push(
+                    Failed(
+                        "busy",
+                        f"all {self.limits.queue_size} queue places are taken; retry in {retry:.0f} s",
+                        retry,
+                    )
+                )
+                return handle
+            self._pending += 1
+            position = self._pending
+        handle.push(Queued(position, self._eta(position)))
+        self._pool.submit(self._prepare, job)
+        return handle
+
+    def stats(self) -> ExecutorStats:
+        now = time.monotonic()
+        recent = [n for t, n in list(self._token_times) if now - t <= 5.0]
+        memory = self._engine.memory() if self._engine is not None else None
+        return ExecutorStats(
+            state=self._state,
+            load_progress=self._progress,
+            model=self._model_name,
+            device=self._engine.device if self._engine is not None else "",
+            queue_depth=self._pending,
+            queue_capacity=self.limits.queue_size,
+            active=len(self._running),
+            max_batch=self.limits.max_batch,
+            tokens_per_second=sum(recent) / 5.0,
+            requests_total=self._requests_total,
+            tokens_total=self._tokens_total,
+            gpu_memory_used=memory[0] if memory else None,
+            gpu_memory_total=memory[1] if memory else None,
+            detail=self._detail,
+        )
+
+    async def stop(self, grace: float = 0.0) -> None:
+        self._accepting = False
+        thread = self._thread
+        if thread is None:
+            return
+        if grace > 0:
+            self._inbox.put("wake")  # let the worker see it is idle (or not) right now
+            await asyncio.to_thread(self._idle.wait, grace)
+        self._inbox.put("stop")
+        await asyncio.to_thread(thread.join, 30.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._thread = None
+        self._state = ExecutorState.STOPPED
+
+    # ---- shared helpers -----------------------------------------------------------------------------
+
+    def _rate(self) -> float:
+        """Requests completed per second, recently."""
+        if not self._durations:
+            return 0.0
+        mean = sum(self._durations) / len(self._durations)
+        return self.limits.max_batch / mean if mean > 0 else 0.0
+
+    def _eta(self, position: int) -> float | None:
+        rate = self._rate()
+        return round(position / rate, 1) if rate else None
+
+    def _retry_after(self) -> float:
+        eta = self._eta(max(1, self._pending - self.limits.max_batch))
+        return float(min(60.0, max(1.0, eta or 5.0)))
+
+    def _emit(self, job: _Job, event: Event) -> None:
+        self._outbox.append((job.handle, event))
+
+    def _flush(self) -> None:
+        if not self._outbox or self._loop is None:
+            return
+        batch, self._outbox = self._outbox, []
+
+        def deliver() -> None:
+            for handle, event in batch:
+                handle.push(event)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self._loop.call_soon_threadsafe(deliver)
+
+    # ---- preparation (thread pool) ------------------------------------------------------------------
+
+    def _prepare(self, job: _Job) -> None:
+        engine = self._engine
+        try:
+            if engine is None:
+                deadline = time.monotonic() + 600
+                while self._engine is None and self._state is ExecutorState.LOADING:
+                    if time.monotonic() > deadline:
+                        raise Unavailable("the model is still loading")
+                    time.sleep(0.05)
+                engine = self._engine
+                if engine is None:
+                    raise Unavailable(f"the model is not available: {self._detail}")
+            job.prompt = engine.prepare(job.request.messages)
+        except RequestError as exc:
+            job.error = exc
+        except Exception as exc:
+            log.exception("request %s: preparing failed", job.request.id)
+            job.error = InternalError(f"preparing the request failed: {exc}")
+        self._inbox.put(job)
+
+    # ---- worker thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._engine = self._factory(self._set_progress)
+        except Exception as exc:
+            log.exception("model failed to load")
+            self._detail = str(exc)
+            self._state = ExecutorState.FAILED
+            self._loaded.set()
+            self._fail_all_pending()
+            return
+        self._progress = 1.0
+        self._state = ExecutorState.READY
+        self._loaded.set()
+        log.info("executor ready: %s on %s", self._model_name, self._engine.device)
+        try:
+            self._loop_forever(self._engine)
+        finally:
+            self._engine.close()
+
+    def _set_progress(self, value: float) -> None:
+        self._progress = max(0.0, min(1.0, value))
+
+    def _fail_all_pending(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.5 if self._pending else 0)
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                self._finish(item, Unavailable(f"the model failed to load: {self._detail}"))
+        self._flush()
+
+    def _loop_forever(self, engine: Engine) -> None:
+        stop = False
+        while not stop:
+            stop = self._drain_inbox(block=not (self._running or self._admissible()))
+            now = time.monotonic()
+            for job in [j for j in self._running + self._waiting if now > j.deadline or j.handle.cancelled]:
+                self._finish(job, Cancelled("cancelled") if job.handle.cancelled else self._timeout(job))
+            self._admit(engine)
+            if self._running:
+                self._step(engine)
+            self._publish_positions()
+            self._flush()
+            if self._pending or self._running:
+                self._idle.clear()
+            else:
+                self._idle.set()
+        for job in self._running + self._waiting:
+            self._finish(job, Unavailable("the service is shutting down; try again shortly"))
+        while True:  # jobs still being prepared
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                self._finish(item, Unavailable("the service is shutting down; try again shortly"))
+        self._flush()
+
+    def _timeout(self, job: _Job) -> Timeout:
+        limit = job.deadline - job.submitted
+        return Timeout(f"no complete answer within {limit:.0f} s")
+
+    def _admissible(self) -> bool:
+        return bool(self._waiting) and len(self._running) < self.limits.max_batch
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Take new jobs and cancellations; True when asked to stop."""
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return False
+            block = False
+            if item == "stop":
+                return True
+            if isinstance(item, str):  # "cancel"/"wake": flags are already set; just look again
+                continue
+            if item.error is not None:
+                self._finish(item, item.error)
+            elif item.handle.cancelled:
+                self._finish(item, Cancelled("cancelled"))
+            else:
+                self._waiting.append(item)
+                self._waiting.sort(key=lambda j: j.order)
+
+    def _admit(self, engine: Engine) -> None:
+        chosen: list[_Job] = []
+        budget = self.limits.prefill_tokens
+        while self._waiting and len(self._running) + len(chosen) < self.limits.max_batch:
+            job = self._waiting[0]
+            assert job.prompt is not None
+            if chosen and job.prompt.length > budget:
+                break
+            max_new = job.request.params.max_new_tokens or self.limits.max_new_tokens
+            seq = Sequence(job.request.id, job.prompt, job.request.params, max_new)
+            if not engine.reserve(seq):
+                if not self._running and not chosen:
+                    self._waiting.pop(0)
+                    self._finish_unreserved(job, seq)
+                    continue
+                break
+            self._waiting.pop(0)
+            job.seq = seq
+            budget -= job.prompt.length
+            chosen.append(job)
+        if not chosen:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._pending -= len(chosen)
+        for job in chosen:
+            job.started = now
+            job.detok = IncrementalDetokenizer(engine.detokenize, job.request.params.stop)
+            self._emit(job, Started())
+        self._prefill(engine, chosen)
+
+    def _finish_unreserved(self, job: _Job, seq: Sequence) -> None:
+        self._finish(
+            job, TooLarge(f"the request needs {seq.prompt.length + seq.max_new_tokens} tokens of memory")
+        )
+
+    def _prefill(self, engine: Engine, jobs: list[_Job]) -> None:
+        try:
+            first = engine.prefill([j.seq for j in jobs if j.seq is not None])
+        except Exception:
+            if len(jobs) == 1:
+                log.exception("request %s: prefill failed", jobs[0].request.id)
+                self._finish(jobs[0], InternalError("the model failed on this request"))
+                return
+            log.warning("batched prefill of %d failed; retrying one by one", len(jobs), exc_info=True)
+            for job in jobs:
+                self._prefill(engine, [job])
+            return
+        self._running.extend(jobs)
+        now = time.monotonic()
+        for job, token in zip(jobs, first, strict=True):
+            job.first_token = now
+            self._accept_token(job, token)
+
+    def _step(self, engine: Engine) -> None:
+        jobs = list(self._running)
+        started = time.monotonic()
+        try:
+            tokens = engine.decode([j.seq for j in jobs if j.seq is not None])
+        except Exception:
+            log.exception("decode step failed for a batch of %d; failing them", len(jobs))
+            for job in jobs:
+                self._finish(job, InternalError("the model failed while answering"))
+            return
+        elapsed = time.monotonic() - started
+        self.step_times.append(elapsed)
+        self.batch_sizes.append(len(jobs))
+        for job, token in zip(jobs, tokens, strict=True):
+            self._accept_token(job, token)
+
+    def _accept_token(self, job: _Job, token: int) -> None:
+        seq, detok = job.seq, job.detok
+        assert seq is not None and detok is not None and self._engine is not None
+        seq.tokens.append(token)
+        self._tokens_total += 1
+        self._token_times.append((time.monotonic(), 1))
+        while self._token_times and time.monotonic() - self._token_times[0][0] > 5.0:
+            self._token_times.popleft()
+        eos = token in self._engine.eos_token_ids and len(seq.tokens) > seq.params.min_new_tokens
+        if not eos:
+            piece = detok.push(token)
+            if piece:
+                self._emit(job, Delta(piece))
+        if eos or detok.stopped or len(seq.tokens) >= seq.max_new_tokens:
+            reason = FinishReason.LENGTH if not (eos or detok.stopped) else FinishReason.STOP
+            self._complete(job, reason)
+
+    def _complete(self, job: _Job, reason: FinishReason) -> None:
+        assert job.seq is not None
+        assert job.detok is not None
+        assert job.prompt is not None
+        tail = job.detok.finish()
+        if tail:
+            self._emit(job, Delta(tail))
+        now = time.monotonic()
+        usage = Usage(job.prompt.length, len(job.seq.tokens), job.prompt.image_tokens)
+        timings = Timings(
+            queued=round(job.started - job.submitted, 4),
+            first_token=round(job.first_token - job.submitted, 4),
+            total=round(now - job.submitted, 4),
+        )
+        self._durations.append(now - job.started)
+        self._requests_total += 1
+        self._emit(job, Done(job.detok.text, usage, timings, reason, tuple(job.seq.tokens)))
+        self._release(job)
+        log.debug("request %s done: %d tokens in %.2f s", job.request.id, len(job.seq.tokens), timings.total)
+
+    def _finish(self, job: _Job, error: RequestError) -> None:
+        if job.finished:
+            return
+        if job in self._waiting:
+            self._waiting.remove(job)
+        if job.seq is None:
+            with self._lock:
+                self._pending -= 1
+        self._emit(job, Failed(error.code, error.message, error.retry_after))
+        self._release(job)
+        if error.code not in ("cancelled",):
+            log.info("request %s failed: %s: %s", job.request.id, error.code, error.message)
+
+    def _release(self, job: _Job) -> None:
+        job.finished = True
+        if job in self._running:
+            self._running.remove(job)
+        if job.seq is not None and self._engine is not None:
+            try:
+                self._engine.release(job.seq)
+            except Exception:
+                log.exception("request %s: releasing failed", job.request.id)
+
+    def _publish_positions(self) -> None:
+        for position, job in enumerate(self._waiting, start=1):
+            if position != job.last_position:
+                job.last_position = position
+                self._emit(job, Queued(position, self._eta(position)))

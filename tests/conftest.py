@@ -1,0 +1,31 @@
+"""Fixtures shared across the suite: the tiny demo checkpoint, picture bytes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline demo Qwen3-VL checkpoint, built once per test session."""
+    from server.inference.demo_model import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo-model"))
+
+
+def make_png(width: int = 96, height: int = 64, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", (width, height), color)
+    for x in range(0, width, 8):  # some structure, so pictures differ in more than colour
+        image.putpixel((x, (x * 7) % height), (255 - color[0], 255 - color[1], 255 - color[2]))
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def png() -> bytes:
+    return make_png()
