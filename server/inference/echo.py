@@ -11,7 +11,7 @@ import time
 
 from server.errors import BadImage
 from server.inference.api import Turn
-from server.inference.engine import PreparedPrompt, Sequence
+from server.inference.engine import PreparedPrompt, ReadyTokens, Sequence
 from server.inference.images import ImageLimits, decode_image
 
 ECHO_PATH = "builtin:echo"
@@ -47,7 +47,7 @@ class EchoEngine:
         return PreparedPrompt(length=length, image_tokens=len(sizes), data=tokens)
 
     def reserve(self, seq: Sequence) -> bool:
-        need = seq.prompt.length + seq.max_new_tokens
+        need = seq.prompt.length + seq.max_new_tokens + 1
         if self.used + need > self.capacity:
             return False
         self.used += need
@@ -56,18 +56,19 @@ class EchoEngine:
 
     def _next(self, seq: Sequence) -> int:
         answer: list[int] = seq.prompt.data
-        index = len(seq.tokens)
-        if index < len(answer):
+        index = seq.launched
+        seq.launched += 1
+        if index < len(answer) and not (answer[index] == _EOS and index < seq.params.min_new_tokens):
             return answer[index]
         return ord(".")  # forced past the end (min_new_tokens): pad with dots
 
-    def prefill(self, seqs: list[Sequence]) -> list[int]:
-        return [self._next(seq) for seq in seqs]
+    def prefill(self, seqs: list[Sequence]) -> ReadyTokens:
+        return ReadyTokens([self._next(seq) for seq in seqs])
 
-    def decode(self, seqs: list[Sequence]) -> list[int]:
+    def decode(self, seqs: list[Sequence]) -> ReadyTokens:
         if self.step_delay:
             time.sleep(self.step_delay)
-        return [self._next(seq) for seq in seqs]
+        return ReadyTokens([self._next(seq) for seq in seqs])
 
     def release(self, seq: Sequence) -> None:
         if seq.state:

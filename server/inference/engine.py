@@ -2,9 +2,14 @@
 
 The executor owns one engine on its worker thread and calls it step by step:
 `prepare` (on a preprocessing thread) turns a conversation into a prompt; `reserve`
-claims memory for a sequence; `prefill` runs new sequences' prompts and returns their
-first tokens; `decode` advances every running sequence by one token; `release` frees
-a sequence. An engine never sees asyncio, queues or clients.
+claims memory for a sequence; `prefill` launches new sequences' prompts and `decode`
+launches one step for every running sequence. Both return a `StepResult` at once: the
+work may still be running on the device, and `tokens()` waits for it. This lets the
+executor launch step N+1 before it processes step N's tokens, so the CPU-side work
+(detokenizing, streaming, scheduling) overlaps the GPU's. A sequence's newest token may
+therefore still be on the device when its next step is launched: the engine keeps
+tokens device-resident and counts launched steps itself (`Sequence.launched`).
+`release` frees a sequence. An engine never sees asyncio, queues or clients.
 """
 
 from __future__ import annotations
@@ -32,8 +37,24 @@ class Sequence:
     prompt: PreparedPrompt
     params: SamplingParams
     max_new_tokens: int
-    tokens: list[int] = field(default_factory=list)  # generated so far
-    state: Any = None  # engine-private (KV slot, blocks, positions)
+    tokens: list[int] = field(default_factory=list)  # generated and seen by the executor
+    launched: int = 0  # steps launched (prefill included); >= len(tokens)
+    state: Any = None  # engine-private (KV pages, positions, token cell)
+
+
+class StepResult(Protocol):
+    def tokens(self) -> list[int]:
+        """One token per sequence of the step, in order; waits for the device if needed."""
+
+
+@dataclass
+class ReadyTokens:
+    """A StepResult that is already complete (CPU engines)."""
+
+    values: list[int]
+
+    def tokens(self) -> list[int]:
+        return self.values
 
 
 class Engine(Protocol):
@@ -45,13 +66,13 @@ class Engine(Protocol):
         """Build the prompt; thread-safe; raises RequestError subclasses for bad input."""
 
     def reserve(self, seq: Sequence) -> bool:
-        """Claim memory for the whole sequence (prompt + max_new_tokens); False: not now."""
+        """Claim memory for the whole sequence (prompt + max_new_tokens + 1); False: not now."""
 
-    def prefill(self, seqs: list[Sequence]) -> list[int]:
-        """Run the prompts of reserved sequences; return each one's first generated token."""
+    def prefill(self, seqs: list[Sequence]) -> StepResult:
+        """Launch the prompts of reserved sequences; the result is each one's first token."""
 
-    def decode(self, seqs: list[Sequence]) -> list[int]:
-        """One step for every sequence (each has >= 1 token); return each one's next token."""
+    def decode(self, seqs: list[Sequence]) -> StepResult:
+        """Launch one step for every sequence (each has launched >= 1 step): their next tokens."""
 
     def release(self, seq: Sequence) -> None:
         """Free what the sequence holds; idempotent."""

@@ -38,7 +38,7 @@ from server.inference.api import (
     Usage,
 )
 from server.inference.detok import IncrementalDetokenizer
-from server.inference.engine import Engine, PreparedPrompt, Sequence
+from server.inference.engine import Engine, PreparedPrompt, Sequence, StepResult
 
 log = logging.getLogger("vlbridge.executor")
 
@@ -107,6 +107,15 @@ class _Job:
     order: int = field(default_factory=itertools.count().__next__)
 
 
+@dataclass(eq=False)
+class _Launch:
+    """A prefill or decode step launched on the engine and not yet collected."""
+
+    kind: str  # "prefill" | "decode"
+    jobs: list[_Job]
+    result: StepResult
+
+
 class InferenceExecutor:
     """Implements server.inference.api.Executor over an Engine built on the worker thread."""
 
@@ -144,6 +153,8 @@ class InferenceExecutor:
         self._durations: deque[float] = deque(maxlen=64)
         self.step_times: deque[float] = deque(maxlen=256)  # seconds per decode step
         self.batch_sizes: deque[int] = deque(maxlen=256)
+        self._last_kind = ""
+        self._last_collect = 0.0
 
     # ---- asyncio side -------------------------------------------------------------------------------
 
@@ -316,20 +327,28 @@ class InferenceExecutor:
 
     def _loop_forever(self, engine: Engine) -> None:
         stop = False
+        inflight: deque[_Launch] = deque()
         while not stop:
-            stop = self._drain_inbox(block=not (self._running or self._admissible()))
+            stop = self._drain_inbox(block=not (self._running or self._admissible() or inflight))
             now = time.monotonic()
             for job in [j for j in self._running + self._waiting if now > j.deadline or j.handle.cancelled]:
                 self._finish(job, Cancelled("cancelled") if job.handle.cancelled else self._timeout(job))
-            self._admit(engine)
+            self._admit(engine, inflight)
             if self._running:
-                self._step(engine)
+                self._launch_step(engine, inflight)
+            # Collect all but the newest launch: the device works on that one meanwhile.
+            keep = 1 if self._running else 0
+            while len(inflight) > keep:
+                self._collect(inflight.popleft())
             self._publish_positions()
             self._flush()
-            if self._pending or self._running:
+            if self._pending or self._running or inflight:
                 self._idle.clear()
             else:
                 self._idle.set()
+        for launch in inflight:
+            with contextlib.suppress(Exception):
+                launch.result.tokens()  # let the device finish before anything is freed
         for job in self._running + self._waiting:
             self._finish(job, Unavailable("the service is shutting down; try again shortly"))
         while True:  # jobs still being prepared
@@ -368,7 +387,7 @@ class InferenceExecutor:
                 self._waiting.append(item)
                 self._waiting.sort(key=lambda j: j.order)
 
-    def _admit(self, engine: Engine) -> None:
+    def _admit(self, engine: Engine, inflight: deque[_Launch]) -> None:
         chosen: list[_Job] = []
         budget = self.limits.prefill_tokens
         while self._waiting and len(self._running) + len(chosen) < self.limits.max_batch:
@@ -397,16 +416,16 @@ class InferenceExecutor:
             job.started = now
             job.detok = IncrementalDetokenizer(engine.detokenize, job.request.params.stop)
             self._emit(job, Started())
-        self._prefill(engine, chosen)
+        self._prefill(engine, chosen, inflight)
 
     def _finish_unreserved(self, job: _Job, seq: Sequence) -> None:
         self._finish(
             job, TooLarge(f"the request needs {seq.prompt.length + seq.max_new_tokens} tokens of memory")
         )
 
-    def _prefill(self, engine: Engine, jobs: list[_Job]) -> None:
+    def _prefill(self, engine: Engine, jobs: list[_Job], inflight: deque[_Launch]) -> None:
         try:
-            first = engine.prefill([j.seq for j in jobs if j.seq is not None])
+            result = engine.prefill([j.seq for j in jobs if j.seq is not None])
         except Exception:
             if len(jobs) == 1:
                 log.exception("request %s: prefill failed", jobs[0].request.id)
@@ -414,28 +433,40 @@ class InferenceExecutor:
                 return
             log.warning("batched prefill of %d failed; retrying one by one", len(jobs), exc_info=True)
             for job in jobs:
-                self._prefill(engine, [job])
+                self._prefill(engine, [job], inflight)
             return
         self._running.extend(jobs)
-        now = time.monotonic()
-        for job, token in zip(jobs, first, strict=True):
-            job.first_token = now
-            self._accept_token(job, token)
+        inflight.append(_Launch("prefill", jobs, result))
 
-    def _step(self, engine: Engine) -> None:
+    def _launch_step(self, engine: Engine, inflight: deque[_Launch]) -> None:
         jobs = list(self._running)
-        started = time.monotonic()
         try:
-            tokens = engine.decode([j.seq for j in jobs if j.seq is not None])
+            result = engine.decode([j.seq for j in jobs if j.seq is not None])
         except Exception:
             log.exception("decode step failed for a batch of %d; failing them", len(jobs))
             for job in jobs:
                 self._finish(job, InternalError("the model failed while answering"))
             return
-        elapsed = time.monotonic() - started
-        self.step_times.append(elapsed)
         self.batch_sizes.append(len(jobs))
-        for job, token in zip(jobs, tokens, strict=True):
+        inflight.append(_Launch("decode", jobs, result))
+
+    def _collect(self, launch: _Launch) -> None:
+        try:
+            tokens = launch.result.tokens()
+        except Exception:
+            log.exception("a %s of %d requests failed on the device", launch.kind, len(launch.jobs))
+            for job in launch.jobs:
+                self._finish(job, InternalError("the model failed while answering"))
+            return
+        now = time.monotonic()
+        if launch.kind == "decode" and self._last_kind == "decode" and now - self._last_collect < 1.0:
+            self.step_times.append(now - self._last_collect)  # decode cadence, no prefill between
+        self._last_kind, self._last_collect = launch.kind, now
+        for job, token in zip(launch.jobs, tokens, strict=True):
+            if job.finished:
+                continue  # finished or cancelled while this step was running: its token is surplus
+            if launch.kind == "prefill":
+                job.first_token = now
             self._accept_token(job, token)
 
     def _accept_token(self, job: _Job, token: int) -> None:

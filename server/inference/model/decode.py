@@ -5,9 +5,15 @@ MLP or MoE block, lm_head) in the same order as transformers' forward, and repla
 only the attention with paged attention. After a prompt, all three M-RoPE components of
 a text token's position are equal, so a row's position is one integer.
 
+Tokens stay on the device: every sequence owns a cell of `tokens`, sampling writes the
+new token there, and the next step reads its input from there. So step N+1 can be
+launched before the host has seen step N's tokens, and the host copy of each step's
+tokens arrives asynchronously (`DeviceTokens`).
+
 On CUDA the step for each batch-size bucket is captured once as a CUDA graph over
-static input buffers, removing the per-step Python and kernel-launch overhead that
-bounds stock `generate`; a batch runs in the smallest bucket that holds it.
+static buffers, removing the per-step Python and kernel-launch overhead that bounds
+stock `generate`; a batch runs in the smallest bucket that holds it. Step inputs are
+staged in pinned host memory (two alternating sets) and copied in one go.
 """
 
 from __future__ import annotations
@@ -23,11 +29,34 @@ from .kvcache import PAGE, PagedKVCache
 
 log = logging.getLogger("vlbridge.model.decode")
 
+# Rows of the staged step inputs.
+CELL, POSITION, SLOT, LENGTH, BLOCKED = range(5)
+
 
 def batch_buckets(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256]
     chosen = [s for s in sizes if s < max_batch]
     return [*chosen, max_batch]
+
+
+class DeviceTokens:
+    """Tokens of one launched step: on the device now, on the host once `tokens()` returns."""
+
+    def __init__(self, values: torch.Tensor, host: torch.Tensor, rows: int) -> None:
+        self._rows = rows
+        self._host = host
+        if values.device.type == "cuda":
+            host[:rows].copy_(values, non_blocking=True)
+            self._event: torch.cuda.Event | None = torch.cuda.Event()
+            self._event.record()
+        else:
+            host[:rows].copy_(values)
+            self._event = None
+
+    def tokens(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [int(t) for t in self._host[: self._rows].tolist()]
 
 
 class DecodeStep:
@@ -40,32 +69,46 @@ class DecodeStep:
         self.lm_head = model.lm_head
         self.cache = cache
         attn = self.layers[0].self_attn
-        self.heads = model.config.text_config.num_attention_heads
         self.head_dim = attn.head_dim
         self.scale = float(attn.scaling)
         self.device = cache.keys[0].device
+        self.cuda = self.device.type == "cuda"
         self.max_batch = max_batch
         self.buckets = batch_buckets(max_batch)
-        self.use_triton = self.device.type == "cuda"
-        dev, i32 = self.device, torch.int32
-        self.ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.slots = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.lengths = torch.ones(max_batch, dtype=i32, device=dev)
-        self.table = torch.zeros(max_batch, max_pages_per_row, dtype=i32, device=dev)
+        self.scratch_cell = max_batch  # padded rows read and write this token cell
+        dev = self.device
+        self.tokens = torch.zeros(max_batch + 1, dtype=torch.long, device=dev)
+        self.inputs = torch.zeros(5, max_batch, dtype=torch.long, device=dev)
+        self.table = torch.zeros(max_batch, max_pages_per_row, dtype=torch.long, device=dev)
         self.logits = torch.zeros(
             max_batch, model.config.text_config.vocab_size, dtype=torch.float32, device=dev
         )
+        pin = self.cuda
+        self._staged = [
+            (
+                torch.zeros(5, max_batch, dtype=torch.long, pin_memory=pin),
+                torch.zeros(max_batch, max_pages_per_row, dtype=torch.long, pin_memory=pin),
+            )
+            for _ in range(2)
+        ]
+        self._turn = 0
+        self._outputs = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pin) for _ in range(8)]
+        self._output_turn = 0
         self._host_lengths: list[int] = []
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def output_buffer(self) -> torch.Tensor:
+        """A pinned host buffer for a step's tokens (a ring: a launch never waits 8 steps uncollected)."""
+        self._output_turn = (self._output_turn + 1) % len(self._outputs)
+        return self._outputs[self._output_turn]
 
     # ---- the forward pass ---------------------------------------------------------------------------
 
     def _attention(self, query: torch.Tensor, layer: int, rows: int) -> torch.Tensor:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        if self.use_triton:
+        if self.cuda:
             return paged_attention_triton(
-                query, keys, values, self.table[:rows], self.lengths[:rows], self.scale
+                query, keys, values, self.table[:rows], self.inputs[LENGTH, :rows], self.scale
             )
         return paged_attention_reference(
             query, keys, values, self.table[:rows], self._host_lengths, self.scale
@@ -74,10 +117,11 @@ class DecodeStep:
     def _forward(self, rows: int) -> None:
         from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
-        hidden = self.embed(self.ids[:rows]).unsqueeze(1)  # (rows, 1, hidden)
-        position_ids = self.positions[:rows].view(1, rows, 1).expand(3, rows, 1)
+        ids = self.tokens[self.inputs[CELL, :rows]]
+        hidden = self.embed(ids).unsqueeze(1)  # (rows, 1, hidden)
+        position_ids = self.inputs[POSITION, :rows].view(1, rows, 1).expand(3, rows, 1)
         cos, sin = self.rotary(hidden, position_ids)
-        slots = self.slots[:rows]
+        slots = self.inputs[SLOT, :rows]
         shape = (rows, 1, -1, self.head_dim)
         for index, layer in enumerate(self.layers):
             residual = hidden
@@ -100,62 +144,69 @@ class DecodeStep:
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
 
-    def _fill(
-        self,
-        ids: list[int],
-        positions: list[int],
-        slots: list[int],
-        tables: list[list[int]],
-        lengths: list[int],
-        width: int,
-    ) -> None:
-        rows = len(ids)
-        pad = width - rows
-        host = torch.tensor(
-            [*ids, *([0] * pad), *positions, *([0] * pad), *slots, *([0] * pad)], dtype=torch.long
-        ).view(3, width)
-        self.ids[:width].copy_(host[0], non_blocking=True)
-        self.positions[:width].copy_(host[1], non_blocking=True)
-        self.slots[:width].copy_(host[2], non_blocking=True)  # padded rows write into scratch page 0
-        pages = max(len(t) for t in tables)
-        table = torch.zeros(width, pages, dtype=torch.int32)
-        for row, pages_of_row in enumerate(tables):
-            table[row, : len(pages_of_row)] = torch.tensor(pages_of_row, dtype=torch.int32)
-        self.table[:width, :pages].copy_(table, non_blocking=True)
-        self.lengths[:width].copy_(
-            torch.tensor([*lengths, *([1] * pad)], dtype=torch.int32), non_blocking=True
-        )
-        self._host_lengths = lengths
+    def _stage(self, columns: list[list[int]], tables: list[list[int]], width: int) -> None:
+        """Copy the step inputs (CELL..BLOCKED rows, page tables) to the device in two copies."""
+        self._turn ^= 1  # the other set's copy finished: its step was collected before this launch
+        inputs, table = self._staged[self._turn]
+        rows = len(tables)
+        host_inputs, host_table = inputs.numpy(), table.numpy()
+        for index, column in enumerate(columns):
+            host_inputs[index, :rows] = column
+        pad = slice(rows, width)
+        host_inputs[CELL, pad] = self.scratch_cell
+        host_inputs[POSITION, pad] = 0
+        host_inputs[SLOT, pad] = 0  # scratch page 0
+        host_inputs[LENGTH, pad] = 1
+        host_inputs[BLOCKED, pad] = 0
+        for row, pages in enumerate(tables):
+            host_table[row, : len(pages)] = pages
+        host_table[pad, 0] = 0
+        self.inputs.copy_(inputs, non_blocking=True)  # whole, contiguous buffers: one plain copy each
+        self.table[:width].copy_(table[:width], non_blocking=True)
 
     @torch.inference_mode()
     def run(
         self,
-        ids: list[int],
+        cells: list[int],
         positions: list[int],
         slots: list[int],
-        tables: list[list[int]],
         lengths: list[int],
+        blocked: list[int],
+        tables: list[list[int]],
     ) -> torch.Tensor:
-        """Logits (rows, vocab) for the next token of each row. *lengths* include the new token."""
-        rows = len(ids)
-        graph = self.graphs.get(self.bucket(rows))
-        width = self.bucket(rows) if graph is not None else rows
-        self._fill(ids, positions, slots, tables, lengths, width)
+        """Launch one step; returns its logits (rows, vocab) on the device.
+
+        Each row reads its input token from its token cell. *lengths* include the new token.
+        """
+        rows = len(cells)
+        width = self.bucket(rows)
+        graph = self.graphs.get(width)
+        if graph is None:
+            width = rows
+        self._stage([cells, positions, slots, lengths, blocked], tables, width)
+        self._host_lengths = lengths
         if graph is not None:
             graph.replay()
         else:
             self._forward(rows)
         return self.logits[:rows]
 
+    def blocked_rows(self, rows: int) -> torch.Tensor:
+        return self.inputs[BLOCKED, :rows].bool()
+
+    def cells(self, rows: int) -> torch.Tensor:
+        return self.inputs[CELL, :rows]
+
     @torch.inference_mode()
     def capture(self) -> float:
         """Capture one CUDA graph per bucket (largest first, sharing one memory pool); seconds taken."""
-        if self.device.type != "cuda":
+        if not self.cuda:
             return 0.0
         started = time.monotonic()
         pool = None
         for width in sorted(self.buckets, reverse=True):
-            self._fill([0] * width, [0] * width, [0] * width, [[0]] * width, [1] * width, width)
+            cells = [self.scratch_cell] * width
+            self._stage([cells, [0] * width, [0] * width, [1] * width, [0] * width], [[0]] * width, width)
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
@@ -167,7 +218,7 @@ class DecodeStep:
                 self._forward(width)
             pool = graph.pool()
             self.graphs[width] = graph
-        torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)  # the staged inputs are reused by the next capture
         elapsed = time.monotonic() - started
         log.info("captured %d decode graphs (batch %s) in %.1f s", len(self.graphs), self.buckets, elapsed)
         return elapsed

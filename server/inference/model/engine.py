@@ -25,7 +25,7 @@ from server.inference.api import SamplingParams, Turn
 from server.inference.engine import PreparedPrompt, Sequence
 from server.inference.images import ImageLimits
 
-from .decode import DecodeStep, max_pages_per_row
+from .decode import DecodeStep, DeviceTokens, max_pages_per_row
 from .kvcache import PagedKVCache, SeqCache
 from .runner import ModelRunner
 from .sampling import sample
@@ -46,7 +46,8 @@ class EngineOptions:
 @dataclass
 class _State:
     cache: SeqCache
-    next_position: int  # M-RoPE position of the next token
+    cell: int  # the sequence's token cell in DecodeStep.tokens
+    next_position: int = 0  # M-RoPE position of the next token
 
 
 class ModelEngine:
@@ -71,7 +72,9 @@ class ModelEngine:
         self.kv = PagedKVCache(layers, kv_heads, head_dim, pages, runner.dtype, runner.device)
         log.info("KV cache: %d tokens (%.2f GiB)", pages * 64, pages * 64 * per_token / 2**30)
         row_tokens = options.max_context_tokens + options.max_new_tokens
-        self.step = DecodeStep(runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens))
+        self.step = DecodeStep(runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens + 1))
+        self._cells = list(range(options.max_batch - 1, -1, -1))
+        self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=runner.device)
         self.capture_seconds = 0.0
 
     @classmethod
@@ -100,8 +103,8 @@ class ModelEngine:
         started = time.monotonic()
         seq = Sequence("warm-up", self.prepare([Turn.user("warm up")]), SamplingParams(), 2)
         if self.reserve(seq):
-            seq.tokens.append(self.prefill([seq])[0])
-            seq.tokens.append(self.decode([seq])[0])
+            seq.tokens.extend(self.prefill([seq]).tokens())
+            seq.tokens.extend(self.decode([seq]).tokens())
             self.release(seq)
         progress(0.7)
         if self.options.cuda_graphs and self.runner.device.type == "cuda":
@@ -119,14 +122,26 @@ class ModelEngine:
         return PreparedPrompt(len(prompt), prompt.image_tokens, prompt)
 
     def reserve(self, seq: Sequence) -> bool:
-        cache = SeqCache()
-        if not self.kv.allocate(cache, seq.prompt.length + seq.max_new_tokens):
+        if not self._cells:
             return False
-        seq.state = _State(cache, 0)
+        cache = SeqCache()
+        # +1: a step may be launched for a sequence before the host has seen that it finished
+        if not self.kv.allocate(cache, seq.prompt.length + seq.max_new_tokens + 1):
+            return False
+        seq.state = _State(cache, self._cells.pop())
         return True
 
+    def _blocked(self, seqs: list[Sequence]) -> list[int]:
+        return [int(seq.launched < seq.params.min_new_tokens) for seq in seqs]
+
+    def _publish(self, tokens: torch.Tensor, cells: torch.Tensor, seqs: list[Sequence]) -> DeviceTokens:
+        self.step.tokens.index_copy_(0, cells, tokens)  # the next step reads them from here
+        for seq in seqs:
+            seq.launched += 1
+        return DeviceTokens(tokens, self.step.output_buffer(), len(seqs))
+
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> list[int]:
+    def prefill(self, seqs: list[Sequence]) -> DeviceTokens:
         prompts = [seq.prompt.data for seq in seqs]
         inputs = self.runner.model_inputs(prompts)
         mask = inputs["attention_mask"].bool()
@@ -141,31 +156,43 @@ class ModelEngine:
             slots.extend(state.cache.slot(i) for i in range(length))
             state.cache.length = length
             state.next_position = length + (0 if deltas is None else int(deltas[row, 0]))
-        slot_tensor = torch.tensor(slots, dtype=torch.long, device=self.runner.device)
+        device = self.runner.device
+        slot_tensor = torch.tensor(slots, dtype=torch.long).to(device)
         for index, layer in enumerate(dense.layers):
             # (rows, kv_heads, width, dim) -> the valid (unpadded) tokens, row after row
             keys = layer.keys.transpose(1, 2)[mask]
             values = layer.values.transpose(1, 2)[mask]
             self.kv.write(index, slot_tensor, keys, values)
-        return sample(out.logits[:, -1, :], seqs, self.eos_token_ids)
+        blocked = self._blocked(seqs)
+        blocked_dev = torch.tensor(blocked, dtype=torch.bool).to(device) if any(blocked) else None
+        tokens = sample(out.logits[:, -1, :], seqs, self._eos, blocked_dev)
+        cells = torch.tensor([s.state.cell for s in seqs], dtype=torch.long).to(device, non_blocking=True)
+        return self._publish(tokens, cells, seqs)
 
-    def decode(self, seqs: list[Sequence]) -> list[int]:
-        ids, positions, slots, tables, lengths = [], [], [], [], []
+    def decode(self, seqs: list[Sequence]) -> DeviceTokens:
+        cells, positions, slots, lengths, tables = [], [], [], [], []
         for seq in seqs:
             state: _State = seq.state
-            ids.append(seq.tokens[-1])
+            cells.append(state.cell)
             positions.append(state.next_position)
             slots.append(state.cache.slot(state.cache.length))
             state.cache.length += 1
             state.next_position += 1
             tables.append(state.cache.pages)
             lengths.append(state.cache.length)
-        logits = self.step.run(ids, positions, slots, tables, lengths)
-        return sample(logits, seqs, self.eos_token_ids)
+        blocked = self._blocked(seqs)
+        rows = len(seqs)
+        logits = self.step.run(cells, positions, slots, lengths, blocked, tables)
+        with torch.inference_mode():
+            tokens = sample(logits, seqs, self._eos, self.step.blocked_rows(rows) if any(blocked) else None)
+            return self._publish(tokens, self.step.cells(rows), seqs)
 
     def release(self, seq: Sequence) -> None:
+        # Work already launched for this sequence runs before anything launched later on the same
+        # stream, so its pages and token cell can be handed out again at once.
         if isinstance(seq.state, _State):
             self.kv.free(seq.state.cache)
+            self._cells.append(seq.state.cell)
         seq.state = None
 
     def detokenize(self, token_ids: list[int]) -> str:

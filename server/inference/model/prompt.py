@@ -45,6 +45,8 @@ class PromptBuilder:
         self.limits = limits
         self.max_context_tokens = max_context_tokens
         self.merge = int(getattr(self.image_processor, "merge_size", 2))
+        self.dtype = loaded.dtype
+        self.pin = loaded.device.type == "cuda"
         self.image_token_id = int(loaded.model.config.image_token_id)
 
     def _messages(self, turns: list[Turn]) -> list[dict[str, Any]]:
@@ -71,7 +73,8 @@ class PromptBuilder:
             size={"shortest_edge": factor * factor, "longest_edge": self.limits.max_pixels},
             return_tensors="pt",
         )
-        return features["pixel_values"], features["image_grid_thw"]
+        pixels = features["pixel_values"].to(self.dtype)  # half the bytes to move for bf16 models
+        return (pixels.pin_memory() if self.pin else pixels), features["image_grid_thw"]
 
     def build(self, turns: list[Turn]) -> Prompt:
         """Inputs for *turns*; the oldest turns are dropped while the whole is over the context limit.

@@ -53,7 +53,10 @@ class ModelRunner:
         }
         pictures = [p for p in prompts if p.pixel_values is not None]
         if pictures:
-            inputs["pixel_values"] = torch.cat([p.pixel_values for p in pictures]).to(self.device, self.dtype)
+            # Pictures come pinned and in the model's dtype from the preprocessing threads: copy each
+            # asynchronously, join on the device.
+            pixels = [p.pixel_values.to(self.device, self.dtype, non_blocking=True) for p in pictures]  # type: ignore[union-attr]
+            inputs["pixel_values"] = torch.cat(pixels)
             inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in pictures]).to(self.device)
         return inputs
 

@@ -1,36 +1,34 @@
-"""Per-row token choice for a batch whose rows have different sampling settings."""
+"""Per-row token choice on the device, for a batch whose rows have different settings."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 
 from server.inference.engine import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Iterable[int]) -> list[int]:
-    """Pick one token per row of *logits* (rows, vocab) following each sequence's params.
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], eos: torch.Tensor, blocked: torch.Tensor | None
+) -> torch.Tensor:
+    """One token per row of *logits* (rows, vocab), as a device tensor; no host sync.
 
-    Greedy rows take the argmax; others sample with temperature and top-p. Rows that have
-    not reached `min_new_tokens` cannot pick an end-of-answer token.
+    Greedy rows (temperature 0) take the argmax; the others sample with temperature and
+    top-p. Rows flagged in *blocked* (below their `min_new_tokens`) cannot pick an
+    end-of-answer token (*eos*: the ids, on the device).
     """
-    logits = logits.float()
-    eos = [i for i in eos_ids if i < logits.shape[-1]]
-    blocked = [row for row, seq in enumerate(seqs) if len(seq.tokens) < seq.params.min_new_tokens]
-    if blocked and eos:
-        rows = torch.tensor(blocked, device=logits.device)
-        logits[rows.unsqueeze(1), torch.tensor(eos, device=logits.device)] = float("-inf")
+    if blocked is not None:
+        logits[:, eos] = torch.where(blocked.unsqueeze(1), float("-inf"), logits[:, eos])
     choice = logits.argmax(dim=-1)
     hot = [row for row, seq in enumerate(seqs) if seq.params.temperature > 0]
     if hot:
-        rows = torch.tensor(hot, device=logits.device)
-        temps = torch.tensor([seqs[r].params.temperature for r in hot], device=logits.device)
-        top_p = torch.tensor([seqs[r].params.top_p for r in hot], device=logits.device)
-        probs = torch.softmax(logits[rows] / temps.unsqueeze(1), dim=-1)
+        device = logits.device
+        rows = torch.tensor(hot, device=device)
+        temps = torch.tensor([seqs[r].params.temperature for r in hot], device=device)
+        top_p = torch.tensor([seqs[r].params.top_p for r in hot], device=device)
+        probs = torch.softmax(logits[rows].float() / temps.unsqueeze(1), dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p.unsqueeze(1)
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         picked = torch.multinomial(sorted_probs, 1).squeeze(1)
         choice[rows] = order.gather(1, picked.unsqueeze(1)).squeeze(1)
-    return [int(t) for t in choice.tolist()]
+    return choice
