@@ -48,6 +48,59 @@ def check_kernel() -> None:
         assert err < 1e-2 and not out.isnan().any()
 
 
+def check_fused_kernels() -> None:
+    """The fused kernels against the stock torch ops they replace (bf16 inputs, float64 reference)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
+
+    from server.inference.model.kernels import qk_norm_rope_store, rms_norm, silu_mul
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    def ref_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x64 = x.double()
+        return w.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    torch.manual_seed(1)
+    x = torch.randn(37, 2048, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    w = torch.rand(2048, device="cuda", dtype=torch.bfloat16) + 0.5
+    out, total = rms_norm(x, w, 1e-6, r)
+    errors = {
+        "rms_norm": rel(rms_norm(x, w, 1e-6), ref_norm(x, w)),
+        "add": rel(total, x.double() + r.double()),
+        "add+rms_norm": rel(out, ref_norm((x + r), w)),
+    }
+    gu = torch.randn(37, 2 * 6144, device="cuda", dtype=torch.bfloat16)
+    g, u = gu.double().chunk(2, dim=-1)
+    errors["silu_mul"] = rel(silu_mul(gu), torch.nn.functional.silu(g) * u)
+    heads, kv_heads, dim, rows = 16, 8, 128, 5
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
+    qw, kw = torch.rand(dim, device="cuda") + 0.5, torch.rand(dim, device="cuda") + 0.5
+    angles = torch.rand(rows, dim // 2, device="cuda") * 6
+    cos = torch.cat([angles.cos(), angles.cos()], -1).bfloat16()
+    sin = torch.cat([angles.sin(), angles.sin()], -1).bfloat16()
+    keys = torch.zeros(4, 64, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.zeros_like(keys)
+    slots = torch.tensor([3, 70, 71, 130, 255], device="cuda")
+    q = qk_norm_rope_store(
+        qkv, qw.bfloat16(), kw.bfloat16(), cos, sin, keys, values, slots, heads, kv_heads, dim, 1e-6
+    )
+    q_ref = ref_norm(qkv[:, : heads * dim].view(rows, heads, dim), qw.bfloat16())
+    k_ref = ref_norm(qkv[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim), kw.bfloat16())
+    q_ref, k_ref = apply_rotary_pos_emb(
+        q_ref.transpose(0, 1), k_ref.transpose(0, 1), cos.double(), sin.double(), 0
+    )
+    errors["q norm+rope"] = rel(q, q_ref.transpose(0, 1))
+    errors["k norm+rope->cache"] = rel(keys.view(-1, kv_heads, dim)[slots], k_ref.transpose(0, 1))
+    errors["v->cache"] = rel(
+        values.view(-1, kv_heads, dim)[slots], qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
+    )
+    for name, err in errors.items():
+        print(f"fused {name}: relative error vs float64 {err:.2e}")
+        assert err < 1e-2, name
+
+
 async def check_engine(model: str) -> None:
     from bench.architectures import build_checkpoint
     from bench.executor import noise_jpeg
@@ -105,4 +158,5 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="demo")
     args = parser.parse_args()
     check_kernel()
+    check_fused_kernels()
     asyncio.run(check_engine(args.model))

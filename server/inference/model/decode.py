@@ -70,6 +70,8 @@ class DecodeStep:
         self.cache = cache
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
+        self.heads = model.config.text_config.num_attention_heads
+        self.kv_heads = model.config.text_config.num_key_value_heads
         self.scale = float(attn.scaling)
         self.device = cache.keys[0].device
         self.cuda = self.device.type == "cuda"
@@ -115,6 +117,57 @@ class DecodeStep:
         )
 
     def _forward(self, rows: int) -> None:
+        if self.cuda:
+            self._forward_fused(rows)
+        else:
+            self._forward_stock(rows)
+
+    def _forward_fused(self, rows: int) -> None:
+        """The CUDA step: fused kernels (kernels.py), projections fused by `fuse_projections`."""
+        from .kernels import qk_norm_rope_store, rms_norm, silu_mul
+
+        linear = torch.nn.functional.linear
+        hidden = self.embed(self.tokens[self.inputs[CELL, :rows]])  # (rows, hidden)
+        position_ids = self.inputs[POSITION, :rows].view(1, rows, 1).expand(3, rows, 1)
+        cos, sin = self.rotary(hidden.unsqueeze(1), position_ids)
+        cos, sin = cos.view(rows, -1), sin.view(rows, -1)
+        slots = self.inputs[SLOT, :rows]
+        residual: torch.Tensor | None = None
+        for index, layer in enumerate(self.layers):
+            norm = layer.input_layernorm
+            if residual is None:
+                x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon), hidden
+            else:
+                x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon, residual)
+            attn = layer.self_attn
+            q = qk_norm_rope_store(
+                linear(x, attn.qkv_weight),
+                attn.q_norm.weight,
+                attn.k_norm.weight,
+                cos,
+                sin,
+                self.cache.keys[index],
+                self.cache.values[index],
+                slots,
+                self.heads,
+                self.kv_heads,
+                self.head_dim,
+                attn.q_norm.variance_epsilon,
+            )
+            out = self._attention(q, index, rows)
+            hidden = attn.o_proj(out.view(rows, -1))
+            norm = layer.post_attention_layernorm
+            x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon, residual)
+            mlp = layer.mlp
+            if hasattr(mlp, "gate_up_weight"):
+                hidden = mlp.down_proj(silu_mul(linear(x, mlp.gate_up_weight)))
+            else:  # mixture of experts: the block's own forward
+                out = mlp(x.unsqueeze(1))
+                hidden = (out[0] if isinstance(out, tuple) else out).view(rows, -1)
+        x, _ = rms_norm(hidden, self.norm.weight, self.norm.variance_epsilon, residual)
+        self.logits[:rows] = self.lm_head(x).float()
+
+    def _forward_stock(self, rows: int) -> None:
         from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
         ids = self.tokens[self.inputs[CELL, :rows]]

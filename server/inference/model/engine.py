@@ -60,6 +60,10 @@ class ModelEngine:
         self.device = str(runner.device)
         self.eos_token_ids = runner.eos_token_ids
         self._model = runner.model
+        if runner.device.type == "cuda":
+            from .kernels import fuse_projections
+
+            fuse_projections(runner.model)
         text = runner.model.config.text_config
         layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
         head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)

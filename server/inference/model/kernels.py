@@ -1,0 +1,235 @@
+"""Fused Triton kernels for the CUDA decode step (and the norms/MLP of prefill).
+
+A stock decoder layer launches ~55 small kernels per token step (each RMSNorm is seven
+elementwise passes, rotary another ten); at small batch the step is bound by launches,
+not by the GPU. These kernels fold each chain into one launch, with the same rounding
+points as transformers (results are rounded to the model dtype where the stock code
+rounds), so a layer becomes ~9 launches:
+
+    add+RMSNorm | qkv GEMM | q/k RMSNorm + rotary + KV-cache write | paged attention |
+    o GEMM | add+RMSNorm | gate_up GEMM | SiLU*up | down GEMM
+
+`fuse_projections` concatenates q/k/v and gate/up weights in place (the old parameters
+become views of the fused ones: no extra memory). Only used on CUDA; the CPU path keeps
+the stock modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(  # type: ignore[no-untyped-def]
+    X, RES, W, Y, SUM, stride_x, stride_r, stride_y, N, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(RES + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(Y.dtype.element_ty)  # the residual add rounds like the stock `a + b`
+        tl.store(SUM + row * stride_y + offs, s, mask=mask)
+        x = s.to(tl.float32)
+    var = tl.sum(x * x, axis=0) / N
+    normed = (x * tl.rsqrt(var + eps)).to(Y.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + offs, (w * normed).to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> Any:
+    """RMSNorm over the last dim; with *residual*: returns (norm(x + residual), x + residual)."""
+    n = x.shape[-1]
+    rows = x.numel() // n
+    x2 = x.reshape(rows, n)
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    total = torch.empty_like(out) if residual is not None else out
+    r2 = residual.reshape(rows, n) if residual is not None else x2
+    _rms_norm_kernel[(rows,)](
+        x2,
+        r2,
+        weight,
+        out,
+        total,
+        x2.stride(0),
+        r2.stride(0),
+        n,
+        n,
+        eps,
+        HAS_RES=residual is not None,
+        BLOCK=triton.next_power_of_2(n),
+        num_warps=4 if n <= 1024 else 8,
+    )
+    if residual is None:
+        return out.view(x.shape)
+    return out.view(x.shape), total.view(x.shape)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
+    QKV,
+    QW,
+    KW,
+    COS,
+    SIN,
+    QOUT,
+    KCACHE,
+    VCACHE,
+    SLOTS,
+    stride_qkv,
+    stride_cs,
+    eps,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    half = tl.arange(0, DIM // 2)
+    is_q = head < HEADS
+    kv_head = head - HEADS
+    base = QKV + row * stride_qkv + head * DIM
+    x1 = tl.load(base + half).to(tl.float32)
+    x2 = tl.load(base + DIM // 2 + half).to(tl.float32)
+    var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / DIM
+    inv = tl.rsqrt(var + eps)
+    dtype = QOUT.dtype.element_ty
+    if is_q:
+        w1 = tl.load(QW + half).to(tl.float32)
+        w2 = tl.load(QW + DIM // 2 + half).to(tl.float32)
+    else:
+        w1 = tl.load(KW + half).to(tl.float32)
+        w2 = tl.load(KW + DIM // 2 + half).to(tl.float32)
+    n1 = (w1 * (x1 * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    n2 = (w2 * (x2 * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    c1 = tl.load(COS + row * stride_cs + half).to(tl.float32)
+    c2 = tl.load(COS + row * stride_cs + DIM // 2 + half).to(tl.float32)
+    s1 = tl.load(SIN + row * stride_cs + half).to(tl.float32)
+    s2 = tl.load(SIN + row * stride_cs + DIM // 2 + half).to(tl.float32)
+    o1 = (n1 * c1 - n2 * s1).to(dtype)  # rotate_half: (-x2, x1)
+    o2 = (n2 * c2 + n1 * s2).to(dtype)
+    if is_q:
+        out = QOUT + (row * HEADS + head) * DIM
+        tl.store(out + half, o1)
+        tl.store(out + DIM // 2 + half, o2)
+    else:
+        slot = tl.load(SLOTS + row).to(tl.int64)
+        kout = KCACHE + (slot * KV_HEADS + kv_head) * DIM
+        tl.store(kout + half, o1)
+        tl.store(kout + DIM // 2 + half, o2)
+        vin = QKV + row * stride_qkv + (HEADS + KV_HEADS + kv_head) * DIM
+        vout = VCACHE + (slot * KV_HEADS + kv_head) * DIM
+        tl.store(vout + half, tl.load(vin + half))
+        tl.store(vout + DIM // 2 + half, tl.load(vin + DIM // 2 + half))
+
+
+def qk_norm_rope_store(
+    qkv: torch.Tensor,  # (rows, (heads + 2 * kv_heads) * dim)
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,  # (rows, dim)
+    sin: torch.Tensor,
+    keys: torch.Tensor,  # (pages, PAGE, kv_heads, dim)
+    values: torch.Tensor,
+    slots: torch.Tensor,  # (rows,)
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    eps: float,
+) -> torch.Tensor:
+    """Per-head RMSNorm of q and k, rotary, k/v into the cache at *slots*; returns q (rows, heads, dim)."""
+    rows = qkv.shape[0]
+    q = torch.empty((rows, heads, dim), dtype=qkv.dtype, device=qkv.device)
+    _qk_norm_rope_kernel[(rows, heads + kv_heads)](
+        qkv,
+        q_weight,
+        k_weight,
+        cos,
+        sin,
+        q,
+        keys,
+        values,
+        slots,
+        qkv.stride(0),
+        cos.stride(0),
+        eps,
+        HEADS=heads,
+        KV_HEADS=kv_heads,
+        DIM=dim,
+        num_warps=1,
+    )
+    return q
+
+
+@triton.jit
+def _silu_mul_kernel(GU, OUT, stride_gu, stride_out, N, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    gate = tl.load(GU + row * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(GU + row * stride_gu + N + offs, mask=mask, other=0.0).to(tl.float32)
+    dtype = OUT.dtype.element_ty
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(OUT + row * stride_out + offs, (act * up).to(dtype), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for a (..., 2 * n) tensor holding [gate | up]."""
+    n = gate_up.shape[-1] // 2
+    flat = gate_up.reshape(-1, 2 * n)
+    out = torch.empty((flat.shape[0], n), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(flat.shape[0], triton.cdiv(n, block))](
+        flat, out, flat.stride(0), out.stride(0), n, BLOCK=block
+    )
+    return out.view(*gate_up.shape[:-1], n)
+
+
+def _fuse(linears: list[Any]) -> torch.Tensor:
+    fused = torch.cat([linear.weight.data for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = fused[start : start + rows]  # a view: the fused tensor holds the memory
+        start += rows
+    return fused
+
+
+def fuse_projections(model: Any) -> None:
+    """Give each text layer `qkv_weight` (and `gate_up_weight` for dense MLPs); patch norms and MLPs.
+
+    After this, transformers' own forward (used by prefill) runs the fused RMSNorm and
+    the fused gate/up + SiLU*up too.
+    """
+    text = model.model.language_model
+    for layer in text.layers:
+        attn = layer.self_attn
+        if any(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj)):
+            raise ValueError("biased q/k/v projections are not supported by the fused decode step")
+        attn.qkv_weight = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        mlp = layer.mlp
+        if hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):
+            mlp.gate_up_weight = _fuse([mlp.gate_proj, mlp.up_proj])
+            mlp.forward = _fused_mlp_forward(mlp)
+    for module in text.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = _fused_norm_forward(module)
+
+
+def _fused_mlp_forward(mlp: Any) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return mlp.down_proj(silu_mul(torch.nn.functional.linear(x, mlp.gate_up_weight)))
+
+    return forward
+
+
+def _fused_norm_forward(norm: Any) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x.contiguous(), norm.weight, norm.variance_epsilon)
+
+    return forward
