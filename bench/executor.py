@@ -101,7 +101,10 @@ async def run_vlbridge(
     limits = ExecutorLimits(
         max_batch=max(concurrency, 1), queue_size=4 * requests, request_timeout=600, max_new_tokens=tokens
     )
-    executor = InferenceExecutor(lambda _progress: engine, limits, model_name="bench")
+    workers = min(8, os.cpu_count() or 1)
+    executor = InferenceExecutor(
+        lambda _progress: engine, limits, model_name="bench", prepare_workers=workers
+    )
     await executor.start()
     await executor.wait_ready(60)
     params = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,4 +76,5 @@ def build_executor(config: Config) -> InferenceExecutor:
             prefill_tokens=config.executor.prefill_chunk_tokens,
         ),
         model_name=model_label(config),
+        prepare_workers=config.executor.prepare_workers or min(8, os.cpu_count() or 1),
     )

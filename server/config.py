@@ -74,6 +74,7 @@ class ExecutorConfig(_Section):
     request_timeout: float = Field(300.0, gt=0)
     max_batch_tokens: int = Field(262_144, ge=256)
     prefill_chunk_tokens: int = Field(16_384, ge=256)
+    prepare_workers: int = Field(0, ge=0, le=64)  # picture decoding threads; 0 = min(8, CPU cores)
 
 
 class FeishuConfig(_Section):

@@ -148,24 +148,27 @@ class ModelEngine:
     def prefill(self, seqs: list[Sequence]) -> DeviceTokens:
         prompts = [seq.prompt.data for seq in seqs]
         inputs = self.runner.model_inputs(prompts)
-        mask = inputs["attention_mask"].bool()
         dense = DynamicCache(config=self._model.config)
         self._model.model.rope_deltas = None  # transformers keeps the last prompt's deltas on the module
         out = self._model(**inputs, cache=dense, use_cache=True, logits_to_keep=1)
         deltas = self._model.model.rope_deltas
+        width = inputs["input_ids"].shape[1]
         slots: list[int] = []
+        rows: list[int] = []  # flat (row, position) index of every real (unpadded) prompt token
         for row, seq in enumerate(seqs):
             state: _State = seq.state
             length = seq.prompt.length
             slots.extend(state.cache.slot(i) for i in range(length))
+            rows.extend(range(row * width + width - length, row * width + width))
             state.cache.length = length
             state.next_position = length + (0 if deltas is None else int(deltas[row, 0]))
         device = self.runner.device
-        slot_tensor = torch.tensor(slots, dtype=torch.long).to(device)
+        slot_tensor = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+        row_tensor = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
         for index, layer in enumerate(dense.layers):
-            # (rows, kv_heads, width, dim) -> the valid (unpadded) tokens, row after row
-            keys = layer.keys.transpose(1, 2)[mask]
-            values = layer.values.transpose(1, 2)[mask]
+            # (rows, kv_heads, width, dim) -> the real tokens, row after row (no host sync)
+            keys = layer.keys.transpose(1, 2).flatten(0, 1).index_select(0, row_tensor)
+            values = layer.values.transpose(1, 2).flatten(0, 1).index_select(0, row_tensor)
             self.kv.write(index, slot_tensor, keys, values)
         blocked = self._blocked(seqs)
         blocked_dev = torch.tensor(blocked, dtype=torch.bool).to(device) if any(blocked) else None
