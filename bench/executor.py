@@ -378,6 +378,11 @@ def main() -> None:
 
     images = [noise_jpeg(size, seed) for seed in range(8)]
     results: dict[str, dict[int, dict]] = {s: {} for s in systems}
+
+    def save() -> None:  # after every measurement: a run cut short still leaves its numbers
+        if args.out:
+            Path(args.out).write_text(json.dumps({"info": info, "results": results}, indent=1, default=str))
+
     limits = ImageLimits(max_pixels=max(size * size, 32 * 32 * 4))
     if "vlbridge" in systems:
         load_started = time.monotonic()
@@ -393,6 +398,7 @@ def main() -> None:
             asyncio.run(run_vlbridge(shared, images, min(c, 2), 2, tokens))  # warm this bucket's path
             results["vlbridge"][c] = asyncio.run(run_vlbridge(shared, images, c, requests, tokens))
             print("vlbridge", c, json.dumps(results["vlbridge"][c]), flush=True)
+            save()
         runner = engine.runner
         engine.step.graphs.clear()
         del engine, shared
@@ -418,6 +424,7 @@ def main() -> None:
                 except Exception as exc:  # e.g. out of memory at a large static batch
                     results[name][c] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
                 print(name, c, json.dumps(results[name][c]), flush=True)
+                save()
                 if not cpu:
                     torch.cuda.empty_cache()
 
@@ -428,8 +435,7 @@ def main() -> None:
         if "static" not in systems:
             results.pop("static")
     print_table(info, results, levels)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"info": info, "results": results}, indent=1, default=str))
+    save()
 
 
 def print_table(info: dict, results: dict[str, dict[int, dict]], levels: list[int]) -> None:

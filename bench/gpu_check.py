@@ -96,6 +96,15 @@ def check_fused_kernels() -> None:
     errors["v->cache"] = rel(
         values.view(-1, kv_heads, dim)[slots], qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
     )
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import rotate_half
+
+    from server.inference.model.kernels import _vision_rope_one
+
+    qkv_v = torch.randn(999, 3, 16, 72, device="cuda", dtype=torch.bfloat16).permute(1, 0, 2, 3)
+    vq = qkv_v[0]
+    vcos, vsin = torch.rand(999, 72, device="cuda"), torch.rand(999, 72, device="cuda")
+    ref_v = vq.double() * vcos.unsqueeze(-2).double() + rotate_half(vq.double()) * vsin.unsqueeze(-2).double()
+    errors["vision rope (dim 72, strided)"] = rel(_vision_rope_one(vq, vcos, vsin), ref_v)
     for name, err in errors.items():
         print(f"fused {name}: relative error vs float64 {err:.2e}")
         assert err < 1e-2, name

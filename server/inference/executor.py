@@ -52,6 +52,7 @@ class ExecutorLimits:
     request_timeout: float = 300.0
     max_new_tokens: int = 512
     prefill_tokens: int = 16384  # prompt tokens admitted into one prefill
+    prefill_wait: float = 0.03  # while decoding, wait up to this long for more prompts to batch
 
 
 class _Handle:
@@ -100,6 +101,7 @@ class _Job:
     error: RequestError | None = None
     seq: Sequence | None = None
     detok: IncrementalDetokenizer | None = None
+    prepared: float = 0.0
     started: float = 0.0
     first_token: float = 0.0
     last_position: int = 0
@@ -289,6 +291,7 @@ class InferenceExecutor:
         except Exception as exc:
             log.exception("request %s: preparing failed", job.request.id)
             job.error = InternalError(f"preparing the request failed: {exc}")
+        job.prepared = time.monotonic()
         self._inbox.put(job)
 
     # ---- worker thread ------------------------------------------------------------------------------
@@ -387,7 +390,22 @@ class InferenceExecutor:
                 self._waiting.append(item)
                 self._waiting.sort(key=lambda j: j.order)
 
+    def _worth_waiting(self) -> bool:
+        """While a batch decodes, hold a small prefill back briefly if more prompts are on their way.
+
+        One prefill of many pictures costs much less than many prefills of one (fixed costs
+        per forward, small GEMMs); the running batch keeps decoding meanwhile.
+        """
+        if not self._running or not self._waiting:
+            return False
+        preparing = self._pending - len(self._waiting)
+        ready = sum(j.prompt.length for j in self._waiting if j.prompt is not None)
+        young = time.monotonic() - self._waiting[0].prepared < self.limits.prefill_wait
+        return preparing > 0 and ready < self.limits.prefill_tokens // 2 and young
+
     def _admit(self, engine: Engine, inflight: deque[_Launch]) -> None:
+        if self._worth_waiting():
+            return
         chosen: list[_Job] = []
         budget = self.limits.prefill_tokens
         while self._waiting and len(self._running) + len(chosen) < self.limits.max_batch:

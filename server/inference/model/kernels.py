@@ -190,6 +190,64 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate_up.shape[:-1], n)
 
 
+@triton.jit
+def _vision_rope_kernel(  # type: ignore[no-untyped-def]
+    X,
+    COS,
+    SIN,
+    OUT,
+    stride_xn,
+    stride_xh,
+    stride_cn,
+    HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, HEADS)[:, None]
+    d = tl.arange(0, HALF_PAD)[None, :]
+    mask = d < HALF
+    x1 = tl.load(X + n * stride_xn + h * stride_xh + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + n * stride_xn + h * stride_xh + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(COS + n * stride_cn + d, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + n * stride_cn + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + n * stride_cn + d, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + n * stride_cn + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    out = OUT + n * HEADS * 2 * HALF + h * 2 * HALF + d
+    tl.store(out, (x1 * c1 - x2 * s1).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, (x2 * c2 + x1 * s2).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _vision_rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    tokens, heads, dim = x.shape
+    out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _vision_rope_kernel[(tokens,)](
+        x,
+        cos,
+        sin,
+        out,
+        x.stride(0),
+        x.stride(1),
+        cos.stride(0),
+        HEADS=heads,
+        HALF=dim // 2,
+        HALF_PAD=triton.next_power_of_2(dim // 2),
+        num_warps=2,
+    )
+    return out
+
+
+def vision_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Any:
+    """transformers' `apply_rotary_pos_emb_vision` (float32 math, one rounding) in one pass each."""
+    if q.shape[1] & (q.shape[1] - 1) or q.stride(-1) != 1 or k.stride(-1) != 1 or not q.is_cuda:
+        return _STOCK_VISION_ROPE(q, k, cos, sin)  # head counts Triton cannot tile, or CPU tensors
+    return _vision_rope_one(q, cos, sin), _vision_rope_one(k, cos, sin)
+
+
+_STOCK_VISION_ROPE: Any = None
+
+
 def _fuse(linears: list[Any]) -> torch.Tensor:
     fused = torch.cat([linear.weight.data for linear in linears])
     start = 0
@@ -203,8 +261,8 @@ def _fuse(linears: list[Any]) -> torch.Tensor:
 def fuse_projections(model: Any) -> None:
     """Give each text layer `qkv_weight` (and `gate_up_weight` for dense MLPs); patch norms and MLPs.
 
-    After this, transformers' own forward (used by prefill) runs the fused RMSNorm and
-    the fused gate/up + SiLU*up too.
+    After this, transformers' own forward (used by prefill) runs the fused RMSNorm, the
+    fused gate/up + SiLU*up and the fused vision rotary embedding too.
     """
     text = model.model.language_model
     for layer in text.layers:
@@ -219,6 +277,14 @@ def fuse_projections(model: Any) -> None:
     for module in text.modules():
         if type(module).__name__.endswith("RMSNorm"):
             module.forward = _fused_norm_forward(module)
+    global _STOCK_VISION_ROPE
+    import importlib
+
+    for name in ("qwen3_vl", "qwen3_vl_moe"):
+        modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        if getattr(modeling, "apply_rotary_pos_emb_vision", None) is not vision_rope:
+            _STOCK_VISION_ROPE = _STOCK_VISION_ROPE or modeling.apply_rotary_pos_emb_vision
+            setattr(modeling, "apply_rotary_pos_emb_vision", vision_rope)  # noqa: B010
 
 
 def _fused_mlp_forward(mlp: Any) -> Any:
