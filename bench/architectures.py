@@ -92,13 +92,12 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_checkpoint(name: str, target: Path, demo_dir: Path, dtype: str = "bfloat16") -> float:
-    """Write a random-weight checkpoint of architecture *name* to *target*; seconds taken."""
+def build_model(name: str, demo_dir: Path, dtype: str = "bfloat16") -> Any:
+    """Architecture *name* with random weights, on the GPU, using the demo tokenizer's special ids."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.initialization import no_init_weights
 
-    started = time.monotonic()
     spec = json.loads(json.dumps(ARCHITECTURES[name]))
     tokenizer_meta = json.loads((demo_dir / "config.json").read_text())
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -115,6 +114,15 @@ def build_checkpoint(name: str, target: Path, demo_dir: Path, dtype: str = "bflo
             else:
                 param.fill_(1.0)
     model.generation_config.eos_token_id = tokenizer_meta.get("eos_token_id")
+    return model.eval()
+
+
+def build_checkpoint(name: str, target: Path, demo_dir: Path, dtype: str = "bfloat16") -> float:
+    """Write a random-weight checkpoint of architecture *name* to *target*; seconds taken."""
+    import torch
+
+    started = time.monotonic()
+    model = build_model(name, demo_dir, dtype)
     model.save_pretrained(target)
     for file in demo_dir.iterdir():
         if file.name.startswith(("tokenizer", "preprocessor", "chat_template", "special_tokens")):
@@ -123,3 +131,23 @@ def build_checkpoint(name: str, target: Path, demo_dir: Path, dtype: str = "bflo
     del model
     torch.cuda.empty_cache()
     return time.monotonic() - started
+
+
+def load_in_memory(name: str, demo_dir: Path, dtype: str = "bfloat16") -> Any:
+    """A LoadedModel whose weights never touch the disk (30B-A3B: 58 GiB would not fit there)."""
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from server.inference.model.loader import LoadedModel
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir)
+    model = build_model(name, demo_dir, dtype)
+    return LoadedModel(
+        model,
+        tokenizer,
+        AutoImageProcessor.from_pretrained(demo_dir),
+        tokenizer.chat_template,
+        torch.device("cuda"),
+        getattr(torch, dtype),
+        f"{name} (random, in memory)",
+    )

@@ -327,6 +327,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=float, default=4.0, help="requests per client at each level")
     parser.add_argument("--cold-start", action="store_true", help="also time `vlbridge serve` to healthy")
     parser.add_argument("--workdir", default=None, help="where random-weight checkpoints are written")
+    parser.add_argument("--in-memory", action="store_true", help="build the random model in GPU memory only")
+    parser.add_argument(
+        "--kv-fraction", type=float, default=0.85, help="free GPU memory given to the KV cache"
+    )
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args()
 
@@ -360,6 +364,9 @@ def main() -> None:
     elif Path(args.model).is_dir():
         model_dir = args.model
         info["weights"] = "checkpoint"
+    elif args.in_memory:
+        model_dir = ""
+        info["weights"] = "RANDOM (real architecture, meaningless answers), built in memory"
     else:
         from bench.architectures import build_checkpoint
 
@@ -387,9 +394,22 @@ def main() -> None:
     if "vlbridge" in systems:
         load_started = time.monotonic()
         options = EngineOptions(
-            max_batch=max(levels), max_context_tokens=size * size // 1024 + 256, max_new_tokens=tokens
+            max_batch=max(levels),
+            max_context_tokens=size * size // 1024 + 256,
+            max_new_tokens=tokens,
+            memory_fraction=args.kv_fraction,
         )
-        engine = ModelEngine.load(model_dir, device=args.device, dtype=dtype, limits=limits, options=options)
+        if args.in_memory:
+            from bench.architectures import load_in_memory
+            from server.inference.model.runner import ModelRunner
+
+            loaded = load_in_memory(args.model, demo, dtype)
+            engine = ModelEngine(ModelRunner(loaded, limits, options.max_context_tokens), options)
+            engine.warm_up()
+        else:
+            engine = ModelEngine.load(
+                model_dir, device=args.device, dtype=dtype, limits=limits, options=options
+            )
         info["engine_load_s"] = round(time.monotonic() - load_started, 1)
         info["graph_capture_s"] = round(engine.capture_seconds, 1)
         shared = _KeepEngine(engine)
