@@ -419,19 +419,30 @@ def main() -> None:
             results["vlbridge"][c] = asyncio.run(run_vlbridge(shared, images, c, requests, tokens))
             print("vlbridge", c, json.dumps(results["vlbridge"][c]), flush=True)
             save()
-        runner = engine.runner
-        engine.step.graphs.clear()
+        engine.close()
         del engine, shared
-    else:
+        if not cpu:
+            from server.inference.model.kernels import restore_stock_functions
+
+            restore_stock_functions()  # the baselines below run stock transformers code
+    runner = None
+    if any(name in systems for name in ("sequential", "static", "static+compile")):
         from server.inference.model.runner import ModelRunner
 
-        runner = ModelRunner.load(
-            model_dir,
-            device=args.device,
-            dtype=dtype,
-            limits=limits,
-            max_context_tokens=size * size // 1024 + 256,
-        )
+        if args.in_memory:
+            from bench.architectures import load_in_memory
+
+            if not cpu:
+                torch.cuda.empty_cache()
+            runner = ModelRunner(load_in_memory(args.model, demo, dtype), limits, size * size // 1024 + 256)
+        else:
+            runner = ModelRunner.load(
+                model_dir,
+                device=args.device,
+                dtype=dtype,
+                limits=limits,
+                max_context_tokens=size * size // 1024 + 256,
+            )
     if not cpu:
         torch.cuda.empty_cache()
     for name in ("static", "static+compile"):

@@ -287,6 +287,17 @@ def fuse_projections(model: Any) -> None:
             setattr(modeling, "apply_rotary_pos_emb_vision", vision_rope)  # noqa: B010
 
 
+def restore_stock_functions() -> None:
+    """Undo the module-level patch of `fuse_projections` (benchmarks compare against stock code)."""
+    import importlib
+
+    if _STOCK_VISION_ROPE is None:
+        return
+    for name in ("qwen3_vl", "qwen3_vl_moe"):
+        modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        setattr(modeling, "apply_rotary_pos_emb_vision", _STOCK_VISION_ROPE)  # noqa: B010
+
+
 def _fused_mlp_forward(mlp: Any) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return mlp.down_proj(silu_mul(torch.nn.functional.linear(x, mlp.gate_up_weight)))
