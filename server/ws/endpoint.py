@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import metrics
-from server.inference.api import Done, InferenceRequest, SamplingParams, Turn
+from server.inference.api import Delta, Done, InferenceRequest, SamplingParams, Turn
 from server.service import Answer, Service
 from server.wire import error_dict, event_dict
 from server.ws.frames import (
@@ -70,7 +69,7 @@ class Connection:
         self.gate = gate
         self.label = f"session {session.id}"
         self.abusive = False
-        self._outbox: deque[bytes] | None = None
+        self._outbox: list[bytes] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closing: tuple[int, str] | None = None
         self._ended = False
@@ -83,7 +82,7 @@ class Connection:
         if not self.open:
             return
         if self._outbox is None:
-            self._outbox = deque()
+            self._outbox = []
         self._outbox.append(data)
         if len(self._outbox) > self.session.log.limit:
             self.close(CLOSE_SLOW, "the client is not reading its frames")
@@ -112,9 +111,9 @@ class Connection:
     async def _write(self) -> None:
         try:
             while self._outbox:
-                data = self._outbox.popleft()
-                await self.ws.send({"type": "websocket.send", "text": data.decode()})
-            self._outbox = None
+                batch, self._outbox = self._outbox, None
+                for data in batch:
+                    await self.ws.send({"type": "websocket.send", "text": data.decode()})
             if self._closing is not None and not self._ended:
                 code, reason = self._closing
                 metrics.WS_CLOSED.labels(str(code)).inc()
@@ -341,13 +340,37 @@ def _ask(service: Service, session: Session, ask: Ask) -> None:
 
 
 async def _relay(service: Service, session: Session, ask_id: str, active: ActiveAsk, answer: Answer) -> None:
-    """Turn one answer's events into session frames (sent now, or kept for resume)."""
+    """Turn one answer's events into session frames (sent now, or kept for resume).
+
+    Deltas that arrive within one event-loop iteration are sent as one delta frame: an
+    idle server sends every token at once, a busy one sends fewer, larger frames instead
+    of falling behind (concatenating the deltas still gives exactly `done.text`).
+    """
+    pending: list[str] = []
+    scheduled = False
+
+    def flush() -> None:
+        nonlocal scheduled
+        scheduled = False
+        if pending:
+            text = "".join(pending)
+            pending.clear()
+            session.emit({"type": "delta", "id": ask_id, "text": text})
+
     try:
         async for event in answer.events():
+            if isinstance(event, Delta):
+                pending.append(event.text)
+                if not scheduled:
+                    scheduled = True
+                    asyncio.get_running_loop().call_soon(flush)
+                continue
+            flush()
             if isinstance(event, Done):
                 session.conversation.add(active.question, event.text, active.generation)
             session.emit(event_dict(ask_id, event))
     except Exception:
+        flush()
         log.exception("session %s: relaying ask %s failed", session.id, ask_id)
         session.emit(error_dict("internal", "the answer could not be relayed", id=ask_id))
     finally:

@@ -14,7 +14,6 @@ None of these awaits, sleeps or reads a clock; callers pass `now` (monotonic sec
 
 from __future__ import annotations
 
-from collections import deque
 from enum import Enum
 from typing import Any
 
@@ -31,25 +30,32 @@ class FrameLog:
         self.limit = limit
         self.seq = 0  # the last seq given out
         self.dropped = 0  # highest seq that left the buffer unacknowledged (overflow)
-        self._frames: deque[tuple[int, bytes]] | None = None  # created on first use
+        # A list, not a deque: an idle session holds 0-1 frames, and a deque's first block
+        # alone is ~600 bytes. Created on first use, dropped when empty.
+        self._frames: list[tuple[int, bytes]] | None = None
 
     def append(self, frame: dict[str, Any]) -> bytes:
         """Give *frame* the next seq, keep it for replay, return its encoding."""
         self.seq += 1
         data = encode({**frame, "seq": self.seq})
         if self._frames is None:
-            self._frames = deque()
+            self._frames = []
         self._frames.append((self.seq, data))
         if len(self._frames) > self.limit:
-            self.dropped = self._frames.popleft()[0]
+            self.dropped = self._frames[0][0]
+            del self._frames[: len(self._frames) - self.limit]
         return data
 
     def ack(self, seq: int) -> None:
         """The client has every frame up to *seq*: stop keeping them."""
         frames = self._frames
-        while frames and frames[0][0] <= seq:
-            frames.popleft()
-        if frames is not None and not frames:
+        if not frames:
+            return
+        keep = 0
+        while keep < len(frames) and frames[keep][0] <= seq:
+            keep += 1
+        del frames[:keep]
+        if not frames:
             self._frames = None
 
     def since(self, last_seq: int) -> tuple[list[bytes], int]:
