@@ -198,7 +198,7 @@ async def measure_idle(
             for _ in range(min(250, sessions - start)):
                 await ready.acquire()
         open_seconds = time.monotonic() - started
-        await asyncio.sleep(2 * interval)  # settle: every session pinged at least once
+        await asyncio.sleep(min(2 * interval, 5.0))  # settle: every session pinged at least once (1 s pings)
         rss_open = proc.memory_info().rss
         cpu0, pings0, t0 = sum(proc.cpu_times()[:2]), stats.pings, time.monotonic()
         await asyncio.sleep(hold_seconds)

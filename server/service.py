@@ -30,7 +30,7 @@ from server.inference.api import Done, Event, Executor, Failed, InferenceRequest
 from server.platform import PlatformAdapter
 from server.ws.frames import FrameLimits
 from server.ws.keepalive import PingManager
-from server.ws.sessions import SessionLimits, SessionRegistry
+from server.ws.sessions import Session, SessionLimits, SessionRegistry
 
 log = logging.getLogger("vlbridge.service")
 
@@ -204,13 +204,13 @@ class Service:
             await asyncio.sleep(0.02)
         log.info("drained in %.2f s", time.monotonic() - started)
 
-    def _close_session(self, session: Any) -> None:
+    def _close_session(self, session: Session) -> None:
         link = session.link
         self.sessions.discard(session)
         if link is not None:
             link.close(SHUTDOWN_CLOSE_CODE, "server shutting down")
 
-    def session_idle(self, session: Any) -> None:
+    def session_idle(self, session: Session) -> None:
         """Called when a session's last running answer ended: during a drain, close it now."""
         if self.state is ServiceState.DRAINING and not session.busy:
             self._close_session(session)
