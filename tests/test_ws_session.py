@@ -117,6 +117,11 @@ async def test_a_frame_past_the_size_limit_closes_with_1009(echo_server) -> None
     with pytest.raises(ConnectionClosed) as caught:
         await client.recv()
     assert caught.value.rcvd is not None and caught.value.rcvd.code == 1009
+    for _ in range(100):  # abuse ends the session: nothing is parked for resume
+        if not echo_server.service.sessions.parked:
+            break
+        await asyncio.sleep(0.01)
+    assert echo_server.service.sessions.parked == 0
 
 
 async def test_cancel_ends_the_answer_with_cancelled() -> None:

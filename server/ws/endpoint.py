@@ -40,6 +40,7 @@ log = logging.getLogger("vlbridge.ws")
 CLOSE_NORMAL = (1000, 1001)  # the client ended the session on purpose: nothing to resume
 CLOSE_POLICY = 1008  # flood
 CLOSE_TOO_BIG = 1009
+CLOSE_ABUSE = (CLOSE_POLICY, CLOSE_TOO_BIG)  # also when the server's own frame limit closed it
 CLOSE_FULL = 1013  # max_sessions reached: try again later
 CLOSE_SLOW = 4408  # the client does not read its frames
 CLOSE_TAKEN_OVER = 4409  # the session was resumed on another connection
@@ -173,7 +174,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         conn.ended()
         service.connected -= 1
         if session.link is conn:  # not taken over by a resume
-            if code in CLOSE_NORMAL or conn.abusive or not service.accepting:
+            if code in CLOSE_NORMAL or code in CLOSE_ABUSE or conn.abusive or not service.accepting:
                 service.sessions.discard(session)
             else:
                 service.sessions.park(session, time.monotonic())
