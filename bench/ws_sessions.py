@@ -1,0 +1,445 @@
+"""Benchmark: what WebSocket sessions cost the vlbridge server, and how fast it answers.
+
+Runs everything on loopback, bounded in time (about a minute and a half):
+
+1. Idle sessions: starts `vlbridge serve` (echo engine, pings compressed to 1 s) in its own
+   process, opens N sessions (default 10,000) that answer every ping, holds them for a
+   while, and reports server RSS per session, the server's CPU while it only pings, and
+   sessions wrongly dropped (must be 0).
+2. Asks: C concurrent sessions send short asks back to back for a few seconds against a
+   fresh vlbridge with the zero-cost echo engine, and C connections do the same against a
+   bare `websockets` echo server (one message in, one out), in the same run. Reports
+   round-trip p50/p99 and asks/s vs messages/s.
+
+    python bench/ws_sessions.py [--sessions 10000] [--hold 10] [--concurrency 32] [--duration 5]
+
+Prints a Markdown table. The client runs in this process (uvloop when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import psutil
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise SystemExit("the server did not start in time")
+
+
+def start_vlbridge(
+    port: int, ping_interval: float, ping_timeout: float, max_sessions: int
+) -> subprocess.Popen[bytes]:
+    config = Path(tempfile.mkdtemp()) / "bench.toml"
+    config.write_text(
+        f"""[server]
+host = "127.0.0.1"
+port = {port}
+ping_interval = {ping_interval}
+ping_timeout = {ping_timeout}
+max_sessions = {max_sessions}
+max_frames_per_second = 100000.0
+shutdown_grace = 1.0
+[model]
+path = "builtin:echo"
+max_new_tokens = 64
+[executor]
+max_batch = 256
+queue_size = 4096
+"""
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", _SERVE, str(config)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# The server process: raise its descriptor limit, then run the real CLI.
+_SERVE = """
+import resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+from server.cli import main
+sys.exit(main(["--log-level", "warning", "serve", "--config", sys.argv[1]]))
+"""
+
+_BARE_ECHO = """
+import asyncio, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+from websockets.asyncio.server import serve
+try:
+    import uvloop
+except ImportError:
+    uvloop = None
+
+async def echo(ws):
+    async for message in ws:
+        await ws.send(message)
+
+async def main(port):
+    async with serve(echo, "127.0.0.1", port, ping_interval=None, compression=None, max_size=None):
+        await asyncio.Future()
+
+(uvloop.run if uvloop else asyncio.run)(main(int(sys.argv[1])))
+"""
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# ---- phase 1: idle sessions ------------------------------------------------------------------------
+
+
+@dataclass
+class IdleStats:
+    opened: int = 0
+    failed: int = 0
+    pings: int = 0
+    closed: dict[int, int] = field(default_factory=dict)
+
+
+async def idle_session(url: str, stats: IdleStats, hold: asyncio.Event, ready: asyncio.Semaphore) -> None:
+    try:
+        ws = await connect(url, ping_interval=None, compression=None, open_timeout=60, close_timeout=2)
+    except Exception:
+        stats.failed += 1
+        ready.release()
+        return
+    try:
+        await ws.recv()  # hello
+        stats.opened += 1
+        ready.release()
+        while not hold.is_set():
+            frame = orjson.loads(await ws.recv())
+            if frame["type"] == "ping":
+                stats.pings += 1
+                await ws.send(orjson.dumps({"type": "pong", "ts": frame["ts"]}).decode())
+    except ConnectionClosed as exc:
+        if not hold.is_set():
+            code = exc.rcvd.code if exc.rcvd else 1006
+            stats.closed[code] = stats.closed.get(code, 0) + 1
+    finally:
+        await ws.close()
+
+
+async def measure_idle(
+    sessions: int, hold_seconds: float, interval: float, timeout: float
+) -> dict[str, float]:
+    port = free_port()
+    server = start_vlbridge(port, interval, timeout, sessions + 100)
+    try:
+        wait_port(port, server)
+        proc = psutil.Process(server.pid)
+        url = f"ws://127.0.0.1:{port}/ws"
+        warm = IdleStats()
+        done = asyncio.Event()
+        warm_tasks = [
+            asyncio.create_task(idle_session(url, warm, done, asyncio.Semaphore(0))) for _ in range(50)
+        ]
+        await asyncio.sleep(1.5)  # imports, first allocations, a few ping rounds
+        done.set()
+        await asyncio.gather(*warm_tasks, return_exceptions=True)
+        await asyncio.sleep(1.0)
+        rss_before = proc.memory_info().rss
+
+        stats = IdleStats()
+        hold = asyncio.Event()
+        ready = asyncio.Semaphore(0)
+        started = time.monotonic()
+        tasks = []
+        for start in range(0, sessions, 250):  # open in waves so the accept backlog keeps up
+            for _ in range(min(250, sessions - start)):
+                tasks.append(asyncio.create_task(idle_session(url, stats, hold, ready)))
+            for _ in range(min(250, sessions - start)):
+                await ready.acquire()
+        open_seconds = time.monotonic() - started
+        await asyncio.sleep(min(2 * interval, 5.0))  # settle: every session pinged at least once (1 s pings)
+        rss_open = proc.memory_info().rss
+        cpu0, pings0, t0 = sum(proc.cpu_times()[:2]), stats.pings, time.monotonic()
+        await asyncio.sleep(hold_seconds)
+        cpu1, pings1, t1 = sum(proc.cpu_times()[:2]), stats.pings, time.monotonic()
+        rss_after = proc.memory_info().rss
+        wrong = sum(stats.closed.values())
+        hold.set()
+        # Wake the readers so they notice the hold is over: close from our side.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return {
+            "sessions": stats.opened,
+            "failed": stats.failed,
+            "open_seconds": open_seconds,
+            "rss_before": rss_before,
+            "rss_open": rss_open,
+            "rss_after": rss_after,
+            "per_session": (max(rss_open, rss_after) - rss_before) / max(1, stats.opened),
+            "cpu_fraction": (cpu1 - cpu0) / (t1 - t0),
+            "pings_per_second": (pings1 - pings0) / (t1 - t0),
+            "wrong_drops": wrong,
+            "closes": dict(stats.closed),
+        }
+    finally:
+        stop(server)
+
+
+# ---- phase 2: asks vs bare echo ----------------------------------------------------------------------
+
+
+FRAMES = [0]
+
+
+async def ask_loop(ws: ClientConnection, until: float, rtts: list[float], tag: str) -> None:
+    n = 0
+    while time.monotonic() < until:
+        n += 1
+        ask_id = f"{tag}-{n}"
+        sent = time.perf_counter()
+        await ws.send(orjson.dumps({"type": "ask", "id": ask_id, "text": "hi"}).decode())
+        while True:
+            frame = orjson.loads(await ws.recv())
+            FRAMES[0] += 1
+            if frame.get("id") == ask_id and frame["type"] in ("done", "error"):
+                if frame["type"] == "error":
+                    raise RuntimeError(f"ask failed: {frame}")
+                break
+        rtts.append(time.perf_counter() - sent)
+
+
+async def echo_loop(ws: ClientConnection, until: float, rtts: list[float], tag: str) -> None:
+    payload = orjson.dumps({"type": "ask", "id": tag, "text": "hi"}).decode()
+    while time.monotonic() < until:
+        sent = time.perf_counter()
+        await ws.send(payload)
+        await ws.recv()
+        rtts.append(time.perf_counter() - sent)
+
+
+async def round_trips(
+    url: str, concurrency: int, duration: float, loop_fn: object, server: psutil.Process
+) -> dict[str, float]:
+    conns = [
+        await connect(url, ping_interval=None, compression=None, max_size=None) for _ in range(concurrency)
+    ]
+    if "/ws" in url:
+        for ws in conns:
+            await ws.recv()  # hello
+    rtts: list[float] = []
+    warm_until = time.monotonic() + 1.0
+    await asyncio.gather(*(loop_fn(ws, warm_until, [], f"w{i}") for i, ws in enumerate(conns)))  # type: ignore[operator]
+    FRAMES[0] = 0
+    cpu0, client0 = sum(server.cpu_times()[:2]), sum(psutil.Process().cpu_times()[:2])
+    started = time.monotonic()
+    until = started + duration
+    await asyncio.gather(*(loop_fn(ws, until, rtts, f"c{i}") for i, ws in enumerate(conns)))  # type: ignore[operator]
+    elapsed = time.monotonic() - started
+    server_cpu = (sum(server.cpu_times()[:2]) - cpu0) / elapsed
+    client_cpu = (sum(psutil.Process().cpu_times()[:2]) - client0) / elapsed
+    for ws in conns:
+        await ws.close()
+    rtts.sort()
+    return {
+        "count": len(rtts),
+        "per_second": len(rtts) / elapsed,
+        "p50_ms": 1000 * statistics.median(rtts),
+        "p99_ms": 1000 * rtts[int(0.99 * (len(rtts) - 1))],
+        "server_cpu": server_cpu,
+        "client_cpu": client_cpu,
+        "frames_per": FRAMES[0] / max(1, len(rtts)),
+    }
+
+
+async def measure_asks(concurrency: int, duration: float) -> tuple[dict[str, float], dict[str, float]]:
+    port = free_port()
+    server = start_vlbridge(port, 45.0, 10.0, 1000)
+    try:
+        wait_port(port, server)
+        asks = await round_trips(
+            f"ws://127.0.0.1:{port}/ws", concurrency, duration, ask_loop, psutil.Process(server.pid)
+        )
+    finally:
+        stop(server)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    bare = subprocess.Popen(
+        [sys.executable, "-c", _BARE_ECHO, str(port)],
+        env=env,
+        stderr=subprocess.DEVNULL,  # the port probe
+    )
+    try:
+        wait_port(port, bare)
+        echo = await round_trips(
+            f"ws://127.0.0.1:{port}/", concurrency, duration, echo_loop, psutil.Process(bare.pid)
+        )
+    finally:
+        stop(bare)
+    return asks, echo
+
+
+async def executor_only(concurrency: int, duration: float) -> float:
+    """Asks/s of the executor with the echo engine in this process: no transport at all."""
+    sys.path.insert(0, str(ROOT))
+    from server.backend import build_executor
+    from server.config import Config, ExecutorConfig, ModelConfig
+    from server.inference.api import InferenceRequest, Turn
+
+    config = Config(
+        model=ModelConfig(path="builtin:echo"), executor=ExecutorConfig(max_batch=256, queue_size=4096)
+    )
+    executor = build_executor(config)
+    await executor.start()
+    await executor.wait_ready(30)
+    count = 0
+
+    async def loop(tag: int, until: float) -> None:
+        nonlocal count
+        n = 0
+        while time.monotonic() < until:
+            n += 1
+            async for _ in executor.submit(InferenceRequest(f"{tag}-{n}", [Turn.user("hi")])):
+                pass
+            count += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(loop(i, started + duration) for i in range(concurrency)))
+    rate = count / (time.monotonic() - started)
+    await executor.stop()
+    return rate
+
+
+# ---- report --------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = psutil.virtual_memory().total / 2**30
+    return (
+        f"{os.cpu_count()} x {cpu}, {memory:.0f} GiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def report(
+    idle: dict[str, float],
+    asks: dict[str, float],
+    echo: dict[str, float],
+    alone: float,
+    args: argparse.Namespace,
+) -> str:
+    kib = idle["per_session"] / 1024
+    ratio = asks["per_second"] / echo["per_second"]
+    lines = [
+        f"Machine: {machine()}; client and servers share it (loopback).",
+        f"Idle phase: {int(idle['sessions'])} sessions opened in {idle['open_seconds']:.1f} s "
+        f"({int(idle['failed'])} failed), pings every {args.interval:g} s (timeout {args.timeout:g} s), "
+        f"held {args.hold:g} s. Asks: {args.concurrency} concurrent sessions for {args.duration:g} s, "
+        'question "hi" (answer "echo: hi", 8 tokens; deltas arriving together are merged).',
+        "",
+        "| measure | value | target | |",
+        "|---|---|---|---|",
+        f"| server RSS per idle session | {kib:.1f} KiB | <= 30 KiB | {'ok' if kib <= 30 else 'MISSED'} |",
+        f"| server RSS: before / {int(idle['sessions'])} open / after hold | "
+        f"{idle['rss_before'] / 2**20:.0f} / "
+        f"{idle['rss_open'] / 2**20:.0f} / {idle['rss_after'] / 2**20:.0f} MiB | | |",
+        f"| server CPU while only pinging | {100 * idle['cpu_fraction']:.1f}% of a core "
+        f"({idle['pings_per_second']:.0f} pings/s answered) | | |",
+        f"| CPU per ping (send + pong handling) | "
+        f"{1e6 * idle['cpu_fraction'] / max(1.0, idle['pings_per_second']):.0f} us | | |",
+        f"| sessions wrongly dropped | {int(idle['wrong_drops'])} {idle['closes'] or ''} | 0 | "
+        f"{'ok' if idle['wrong_drops'] == 0 and idle['failed'] == 0 else 'MISSED'} |",
+        f"| ask round trip p50 / p99 (echo engine) | {asks['p50_ms']:.2f} / {asks['p99_ms']:.2f} ms | | |",
+        f"| bare websockets echo p50 / p99 | {echo['p50_ms']:.2f} / {echo['p99_ms']:.2f} ms | | |",
+        f"| asks/s (vlbridge, echo engine) | {asks['per_second']:.0f} ({asks['frames_per']:.1f} frames/ask; "
+        f"server {100 * asks['server_cpu']:.0f}% / client {100 * asks['client_cpu']:.0f}% of a core) | | |",
+        f"| asks/s of the executor alone (no transport, same process) | {alone:.0f} | | |",
+        f"| messages/s (bare websockets echo) | {echo['per_second']:.0f} "
+        f"(server {100 * echo['server_cpu']:.0f}% / "
+        f"client {100 * echo['client_cpu']:.0f}% of a core) | | |",
+        f"| asks/s ÷ echo messages/s | {100 * ratio:.0f}% | >= 50% | {'ok' if ratio >= 0.5 else 'MISSED'} |",
+    ]
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> None:
+    limit = raise_fd_limit()
+    if limit < args.sessions + 200:
+        print(f"note: only {limit} file descriptors; sessions lowered", file=sys.stderr)
+        args.sessions = max(100, limit - 500)
+    print(f"idle phase: {args.sessions} sessions ...", file=sys.stderr)
+    idle = await measure_idle(args.sessions, args.hold, args.interval, args.timeout)
+    print("ask phase ...", file=sys.stderr)
+    asks, echo = await measure_asks(args.concurrency, args.duration)
+    alone = await executor_only(args.concurrency, args.duration)
+    print(report(idle, asks, echo, alone, args))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=10_000)
+    parser.add_argument("--hold", type=float, default=10.0, help="seconds the idle sessions are held")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="server ping interval (compressed from 45 s)"
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="server ping timeout (the default one)")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=5.0)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        import uvloop
+
+        uvloop.run(main(arguments))
+    except ImportError:
+        asyncio.run(main(arguments))
