@@ -33,7 +33,13 @@ from server.client.protocol import ClientProtocol, Event, Hello, ProtocolError
 log = logging.getLogger("vlbridge.client")
 
 # Close codes after which reconnecting would only repeat the failure.
-_FATAL_CLOSE = {1002: "protocol error", 1003: "unsupported data", 1008: "policy violation", 1009: "too big"}
+_FATAL_CLOSE = {
+    1002: "protocol error",
+    1003: "unsupported data",
+    1008: "policy violation",
+    1009: "too big",
+    4409: "the session was resumed by another connection",
+}
 _AUTH_CLOSE = 4401
 _EVENT_BACKLOG = 4096
 

@@ -142,11 +142,28 @@ class FramesLost:
 
 
 @dataclass(frozen=True, slots=True)
+class ResetDone:
+    """The server forgot the conversation's earlier turns."""
+
+
+@dataclass(frozen=True, slots=True)
 class Pong:
     ts: int | None
 
 
-Event = Hello | Queued | Started | Delta | AskDone | AskFailed | ServerError | SessionLost | FramesLost | Pong
+Event = (
+    Hello
+    | Queued
+    | Started
+    | Delta
+    | AskDone
+    | AskFailed
+    | ServerError
+    | SessionLost
+    | FramesLost
+    | ResetDone
+    | Pong
+)
 
 
 class ClientProtocol:
@@ -323,6 +340,9 @@ class ClientProtocol:
         ts = frame.get("ts")
         return [Pong(ts if isinstance(ts, int) else None)]
 
+    def _on_reset(self, frame: dict[str, Any]) -> list[Event]:
+        return [ResetDone()]
+
     def _on_queued(self, frame: dict[str, Any]) -> list[Event]:
         ask = self._ask_for(frame)
         if ask is None:
@@ -360,9 +380,11 @@ class ClientProtocol:
         code = str(frame.get("code", "internal"))
         message = str(frame.get("message", ""))
         retry = frame.get("retry_after")
-        ask = self._ask_for(frame) if frame.get("id") is not None else None
-        if ask is None:
+        if frame.get("id") is None or str(frame["id"]) not in self.asks:
             return [ServerError(code, message)]
+        ask = self._ask_for(frame)
+        if ask is None:
+            return []  # e.g. a cancel that crossed the answer's done frame
         ask.state = AskState.FAILED
         return [AskFailed(ask.id, code, message, float(retry) if isinstance(retry, int | float) else None)]
 
