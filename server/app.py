@@ -1,47 +1,67 @@
-"""The Starlette application: routes and the lifespan that starts and stops the parts."""
+"""The Starlette application: routes, and the lifespan that starts and stops the service."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
+from server import metrics
 from server.config import Config
-from server.inference.api import Executor, ExecutorState
+from server.http.analyze import analyze
+from server.http.errors import http_exception
+from server.http.openai import chat_completions, models
+from server.inference.api import Executor
+from server.platform import PlatformAdapter
+from server.service import Service
+from server.ws.endpoint import websocket_endpoint
 
 log = logging.getLogger("vlbridge.server")
 
 
-def create_app(config: Config, executor: Executor) -> Starlette:
-    async def health(request: Request) -> Response:
-        stats = executor.stats()
-        status = {
-            ExecutorState.LOADING: "loading",
-            ExecutorState.READY: "healthy",
-            ExecutorState.FAILED: "unhealthy",
-            ExecutorState.STOPPED: "unhealthy",
-        }[stats.state]
-        body = {
-            "status": status,
-            "weight": round(100 * (1 - stats.load)) if status == "healthy" else 0,
-            "model": stats.model,
-            "progress": round(stats.load_progress, 3),
-            "queue_depth": stats.queue_depth,
-            "active": stats.active,
-        }
-        return JSONResponse(body, status_code=200 if status == "healthy" else 503)
+async def health(request: Request) -> Response:
+    service: Service = request.app.state.service
+    body, status = service.health()
+    return JSONResponse(body, status_code=status)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    service: Service = request.app.state.service
+    return Response(service.metrics_text(), media_type=metrics.CONTENT_TYPE)
+
+
+def create_app(config: Config, executor: Executor, platforms: Sequence[PlatformAdapter] = ()) -> Starlette:
+    """The app; the service (app.state.service) starts and stops with the lifespan."""
+    service = Service(config, executor, platforms)
+    routes: list[BaseRoute] = [
+        Route("/health", health),
+        Route("/metrics", metrics_endpoint),
+        WebSocketRoute("/ws", websocket_endpoint),
+        Route("/v1/analyze", analyze, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models),
+    ]
+    for adapter in platforms:
+        routes.extend(adapter.routes())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await executor.start()
+        try:
+            await service.start()
+        except BaseException:
+            await service.stop()
+            raise
         try:
             yield
         finally:
-            await executor.stop(config.server.shutdown_grace)
+            await service.stop()
 
-    return Starlette(routes=[Route("/health", health)], lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_exception})
+    app.state.service = service
+    return app

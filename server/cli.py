@@ -16,10 +16,9 @@ log = logging.getLogger("vlbridge")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
     from server.backend import build_executor
+    from server.runner import Server, uvicorn_config
 
     config = load_config(args.config, os.environ)
     if args.host:
@@ -34,15 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
         config.server.host,
         config.server.port,
     )
-    uvicorn.run(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        log_config=None,
-        ws_max_size=config.server.max_frame_bytes,
-        ws_ping_interval=None,  # our own ping manager does keepalive at the protocol level
-        timeout_graceful_shutdown=int(config.server.shutdown_grace) + 5,
-    )
+    server = Server(uvicorn_config(app, config), app.state.service)
+    server.run()
     return 0
 
 

@@ -44,6 +44,8 @@ class ServerConfig(_Section):
     max_frames_per_second: float = Field(50.0, gt=0)
     resume_ttl: float = Field(300.0, ge=0)
     resume_buffer_frames: int = Field(2048, ge=16)
+    history_turns: int = Field(16, ge=0)
+    max_asks_per_session: int = Field(4, ge=1)
     agent_check_port: int = Field(0, ge=0, le=65535)
     allow_remote_images: bool = False
     shutdown_grace: float = Field(20.0, ge=0)

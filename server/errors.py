@@ -7,6 +7,7 @@
         ├── BadRequest         code "bad_request": malformed or unsupported input
         ├── BadImage           code "bad_image": undecodable or unsafe picture
         ├── TooLarge           code "too_large": picture, prompt or frame over a limit
+        ├── UnsupportedMediaType  code "unsupported_media_type": an HTTP body of the wrong type
         ├── Busy               code "busy": queue full; carries `retry_after` seconds
         ├── Timeout            code "timeout": deadline passed
         ├── Cancelled          code "cancelled": the asker cancelled or went away
@@ -42,6 +43,11 @@ class RequestError(VlbridgeError):
         self.message = message
         self.retry_after = retry_after
 
+    @staticmethod
+    def from_code(code: str, message: str, retry_after: float | None = None) -> RequestError:
+        """The exception for a wire *code* (e.g. from a `Failed` event); unknown codes are internal."""
+        return ERROR_CODES.get(code, InternalError)(message, retry_after=retry_after)
+
 
 class BadRequest(RequestError):
     code = "bad_request"
@@ -53,6 +59,10 @@ class BadImage(RequestError):
 
 class TooLarge(RequestError):
     code = "too_large"
+
+
+class UnsupportedMediaType(RequestError):
+    code = "unsupported_media_type"
 
 
 class Busy(RequestError):
@@ -77,5 +87,15 @@ class InternalError(RequestError):
 
 ERROR_CODES: dict[str, type[RequestError]] = {
     cls.code: cls
-    for cls in (BadRequest, BadImage, TooLarge, Busy, Timeout, Cancelled, Unavailable, InternalError)
+    for cls in (
+        BadRequest,
+        BadImage,
+        TooLarge,
+        UnsupportedMediaType,
+        Busy,
+        Timeout,
+        Cancelled,
+        Unavailable,
+        InternalError,
+    )
 }

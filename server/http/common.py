@@ -1,0 +1,82 @@
+"""What the HTTP routes share: auth, the edge check of pictures, collecting an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+
+from PIL import Image, UnidentifiedImageError
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+
+from server.errors import BadImage, RequestError, TooLarge
+from server.http.errors import unauthorized
+from server.inference.api import Done, Event, Failed
+from server.service import Service
+
+
+def service_of(request: HTTPConnection) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def check_auth(request: HTTPConnection) -> Response | None:
+    """None when the request may proceed, else the 401 response to send."""
+    if service_of(request).auth.identify(request.headers, request.query_params) is None:
+        return unauthorized()
+    return None
+
+
+def _sniff(data: bytes, number: int, max_bytes: int) -> None:
+    if not data:
+        raise BadImage(f"picture {number} is empty")
+    if len(data) > max_bytes:
+        raise TooLarge(f"picture {number} is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB")
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            image.size  # noqa: B018
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise BadImage(
+            f"picture {number} is not a picture format I can read (PNG, JPEG, WebP, GIF, BMP, TIFF)"
+        ) from None
+
+
+async def check_images(images: list[bytes], max_bytes: int) -> None:
+    """Refuse what is clearly not a usable picture before any queueing (raises RequestError).
+
+    Only headers are read here; the executor decodes fully and reports what is left."""
+    if sum(len(data) for data in images) > 1 << 20:
+        await asyncio.to_thread(_sniff_all, images, max_bytes)
+    else:
+        _sniff_all(images, max_bytes)
+
+
+def _sniff_all(images: list[bytes], max_bytes: int) -> None:
+    for number, data in enumerate(images, start=1):
+        _sniff(data, number, max_bytes)
+
+
+async def first_event(events: AsyncIterator[Event]) -> Event:
+    """The first event; raises the RequestError when the request failed at once (busy, ...)."""
+    event = await anext(events)
+    if isinstance(event, Failed):
+        await _close(events)
+        raise RequestError.from_code(event.code, event.message, event.retry_after)
+    return event
+
+
+async def collect(events: AsyncIterator[Event]) -> Done:
+    """Wait for the whole answer; raise its RequestError when it failed."""
+    async for event in events:
+        if isinstance(event, Done):
+            return event
+        if isinstance(event, Failed):
+            raise RequestError.from_code(event.code, event.message, event.retry_after)
+    raise RequestError("the answer ended without a result")
+
+
+async def _close(events: AsyncIterator[Event]) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()

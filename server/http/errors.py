@@ -1,0 +1,61 @@
+"""HTTP errors: one JSON shape, ``{"error": {"code", "message"}}``, with the right status.
+
+The `type` field repeats the code so that OpenAI clients, which read `error.type`, show
+something sensible. `busy` and `unavailable` carry ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server import metrics
+from server.errors import RequestError
+
+STATUS = {
+    "bad_request": 400,
+    "bad_image": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "too_large": 413,
+    "unsupported_media_type": 415,
+    "busy": 429,
+    "cancelled": 499,
+    "internal": 500,
+    "unavailable": 503,
+    "timeout": 504,
+}
+_BY_STATUS = {status: code for code, status in STATUS.items() if code != "bad_image"}
+
+
+def error_response(
+    code: str, message: str, *, retry_after: float | None = None, route: str | None = None
+) -> JSONResponse:
+    if route is not None:
+        metrics.ERRORS.labels(route, code).inc()
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
+    body = {"error": {"code": code, "message": message, "type": code}}
+    return JSONResponse(body, STATUS.get(code, 500), headers=headers)
+
+
+def from_request_error(exc: RequestError, route: str | None = None) -> JSONResponse:
+    return error_response(exc.code, exc.message, retry_after=exc.retry_after, route=route)
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405/... as JSON errors."""
+    assert isinstance(exc, HTTPException)
+    code = _BY_STATUS.get(exc.status_code, "bad_request")
+    return error_response(code, str(exc.detail), route=request.url.path)
+
+
+def unauthorized() -> JSONResponse:
+    response = error_response(
+        "unauthorized", "a valid token is required: Authorization: Bearer <token> (or ?token=<token>)"
+    )
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response

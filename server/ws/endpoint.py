@@ -1,0 +1,356 @@
+"""The `/ws` endpoint: the thin asyncio layer that pumps frames between a socket and a session.
+
+Per connection there is the ASGI task that reads frames (the server gives us that one)
+and, only while frames are waiting to go out, a writer task; an idle connection has no
+other task or timer (keepalive is one shared sweeper, see keepalive.py). Protocol
+decisions live in frames.py, protocol.py and sessions.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from server import metrics
+from server.inference.api import Done, InferenceRequest, SamplingParams, Turn
+from server.service import Answer, Service
+from server.wire import error_dict, event_dict
+from server.ws.frames import (
+    PROTOCOL_VERSION,
+    Ask,
+    Cancel,
+    ClientFrame,
+    InvalidFrame,
+    Ping,
+    Pong,
+    Reset,
+    encode,
+    parse_client_frame,
+)
+from server.ws.protocol import FloodGate, Keepalive
+from server.ws.sessions import ActiveAsk, Session
+
+log = logging.getLogger("vlbridge.ws")
+
+CLOSE_NORMAL = (1000, 1001)  # the client ended the session on purpose: nothing to resume
+CLOSE_POLICY = 1008  # flood
+CLOSE_TOO_BIG = 1009
+CLOSE_FULL = 1013  # max_sessions reached: try again later
+CLOSE_SLOW = 4408  # the client does not read its frames
+CLOSE_TAKEN_OVER = 4409  # the session was resumed on another connection
+PARSE_IN_THREAD = 256 * 1024  # frames this large are parsed (base64 pictures) off the event loop
+
+
+class Connection:
+    """One accepted WebSocket bound to one session; sends in order through a lazy writer."""
+
+    __slots__ = (
+        "_closing",
+        "_ended",
+        "_outbox",
+        "_writer",
+        "abusive",
+        "gate",
+        "keepalive",
+        "label",
+        "session",
+        "ws",
+    )
+
+    def __init__(self, ws: WebSocket, session: Session, keepalive: Keepalive, gate: FloodGate) -> None:
+        self.ws = ws
+        self.session = session
+        self.keepalive = keepalive
+        self.gate = gate
+        self.label = f"session {session.id}"
+        self.abusive = False
+        self._outbox: deque[bytes] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closing: tuple[int, str] | None = None
+        self._ended = False
+
+    @property
+    def open(self) -> bool:
+        return self._closing is None and not self._ended
+
+    def send(self, data: bytes) -> None:
+        if not self.open:
+            return
+        if self._outbox is None:
+            self._outbox = deque()
+        self._outbox.append(data)
+        if len(self._outbox) > self.session.log.limit:
+            self.close(CLOSE_SLOW, "the client is not reading its frames")
+        self._wake()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close after the frames already queued; idempotent."""
+        if not self.open:
+            return
+        self._closing = (code, reason)
+        self._wake()
+
+    def ping(self, now: float) -> bool:
+        ts = int(time.time() * 1000)
+        self.session.emit({"type": "ping", "ts": ts})
+        return self.keepalive.ping_sent(ts, self.session.log.seq, now)
+
+    def ended(self) -> None:
+        self._ended = True
+        self._outbox = None
+
+    def _wake(self) -> None:
+        if self._writer is None and not self._ended:
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self._outbox:
+                data = self._outbox.popleft()
+                await self.ws.send({"type": "websocket.send", "text": data.decode()})
+            self._outbox = None
+            if self._closing is not None and not self._ended:
+                code, reason = self._closing
+                metrics.WS_CLOSED.labels(str(code)).inc()
+                await self.ws.send({"type": "websocket.close", "code": code, "reason": reason})
+                self._ended = True
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self._ended = True  # the peer is gone; the reading side notices and cleans up
+        finally:
+            self._writer = None
+
+
+async def websocket_endpoint(ws: WebSocket) -> None:
+    service: Service = ws.app.state.service
+    server = service.config.server
+    owner = service.auth.identify(ws.headers, ws.query_params)
+    if owner is None:
+        await _deny(ws, 403, "unauthorized", "a valid token is required (Authorization: Bearer or ?token=)")
+        return
+    resume_id = ws.query_params.get("resume")
+    try:
+        last_seq = int(ws.query_params.get("last_seq", "0"))
+    except ValueError:
+        await _deny(ws, 400, "bad_request", "last_seq must be an integer")
+        return
+    await ws.accept()
+    if not service.accepting:
+        metrics.WS_CLOSED.labels("1012").inc()
+        await ws.close(1012, "server shutting down")
+        return
+    session, hello = _open_session(service, owner, resume_id, last_seq)
+    if session is None:
+        log.warning("refusing a WebSocket session: %d sessions is the limit", server.max_sessions)
+        metrics.WS_CLOSED.labels(str(CLOSE_FULL)).inc()
+        await ws.close(CLOSE_FULL, f"server full ({server.max_sessions} sessions); retry later")
+        return
+    now = time.monotonic()
+    conn = Connection(
+        ws,
+        session,
+        service.pings.keepalive(now),
+        FloodGate(server.max_frames_per_second, 2 * server.max_frames_per_second, now),
+    )
+    previous, session.link = session.link, conn
+    if previous is not None:
+        previous.close(CLOSE_TAKEN_OVER, "session resumed on another connection")
+    service.connected += 1
+    metrics.WS_OPENED.inc()
+    replay, lost = session.log.since(last_seq) if hello["resumed"] else ([], 0)
+    conn.send(encode({**hello, "replayed": len(replay), "lost": lost}))
+    for data in replay:
+        conn.send(data)
+    service.pings.watch(conn)
+    code = 1006
+    try:
+        code = await _serve(service, conn)
+    finally:
+        conn.ended()
+        service.connected -= 1
+        if session.link is conn:  # not taken over by a resume
+            if code in CLOSE_NORMAL or conn.abusive or not service.accepting:
+                service.sessions.discard(session)
+            else:
+                service.sessions.park(session, time.monotonic())
+        log.debug("session %s: connection ended (%d)", session.id, code)
+
+
+def _open_session(
+    service: Service, owner: bytes, resume_id: str | None, last_seq: int
+) -> tuple[Session | None, dict[str, Any]]:
+    server = service.config.server
+    session = None
+    if resume_id:
+        session = service.sessions.resume(resume_id, owner)
+        metrics.WS_RESUMED.labels("ok" if session else "unknown").inc()
+        if session is None:
+            log.info("resume of %s refused: unknown, expired or another token's", resume_id[:32])
+    resumed = session is not None
+    if session is None:
+        session = service.sessions.open(owner)
+    hello: dict[str, Any] = {
+        "type": "hello",
+        "seq": 0,
+        "protocol": PROTOCOL_VERSION,
+        "session": session.id if session else None,
+        "resumed": resumed,
+        "last_seq": session.log.seq if session else 0,
+        "ping_interval": server.ping_interval,
+        "ping_timeout": server.ping_timeout,
+        "model": service.executor.stats().model,
+        "limits": {
+            "max_images": server.max_images,
+            "max_image_bytes": server.max_image_bytes,
+            "max_frame_bytes": server.max_frame_bytes,
+            "max_frames_per_second": server.max_frames_per_second,
+            "max_asks": server.max_asks_per_session,
+            "resume_ttl": server.resume_ttl,
+        },
+    }
+    if resume_id and not resumed:
+        hello["resume_error"] = "unknown or expired session"
+    if resumed and session is not None:
+        log.info("session %s: resumed after seq %d (now %d)", session.id, last_seq, session.log.seq)
+    return session, hello
+
+
+async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
+    metrics.ERRORS.labels("ws", code).inc()
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(JSONResponse({"error": {"code": code, "message": message}}, status))
+    else:
+        await ws.close(4401 if status == 403 else 4400, message)
+
+
+async def _serve(service: Service, conn: Connection) -> int:
+    """Read frames until the connection ends; return its close code."""
+    server = service.config.server
+    session = conn.session
+    while True:
+        message = await conn.ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return int(message.get("code") or 1005)
+        if not conn.open:
+            continue  # closing: ignore what is still in flight
+        now = time.monotonic()
+        conn.keepalive.received(now)
+        if not conn.gate.allow(now):
+            log.warning(
+                "session %s: more than %.0f frames/s; closing", session.id, server.max_frames_per_second
+            )
+            conn.abusive = True
+            conn.close(CLOSE_POLICY, f"more than {server.max_frames_per_second:g} frames a second")
+            continue
+        text = message.get("text")
+        if text is None:
+            _reject(
+                session,
+                InvalidFrame("bad_request", "binary frames are not part of protocol v1; send JSON text"),
+            )
+            continue
+        if len(text) > server.max_frame_bytes:
+            log.warning("session %s: a %d-byte frame; closing", session.id, len(text))
+            conn.abusive = True
+            conn.close(CLOSE_TOO_BIG, f"frames are limited to {server.max_frame_bytes} bytes")
+            continue
+        try:
+            if len(text) > PARSE_IN_THREAD:
+                frame = await asyncio.to_thread(parse_client_frame, text, service.frame_limits)
+            else:
+                frame = parse_client_frame(text, service.frame_limits)
+        except InvalidFrame as exc:
+            _reject(session, exc)
+            continue
+        _dispatch(service, conn, frame, now)
+
+
+def _reject(session: Session, exc: InvalidFrame) -> None:
+    log.info("session %s: %s frame refused: %s", session.id, exc.code, exc.message)
+    metrics.ERRORS.labels("ws", exc.code).inc()
+    extra: dict[str, Any] = {"id": exc.ask_id} if exc.ask_id else {}
+    session.emit(error_dict(exc.code, exc.message, None, **extra))
+
+
+def _dispatch(service: Service, conn: Connection, frame: ClientFrame, now: float) -> None:
+    session = conn.session
+    if isinstance(frame, Pong):
+        answered = conn.keepalive.pong(frame.ts, now)
+        if answered is not None:
+            rtt, ping_seq = answered
+            metrics.PING_RTT.observe(rtt)
+            session.log.ack(ping_seq)  # the client has read everything up to that ping
+    elif isinstance(frame, Ping):
+        pong: dict[str, Any] = {"type": "pong", "server_ts": int(time.time() * 1000)}
+        if frame.ts is not None:
+            pong["ts"] = frame.ts
+        session.emit(pong)
+    elif isinstance(frame, Ask):
+        _ask(service, session, frame)
+    elif isinstance(frame, Cancel):
+        active = (session.asks or {}).get(frame.id)
+        if active is None:
+            _reject(
+                session, InvalidFrame("bad_request", f"no running question has id {frame.id!r}", frame.id)
+            )
+        else:
+            log.info("session %s: ask %s cancelled by the client", session.id, frame.id)
+            active.answer.cancel()
+    else:
+        assert isinstance(frame, Reset)
+        session.conversation.reset()
+        session.emit({"type": "reset"})
+
+
+def _ask(service: Service, session: Session, ask: Ask) -> None:
+    server = service.config.server
+    asks = session.asks
+    if not service.accepting:
+        session.emit(
+            error_dict("unavailable", "the service is shutting down; ask again shortly", 5.0, id=ask.id)
+        )
+        return
+    if asks and ask.id in asks:
+        _reject(
+            session, InvalidFrame("bad_request", f"a question with id {ask.id!r} is still running", ask.id)
+        )
+        return
+    if asks and len(asks) >= server.max_asks_per_session:
+        metrics.ERRORS.labels("ws", "busy").inc()
+        message = f"{len(asks)} questions of this session are still running; wait for one to finish"
+        session.emit(error_dict("busy", message, 1.0, id=ask.id))
+        return
+    question = Turn.user(ask.text, ask.images)
+    params = SamplingParams(
+        max_new_tokens=ask.max_tokens, temperature=ask.temperature if ask.temperature is not None else 0.0
+    )
+    request = InferenceRequest(f"{session.id}/{ask.id}", session.conversation.messages(question), params)
+    answer = service.answer(request, "ws")
+    active = ActiveAsk(question, session.conversation.generation, answer)
+    if session.asks is None:
+        session.asks = {}
+    session.asks[ask.id] = active
+    log.info("session %s: ask %s (%d pictures, %d turns of context)", session.id, ask.id, len(ask.images),
+             len(session.conversation))  # fmt: skip
+    active.task = asyncio.create_task(_relay(service, session, ask.id, active, answer), name=request.id)
+
+
+async def _relay(service: Service, session: Session, ask_id: str, active: ActiveAsk, answer: Answer) -> None:
+    """Turn one answer's events into session frames (sent now, or kept for resume)."""
+    try:
+        async for event in answer.events():
+            if isinstance(event, Done):
+                session.conversation.add(active.question, event.text, active.generation)
+            session.emit(event_dict(ask_id, event))
+    except Exception:
+        log.exception("session %s: relaying ask %s failed", session.id, ask_id)
+        session.emit(error_dict("internal", "the answer could not be relayed", id=ask_id))
+    finally:
+        if session.asks is not None:
+            session.asks.pop(ask_id, None)
+        service.session_idle(session)

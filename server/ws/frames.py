@@ -1,0 +1,179 @@
+"""Protocol v1 frames: client frames parsed and validated, server frames encoded (sans-I/O).
+
+`parse_client_frame(raw, limits)` turns one WebSocket message into a typed frame or
+raises `InvalidFrame` carrying the wire error code, a sentence for the sender and, when
+it could be read, the ask id. It never touches a socket or a clock; the endpoint answers
+an `InvalidFrame` with an error frame and keeps the session. docs/protocol.md is the
+contract this module implements.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+PROTOCOL_VERSION = 1
+MAX_ID_CHARS = 128
+MAX_TEXT_CHARS = 32_768
+CLIENT_TYPES = ("ask", "cancel", "reset", "ping", "pong")
+
+
+@dataclass(frozen=True, slots=True)
+class FrameLimits:
+    max_images: int = 8
+    max_image_bytes: int = 20 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    id: str
+    text: str
+    images: tuple[bytes, ...] = ()
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    ts: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    ts: float | None = None
+
+
+ClientFrame = Ask | Cancel | Reset | Ping | Pong
+
+
+class InvalidFrame(Exception):
+    """A client frame the server will not act on; the session stays usable."""
+
+    def __init__(self, code: str, message: str, ask_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ask_id = ask_id
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    return orjson.dumps(frame)
+
+
+def parse_client_frame(raw: str | bytes, limits: FrameLimits) -> ClientFrame:
+    """Parse one text message; raise `InvalidFrame` (bad_request, bad_image or too_large)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidFrame("bad_request", f"the frame is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InvalidFrame("bad_request", f"a frame must be a JSON object, not {type(data).__name__}")
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise InvalidFrame("bad_request", 'a frame needs a string "type"')
+    if kind == "ask":
+        return _ask(data, limits)
+    if kind == "cancel":
+        return Cancel(_id(data))
+    if kind == "reset":
+        return Reset()
+    if kind == "ping":
+        return Ping(_number(data, "ts", None))
+    if kind == "pong":
+        return Pong(_number(data, "ts", None))
+    raise InvalidFrame(
+        "bad_request", f"unknown frame type {kind[:40]!r}; expected one of {', '.join(CLIENT_TYPES)}"
+    )
+
+
+def _id(data: dict[str, Any]) -> str:
+    value = data.get("id")
+    if not isinstance(value, str) or not value:
+        raise InvalidFrame("bad_request", 'this frame needs a non-empty string "id"')
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidFrame("bad_request", f'"id" is longer than {MAX_ID_CHARS} characters')
+    return value
+
+
+def _number(data: dict[str, Any], key: str, ask_id: str | None) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidFrame("bad_request", f'"{key}" must be a number', ask_id)
+    return float(value)
+
+
+def _ask(data: dict[str, Any], limits: FrameLimits) -> Ask:
+    ask_id = _id(data)
+    text = data.get("text", "")
+    if not isinstance(text, str):
+        raise InvalidFrame("bad_request", '"text" must be a string', ask_id)
+    if len(text) > MAX_TEXT_CHARS:
+        raise InvalidFrame("too_large", f"the question is longer than {MAX_TEXT_CHARS} characters", ask_id)
+    raw_images = data.get("images", [])
+    if not isinstance(raw_images, list) or not all(isinstance(item, str) for item in raw_images):
+        raise InvalidFrame("bad_request", '"images" must be a list of base64 strings', ask_id)
+    if len(raw_images) > limits.max_images:
+        raise InvalidFrame(
+            "too_large",
+            f"{len(raw_images)} pictures in one question; at most {limits.max_images} are accepted",
+            ask_id,
+        )
+    if not text.strip() and not raw_images:
+        raise InvalidFrame("bad_request", "an ask needs a question, a picture or both", ask_id)
+    images = tuple(
+        decode_base64_image(item, number, limits.max_image_bytes, ask_id)
+        for number, item in enumerate(raw_images, start=1)
+    )
+    max_tokens = _number(data, "max_tokens", ask_id)
+    if max_tokens is not None and (max_tokens < 1 or max_tokens != int(max_tokens)):
+        raise InvalidFrame("bad_request", '"max_tokens" must be a positive integer', ask_id)
+    temperature = _number(data, "temperature", ask_id)
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise InvalidFrame("bad_request", '"temperature" must be between 0 and 2', ask_id)
+    return Ask(ask_id, text, images, None if max_tokens is None else int(max_tokens), temperature)
+
+
+def decode_base64_image(item: str, number: int, max_bytes: int, ask_id: str | None = None) -> bytes:
+    """Bytes of a base64 picture (a bare string or a ``data:image/...;base64,`` URL).
+
+    The size is checked from the encoded length before anything is decoded.
+    """
+    if item.startswith("data:"):
+        header, sep, item = item.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise InvalidFrame("bad_image", f"picture {number}: only base64 data: URLs are accepted", ask_id)
+    if len(item) // 4 * 3 > max_bytes + 3:
+        raise InvalidFrame(
+            "too_large",
+            f"picture {number} is about {len(item) * 3 / 4e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB",
+            ask_id,
+        )
+    try:
+        data = base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidFrame("bad_image", f"picture {number} is not valid base64", ask_id) from None
+    if len(data) > max_bytes:
+        raise InvalidFrame(
+            "too_large",
+            f"picture {number} is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB",
+            ask_id,
+        )
+    if not data:
+        raise InvalidFrame("bad_image", f"picture {number} is empty", ask_id)
+    return data

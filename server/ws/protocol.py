@@ -1,0 +1,175 @@
+"""Session state of protocol v1, sans-I/O: plain values in, decisions out, time passed in.
+
+- `FrameLog`: numbers the session's frames (seq 1, 2, ...) and keeps the unacknowledged
+  ones for resume, bounded in count. A pong acknowledges every frame up to the ping it
+  answers (TCP delivered them in order), so a healthy session's log stays near empty.
+- `Keepalive`: one connection's ping bookkeeping: when to ping, when the peer is dead,
+  round-trip time from the pong.
+- `FloodGate`: a token bucket of frames per second.
+- `Conversation`: earlier turns as context, bounded, with a generation so that an
+  answer started before a reset does not land in the new conversation.
+
+None of these awaits, sleeps or reads a clock; callers pass `now` (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import Enum
+from typing import Any
+
+from server.inference.api import Turn
+from server.ws.frames import encode
+
+
+class FrameLog:
+    """Sequence numbers and the replay buffer of one session."""
+
+    __slots__ = ("_frames", "dropped", "limit", "seq")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seq = 0  # the last seq given out
+        self.dropped = 0  # highest seq that left the buffer unacknowledged (overflow)
+        self._frames: deque[tuple[int, bytes]] | None = None  # created on first use
+
+    def append(self, frame: dict[str, Any]) -> bytes:
+        """Give *frame* the next seq, keep it for replay, return its encoding."""
+        self.seq += 1
+        data = encode({**frame, "seq": self.seq})
+        if self._frames is None:
+            self._frames = deque()
+        self._frames.append((self.seq, data))
+        if len(self._frames) > self.limit:
+            self.dropped = self._frames.popleft()[0]
+        return data
+
+    def ack(self, seq: int) -> None:
+        """The client has every frame up to *seq*: stop keeping them."""
+        frames = self._frames
+        while frames and frames[0][0] <= seq:
+            frames.popleft()
+        if frames is not None and not frames:
+            self._frames = None
+
+    def since(self, last_seq: int) -> tuple[list[bytes], int]:
+        """Frames after *last_seq* still held, and how many after it are gone for good."""
+        frames = [data for seq, data in self._frames or () if seq > last_seq]
+        first_kept = self.seq + 1 - len(frames)
+        lost = max(0, first_kept - 1 - max(last_seq, 0)) if last_seq < self.seq else 0
+        return frames, lost
+
+    def __len__(self) -> int:
+        return len(self._frames) if self._frames else 0
+
+
+class Beat(Enum):
+    NOTHING = "nothing"
+    PING = "ping"
+    DEAD = "dead"
+
+
+class Keepalive:
+    """Ping bookkeeping for one connection.
+
+    The peer is dead once it has sent nothing for ``interval + timeout`` seconds; pings go
+    out every *interval* seconds. Any received frame counts as a sign of life.
+    """
+
+    __slots__ = ("interval", "last_received", "next_ping", "outstanding", "timeout")
+
+    def __init__(self, interval: float, timeout: float, now: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self.last_received = now
+        self.next_ping = now + interval
+        self.outstanding: tuple[int, float, int] | None = None  # (ts sent, sent at, seq)
+
+    def received(self, now: float) -> None:
+        self.last_received = now
+
+    def poll(self, now: float) -> Beat:
+        if now - self.last_received >= self.interval + self.timeout:
+            return Beat.DEAD
+        if now >= self.next_ping:
+            return Beat.PING
+        return Beat.NOTHING
+
+    def ping_sent(self, ts: int, seq: int, now: float) -> bool:
+        """Record a ping; True when the previous one was never answered (a missed pong)."""
+        missed = self.outstanding is not None
+        self.outstanding = (ts, now, seq)
+        self.next_ping = now + self.interval
+        return missed
+
+    def pong(self, ts: float | None, now: float) -> tuple[float, int] | None:
+        """(round-trip seconds, seq of the ping) when *ts* answers the outstanding ping."""
+        if self.outstanding is None or ts is None or int(ts) != self.outstanding[0]:
+            return None
+        _, sent, seq = self.outstanding
+        self.outstanding = None
+        return now - sent, seq
+
+    def deadline(self) -> float:
+        """When `poll` may next answer something other than NOTHING."""
+        return min(self.next_ping, self.last_received + self.interval + self.timeout)
+
+
+class FloodGate:
+    """Token bucket: *rate* frames a second, bursts of up to *burst*."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def allow(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class Conversation:
+    """Earlier turns of one session: at most *max_turns* question/answer pairs, and the
+    pictures of only the newest *max_images* pictures (older turns keep their text)."""
+
+    __slots__ = ("_turns", "generation", "max_images", "max_turns")
+
+    def __init__(self, max_turns: int, max_images: int) -> None:
+        self.max_turns = max_turns
+        self.max_images = max_images
+        self.generation = 0
+        self._turns: list[Turn] | None = None
+
+    def messages(self, question: Turn) -> list[Turn]:
+        """The context to submit for *question*."""
+        return [*(self._turns or ()), question]
+
+    def add(self, question: Turn, answer: str, generation: int) -> None:
+        """Remember a finished exchange unless a reset happened since it started."""
+        if generation != self.generation or self.max_turns == 0:
+            return
+        turns = [*(self._turns or ()), question, Turn.assistant(answer)]
+        turns = turns[-2 * self.max_turns :]
+        kept = 0
+        for index in range(len(turns) - 1, -1, -1):
+            turn = turns[index]
+            if turn.images:
+                if kept + len(turn.images) > self.max_images:
+                    turns[index] = Turn(turn.role, turn.text)
+                else:
+                    kept += len(turn.images)
+        self._turns = turns
+
+    def reset(self) -> None:
+        self._turns = None
+        self.generation += 1
+
+    def __len__(self) -> int:
+        return len(self._turns) if self._turns else 0
