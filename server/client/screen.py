@@ -73,16 +73,20 @@ class Screen:
         """The user answered the prompt (pressed Enter): it is no longer on screen alone."""
         self._prompt = None
 
-    def wait(self, label: str) -> None:
-        """Show that we are waiting (*label*: "queued, position 2"); replaces the last label."""
+    def wait(self, label: str, *, news: bool = False) -> None:
+        """Show that we are waiting (*label*: "thinking"); replaces the last label.
+
+        Without a terminal only *news* labels (a queue position) are printed, once each.
+        """
         if label == self._label:
             return
         if self._label is None:
             self._since = time.monotonic()
         self._label = label
         if not self.tty:
-            self.err.write(f"{label}\n")
-            self.err.flush()
+            if news:
+                self.err.write(f"{label}\n")
+                self.err.flush()
             return
         if self._spinner is None:
             self._spinner = asyncio.get_running_loop().create_task(self._spin(), name="spinner")

@@ -6,11 +6,12 @@ an answer streams. A one-shot run is the same loop fed one scripted question.
 
 Interactive commands: `/image PATH` (attach a picture to the next question), `/reset`,
 `/cancel`, `/history`, `/help`, `/quit`. Lines typed while an answer streams wait for it,
-except `/cancel` and `/quit`. The first Ctrl-C cancels the answer in progress; a Ctrl-C
-with nothing running, or end of input, quits.
+except `/cancel` and `/quit` on a terminal (from a pipe, every line waits its turn). The
+first Ctrl-C cancels the answer in progress; a Ctrl-C with nothing running, or end of
+input, quits.
 
-Exit status: 0 answered (or quit), 1 the (last) question failed, 3 the connection failed
-for good (see `connection.py`), 130 interrupted.
+Exit status: 0 answered (interactive: quit), 1 the one-shot question failed, 3 the
+connection failed for good (see `connection.py`), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class Chat:
         self._show_prompt()
         try:
             while not self._quit:
-                if line_task is None and not self._eof:
+                if line_task is None:  # also after end of input: Ctrl-C still arrives this way
                     line_task = asyncio.create_task(self.inputs.get())
                 if event_task is None:
                     event_task = asyncio.create_task(self.conn.next_event())
@@ -199,7 +200,9 @@ class Chat:
         self.screen.prompt_taken()
         line = item.strip()
         if self.current is not None:
-            if line == "/cancel":
+            if self.prompt is None:
+                self.backlog.append(line)  # a script: every line in turn, none read ahead
+            elif line == "/cancel":
                 self._cancel()
             elif line == "/quit":
                 self._quit = True
@@ -249,7 +252,10 @@ class Chat:
         assert self.current is not None
         self.current.cancelling = True
         self.conn.cancel(self.current.id)
-        self.screen.wait("cancelling") if self.current.first is None else self.screen.status("cancelling…")
+        if self.current.first is None:
+            self.screen.wait("cancelling")
+        else:
+            self.screen.status("cancelling…")
 
     # -- events ---------------------------------------------------------------------------
 
@@ -260,14 +266,13 @@ class Chat:
                 self.screen.stop_waiting()
                 more = f", attempt {attempt}" if attempt > 1 else ""
                 self.screen.status(f"⚡ connection lost: {reason}; reconnecting in {retry_in:.1f} s{more}")
-                if self.current is not None:
-                    self.current.reconnects += 1
-                    self._wait_again("reconnecting")
+                self._wait_again("reconnecting")
             case Hello(session, resumed) if self.conn.reconnects:
                 what = "resumed" if resumed else "started (a new one)"
                 going_on = "; the answer continues" if self.current is not None else ""
                 self.screen.status(f"↻ reconnected, session {session} {what}{going_on}")
                 if self.current is not None:
+                    self.current.reconnects += 1
                     self._wait_again("waiting")
             case SessionLost(old, _new):
                 self.screen.status(f"! the server no longer knew session {old}; earlier turns are forgotten")
@@ -279,7 +284,7 @@ class Chat:
             case ServerError(code, message):
                 self.screen.status(f"! server: {code}: {message}", dim=False)
             case Queued(_, position) if current is not None:
-                self.screen.wait(f"queued, position {position}" if position else "queued")
+                self.screen.wait(f"queued, position {position}" if position else "queued", news=True)
             case Started() if current is not None:
                 self.screen.wait("thinking")
             case Delta(_, text) if current is not None:
@@ -293,9 +298,10 @@ class Chat:
             case AskFailed(_, code, message, retry_after) if current is not None:
                 self.screen.stop_waiting()
                 self.screen.end_answer()
+                detail = f": {message}" if message and message != code else ""
                 retry = f" (retry in {retry_after:g} s)" if retry_after else ""
-                self.screen.status(f"✗ {code}: {message}{retry}", dim=code == "cancelled")
-                if self.exit_code != EXIT_INTERRUPTED:
+                self.screen.status(f"✗ {code}{detail}{retry}", dim=code == "cancelled")
+                if not self.interactive and self.exit_code != EXIT_INTERRUPTED:
                     self.exit_code = EXIT_FAILED
                 self._next()
 
@@ -313,7 +319,6 @@ class Chat:
         self.screen.end_answer()
         self.screen.status(answer.timings(usage, now))
         self.history.append(Turn(answer.question, answer.pictures, text))
-        self.exit_code = 0
         self._next()
 
     def _next(self) -> None:
