@@ -219,15 +219,24 @@
       setStatus("reconnecting", `connection lost; retrying in ${(delay / 1000).toFixed(1)} s`);
       if (current) {
         const turn = turns.get(current);
-        turn.reconnects += 1;
-        addNote(turn, `⚡ connection lost (code ${code}); reconnecting…`);
+        const text = `⚡ connection lost (code ${code}); reconnecting${attempt > 1 ? `, attempt ${attempt}` : ""}…`;
+        if (turn.lost) turn.lost.textContent = text; // one line per outage, not one per attempt
+        else {
+          turn.lost = addNote(turn, text);
+          markAnswer(turn, "⚡", "the connection was lost here");
+        }
       }
     },
     connected(hello, resumed, wasReconnect) {
       setStatus("online", wasReconnect ? (resumed ? "reconnected · session resumed" : "reconnected · new session") : "connected");
       $("session").textContent = `session ${hello.session}${hello.model ? ` · ${hello.model}` : ""}`;
       if (AUTH) $("auth").hidden = true;
-      if (wasReconnect && current) addNote(turns.get(current), resumed ? "↻ resumed: the answer continues" : "↻ new session");
+      if (wasReconnect && current) {
+        const turn = turns.get(current);
+        turn.reconnects += 1;
+        turn.lost = null;
+        addNote(turn, resumed ? "↻ resumed: the answer continues" : "↻ new session");
+      }
     },
     note(text) { if (current) addNote(turns.get(current), `! ${text}`); else progress(text); },
     frame(frame) {
@@ -257,13 +266,22 @@
   function progress(text) { $("progress").textContent = text; }
 
   function addNote(turn, text) {
-    const note = document.createElement("span");
-    note.className = "note";
+    const note = document.createElement("li");
     note.textContent = text;
-    turn.answer.after(note); // after the answer text: the reconnect shows where it happened
+    turn.notes.append(note);
+    return note;
+  }
+
+  // An inline mark where the text was when the connection dropped; the text goes on after it.
+  function markAnswer(turn, symbol, title) {
+    const mark = document.createElement("span");
+    mark.className = "mark";
+    mark.textContent = symbol;
+    mark.title = title;
+    turn.answer.after(mark);
     turn.answer = document.createElement("span");
     turn.answer.className = "answer-text";
-    note.after(turn.answer);
+    mark.after(turn.answer);
     turn.text = "";
   }
 
@@ -312,13 +330,15 @@
     const answer = document.createElement("span");
     answer.className = "answer-text";
     a.append(answer);
+    const notes = document.createElement("ul");
+    notes.className = "notes";
     const meta = document.createElement("div");
     meta.className = "meta";
     meta.textContent = client.ready ? "sending…" : "waiting for the connection…";
-    li.append(q, a, meta);
+    li.append(q, a, notes, meta);
     $("turns").append(li);
     li.scrollIntoView({ block: "end" });
-    turns.set(id, { li, answer, meta, sent: performance.now(), first: null, text: "", reconnects: 0 });
+    turns.set(id, { li, answer, notes, meta, lost: null, sent: performance.now(), first: null, text: "", reconnects: 0 });
   }
 
   async function choose(file) {
