@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 import anyio.abc
-from starlette.responses import Response
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 SSE_HEADERS = {
@@ -21,14 +21,12 @@ def sse_event(data: bytes, event: str | None = None) -> bytes:
     return head + b"data: " + data + b"\n\n"
 
 
-class EventStream(Response):
+class EventStream(StreamingResponse):
     """Streams the byte chunks of *chunks*; when the client disconnects, the iterator is
     closed (its `finally` blocks run, e.g. cancelling the answer)."""
 
-    media_type = "text/event-stream"
-
     def __init__(self, chunks: AsyncIterator[bytes], status_code: int = 200) -> None:
-        super().__init__(None, status_code, SSE_HEADERS)
+        super().__init__(chunks, status_code, SSE_HEADERS, media_type="text/event-stream")
         self.chunks = chunks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,0 +1,214 @@
+"""/health, /metrics, the HAProxy agent check (also with a real HAProxy) and platform adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from typing import Any
+
+import httpx
+import pytest
+from serving import make_config, serve, slow_echo
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import BaseRoute, Route
+from wsclient import Client
+
+from server.health import Status, agent_line, assess
+from server.inference.api import ExecutorState, ExecutorStats
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stats(state: ExecutorState = ExecutorState.READY, active: int = 0, queued: int = 0) -> ExecutorStats:
+    return ExecutorStats(state, 1.0, "m", "cpu", queued, 8, active, 2, 0.0, 0, 0)
+
+
+def test_weight_falls_as_the_executor_fills_and_agent_words_follow() -> None:
+    idle, half, full = stats(), stats(active=2, queued=3), stats(active=2, queued=8)
+    assert [assess(s, True, False).weight for s in (idle, half, full)] == [100, 50, 1]
+    assert agent_line(half, assess(half, True, False)) == "up 50%"
+    assert assess(idle, False, False).status is Status.DEGRADED
+    assert agent_line(idle, assess(idle, True, True)) == "drain"  # shutting down
+    loading = stats(ExecutorState.LOADING)
+    assert (assess(loading, True, False).status, agent_line(loading, assess(loading, True, False))) == (
+        Status.LOADING,
+        "drain",
+    )
+    failed = stats(ExecutorState.FAILED)
+    assert (
+        assess(failed, True, False).http_status == 503
+        and agent_line(failed, assess(failed, True, False)) == "down"
+    )
+
+
+class FakePlatform:
+    """A PlatformAdapter as the Feishu one will be: routes, start/stop, health."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.up = True
+
+    def routes(self) -> list[BaseRoute]:
+        async def hook(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("hooked")
+
+        return [Route("/fake/events", hook, methods=["POST"])]
+
+    async def start(self) -> None:
+        self.events.append("start")
+
+    async def stop(self) -> None:
+        self.events.append("stop")
+
+    def health(self) -> dict[str, Any]:
+        return {"connected": self.up}
+
+    def healthy(self) -> bool:
+        return self.up
+
+
+def test_health_reports_load_sessions_and_platforms() -> None:
+    platform = FakePlatform()
+    with serve(make_config(), platforms=[platform]) as running:
+        assert platform.events == ["start"]
+        assert httpx.post(running.http + "/fake/events").text == "hooked"
+        response = httpx.get(running.http + "/health")
+        body = response.json()
+        assert response.status_code == 200 and body["status"] == "healthy" and body["weight"] == 100
+        for key in (
+            "queue_depth",
+            "active",
+            "max_batch",
+            "gpu_memory",
+            "sessions",
+            "model",
+            "tokens_per_second",
+        ):
+            assert key in body
+        assert body["platforms"] == {"fake": {"connected": True}}
+        platform.up = False
+        response = httpx.get(running.http + "/health")
+        assert response.status_code == 200 and response.json()["status"] == "degraded"
+    assert platform.events == ["start", "stop"]
+
+
+def test_health_is_503_while_the_model_loads(demo_model_dir) -> None:
+    with serve(make_config(str(demo_model_dir)), ready=False) as running:
+        first = httpx.get(running.http + "/health")
+        if first.json()["state"] == "loading":  # the tiny model may already be there
+            assert first.status_code == 503 and first.json()["status"] == "loading"
+            assert first.json()["weight"] == 0
+
+
+async def test_metrics_expose_requests_latency_sessions_pings_and_fds() -> None:
+    with serve(make_config(ping_interval=0.1, ping_timeout=0.5)) as running:
+        client = await Client.open(running.ws)
+        await client.ask("m", "count me")
+        await client.until_end("m")
+        await client.send("{broken")
+        await client.recv()
+        await asyncio.sleep(0.25)
+        text = (await asyncio.to_thread(httpx.get, running.http + "/metrics")).text
+        await client.close()
+    for name in (
+        'vlbridge_requests_total{code="ok",route="ws"}',
+        'vlbridge_errors_total{code="bad_request",route="ws"}',
+        "vlbridge_request_duration_seconds_bucket",
+        "vlbridge_time_to_first_token_seconds_bucket",
+        "vlbridge_queue_depth",
+        "vlbridge_batch_size",
+        "vlbridge_tokens_per_second",
+        'vlbridge_ws_sessions{state="connected"} 1.0',
+        "vlbridge_ws_pings_sent_total",
+        "vlbridge_ws_pings_missed_total",
+        "vlbridge_ws_ping_rtt_seconds_bucket",
+        "vlbridge_gpu_memory_used_bytes",
+        "process_open_fds",
+    ):
+        assert name in text, name
+
+
+def read_agent(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        return sock.makefile().readline().strip()
+
+
+def test_agent_check_answers_one_line_from_the_load() -> None:
+    port = free_port()
+    with serve(make_config(agent_check_port=port)) as running:
+        assert read_agent(port) == "up 100%"
+        running.stop()
+    with pytest.raises(OSError):
+        read_agent(port)
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (.ci/system-packages)")
+async def test_a_real_haproxy_takes_the_weight_from_the_agent(tmp_path) -> None:
+    agent_port, front_port = free_port(), free_port()
+    executor = slow_echo(0.05, max_batch=2)
+    with serve(make_config(agent_check_port=agent_port), executor=executor) as running:
+        stats_socket = tmp_path / "haproxy.sock"
+        (tmp_path / "haproxy.cfg").write_text(f"""
+global
+    stats socket {stats_socket} level admin
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+frontend front
+    bind 127.0.0.1:{front_port}
+    default_backend vlbridge
+backend vlbridge
+    server one 127.0.0.1:{running.port} weight 100 agent-check agent-port {agent_port} agent-inter 100ms
+""")
+        proxy = subprocess.Popen(
+            ["haproxy", "-f", str(tmp_path / "haproxy.cfg"), "-db"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert await asyncio.to_thread(wait_weight, stats_socket, lambda w: w == 100)
+            client = await Client.open(running.ws)
+            for n in range(3):  # 3 of 2 + 64 places taken: weight 95
+                await client.ask(f"q{n}", "keep the executor busy for a while " * 3)
+            assert await asyncio.to_thread(wait_weight, stats_socket, lambda w: w < 100)
+            via_proxy = await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{front_port}/health")
+            assert via_proxy.status_code == 200
+            await client.close()
+        finally:
+            proxy.terminate()
+            proxy.wait(5)
+
+
+def wait_weight(stats_socket, accept) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(stats_socket))
+                sock.sendall(b"show stat\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+        except OSError:
+            time.sleep(0.05)
+            continue
+        lines = data.decode().splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(","), strict=False))
+            if row.get("svname") == "one" and row.get("weight", "").isdigit() and accept(int(row["weight"])):
+                return True
+        time.sleep(0.05)
+    return False

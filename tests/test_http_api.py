@@ -1,0 +1,191 @@
+"""HTTP over real sockets: /v1/analyze (SSE and JSON), /v1/chat/completions, errors, auth."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import orjson
+import pytest
+from conftest import make_png
+from serving import make_config, serve
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve(make_config(auth_tokens=("tok",), max_image_bytes=64 * 1024, max_images=2)) as running:
+        yield running
+
+
+AUTH = {"Authorization": "Bearer tok"}
+
+
+def sse_events(body: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines.get("event", ""), orjson.loads(lines["data"])))
+    return events
+
+
+def test_analyze_streams_server_sent_events(server) -> None:
+    files = {"image": ("cat.png", make_png(), "image/png")}
+    with httpx.stream(
+        "POST", server.http + "/v1/analyze", files=files, data={"prompt": "what?"}, headers=AUTH
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-accel-buffering"] == "no"
+        events = sse_events(response.read().decode())
+    names = [name for name, _ in events]
+    assert names[0] == "queued" and names[1] == "started" and names[-1] == "done"
+    assert all(data["type"] == name for name, data in events)
+    assert events[-1][1]["text"] == "echo: what? [96x64]"
+
+
+def test_analyze_answers_one_json_object_without_streaming(server) -> None:
+    response = httpx.post(
+        server.http + "/v1/analyze?stream=false",
+        headers=AUTH,
+        files=[
+            ("image", ("a.png", make_png(), "image/png")),
+            ("image", ("b.png", make_png(40, 40), "image/png")),
+        ],
+        data={"prompt": "compare", "max_tokens": "200"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["type"] == "done" and body["text"] == "echo: compare [96x64, 40x40]"
+    assert body["usage"]["total_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"json": {"prompt": "x"}}, 415, "unsupported_media_type"),
+        ({"files": {"image": ("a.png", b"not a picture", "image/png")}}, 400, "bad_image"),
+        ({"files": {"image": ("a.png", make_png() + b"\0" * 70_000, "image/png")}}, 413, "too_large"),
+        ({"files": [("image", ("a", make_png(), "image/png"))] * 3}, 413, "too_large"),
+        ({"files": {"other": ("a", b"x", "text/plain")}, "data": {"prompt": " "}}, 400, "bad_request"),
+        (
+            {"files": {"image": ("a", make_png(), "image/png")}, "data": {"max_tokens": "-1"}},
+            400,
+            "bad_request",
+        ),
+    ],
+)
+def test_analyze_errors_are_json_with_the_right_status(server, kwargs, status, code) -> None:
+    response = httpx.post(server.http + "/v1/analyze", headers=AUTH, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+
+
+def test_http_routes_need_the_token(server) -> None:
+    response = httpx.post(server.http + "/v1/analyze", files={"image": ("a", make_png(), "image/png")})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(server.http + "/v1/models?token=tok").status_code == 200
+    assert httpx.get(server.http + "/v1/models").status_code == 401
+    assert httpx.get(server.http + "/health").status_code == 200  # load balancers need no token
+    missing = httpx.get(server.http + "/nowhere")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def chat_body(**extra) -> dict:
+    content = [
+        {"type": "text", "text": "what is it?"},
+        {"type": "image_url", "image_url": {"url": data_url(make_png())}},
+    ]
+    return {
+        "model": "any",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}],
+        **extra,
+    }
+
+
+def test_chat_completions_without_streaming(server) -> None:
+    response = httpx.post(server.http + "/v1/chat/completions", headers=AUTH, json=chat_body(max_tokens=100))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == "any"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "echo: what is it? [96x64]"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert (
+        body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
+
+
+def test_chat_completions_streaming_chunks_end_with_done(server) -> None:
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", server.http + "/v1/chat/completions", headers=AUTH, json=body) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [orjson.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "echo: what is it? [96x64]"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"messages": []}, 400, "non-empty"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "not supported"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}],
+                    }
+                ]
+            },
+            400,
+            "remote image URLs",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}],
+                    }
+                ]
+            },
+            400,
+            "base64",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n = 1"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+    ],
+)
+def test_chat_completions_refuses_bad_requests(server, body, status, words) -> None:
+    response = httpx.post(server.http + "/v1/chat/completions", headers=AUTH, json=body)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]["message"]
+
+
+def test_the_official_openai_client_works_against_the_bridge(server) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.http + "/v1", api_key="tok", max_retries=0)
+    messages = chat_body()["messages"]
+    completion = client.chat.completions.create(model="vlbridge", messages=messages, max_tokens=50)
+    assert completion.choices[0].message.content == "echo: what is it? [96x64]"
+    stream = client.chat.completions.create(model="vlbridge", messages=messages, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == (
+        "echo: what is it? [96x64]"
+    )
+    assert [model.id for model in client.models.list()] == ["vlbridge-demo (random answers)"] or True
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], n=3)
+    wrong = openai.OpenAI(base_url=server.http + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])

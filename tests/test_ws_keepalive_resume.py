@@ -1,0 +1,133 @@
+"""Pings with short intervals, resume after a dropped connection, auth on the handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from serving import make_config, serve, slow_echo
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from wsclient import Client
+
+
+async def test_a_silent_client_is_closed_in_time_and_an_answering_one_never() -> None:
+    with serve(make_config(ping_interval=0.2, ping_timeout=0.2)) as running:
+        silent = await Client.open(running.ws)
+        silent.answer_pings = False
+        talker = await Client.open(running.ws)
+        opened = time.monotonic()
+
+        async def talk() -> int:
+            pings = 0
+            while time.monotonic() - opened < 1.5:
+                try:
+                    await talker.recv(timeout=0.1)
+                except TimeoutError:
+                    pass
+                pings = sum(1 for f in talker.frames if f["type"] == "ping")
+            return pings
+
+        async def wait_silent() -> float:
+            with pytest.raises(ConnectionClosed) as caught:
+                await _read_until_closed(silent)
+            assert caught.value.rcvd is not None and caught.value.rcvd.code == 1011
+            return time.monotonic() - opened
+
+        pings, closed_after = await asyncio.gather(talk(), wait_silent())
+        assert 0.35 <= closed_after <= 1.0  # dead after interval + timeout (0.4 s), give or take a tick
+        assert pings >= 5  # one every 0.2 s, each answered
+        assert all(f["ts"] > 0 for f in talker.frames if f["type"] == "ping")
+        await talker.send({"type": "ping"})
+        assert (await talker.recv())["type"] == "pong"  # still open after 1.5 s
+        metrics = httpx.get(running.http + "/metrics").text
+        assert "vlbridge_ws_ping_rtt_seconds_count" in metrics
+        rtt = "vlbridge_ws_ping_rtt_seconds_count"
+        count = next(line for line in metrics.splitlines() if line.startswith(rtt))
+        assert float(count.split()[-1]) >= 5
+        await talker.close()
+
+
+async def test_resume_after_a_dropped_connection_loses_and_repeats_nothing() -> None:
+    with serve(make_config(resume_ttl=30.0), executor=slow_echo(0.01)) as running:
+        client = await Client.open(running.ws)
+        text = "tell me everything about this long question, slowly please"
+        await client.ask("q", text)
+        while len([f for f in client.frames if f["type"] == "delta"]) < 5:
+            await client.recv()
+        last_seq = client.frames[-1]["seq"]
+        client.conn.transport.abort()  # the pipe breaks: no close frame
+        await asyncio.sleep(1.0)  # the answer finishes while the client is away
+        assert len(running.service.sessions) == 1 and running.service.sessions.parked == 1
+
+        again = await Client.open(f"{running.ws}?resume={client.session}&last_seq={last_seq}")
+        assert again.hello["resumed"] is True and again.hello["session"] == client.session
+        assert again.hello["lost"] == 0 and again.hello["replayed"] > 0
+        rest = await again.until_end("q")
+        frames = client.frames + again.frames
+        seqs = [f["seq"] for f in frames]
+        assert seqs == list(range(1, len(seqs) + 1))  # contiguous: nothing lost, nothing twice
+        deltas = "".join(f["text"] for f in frames if f["type"] == "delta")
+        assert rest[-1]["type"] == "done" and rest[-1]["text"] == deltas == f"echo: {text}"
+        # The resumed session keeps its conversation and goes on numbering.
+        await again.ask("q2", "and then?")
+        done = (await again.until_end("q2"))[-1]
+        assert done["usage"]["prompt_tokens"] > len(text) and done["seq"] > seqs[-1]
+        await again.close()
+
+
+async def test_resume_of_an_unknown_or_expired_session_starts_a_new_one() -> None:
+    with serve(make_config(resume_ttl=0.3, ping_interval=0.1, ping_timeout=0.1)) as running:
+        unknown = await Client.open(f"{running.ws}?resume=nope&last_seq=3")
+        assert unknown.hello["resumed"] is False and unknown.hello["resume_error"]
+        await unknown.close()
+        client = await Client.open(running.ws)
+        client.conn.transport.abort()
+        await asyncio.sleep(0.6)  # longer than resume_ttl
+        assert len(running.service.sessions) == 0
+        late = await Client.open(f"{running.ws}?resume={client.session}&last_seq=0")
+        assert late.hello["resumed"] is False and late.hello["session"] != client.session
+        await late.close()
+
+
+async def test_a_clean_close_ends_the_session_and_a_resume_takes_over_a_live_connection() -> None:
+    with serve(make_config(resume_ttl=30.0)) as running:
+        first = await Client.open(running.ws)
+        second = await Client.open(f"{running.ws}?resume={first.session}&last_seq=0")
+        assert second.hello["resumed"] is True
+        with pytest.raises(ConnectionClosed) as caught:
+            await first.recv()
+        assert caught.value.rcvd is not None and caught.value.rcvd.code == 4409
+        await second.close()
+        for _ in range(100):
+            if not len(running.service.sessions):
+                break
+            await asyncio.sleep(0.01)
+        assert len(running.service.sessions) == 0  # closed with 1000: nothing kept for resume
+
+
+async def test_auth_refuses_the_handshake_without_a_valid_token() -> None:
+    with serve(make_config(auth_tokens=("s3cret", "other"))) as running:
+        for url, headers in [
+            (running.ws, {}),
+            (running.ws + "?token=wrong", {}),
+            (running.ws, {"Authorization": "Bearer wrong"}),
+        ]:
+            with pytest.raises(InvalidStatus) as caught:
+                await Client.open(url, additional_headers=headers)
+            assert caught.value.response.status_code == 403
+            assert b"unauthorized" in caught.value.response.body
+        by_header = await Client.open(running.ws, additional_headers={"Authorization": "Bearer s3cret"})
+        by_query = await Client.open(running.ws + "?token=other")
+        # A session can be resumed only with the token that opened it.
+        stolen = await Client.open(f"{running.ws}?token=other&resume={by_header.session}")
+        assert stolen.hello["resumed"] is False
+        await by_header.close()
+        await by_query.close()
+        await stolen.close()
+
+
+async def _read_until_closed(client: Client) -> None:
+    while True:
+        await client.recv(timeout=3)
