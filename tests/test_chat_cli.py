@@ -186,3 +186,29 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_server_that_forgot_the_session_fails_the_answer_clearly(slow: Running, echo: Running) -> None:
+    """The server behind the proxy is replaced mid-answer (as by a restart): no resume."""
+    with TcpProxy(slow.port) as proxy:
+        command = chat_command(f"ws://127.0.0.1:{proxy.port}/ws", "--token", "sesame", QUESTION)
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=chat_env()
+        )
+        assert proc.stdout is not None
+        _read_at_least(proc.stdout.fileno(), 10, timeout=15)
+        proxy.target = echo.port
+        proxy.drop()
+        _, err = proc.communicate(timeout=30)
+    stderr = err.decode()
+    assert proc.returncode == 1, stderr
+    assert "no longer knew session" in stderr
+    assert "session_lost" in stderr
+
+
+def test_one_shot_with_the_tiny_real_model(demo_model_dir: Path, picture: Path) -> None:
+    with serve(make_config(model_path=str(demo_model_dir))) as running:
+        result = run_chat(running.ws, "--image", str(picture), "what is it?")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()  # random words, but words
+    assert "tokens/s" in result.stderr

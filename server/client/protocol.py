@@ -273,7 +273,7 @@ class ClientProtocol:
             return None
         events: list[Event] = []
         if seq > self.last_seq + 1:
-            log.warning("session %s: frames %d..%d were lost", self.session, self.last_seq + 1, seq - 1)
+            log.info("session %s: frames %d..%d were lost", self.session, self.last_seq + 1, seq - 1)
             events.append(FramesLost(self.last_seq + 1, seq - 1))
         self.last_seq = seq
         return events
