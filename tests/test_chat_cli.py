@@ -212,3 +212,13 @@ def test_one_shot_with_the_tiny_real_model(demo_model_dir: Path, picture: Path) 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()  # random words, but words
     assert "tokens/s" in result.stderr
+
+
+def test_a_full_server_is_a_clear_failure() -> None:
+    from websockets.sync.client import connect
+
+    with serve(make_config(max_sessions=1)) as running, connect(running.ws) as holder:
+        holder.recv()  # its hello: the only session there is
+        result = run_chat(running.ws, "hi")
+    assert result.returncode == 3
+    assert "cannot connect" in result.stderr and "1013" in result.stderr

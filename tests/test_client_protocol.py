@@ -171,3 +171,11 @@ def test_illegal_transitions_name_the_states() -> None:
     core.receive(Server().hello())
     with pytest.raises(ProtocolError, match=re.escape("expected link idle|down|handshake, got ready")):
         core.connecting()
+
+
+def test_backoff_grows_to_its_cap_with_jitter() -> None:
+    from server.client.connection import Backoff
+
+    backoff = Backoff(initial=0.25, factor=2.0, maximum=5.0, jitter=0.2)
+    assert [round(Backoff(jitter=0).delay(n), 2) for n in (1, 2, 3, 6, 9)] == [0.25, 0.5, 1.0, 5.0, 5.0]
+    assert all(0.2 <= backoff.delay(1) <= 0.3 for _ in range(50))

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -94,12 +93,16 @@ class Connection:
         self.open_timeout = open_timeout
         self.silence_grace = silence_grace  # beyond ping_interval before a silent server is dead
         self.core = ClientProtocol()
-        self.reconnects = 0
+        self.hellos = 0  # connections that got as far as the server's hello
         self._events: asyncio.Queue[LinkEvent | _Fatal] = asyncio.Queue(_EVENT_BACKLOG)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._hello: asyncio.Future[Hello] | None = None
         self._closing = False
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.hellos - 1)
 
     # -- the user's side ------------------------------------------------------------------
 
@@ -128,19 +131,11 @@ class Connection:
         self.core.reset()
         self._wakeup.set()
 
-    async def events(self) -> AsyncIterator[LinkEvent]:
-        """Everything that happens, in order; raises the error that ended the session."""
-        while True:
-            item = await self._events.get()
-            if isinstance(item, _Fatal):
-                self._events.put_nowait(item)  # every later reader sees it too
-                raise item.error
-            yield item
-
     async def next_event(self) -> LinkEvent:
+        """The next thing that happened, in order; raises the error that ended the session."""
         item = await self._events.get()
         if isinstance(item, _Fatal):
-            self._events.put_nowait(item)
+            self._events.put_nowait(item)  # every later call raises it too
             raise item.error
         return item
 
@@ -181,10 +176,13 @@ class Connection:
                 except (OSError, TimeoutError, InvalidHandshake) as exc:
                     reason = _describe(exc)
                 else:
-                    attempt = 0
                     resume = True
+                    hellos = self.hellos
                     reason = await self._pump(ws)
-                    down_since = time.monotonic()
+                    # Only a socket that got a hello was a working connection; a server that
+                    # accepts and closes at once (full, restarting) keeps the backoff growing.
+                    if self.hellos > hellos:
+                        attempt, down_since = 0, time.monotonic()
                 self.core.disconnected()
                 if self._hello is not None and not self._hello.done():
                     raise ConnectFailed(f"cannot connect to {self.url}: {reason}")
@@ -201,7 +199,7 @@ class Connection:
             error = exc if isinstance(exc, AuthFailed | ConnectFailed) else ConnectFailed(str(exc))
             if self._hello is not None and not self._hello.done():
                 self._hello.set_exception(error)
-            self._events.put_nowait(_Fatal(error))
+            await self._events.put(_Fatal(error))
 
     async def _pump(self, ws: ClientConnection) -> str:
         """Serve one socket until it dies; return why. Fatal closes raise."""
@@ -216,10 +214,9 @@ class Connection:
                     await ws.close(1011, "no frame from the server")
                     return f"the server was silent for {silence:.0f} s"
                 for event in self.core.receive(data):
-                    if isinstance(event, Hello) and self._hello is not None:
-                        if self._hello.done():
-                            self.reconnects += 1
-                        else:
+                    if isinstance(event, Hello):
+                        self.hellos += 1
+                        if self._hello is not None and not self._hello.done():
                             self._hello.set_result(event)
                     await self._emit(event)
                 self._wakeup.set()
