@@ -52,6 +52,8 @@ def test_picture_from_stdin_and_the_token_from_the_environment(echo: Running) ->
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode() == "echo: and this? [40x50]\n"
+    alone = run_chat(echo.ws, "--token", "sesame", "--image", "-", "", stdin=make_png(40, 50))
+    assert (alone.returncode, alone.stdout) == (0, "echo:  [40x50]\n")  # a picture alone is a question
 
 
 def test_clear_failures_and_exit_status(echo: Running, picture: Path, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ class ChatOptions:
 
 def run_chat(options: ChatOptions, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """Run the client to completion; every failure is a message on *stderr* and a status."""
-    if options.question is not None and not options.question.strip():
+    if options.question is not None and not options.question.strip() and not options.images:
         print("vlbridge chat: empty question (leave it out for an interactive session)", file=stderr)
         return EXIT_USAGE
     if "-" in options.images and options.question is None:

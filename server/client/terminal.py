@@ -215,6 +215,8 @@ class Chat:
     def handle(self, line: str) -> None:
         command, _, rest = line.partition(" ")
         if not line:
+            if self.attached and not self.interactive:
+                self._ask("")  # pictures alone are a question (`vlbridge chat --image x.png ""`)
             return
         if not line.startswith("/"):
             self._ask(line)
