@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from server import metrics
+from server import metrics, testpage
 from server.config import Config
 from server.http.analyze import analyze
 from server.http.errors import http_exception
@@ -66,6 +66,7 @@ def create_app(config: Config, executor: Executor, platforms: Sequence[PlatformA
         Route("/v1/analyze", analyze, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models),
+        *testpage.routes(config),  # the browser test page at /, unless server.test_page = false
     ]
     for adapter in platforms:
         routes.extend(adapter.routes())

@@ -1,4 +1,4 @@
-"""The `vlbridge` command line: serve, check-config, make-demo-model."""
+"""The `vlbridge` command line: serve, check-config, make-demo-model, chat."""
 
 from __future__ import annotations
 
@@ -55,6 +55,22 @@ def _make_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from server.client.command import ChatOptions, run_chat
+
+    if args.log_level == "info":  # the chat shows connection news itself
+        logging.getLogger("vlbridge.client").setLevel(logging.WARNING)
+    options = ChatOptions(
+        url=args.url,
+        token=args.token or os.environ.get("VLBRIDGE_TOKEN") or None,
+        images=args.image,
+        question=" ".join(args.question) if args.question else None,
+        give_up_after=args.give_up_after,
+        color="NO_COLOR" not in os.environ,
+    )
+    return run_chat(options, sys.stdin, sys.stdout, sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlbridge", description="Qwen3-VL in Feishu/Lark chats")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -75,6 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_make_demo_model)
+
+    chat = sub.add_parser(
+        "chat",
+        help="ask a running server from the terminal (one question, or interactive)",
+        description="Ask QUESTION (or, without one, start an interactive session) over protocol v1.",
+        epilog="exit status: 0 answered, 1 the question failed, 2 bad usage or picture, "
+        "3 no connection, 130 interrupted",
+    )
+    chat.add_argument("question", nargs="*", help="the question; none: interactive")
+    chat.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="default: %(default)s")
+    chat.add_argument("--token", default=None, help="auth token (default: $VLBRIDGE_TOKEN)")
+    chat.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="a picture (repeatable; - = stdin)"
+    )
+    chat.add_argument(
+        "--give-up-after",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="stop reconnecting after S seconds without a connection (default: %(default)s)",
+    )
+    chat.set_defaults(func=_chat)
     return parser
 
 
