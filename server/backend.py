@@ -44,7 +44,7 @@ def build_executor(config: Config) -> InferenceExecutor:
         if path == ECHO_PATH:
             return EchoEngine(limits)
         from server.inference.demo_model import ensure_demo_model
-        from server.inference.model.engine import ModelEngine
+        from server.inference.model.engine import EngineOptions, ModelEngine
 
         source = path
         if not source:
@@ -55,7 +55,13 @@ def build_executor(config: Config) -> InferenceExecutor:
             device=config.model.device,
             dtype=config.model.dtype,
             limits=limits,
-            max_context_tokens=config.model.max_context_tokens,
+            options=EngineOptions(
+                max_batch=config.executor.max_batch,
+                max_batch_tokens=config.executor.max_batch_tokens,
+                max_context_tokens=config.model.max_context_tokens,
+                max_new_tokens=config.model.max_new_tokens,
+                cuda_graphs=config.model.cuda_graphs,
+            ),
             progress=progress,
         )
 

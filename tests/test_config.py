@@ -71,7 +71,7 @@ def test_secret_in_file_is_refused_and_env_supplies_it(tmp_path: Path) -> None:
 
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "[server]\nport = 8000\nauth_tokens = [\"a\"]\n")
+    path = write(tmp_path, '[server]\nport = 8000\nauth_tokens = ["a"]\n')
     env = {
         "VLBRIDGE_SERVER_PORT": "9001",
         "VLBRIDGE_SERVER_AUTH_TOKENS": "x,y",

@@ -1,8 +1,19 @@
-"""ModelEngine: the Engine implementation over a loaded Qwen3-VL model."""
+"""ModelEngine: the Engine implementation over a loaded Qwen3-VL model.
+
+- prefill: new sequences run together in one left-padded transformers forward (vision
+  encoder and prompt batched, deepstack and M-RoPE as the model defines them); their
+  keys/values are then copied into the paged cache and each row's next M-RoPE position
+  is kept;
+- decode: `DecodeStep` advances all running rows by one token (a CUDA graph per batch
+  bucket on GPUs);
+- memory: each sequence reserves pages for prompt + max_new_tokens at admission, so a
+  running batch never runs out of cache.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,10 +21,12 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from server.inference.api import Turn
+from server.inference.api import SamplingParams, Turn
 from server.inference.engine import PreparedPrompt, Sequence
 from server.inference.images import ImageLimits
 
+from .decode import DecodeStep, max_pages_per_row
+from .kvcache import PagedKVCache, SeqCache
 from .runner import ModelRunner
 from .sampling import sample
 
@@ -21,20 +34,45 @@ log = logging.getLogger("vlbridge.model")
 
 
 @dataclass
+class EngineOptions:
+    max_batch: int = 32
+    max_batch_tokens: int = 262_144  # KV-cache tokens across all rows
+    max_context_tokens: int = 16_384
+    max_new_tokens: int = 512
+    cuda_graphs: bool = True
+    memory_fraction: float = 0.85  # of the GPU memory left after loading, for the KV cache
+
+
+@dataclass
 class _State:
-    cache: Any
+    cache: SeqCache
     next_position: int  # M-RoPE position of the next token
 
 
 class ModelEngine:
     """Runs prompts and decode steps for the executor; owned by the executor's thread."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, options: EngineOptions) -> None:
         self.runner = runner
+        self.options = options
         self.name = runner.loaded.name
         self.device = str(runner.device)
         self.eos_token_ids = runner.eos_token_ids
         self._model = runner.model
+        text = runner.model.config.text_config
+        layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
+        head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
+        per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, runner.dtype)
+        tokens = options.max_batch_tokens
+        if runner.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(runner.device)
+            tokens = min(tokens, int(free * options.memory_fraction) // per_token)
+        pages = max(2, tokens // 64 + 1)
+        self.kv = PagedKVCache(layers, kv_heads, head_dim, pages, runner.dtype, runner.device)
+        log.info("KV cache: %d tokens (%.2f GiB)", pages * 64, pages * 64 * per_token / 2**30)
+        row_tokens = options.max_context_tokens + options.max_new_tokens
+        self.step = DecodeStep(runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens))
+        self.capture_seconds = 0.0
 
     @classmethod
     def load(
@@ -44,53 +82,90 @@ class ModelEngine:
         device: str,
         dtype: str,
         limits: ImageLimits,
-        max_context_tokens: int,
+        options: EngineOptions,
         progress: Callable[[float], None] = lambda _: None,
     ) -> ModelEngine:
         progress(0.05)
         runner = ModelRunner.load(
-            path, device=device, dtype=dtype, limits=limits, max_context_tokens=max_context_tokens
+            path, device=device, dtype=dtype, limits=limits, max_context_tokens=options.max_context_tokens
         )
-        progress(0.9)
-        return cls(runner)
+        progress(0.6)
+        engine = cls(runner, options)
+        engine.warm_up(progress)
+        progress(1.0)
+        return engine
+
+    def warm_up(self, progress: Callable[[float], None] = lambda _: None) -> None:
+        """Run one request end to end and capture decode graphs, before reporting ready."""
+        started = time.monotonic()
+        seq = Sequence("warm-up", self.prepare([Turn.user("warm up")]), SamplingParams(), 2)
+        if self.reserve(seq):
+            seq.tokens.append(self.prefill([seq])[0])
+            seq.tokens.append(self.decode([seq])[0])
+            self.release(seq)
+        progress(0.7)
+        if self.options.cuda_graphs and self.runner.device.type == "cuda":
+            try:
+                self.capture_seconds = self.step.capture()
+            except Exception:
+                log.exception("CUDA graph capture failed; decoding eagerly")
+                self.step.graphs.clear()
+        log.info("warm-up took %.1f s", time.monotonic() - started)
+
+    # ---- Engine protocol ----------------------------------------------------------------------------
 
     def prepare(self, messages: list[Turn]) -> PreparedPrompt:
         prompt = self.runner.prompts.build(messages)
         return PreparedPrompt(len(prompt), prompt.image_tokens, prompt)
 
     def reserve(self, seq: Sequence) -> bool:
+        cache = SeqCache()
+        if not self.kv.allocate(cache, seq.prompt.length + seq.max_new_tokens):
+            return False
+        seq.state = _State(cache, 0)
         return True
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> list[int]:
-        first: list[int] = []
-        for seq in seqs:
-            inputs = self.runner.model_inputs([seq.prompt.data])
-            cache = DynamicCache(config=self._model.config)
-            self._model.model.rope_deltas = None  # HF keeps the last prompt's deltas on the module
-            out = self._model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
-            deltas = self._model.model.rope_deltas
-            delta = 0 if deltas is None else int(deltas[0, 0])
-            seq.state = _State(out.cache if hasattr(out, "cache") else cache, seq.prompt.length + delta)
-            first.extend(sample(out.logits[:, -1, :], [seq], self.eos_token_ids))
-        return first
+        prompts = [seq.prompt.data for seq in seqs]
+        inputs = self.runner.model_inputs(prompts)
+        mask = inputs["attention_mask"].bool()
+        dense = DynamicCache(config=self._model.config)
+        self._model.model.rope_deltas = None  # transformers keeps the last prompt's deltas on the module
+        out = self._model(**inputs, cache=dense, use_cache=True, logits_to_keep=1)
+        deltas = self._model.model.rope_deltas
+        slots: list[int] = []
+        for row, seq in enumerate(seqs):
+            state: _State = seq.state
+            length = seq.prompt.length
+            slots.extend(state.cache.slot(i) for i in range(length))
+            state.cache.length = length
+            state.next_position = length + (0 if deltas is None else int(deltas[row, 0]))
+        slot_tensor = torch.tensor(slots, dtype=torch.long, device=self.runner.device)
+        for index, layer in enumerate(dense.layers):
+            # (rows, kv_heads, width, dim) -> the valid (unpadded) tokens, row after row
+            keys = layer.keys.transpose(1, 2)[mask]
+            values = layer.values.transpose(1, 2)[mask]
+            self.kv.write(index, slot_tensor, keys, values)
+        return sample(out.logits[:, -1, :], seqs, self.eos_token_ids)
 
-    @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> list[int]:
-        tokens: list[int] = []
+        ids, positions, slots, tables, lengths = [], [], [], [], []
         for seq in seqs:
             state: _State = seq.state
-            cache_len = state.cache.get_seq_length()
-            ids = torch.tensor([[seq.tokens[-1]]], device=self.runner.device)
-            position = torch.tensor([cache_len, *([state.next_position] * 3)], device=self.runner.device)
-            out = self._model(
-                input_ids=ids, position_ids=position.view(4, 1, 1), cache=state.cache, use_cache=True
-            )
+            ids.append(seq.tokens[-1])
+            positions.append(state.next_position)
+            slots.append(state.cache.slot(state.cache.length))
+            state.cache.length += 1
             state.next_position += 1
-            tokens.extend(sample(out.logits[:, -1, :], [seq], self.eos_token_ids))
-        return tokens
+            tables.append(state.cache.pages)
+            lengths.append(state.cache.length)
+        logits = self.step.run(ids, positions, slots, tables, lengths)
+        return sample(logits, seqs, self.eos_token_ids)
 
     def release(self, seq: Sequence) -> None:
+        if isinstance(seq.state, _State):
+            self.kv.free(seq.state.cache)
         seq.state = None
 
     def detokenize(self, token_ids: list[int]) -> str:
@@ -103,6 +178,11 @@ class ModelEngine:
         return total - free, total
 
     def close(self) -> None:
+        self.step.graphs.clear()
         self._model = None
         if self.runner.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @property
+    def model(self) -> Any:
+        return self._model

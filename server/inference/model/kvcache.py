@@ -1,0 +1,79 @@
+"""A paged KV cache: fixed-size pages in one preallocated pool per layer.
+
+Each sequence holds a list of pages (its page table) sized for its whole answer at
+admission, so decoding never allocates and a finished sequence gives its pages back at
+once. Page 0 is scratch: padded rows of a CUDA-graph batch write there. Decode attention
+reads each row only up to its own length (see attention.py), so its cost follows the
+rows' real lengths, not the longest row or the pool size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("vlbridge.model.kv")
+
+PAGE = 64  # tokens per page
+
+
+@dataclass
+class SeqCache:
+    """A sequence's place in the cache."""
+
+    pages: list[int] = field(default_factory=list)
+    length: int = 0  # tokens written
+
+    def slot(self, index: int) -> int:
+        return self.pages[index // PAGE] * PAGE + index % PAGE
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        pages: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if pages < 2:
+            raise ValueError(f"expected at least 2 pages, got {pages}")
+        shape = (pages, PAGE, kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.pages = pages
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self._free = list(range(pages - 1, 0, -1))  # page 0 is scratch
+
+    @staticmethod
+    def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def allocate(self, seq: SeqCache, tokens: int) -> bool:
+        """Give *seq* pages for *tokens* tokens in all; False (and nothing taken) if full."""
+        need = -(-tokens // PAGE) - len(seq.pages)
+        if need > len(self._free):
+            return False
+        for _ in range(max(0, need)):
+            seq.pages.append(self._free.pop())
+        return True
+
+    def free(self, seq: SeqCache) -> None:
+        self._free.extend(reversed(seq.pages))
+        seq.pages = []
+        seq.length = 0
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store keys/values (tokens, kv_heads, head_dim) at flat *slots* (tokens,)."""
+        flat = (-1, self.kv_heads, self.head_dim)
+        self.keys[layer].view(flat).index_copy_(0, slots, keys.to(self.keys[layer].dtype))
+        self.values[layer].view(flat).index_copy_(0, slots, values.to(self.values[layer].dtype))

@@ -1,0 +1,197 @@
+"""The real executor with the real (tiny) model: batching correctness, isolation, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from server.inference.api import (
+    Delta,
+    Done,
+    Event,
+    Failed,
+    InferenceRequest,
+    Queued,
+    SamplingParams,
+    Started,
+    Turn,
+)
+from server.inference.executor import ExecutorLimits, InferenceExecutor
+from server.inference.images import ImageLimits
+from server.inference.model.engine import EngineOptions, ModelEngine
+from tests.conftest import make_png
+
+GREEDY = SamplingParams(max_new_tokens=24)
+
+
+@pytest.fixture
+async def executor(demo_model_dir: Path) -> AsyncIterator[InferenceExecutor]:
+    options = EngineOptions(max_batch=4, max_context_tokens=4096, max_new_tokens=64)
+    ex = InferenceExecutor(
+        lambda progress: ModelEngine.load(
+            str(demo_model_dir),
+            device="cpu",
+            dtype="float32",
+            limits=ImageLimits(),
+            options=options,
+            progress=progress,
+        ),
+        ExecutorLimits(max_batch=4, queue_size=8, request_timeout=60, max_new_tokens=64),
+        model_name="demo",
+    )
+    await ex.start()
+    await ex.wait_ready(60)
+    yield ex
+    await ex.stop()
+
+
+async def collect(ex: InferenceExecutor, request: InferenceRequest) -> list[Event]:
+    return [event async for event in ex.submit(request)]
+
+
+def conversations() -> list[list[Turn]]:
+    return [
+        [Turn.user("What is in this picture?", [make_png(96, 64, (200, 40, 40))])],
+        [Turn.user("Describe it.", [make_png(320, 200, (20, 200, 90))])],
+        [Turn.user("hello there")],
+        [Turn.user("Two pictures: compare them.", [make_png(64, 64), make_png(128, 300, (0, 0, 250))])],
+        [
+            Turn.user("What colour?", [make_png(150, 90, (240, 240, 0))]),
+            Turn.assistant("It is yellow."),
+            Turn.user("Are you sure?"),
+        ],
+        [Turn.user("A tall one", [make_png(40, 400, (90, 90, 90))])],
+    ]
+
+
+async def test_batched_staggered_and_cancelled_requests_match_running_alone(
+    executor: InferenceExecutor,
+) -> None:
+    convs = conversations()
+    alone: list[tuple[int, ...]] = []
+    for i, turns in enumerate(convs):
+        [*_, done] = await collect(executor, InferenceRequest(f"alone-{i}", turns, GREEDY))
+        assert isinstance(done, Done), done
+        alone.append(done.token_ids)
+
+    # Stock transformers generate, batched, is the independent reference for the same tokens.
+    engine = executor._engine
+    assert isinstance(engine, ModelEngine)
+    reference = await asyncio.to_thread(engine.runner.generate_reference, convs, GREEDY)
+    assert [list(t) for t in alone] == reference
+
+    async def staggered(i: int, turns: list[Turn]) -> list[Event]:
+        await asyncio.sleep(0.01 * i)  # arrive while others are already decoding
+        return await collect(executor, InferenceRequest(f"batched-{i}", turns, GREEDY))
+
+    async def cancelled_midway(i: int) -> list[Event]:
+        handle = executor.submit(InferenceRequest(f"cancel-{i}", convs[i], SamplingParams(max_new_tokens=64)))
+        events: list[Event] = []
+        async for event in handle:
+            events.append(event)
+            if sum(isinstance(e, Delta) for e in events) == 3:
+                handle.cancel()
+        return events
+
+    results = await asyncio.gather(
+        *[staggered(i, t) for i, t in enumerate(convs)], cancelled_midway(1), cancelled_midway(3)
+    )
+    for i, events in enumerate(results[: len(convs)]):
+        done = events[-1]
+        assert isinstance(done, Done), done
+        assert done.token_ids == alone[i], f"request {i} differs when batched"
+        assert "".join(e.text for e in events if isinstance(e, Delta)) == done.text
+        assert isinstance(events[0], Queued)
+        assert any(isinstance(e, Started) for e in events)
+    for events in results[len(convs) :]:
+        assert isinstance(events[-1], Failed)
+        assert events[-1].code == "cancelled"
+    assert executor.stats().active == 0
+    assert max(executor.batch_sizes) > 1  # it really batched
+
+
+async def test_event_loop_stays_responsive_while_decoding(executor: InferenceExecutor) -> None:
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last - 0.005)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    convs = conversations()
+    await asyncio.gather(
+        *[collect(executor, InferenceRequest(f"r{i}", t, GREEDY)) for i, t in enumerate(convs)]
+    )
+    stop.set()
+    await tick
+    gaps.sort()
+    p99 = gaps[int(len(gaps) * 0.99) - 1]
+    assert len(gaps) > 20
+    assert p99 < 0.1, f"event loop stalled: p99 extra latency {p99 * 1000:.1f} ms"
+
+
+async def test_bad_picture_fails_alone_and_others_finish(executor: InferenceExecutor) -> None:
+    good = [
+        collect(executor, InferenceRequest(f"ok-{i}", t, GREEDY)) for i, t in enumerate(conversations()[:3])
+    ]
+    bad = collect(executor, InferenceRequest("bad", [Turn.user("what?", [b"not a picture"])], GREEDY))
+    *oks, failed = await asyncio.gather(*good, bad)
+    assert all(isinstance(events[-1], Done) for events in oks)
+    assert isinstance(failed[-1], Failed)
+    assert failed[-1].code == "bad_image"
+    assert "picture 1" in failed[-1].message
+
+
+async def test_full_queue_answers_busy_at_once_with_retry_after(executor: InferenceExecutor) -> None:
+    long = SamplingParams(max_new_tokens=64, min_new_tokens=64)
+    handles = [executor.submit(InferenceRequest(f"q{i}", [Turn.user("hi")], long)) for i in range(16)]
+    firsts = [await anext(aiter(h)) for h in handles]
+    busy = [e for e in firsts if isinstance(e, Failed)]
+    assert busy, "a queue of 8 behind a batch of 4 cannot take 16"
+    assert all(e.code == "busy" and e.retry_after and e.retry_after > 0 for e in busy)
+    for handle in handles:
+        handle.cancel()
+
+
+async def test_mixed_sampling_settings_and_stop_strings_in_one_batch(executor: InferenceExecutor) -> None:
+    turns = [Turn.user("Describe it.", [make_png()])]
+    [*_, greedy] = await collect(executor, InferenceRequest("g", turns, GREEDY))
+    assert isinstance(greedy, Done)
+    stop_at = greedy.text[5:8] if len(greedy.text) > 8 else None
+    requests = [
+        InferenceRequest("greedy", turns, GREEDY),
+        InferenceRequest("hot", turns, SamplingParams(max_new_tokens=24, temperature=1.5, top_p=0.9)),
+        InferenceRequest("short", turns, SamplingParams(max_new_tokens=3)),
+        InferenceRequest("forced", [Turn.user("hi")], SamplingParams(max_new_tokens=20, min_new_tokens=20)),
+    ]
+    if stop_at:
+        requests.append(InferenceRequest("stop", turns, SamplingParams(max_new_tokens=24, stop=(stop_at,))))
+    results = await asyncio.gather(*[collect(executor, r) for r in requests])
+    done = {r.id: e[-1] for r, e in zip(requests, results, strict=True)}
+    assert all(isinstance(d, Done) for d in done.values()), done
+    assert done["greedy"].token_ids == greedy.token_ids  # type: ignore[union-attr]
+    assert done["short"].usage.completion_tokens == 3  # type: ignore[union-attr]
+    assert done["forced"].usage.completion_tokens == 20  # type: ignore[union-attr]
+    if stop_at:
+        assert done["stop"].text == greedy.text[: greedy.text.index(stop_at)]  # type: ignore[union-attr]
+
+
+async def test_deadline_and_slot_reuse(executor: InferenceExecutor) -> None:
+    long = SamplingParams(max_new_tokens=64, min_new_tokens=64)
+    events = await collect(executor, InferenceRequest("slow", [Turn.user("hi")], long, timeout=0.05))
+    assert isinstance(events[-1], Failed)
+    assert events[-1].code == "timeout"
+    [*_, after] = await collect(executor, InferenceRequest("next", [Turn.user("hi")], GREEDY))
+    assert isinstance(after, Done)
+    engine = executor._engine
+    assert isinstance(engine, ModelEngine)
+    assert engine.kv.free_pages == engine.kv.pages - 1  # every page came back
