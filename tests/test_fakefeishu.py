@@ -52,6 +52,7 @@ from tests.fakefeishu import (
     frames,
     post_img,
 )
+from tests.fakefeishu.webhook import build_request
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"fake picture bytes" * 10
 
@@ -583,6 +584,67 @@ def test_ws_unanswered_pings_go_unnoticed(
     # The SDK never checks for pongs: a half-dead socket looks alive to it (a watchdog must notice).
     [conn] = fake_feishu.records.connections()
     assert conn.open
+
+
+# -- (c) webhook mode through EventDispatcherHandler ------------------------------------------------
+
+
+def webhook_handler(fake: FakeFeishu, inbox: Inbox) -> lark.EventDispatcherHandler:
+    return (
+        lark.EventDispatcherHandler.builder(fake.encrypt_key, fake.verification_token)
+        .register_p2_im_message_receive_v1(inbox)
+        .build()
+    )
+
+
+def raw_request(body: bytes, headers: dict[str, str]) -> lark.RawRequest:
+    request = lark.RawRequest()
+    request.uri = "/webhook/event"
+    request.headers = headers
+    request.body = body
+    return request
+
+
+def test_webhook_encrypted_signed_event_is_accepted(fake_feishu: FakeFeishu) -> None:
+    inbox = Inbox()
+    event = fake_feishu.events.post([[{"tag": "text", "text": "caption", "style": []}], [post_img("img_x")]])
+    request = fake_feishu.webhook_request(event)
+
+    resp = webhook_handler(fake_feishu, inbox).do(raw_request(request.body, request.headers))
+
+    assert resp.status_code == 200, resp.content
+    assert set(json.loads(request.body)) == {"encrypt"}
+    assert inbox.message_ids() == [event["event"]["message"]["message_id"]]
+    assert json.loads(inbox.events[0].event.message.content)["content"][1][0]["image_key"] == "img_x"
+
+
+@pytest.mark.parametrize("tamper", ["signature", "body", "token"])
+def test_webhook_tampered_request_is_rejected(fake_feishu: FakeFeishu, tamper: str) -> None:
+    inbox = Inbox()
+    event = fake_feishu.events.text("hi")
+    if tamper == "token":
+        event["header"]["token"] = "not-the-verification-token"
+    request = fake_feishu.webhook_request(event)
+    headers = dict(request.headers)
+    body = request.body
+    if tamper == "signature":
+        headers["X-Lark-Signature"] = "0" * 64
+    elif tamper == "body":
+        body = build_request(event, encrypt_key=fake_feishu.encrypt_key).body  # fresh IV: signature mismatch
+
+    resp = webhook_handler(fake_feishu, inbox).do(raw_request(body, headers))
+
+    assert resp.status_code == 500
+    assert inbox.events == []
+
+
+def test_webhook_url_verification(fake_feishu: FakeFeishu) -> None:
+    request = fake_feishu.webhook_request(fake_feishu.events.url_verification("c-123"), sign=False)
+
+    resp = webhook_handler(fake_feishu, Inbox()).do(raw_request(request.body, request.headers))
+
+    assert resp.status_code == 200
+    assert json.loads(resp.content) == {"challenge": "c-123"}
 
 
 # -- sans-I/O frame codec ---------------------------------------------------------------------------

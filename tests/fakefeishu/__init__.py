@@ -3,7 +3,7 @@
 Start one with ``FakeFeishu().start()`` (or ``with FakeFeishu() as fake``, or the ``fake_feishu``
 fixture) and point the SDK's ``domain`` at ``fake.url``; use ``fake.app_id`` / ``fake.app_secret``.
 ``fake.events`` builds inbound events, ``fake.push_event`` delivers them over the long connection,
-``fake.records`` says what the bot did,
+``fake.webhook_request`` wraps them for webhook mode, ``fake.records`` says what the bot did,
 ``fake.faults`` makes routes fail or stall, and ``await fake.wait_for(...)`` waits on any of it::
 
     async def test_bot_answers_a_captioned_picture(fake_feishu):
@@ -19,7 +19,7 @@ fixture) and point the SDK's ``domain`` at ``fake.url``; use ``fake.app_id`` / `
 Modules by role: ``fake`` (facade), ``server`` (uvicorn thread), ``routing`` (faults, auth, envelopes),
 ``openapi`` (auth, bot, IM), ``content`` (message content rules), ``cardkit`` (card entities),
 ``longconn`` (discovery + WebSocket), ``frames`` (sans-I/O pbbp2 codec), ``records`` (observations),
-``state`` (tokens, messages, resources), ``faults``, ``codes``, ``events``, ``sdkthread``
+``state`` (tokens, messages, resources), ``faults``, ``codes``, ``events``, ``webhook``, ``sdkthread``
 (the SDK's ws client in a thread), ``fixtures`` (pytest fixtures).
 """
 
@@ -51,6 +51,7 @@ from .records import (
     SentMessage,
 )
 from .sdkthread import LarkWsThread
+from .webhook import WebhookRequest, build_request
 
 __all__ = [
     "CHAT_RATE_LIMITED",
@@ -78,6 +79,8 @@ __all__ = [
     "SendKind",
     "SentMessage",
     "User",
+    "WebhookRequest",
+    "build_request",
     "post_at",
     "post_img",
     "post_text",

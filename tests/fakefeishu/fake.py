@@ -31,6 +31,7 @@ from .records import Ack, CardRecord, ConnectionRecord, Records, SentMessage
 from .routing import Endpoints, json_response
 from .server import ServerThread
 from .state import KnownMessage, PlatformState
+from .webhook import WebhookRequest, build_request
 
 T = TypeVar("T")
 
@@ -193,6 +194,14 @@ class FakeFeishu:
     def set_answer_pings(self, enabled: bool) -> None:
         """With False the socket stays open but pings get no pong (a half-dead connection)."""
         self._call(lambda: setattr(self._longconn, "answer_pings", enabled))
+
+    # -- webhook ----------------------------------------------------------------------------------
+
+    def webhook_request(
+        self, event: Mapping[str, Any], *, encrypt: bool = True, sign: bool = True
+    ) -> WebhookRequest:
+        """The POST Feishu would make for ``event`` to this app's webhook (encrypted and signed)."""
+        return build_request(event, encrypt_key=self.encrypt_key if encrypt else "", sign=sign)
 
     # -- waiting ----------------------------------------------------------------------------------
 
