@@ -74,6 +74,7 @@ class Decision(StrEnum):
     IGNORE = "ignore"  # a group message that does not @ the bot: not ours to answer
     NOT_ALLOWED = "not_allowed"
     STALE = "stale"
+    RATE_LIMITED = "rate_limited"
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +230,7 @@ class Conversation:
         self._started = monotonic()
         self._monotonic = monotonic
         self._locks: dict[str, asyncio.Lock] = {}
-        self._active: dict[str, set[RequestHandle]] = {}  # sender -> running answers
+        self._active: dict[str, list[RequestHandle]] = {}  # sender -> running answers
         self._ids = itertools.count(1)
 
     def _t(self, key: str, **values: object) -> str:
@@ -268,7 +269,7 @@ class Conversation:
         retry = self.rate.check(message.sender_id)
         if retry is not None:
             await channel.reply_text(message, self._t("rate_limited", seconds=max(1, round(retry))))
-            return decision
+            return Decision.RATE_LIMITED
         lock = self._locks.setdefault(message.context_key, asyncio.Lock())
         try:
             async with lock:
@@ -287,7 +288,7 @@ class Conversation:
             self.contexts.reset(message.context_key)
             reply = self._t("reset")
         elif command is Command.CANCEL:
-            handles = self._active.get(message.sender_id, set())
+            handles = self._active.get(message.sender_id, [])
             for handle in list(handles):
                 handle.cancel()
             reply = self._t("cancelled" if handles else "nothing_to_cancel")
@@ -334,8 +335,8 @@ class Conversation:
         sink = channel.answer_sink(message)
         await sink.open(self._t("thinking"))
         handle = self.executor.submit(InferenceRequest(id=request_id, messages=prompt))
-        active = self._active.setdefault(message.sender_id, set())
-        active.add(handle)
+        active = self._active.setdefault(message.sender_id, [])
+        active.append(handle)
         text = ""
         try:
             async for event in handle:
@@ -370,6 +371,6 @@ class Conversation:
             handle.cancel()
             raise
         finally:
-            active.discard(handle)
+            active.remove(handle)
             if not active:
                 self._active.pop(message.sender_id, None)

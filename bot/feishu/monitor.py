@@ -47,7 +47,7 @@ class Watchdog:
         self.limits = limits
         self.spawned_at = spawned_at
         self.report: WorkerReport | None = None
-        self.down_since: float | None = spawned_at  # None while connected
+        self.down_since: float | None = None  # set by the first report without a connection
         self.ever_connected = False
 
     def observe(self, report: WorkerReport) -> None:
@@ -60,7 +60,7 @@ class Watchdog:
 
     @property
     def state(self) -> LinkState:
-        if self.down_since is None:
+        if self.report is not None and self.report.connected:
             return LinkState.CONNECTED
         return LinkState.RECONNECTING if self.ever_connected else LinkState.STARTING
 
