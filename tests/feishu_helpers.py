@@ -15,7 +15,13 @@ from tests.fakefeishu import FakeFeishu
 
 
 def feishu_config(
-    fake: FakeFeishu, storage: Path, *, model: str, mode: str = "longconn", **feishu: Any
+    fake: FakeFeishu,
+    storage: Path,
+    *,
+    model: str,
+    mode: str = "longconn",
+    max_new_tokens: int = 16,
+    **feishu: Any,
 ) -> Config:
     """A config pointing the adapter at *fake*, with fast watchdog and streaming intervals."""
     env = {
@@ -38,7 +44,7 @@ def feishu_config(
             "feishu": config.feishu.model_copy(update=values),
             "storage": config.storage.model_copy(update={"path": str(storage)}),
             "model": config.model.model_copy(
-                update={"path": model, "device": "cpu", "dtype": "float32", "max_new_tokens": 16}
+                update={"path": model, "device": "cpu", "dtype": "float32", "max_new_tokens": max_new_tokens}
             ),
             "executor": config.executor.model_copy(update={"max_batch": 32, "queue_size": 64}),
         }
