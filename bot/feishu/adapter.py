@@ -138,11 +138,13 @@ class FeishuAdapter:
         self._spawn(self._own_id(), "bot-info")
 
     async def stop(self) -> None:
-        self._accepting = False
+        # The worker acked what is still in its pipe: read it all before refusing new events, so
+        # an acked message still gets a sentence (e.g. "unavailable") instead of silence.
         if isinstance(self.receiver, LongConnection):
             await self.receiver.stop()
         else:
             self.receiver.close()
+        self._accepting = False
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.grace)
             for task in pending:
