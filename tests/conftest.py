@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.fakefeishu.fixtures import fake_feishu, lark_ws
+
+__all__ = ["fake_feishu", "lark_ws", "make_png"]
+
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,0 +1,376 @@
+"""Platform-neutral conversation logic: policy, commands, per-chat context, answering.
+
+An adapter parses a platform message into `bot.types.InboundMessage` and calls
+`Conversation.handle(message, channel, arrived_at=...)`; *channel* is the adapter's
+`ReplyChannel` (fetch pictures, plain replies, a streaming answer sink). Everything here is
+independent of Feishu. The model is reached only through `server.inference.api.Executor`.
+
+Ordering: messages of one conversation (chat, or thread in a chat) are answered one after the
+other, so a question sent right after a picture sees that picture; different conversations
+run concurrently. Commands bypass that queue (``/cancel`` must not wait behind the answer it
+cancels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from bot import texts
+from bot.types import ChatType, InboundMessage, MessageKind
+from server.errors import RequestError, TooLarge
+from server.inference.api import (
+    Delta,
+    Done,
+    Executor,
+    Failed,
+    InferenceRequest,
+    Queued,
+    RequestHandle,
+    Started,
+    Turn,
+)
+
+log = logging.getLogger("vlbridge.bot")
+
+Clock = Callable[[], float]
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+class Command(StrEnum):
+    HELP = "/help"
+    RESET = "/reset"
+    STATUS = "/status"
+    CANCEL = "/cancel"
+    UNKNOWN = "unknown"
+
+
+def parse_command(text: str) -> tuple[Command, str] | None:
+    """``("/reset", ...)`` for a message that is a command, else None; returns (command, word)."""
+    stripped = text.strip()
+    if not stripped.startswith("/"):
+        return None
+    word = stripped.split(maxsplit=1)[0].lower()
+    try:
+        return Command(word), word
+    except ValueError:
+        return Command.UNKNOWN, word
+
+
+# -- policy ---------------------------------------------------------------------------------------
+
+
+class Decision(StrEnum):
+    ANSWER = "answer"
+    IGNORE = "ignore"  # a group message that does not @ the bot: not ours to answer
+    NOT_ALLOWED = "not_allowed"
+    STALE = "stale"
+    RATE_LIMITED = "rate_limited"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    allowed_chats: frozenset[str] = frozenset()  # empty = every chat
+    allowed_users: frozenset[str] = frozenset()  # empty = every user
+    max_message_age: float = 1800.0
+
+    def decide(self, message: InboundMessage, *, bot_id: str, arrived_at: float) -> Decision:
+        if message.chat_type is ChatType.GROUP and (not bot_id or bot_id not in message.mentioned):
+            return Decision.IGNORE
+        if (self.allowed_chats and message.chat_id not in self.allowed_chats) or (
+            self.allowed_users and message.sender_id not in self.allowed_users
+        ):
+            return Decision.NOT_ALLOWED
+        if message.created_at and arrived_at - message.created_at > self.max_message_age:
+            return Decision.STALE
+        return Decision.ANSWER
+
+
+class RateLimiter:
+    """At most *per_minute* questions per user in any sliding 60 s window."""
+
+    def __init__(self, per_minute: int, clock: Clock = time.monotonic, max_users: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._max_users = max_users
+        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def check(self, user: str) -> float | None:
+        """Record one question; None when allowed, else seconds until the next one is."""
+        now = self._clock()
+        stamps = self._seen.pop(user, None) or deque()
+        while stamps and now - stamps[0] >= 60.0:
+            stamps.popleft()
+        retry: float | None = None
+        if len(stamps) >= self.per_minute:
+            retry = 60.0 - (now - stamps[0])
+        else:
+            stamps.append(now)
+        self._seen[user] = stamps
+        while len(self._seen) > self._max_users:
+            self._seen.popitem(last=False)
+        return retry
+
+
+# -- context --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Context:
+    """One conversation's memory: the turns so far; the first turn carries the last picture(s)."""
+
+    turns: list[Turn] = field(default_factory=list)
+    has_picture: bool = False
+
+
+class ContextStore:
+    """Per-conversation contexts, least recently used dropped beyond *max_contexts*.
+
+    A new picture starts a new context (the question is about it); text follows the context,
+    keeping the picture turn and the last *max_turns* turns after it.
+    """
+
+    def __init__(self, max_contexts: int = 1000, max_turns: int = 8) -> None:
+        self._contexts: OrderedDict[str, Context] = OrderedDict()
+        self.max_contexts = max_contexts
+        self.max_turns = max_turns
+
+    def get(self, key: str) -> Context:
+        context = self._contexts.pop(key, None) or Context()
+        self._contexts[key] = context
+        while len(self._contexts) > self.max_contexts:
+            self._contexts.popitem(last=False)
+        return context
+
+    def reset(self, key: str) -> None:
+        self._contexts.pop(key, None)
+
+    def prompt(self, key: str, text: str, images: list[bytes]) -> list[Turn]:
+        """The messages to send for a new question (the context is not changed yet)."""
+        question = Turn.user(text, images)
+        if images:
+            return [question]
+        return [*self.get(key).turns, question]
+
+    def remember(self, key: str, prompt: list[Turn], answer: str) -> None:
+        context = self.get(key)
+        turns = [*prompt, Turn.assistant(answer)]
+        if turns[0].images:
+            context.has_picture = True
+            head, tail = turns[:1], turns[1:]
+            turns = head + tail[-self.max_turns :] if len(tail) > self.max_turns else turns
+        else:
+            turns = turns[-self.max_turns :]
+            if turns and turns[0].role == "assistant":
+                turns = turns[1:]
+        context.turns = turns
+
+
+# -- the platform side ----------------------------------------------------------------------------
+
+
+class AnswerSink(Protocol):
+    """Where one streaming answer goes (e.g. a Feishu CardKit card). Methods never raise:
+    platform failures are the sink's to handle (fall back, log)."""
+
+    async def open(self, status: str) -> None: ...
+
+    def update(self, text: str) -> None:
+        """The full text so far (or a status line); may be coalesced; never blocks."""
+
+    async def close(self, text: str) -> None:
+        """The final text; the answer is complete (or failed: then *text* says why)."""
+
+
+class ReplyChannel(Protocol):
+    """What `Conversation` needs from a platform for one message."""
+
+    async def fetch_images(self, message: InboundMessage) -> list[bytes]:
+        """Download the message's pictures; raises `RequestError` (e.g. TooLarge) on failure."""
+
+    async def reply_text(self, message: InboundMessage, text: str) -> None:
+        """One plain reply to *message*; never raises."""
+
+    def answer_sink(self, message: InboundMessage) -> AnswerSink: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    language: texts.Language = "zh"
+    policy: Policy = Policy()
+    user_rate_per_minute: int = 10
+    max_images: int = 8
+
+
+class Conversation:
+    """Answers inbound messages; one instance per adapter."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        settings: Settings,
+        *,
+        clock: Clock = time.time,
+        monotonic: Clock = time.monotonic,
+    ) -> None:
+        self.executor = executor
+        self.settings = settings
+        self.contexts = ContextStore()
+        self.rate = RateLimiter(settings.user_rate_per_minute, monotonic)
+        self._clock = clock
+        self._started = monotonic()
+        self._monotonic = monotonic
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._active: dict[str, list[RequestHandle]] = {}  # sender -> running answers
+        self._ids = itertools.count(1)
+
+    def _t(self, key: str, **values: object) -> str:
+        return texts.text(key, self.settings.language, **values)
+
+    async def handle(
+        self, message: InboundMessage, channel: ReplyChannel, *, bot_id: str, arrived_at: float
+    ) -> Decision:
+        """Answer *message* (or deliberately not); returns what was decided. Never raises for
+        anything the user caused: they get a sentence instead."""
+        decision = self.settings.policy.decide(message, bot_id=bot_id, arrived_at=arrived_at)
+        log.info(
+            "message %s in %s from %s (%s): %s",
+            message.message_id,
+            message.chat_id,
+            message.sender_id,
+            message.raw_type,
+            decision.value,
+        )
+        if decision is Decision.IGNORE:
+            return decision
+        if decision is Decision.NOT_ALLOWED:
+            await channel.reply_text(message, self._t("not_allowed"))
+            return decision
+        if decision is Decision.STALE:
+            minutes = max(1, round((arrived_at - message.created_at) / 60))
+            await channel.reply_text(message, self._t("stale", minutes=minutes))
+            return decision
+        command = parse_command(message.text) if message.kind is MessageKind.TEXT else None
+        if command is not None:
+            await self._command(message, channel, *command)
+            return decision
+        if message.kind is MessageKind.UNSUPPORTED:
+            await channel.reply_text(message, self._t("unsupported", kind=message.raw_type or "?"))
+            return decision
+        retry = self.rate.check(message.sender_id)
+        if retry is not None:
+            await channel.reply_text(message, self._t("rate_limited", seconds=max(1, round(retry))))
+            return Decision.RATE_LIMITED
+        lock = self._locks.setdefault(message.context_key, asyncio.Lock())
+        try:
+            async with lock:
+                await self._answer(message, channel)
+        finally:
+            if not lock.locked() and self._locks.get(message.context_key) is lock:
+                del self._locks[message.context_key]
+        return decision
+
+    async def _command(
+        self, message: InboundMessage, channel: ReplyChannel, command: Command, word: str
+    ) -> None:
+        if command is Command.HELP:
+            reply = self._t("help")
+        elif command is Command.RESET:
+            self.contexts.reset(message.context_key)
+            reply = self._t("reset")
+        elif command is Command.CANCEL:
+            handles = self._active.get(message.sender_id, [])
+            for handle in list(handles):
+                handle.cancel()
+            reply = self._t("cancelled" if handles else "nothing_to_cancel")
+        elif command is Command.STATUS:
+            stats = self.executor.stats()
+            uptime = int(self._monotonic() - self._started)
+            reply = self._t(
+                "status",
+                model=stats.model,
+                state=stats.state.value,
+                queue=stats.queue_depth,
+                capacity=stats.queue_capacity,
+                active=stats.active,
+                uptime=f"{uptime // 3600}h{uptime % 3600 // 60:02d}m{uptime % 60:02d}s",
+            )
+        else:
+            reply = self._t("unknown_command", command=word)
+        await channel.reply_text(message, reply)
+
+    async def _answer(self, message: InboundMessage, channel: ReplyChannel) -> None:
+        language = self.settings.language
+        images: list[bytes] = []
+        if message.image_keys:
+            try:
+                if len(message.image_keys) > self.settings.max_images:
+                    raise TooLarge(f"at most {self.settings.max_images} pictures per question")
+                images = await channel.fetch_images(message)
+            except RequestError as exc:
+                log.warning("message %s: pictures not fetched: %s", message.message_id, exc)
+                if isinstance(exc, TooLarge):
+                    sentence = texts.error_text(exc.code, language, message=exc.message)
+                else:
+                    sentence = self._t("picture_failed")
+                await channel.reply_text(message, sentence)
+                return
+        question = message.text or (
+            ("请描述这张图片。" if language == "zh" else "Describe this picture.") if images else ""
+        )
+        if not question:
+            await channel.reply_text(message, self._t("help"))
+            return
+        prompt = self.contexts.prompt(message.context_key, question, images)
+        request_id = f"feishu-{message.message_id}-{next(self._ids)}"
+        sink = channel.answer_sink(message)
+        await sink.open(self._t("thinking"))
+        handle = self.executor.submit(InferenceRequest(id=request_id, messages=prompt))
+        active = self._active.setdefault(message.sender_id, [])
+        active.append(handle)
+        text = ""
+        try:
+            async for event in handle:
+                if isinstance(event, Delta):
+                    text += event.text
+                    sink.update(text)
+                elif isinstance(event, Queued):
+                    sink.update(self._t("queued", ahead=max(0, event.position - 1)))
+                elif isinstance(event, Started):
+                    sink.update(self._t("thinking"))
+                elif isinstance(event, Done):
+                    text = event.text
+                    self.contexts.remember(message.context_key, prompt, text)
+                    log.info(
+                        "request %s done: %d prompt tokens (%d image), %d answer tokens",
+                        request_id,
+                        event.usage.prompt_tokens,
+                        event.usage.image_tokens,
+                        event.usage.completion_tokens,
+                    )
+                    await sink.close(text or "…")
+                elif isinstance(event, Failed):
+                    log.info("request %s failed: %s %s", request_id, event.code, event.message)
+                    if event.code == "cancelled":
+                        await sink.close(f"{text}\n\n{self._t('cancelled_suffix')}".strip())
+                    else:
+                        sentence = texts.error_text(
+                            event.code, language, message=event.message, retry_after=event.retry_after
+                        )
+                        await sink.close(f"{text}\n\n{sentence}".strip() if text else sentence)
+        except BaseException:
+            handle.cancel()
+            raise
+        finally:
+            active.remove(handle)
+            if not active:
+                self._active.pop(message.sender_id, None)

@@ -1,0 +1,159 @@
+"""The long-connection worker process: hosts one unmodified `lark.ws.Client` and nothing else.
+
+Run as ``python -m bot.feishu.wsworker`` by `bot.feishu.longconn.LongConnection`. Why a
+process: the SDK grabs an event loop at import, `start()` blocks forever with no `stop()`,
+discovery uses `requests.post` without a timeout, and two clients in one process interfere.
+A process can always be stopped (closing its stdin, or a kill), whatever state the SDK is in.
+
+Protocol (JSON lines; all times are ``time.time()`` seconds):
+- stdin: one line ``{"app_id", "app_secret", "domain", "heartbeat"}``; then EOF means "exit".
+- stdout: ``{"t": "event", "body": "<event JSON>", "at"}`` per received event,
+  ``{"t": "state", "at", "connected", "unanswered_since"}`` every `heartbeat` seconds,
+  ``{"t": "log", "level", "msg"}`` for the SDK's info/warning/error lines.
+
+The SDK handler only queues the event for a writer thread and returns, so the SDK acks in
+milliseconds whatever the parent is doing. Pongs are observed through the SDK's own log
+lines (it receives them but ignores them): no SDK code is patched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from typing import IO, Any
+
+_out: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+
+
+def _emit(record: dict[str, Any]) -> None:
+    _out.put(record)
+
+
+def _writer(stream: IO[bytes]) -> None:
+    while True:
+        record = _out.get()
+        if record is None:
+            return
+        stream.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        stream.flush()
+
+
+class _Pings:
+    """Ping/pong bookkeeping fed by the SDK's log records (on the SDK's thread)."""
+
+    def __init__(self) -> None:
+        self.unanswered_since = 0.0
+
+    def ping(self, now: float) -> None:
+        if not self.unanswered_since:
+            self.unanswered_since = now
+
+    def pong(self) -> None:
+        self.unanswered_since = 0.0
+
+
+class _SdkLog(logging.Handler):
+    """Watches the SDK's "Lark" logger: pings, pongs, connects; forwards info+ lines."""
+
+    def __init__(self, pings: _Pings) -> None:
+        super().__init__(logging.DEBUG)
+        self.pings = pings
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a malformed SDK log call must not break the worker
+            return
+        if msg.startswith("ping success"):
+            self.pings.ping(time.time())
+        elif msg.startswith(("receive pong", "connected to")):
+            self.pings.pong()
+        if record.levelno >= logging.INFO and not msg.startswith("receive message"):
+            _emit({"t": "log", "level": record.levelname, "msg": msg})
+
+
+def _stdin_watch(stdin: IO[bytes]) -> None:
+    stdin.read()  # returns at EOF: the parent closed our stdin or died
+    os._exit(0)
+
+
+def main() -> int:
+    # stdout is the protocol; anything else printing to it (the SDK's default handler) goes to stderr.
+    protocol = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    settings = json.loads(sys.stdin.buffer.readline() or b"{}")
+    threading.Thread(target=_writer, args=(protocol,), name="writer", daemon=True).start()
+    threading.Thread(target=_stdin_watch, args=(sys.stdin.buffer,), name="stdin", daemon=True).start()
+
+    import asyncio
+
+    import lark_oapi as lark
+    import lark_oapi.ws.client as ws_module
+    from lark_oapi.core.log import logger as sdk_logger
+
+    pings = _Pings()
+    for handler in list(sdk_logger.handlers):
+        sdk_logger.removeHandler(handler)
+    sdk_logger.addHandler(_SdkLog(pings))
+    sdk_logger.propagate = False
+
+    def hand_over(data: Any) -> None:
+        _emit({"t": "event", "body": lark.JSON.marshal(data), "at": time.time()})
+
+    def ignore(data: Any) -> None:
+        return None
+
+    # Every type the app may be subscribed to is registered: an unregistered one is acked 500.
+    handler = (
+        lark.EventDispatcherHandler.builder("", "")
+        .register_p2_im_message_receive_v1(hand_over)
+        .register_p2_im_message_message_read_v1(ignore)
+        .register_p2_im_message_recalled_v1(ignore)
+        .register_p2_im_message_reaction_created_v1(ignore)
+        .register_p2_im_message_reaction_deleted_v1(ignore)
+        .register_p2_im_chat_member_bot_added_v1(ignore)
+        .register_p2_im_chat_member_bot_deleted_v1(ignore)
+        .register_p2_im_chat_access_event_bot_p2p_chat_entered_v1(ignore)
+        .build()
+    )
+    client = lark.ws.Client(
+        settings["app_id"],
+        settings["app_secret"],
+        event_handler=handler,
+        domain=settings["domain"],
+        log_level=lark.LogLevel.DEBUG,
+    )
+    heartbeat = float(settings.get("heartbeat", 2.0))
+
+    async def report() -> None:
+        while True:
+            connected = getattr(client, "_conn", None) is not None  # read-only look at SDK state
+            _emit(
+                {
+                    "t": "state",
+                    "at": time.time(),
+                    "connected": connected,
+                    "unanswered_since": pings.unanswered_since,
+                }
+            )
+            await asyncio.sleep(heartbeat)
+
+    ws_module.loop.create_task(report())
+    try:
+        client.start()  # blocks for good; returns only by raising
+    except Exception as exc:
+        _emit({"t": "log", "level": "ERROR", "msg": f"ws client stopped: {type(exc).__name__}: {exc}"})
+        _out.put(None)
+        time.sleep(0.2)  # let the writer flush the last line
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

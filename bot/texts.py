@@ -1,0 +1,117 @@
+"""The bot's own sentences, in Chinese and English (`feishu.language`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Language = Literal["zh", "en"]
+
+_TEXTS: dict[str, dict[Language, str]] = {
+    "help": {
+        "zh": (
+            "我可以看图回答问题。\n"
+            "- 发一张图片（或带说明文字的图片、截图），我会描述或回答你的问题；\n"
+            "- 之后直接发文字，我会结合上一张图片回答；没有图片时就普通聊天；\n"
+            "- 群聊里请 @我。\n"
+            "命令：/help 帮助，/reset 忘掉本会话的图片和上下文，/status 查看状态，"
+            "/cancel 停止我正在写的回答。"
+        ),
+        "en": (
+            "I answer questions about pictures.\n"
+            "- Send a picture (alone, with a caption, or a pasted screenshot) and I describe it or "
+            "answer your question;\n"
+            "- then just send text and I answer about that last picture; with no picture I simply chat;\n"
+            "- in group chats, @ me.\n"
+            "Commands: /help, /reset (forget this chat's pictures and context), /status, "
+            "/cancel (stop the answer I am writing for you)."
+        ),
+    },
+    "unsupported": {
+        "zh": (
+            "抱歉，我还看不懂这种消息（{kind}）。我能看图片（可以带文字说明或截图）并回答文字问题。"
+            "发送 /help 查看用法。"
+        ),
+        "en": (
+            "Sorry, I can't read this kind of message ({kind}). I understand pictures (with or "
+            "without a caption, screenshots too) and text questions. Send /help for more."
+        ),
+    },
+    "reset": {
+        "zh": "好的，已忘掉本会话的图片和上下文。",
+        "en": "Done: I forgot this chat's pictures and context.",
+    },
+    "cancelled": {"zh": "已停止你的回答。", "en": "Stopped your answer."},
+    "nothing_to_cancel": {"zh": "你现在没有正在生成的回答。", "en": "You have no answer in progress."},
+    "status": {
+        "zh": "模型：{model}（{state}）\n队列：{queue}/{capacity}，正在生成：{active}\n已运行：{uptime}",
+        "en": "Model: {model} ({state})\nQueue: {queue}/{capacity}, generating: {active}\nUptime: {uptime}",
+    },
+    "unknown_command": {
+        "zh": "没有这个命令：{command}。发送 /help 查看可用命令。",
+        "en": "Unknown command: {command}. Send /help for the list.",
+    },
+    "rate_limited": {
+        "zh": "你发得有点快了，请 {seconds} 秒后再试。",
+        "en": "You're sending a bit fast; please try again in {seconds} s.",
+    },
+    "stale": {
+        "zh": "这条消息发送于 {minutes} 分钟前，我刚刚才收到，就不按新消息回答了；如果还需要，请重新发送。",
+        "en": (
+            "This message was sent {minutes} min ago and only reached me now, so I won't answer it "
+            "as if it were new; please send it again if you still need an answer."
+        ),
+    },
+    "not_allowed": {
+        "zh": "抱歉，这个机器人没有对你或本群开放。",
+        "en": "Sorry, this bot is not enabled for you or this chat.",
+    },
+    "thinking": {"zh": "思考中…", "en": "Thinking…"},
+    "queued": {"zh": "排队中，前面还有 {ahead} 个", "en": "Queued: {ahead} ahead of you"},
+    "picture_failed": {
+        "zh": "抱歉，我没能取到这张图片，请重新发送。",
+        "en": "Sorry, I couldn't fetch that picture; please send it again.",
+    },
+    "cancelled_suffix": {"zh": "（已停止）", "en": "(stopped)"},
+    "error_busy": {
+        "zh": "现在请求太多，我忙不过来了，请 {seconds} 秒后再试。",
+        "en": "I'm too busy right now; please try again in {seconds} s.",
+    },
+    "error_timeout": {
+        "zh": "抱歉，这个回答超时了，请稍后再试。",
+        "en": "Sorry, this answer took too long; please try again later.",
+    },
+    "error_bad_image": {
+        "zh": "抱歉，这张图片我打不开（格式不支持或已损坏）。",
+        "en": "Sorry, I can't open this picture (unsupported format or damaged).",
+    },
+    "error_too_large": {
+        "zh": "抱歉，图片或对话太大了，请发小一点的图片，或发送 /reset 重新开始。",
+        "en": "Sorry, the picture or the conversation is too large; send a smaller picture or /reset.",
+    },
+    "error_unavailable": {
+        "zh": "模型还在加载或暂时不可用，请稍后再试。",
+        "en": "The model is still loading or unavailable; please try again shortly.",
+    },
+    "error_bad_request": {
+        "zh": "抱歉，这条消息我处理不了：{detail}",
+        "en": "Sorry, I can't handle this message: {detail}",
+    },
+    "error_internal": {
+        "zh": "抱歉，出了点问题，没能回答。请稍后再试。",
+        "en": "Sorry, something went wrong and I couldn't answer. Please try again later.",
+    },
+}
+
+
+def text(key: str, language: Language, **values: object) -> str:
+    """The sentence *key* in *language*, formatted with *values*; KeyError for an unknown key."""
+    return _TEXTS[key][language].format(**values)
+
+
+def error_text(code: str, language: Language, *, message: str = "", retry_after: float | None = None) -> str:
+    """A clear sentence for a `server.errors` wire code (unknown codes read as internal)."""
+    key = f"error_{code}"
+    if key not in _TEXTS:
+        key = "error_internal"
+    seconds = max(1, round(retry_after)) if retry_after else 5
+    return text(key, language, seconds=seconds, detail=message)

@@ -1,0 +1,113 @@
+"""Shared pieces of the Feishu adapter tests: configs, a recording executor, adapter startup."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bot.feishu.adapter import FeishuAdapter
+from server.config import Config, load_config
+from server.inference.api import Done, Event, Executor, ExecutorStats, InferenceRequest, RequestHandle
+from tests.fakefeishu import FakeFeishu
+
+
+def feishu_config(
+    fake: FakeFeishu,
+    storage: Path,
+    *,
+    model: str,
+    mode: str = "longconn",
+    max_new_tokens: int = 16,
+    **feishu: Any,
+) -> Config:
+    """A config pointing the adapter at *fake*, with fast watchdog and streaming intervals."""
+    env = {
+        "VLBRIDGE_FEISHU_APP_SECRET": fake.app_secret,
+        "VLBRIDGE_FEISHU_ENCRYPT_KEY": fake.encrypt_key,
+        "VLBRIDGE_FEISHU_VERIFICATION_TOKEN": fake.verification_token,
+    }
+    config = load_config(None, env)
+    values = {
+        "enabled": True,
+        "app_id": fake.app_id,
+        "domain": fake.url,
+        "mode": mode,
+        "watchdog_interval": 0.25,
+        "stream_interval": 0.05,
+        **feishu,
+    }
+    return config.model_copy(
+        update={
+            "feishu": config.feishu.model_copy(update=values),
+            "storage": config.storage.model_copy(update={"path": str(storage)}),
+            "model": config.model.model_copy(
+                update={"path": model, "device": "cpu", "dtype": "float32", "max_new_tokens": max_new_tokens}
+            ),
+            "executor": config.executor.model_copy(update={"max_batch": 32, "queue_size": 64}),
+        }
+    )
+
+
+@dataclass(eq=False)
+class _RecordingHandle:
+    inner: RequestHandle
+    done: list[Done]
+
+    @property
+    def id(self) -> str:
+        return self.inner.id
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        async for event in self.inner:
+            if isinstance(event, Done):
+                self.done.append(event)
+            yield event
+
+    def cancel(self) -> None:
+        self.inner.cancel()
+
+
+@dataclass
+class RecordingExecutor:
+    """The real executor, plus a record of every request submitted and every Done returned."""
+
+    inner: Executor
+    requests: list[InferenceRequest] = field(default_factory=list)
+    done: list[Done] = field(default_factory=list)
+
+    def submit(self, request: InferenceRequest) -> RequestHandle:
+        self.requests.append(request)
+        return _RecordingHandle(self.inner.submit(request), self.done)  # type: ignore[return-value]
+
+    def stats(self) -> ExecutorStats:
+        return self.inner.stats()
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def stop(self, grace: float = 0.0) -> None:
+        await self.inner.stop(grace)
+
+
+async def started(config: Config, executor: Executor, *, connect: bool = True) -> FeishuAdapter:
+    adapter = FeishuAdapter(config, executor)
+    await adapter.start()
+    if connect and config.feishu.mode == "longconn":
+        for _ in range(400):
+            if adapter.healthy():
+                break
+            await asyncio.sleep(0.025)
+        assert adapter.healthy(), adapter.health()
+    return adapter
+
+
+async def settle(adapter: FeishuAdapter, timeout: float = 10.0) -> None:
+    """Until the adapter has no event being handled."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while any(t.get_name() == "feishu-event" for t in adapter._tasks):
+        assert loop.time() < deadline, "adapter still busy"
+        await asyncio.sleep(0.01)

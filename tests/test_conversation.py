@@ -1,0 +1,112 @@
+"""Platform-neutral conversation pieces: commands, policy, rate limit, context, watchdog logic."""
+
+from __future__ import annotations
+
+from bot.conversation import Command, ContextStore, Decision, Policy, RateLimiter, parse_command
+from bot.feishu.monitor import LinkState, Watchdog, WatchdogLimits, WorkerReport, restart_delay
+from bot.texts import error_text, text
+from bot.types import ChatType, InboundMessage, MessageKind
+
+
+def msg(**kw: object) -> InboundMessage:
+    base: dict[str, object] = {
+        "message_id": "om_1",
+        "chat_id": "oc_1",
+        "chat_type": ChatType.PRIVATE,
+        "sender_id": "ou_a",
+        "kind": MessageKind.TEXT,
+        "text": "hi",
+        "created_at": 1000.0,
+    }
+    base.update(kw)
+    return InboundMessage(**base)  # type: ignore[arg-type]
+
+
+def test_commands() -> None:
+    assert parse_command("/help") == (Command.HELP, "/help")
+    assert parse_command("  /RESET now") == (Command.RESET, "/reset")
+    assert parse_command("/nope") == (Command.UNKNOWN, "/nope")
+    assert parse_command("what is /this") is None
+
+
+def test_policy() -> None:
+    policy = Policy(max_message_age=60)
+    assert policy.decide(msg(), bot_id="ou_bot", arrived_at=1001) is Decision.ANSWER
+    group = msg(chat_type=ChatType.GROUP)
+    assert policy.decide(group, bot_id="ou_bot", arrived_at=1001) is Decision.IGNORE
+    assert policy.decide(
+        msg(chat_type=ChatType.GROUP, mentioned=("ou_bot",)), bot_id="ou_bot", arrived_at=1001
+    ) is (Decision.ANSWER)
+    assert policy.decide(msg(), bot_id="ou_bot", arrived_at=1061) is Decision.STALE
+    limited = Policy(allowed_users=frozenset({"ou_b"}))
+    assert limited.decide(msg(), bot_id="", arrived_at=1000) is Decision.NOT_ALLOWED
+    assert (
+        Policy(allowed_chats=frozenset({"oc_1"})).decide(msg(), bot_id="", arrived_at=1000) is Decision.ANSWER
+    )
+
+
+def test_rate_limiter_sliding_window() -> None:
+    now = [0.0]
+    limiter = RateLimiter(2, clock=lambda: now[0])
+    assert limiter.check("a") is None
+    assert limiter.check("a") is None
+    assert limiter.check("a") == 60.0
+    assert limiter.check("b") is None
+    now[0] = 30.0
+    assert limiter.check("a") == 30.0
+    now[0] = 60.0
+    assert limiter.check("a") is None
+
+
+def test_context_keeps_picture_for_follow_ups() -> None:
+    store = ContextStore(max_turns=2)
+    first = store.prompt("c", "what?", [b"png"])
+    store.remember("c", first, "a cat")
+    follow = store.prompt("c", "what colour?", [])
+    assert follow[0].images == (b"png",)
+    assert [t.role for t in follow] == ["user", "assistant", "user"]
+    for n in range(5):
+        prompt = store.prompt("c", f"q{n}", [])
+        store.remember("c", prompt, f"a{n}")
+    turns = store.get("c").turns
+    assert turns[0].images == (b"png",)  # the picture turn survives trimming
+    assert len(turns) == 3
+    store.reset("c")
+    assert store.prompt("c", "hello", []) == store.prompt("other", "hello", [])
+
+
+def test_context_plain_chat_without_picture() -> None:
+    store = ContextStore()
+    prompt = store.prompt("c", "hello", [])
+    assert len(prompt) == 1 and not prompt[0].images
+    store.remember("c", prompt, "hi there")
+    assert len(store.prompt("c", "again", [])) == 3
+
+
+def test_texts() -> None:
+    assert text("queued", "zh", ahead=3) == "排队中，前面还有 3 个"
+    assert text("queued", "en", ahead=3) == "Queued: 3 ahead of you"
+    assert "7" in error_text("busy", "en", retry_after=6.6)
+    assert error_text("no-such-code", "zh") == error_text("internal", "zh")
+
+
+def test_watchdog_verdicts() -> None:
+    limits = WatchdogLimits(startup=5, silence=3, disconnected=3, pong=2)
+    dog = Watchdog(limits, spawned_at=0)
+    assert dog.verdict(4) is None and dog.state is LinkState.STARTING
+    assert dog.verdict(6) is not None  # no report within startup
+    dog.observe(WorkerReport(at=6, connected=True))
+    assert dog.state is LinkState.CONNECTED and dog.verdict(7) is None
+    assert "silent" in (dog.verdict(10) or "")
+    dog.observe(WorkerReport(at=10, connected=True, unanswered_since=9))
+    assert dog.verdict(10) is None
+    dog.observe(WorkerReport(at=12, connected=True, unanswered_since=9))
+    assert "ping unanswered" in (dog.verdict(12) or "")
+    dog.observe(WorkerReport(at=13, connected=False))
+    assert dog.state is LinkState.RECONNECTING and dog.verdict(14) is None
+    dog.observe(WorkerReport(at=16.5, connected=False))
+    assert "no connection" in (dog.verdict(16.5) or "")
+
+
+def test_restart_backoff() -> None:
+    assert [restart_delay(n, 1.0, cap=5) for n in (1, 2, 3, 4, 5, 6)] == [0, 1, 2, 4, 5, 5]

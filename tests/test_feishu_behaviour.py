@@ -1,0 +1,131 @@
+"""Conversation behaviour through the Feishu adapter (webhook mode, echo engine: fast).
+
+The fake platform records what the bot did; the real SDK decrypts and dispatches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from bot.feishu.adapter import FeishuAdapter
+from server.backend import build_executor
+from tests.conftest import make_png
+from tests.fakefeishu import RATE_LIMITED, TOKEN_INVALID, FakeFeishu, Fault, Route
+from tests.feishu_helpers import RecordingExecutor, feishu_config, settle, started
+
+
+class Bot:
+    def __init__(self, fake: FakeFeishu, adapter: FeishuAdapter, client: httpx.AsyncClient) -> None:
+        self.fake, self.adapter, self.client = fake, adapter, client
+
+    async def send(self, event: dict[str, Any], resources: dict[str, bytes] | None = None) -> str:
+        self.fake.register_event(event, resources or {})
+        request = self.fake.webhook_request(event)
+        response = await self.client.post("/feishu/events", content=request.body, headers=request.headers)
+        assert response.status_code == 200, response.text
+        await settle(self.adapter)
+        return str(event["event"]["message"]["message_id"])
+
+    def replies(self, message_id: str) -> list[Any]:
+        return [m for m in self.fake.records.replies() if m.parent_id == message_id]
+
+    def answer(self, message_id: str) -> str:
+        (reply,) = self.replies(message_id)
+        if reply.card_id:
+            card = self.fake.records.card(reply.card_id)
+            assert card.closed
+            return card.final_text
+        return str(reply.text)
+
+
+@pytest.fixture
+async def bot(fake_feishu: FakeFeishu, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Bot]:
+    overrides = getattr(request, "param", {})
+    config = feishu_config(
+        fake_feishu, tmp_path, model="builtin:echo", mode="webhook", max_new_tokens=256, **overrides
+    )
+    executor = RecordingExecutor(build_executor(config))
+    await executor.start()
+    adapter = await started(config, executor)
+    app = Starlette(routes=adapter.routes())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot") as client:
+        yield Bot(fake_feishu, adapter, client)
+    await adapter.stop()
+    await executor.stop()
+
+
+async def test_commands(bot: Bot) -> None:
+    events = bot.fake.events
+    assert "/reset" in bot.answer(await bot.send(events.text("/help")))
+    status = bot.answer(await bot.send(events.text("/status")))
+    assert "builtin:echo" in status and "队列" in status
+    assert bot.answer(await bot.send(events.text("/cancel"))) == "你现在没有正在生成的回答。"
+    assert "/nope" in bot.answer(await bot.send(events.text("/nope")))
+    chat = "oc_reset"
+    await bot.send(events.image("img_r"), {"img_r": make_png()})
+    picture = await bot.send(events.image("img_r2", chat_id=chat), {"img_r2": make_png()})
+    assert "96x64" in bot.answer(picture)
+    assert bot.answer(await bot.send(events.text("/reset", chat_id=chat))).startswith("好的")
+    after = await bot.send(events.text("and now?", chat_id=chat))
+    assert bot.answer(after) == "echo: and now?"  # no picture any more
+
+
+async def test_unsupported_types_get_a_polite_reply(bot: Bot) -> None:
+    for event in (bot.fake.events.file(), bot.fake.events.audio(), bot.fake.events.sticker()):
+        answer = bot.answer(await bot.send(event))
+        assert "看不懂" in answer and event["event"]["message"]["message_type"] in answer
+
+
+async def test_stale_message_not_answered_as_fresh(bot: Bot) -> None:
+    old = bot.fake.events.image("img_old", create_time_ms=int((time.time() - 3600) * 1000))
+    answer = bot.answer(await bot.send(old, {"img_old": make_png()}))
+    assert "60 分钟前" in answer
+
+
+async def test_thread_replies_stay_in_thread(bot: Bot) -> None:
+    event = bot.fake.events.text("hi there", thread_id="omt_thread_1", root_id="om_root")
+    message_id = await bot.send(event)
+    (reply,) = bot.replies(message_id)
+    assert reply.reply_in_thread
+
+
+async def test_several_pictures_in_one_post(bot: Bot) -> None:
+    event = bot.fake.events.captioned_image("compare", ["img_x", "img_y"])
+    answer = bot.answer(await bot.send(event, {"img_x": make_png(32, 32), "img_y": make_png(48, 40)}))
+    assert answer == "echo: compare [32x32, 48x40]"
+
+
+async def test_cardkit_failure_falls_back_to_one_plain_reply(bot: Bot) -> None:
+    bot.fake.faults.inject(Route.CARD_CREATE, Fault.error(200001, 400, "card create failed"), times=1)
+    message_id = await bot.send(bot.fake.events.text("plain please"))
+    (reply,) = bot.replies(message_id)
+    assert reply.msg_type == "text" and reply.text == "echo: plain please"
+
+
+async def test_rate_limits_retried_and_invalid_token_refreshed(bot: Bot) -> None:
+    bot.fake.faults.inject(Route.MESSAGE_REPLY, RATE_LIMITED, times=1)
+    bot.fake.faults.inject(Route.CARD_ELEMENT_CONTENT, TOKEN_INVALID, times=1)
+    assert await bot.adapter._own_id()  # the first token is fetched by now
+    tokens = bot.fake.records.token_fetches
+    message_id = await bot.send(bot.fake.events.text("still answered?"))
+    assert bot.answer(message_id) == "echo: still answered?"
+    assert bot.fake.records.token_fetches == tokens + 1
+
+
+@pytest.mark.parametrize("bot", [{"user_rate_per_minute": 1}], indirect=True)
+async def test_per_user_rate_limit(bot: Bot) -> None:
+    assert bot.answer(await bot.send(bot.fake.events.text("one"))) == "echo: one"
+    assert bot.answer(await bot.send(bot.fake.events.text("two"))).startswith("你发得有点快了")
+    assert bot.adapter.counts["rate_limited"] == 1
+
+
+@pytest.mark.parametrize("bot", [{"allowed_users": ("ou_someone_else",), "language": "en"}], indirect=True)
+async def test_allowed_users(bot: Bot) -> None:
+    assert "not enabled" in bot.answer(await bot.send(bot.fake.events.text("let me in")))
