@@ -25,7 +25,11 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"server": config.server.model_copy(update={"host": args.host})})
     if args.port is not None:
         config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
-    app = create_app(config, build_executor(config))
+    from bot.feishu import build_adapter
+
+    executor = build_executor(config)
+    adapter = build_adapter(config, executor)
+    app = create_app(config, executor, [adapter] if adapter is not None else [])
     log.info(
         "vlbridge listening on http://%s:%d (WebSocket ws://%s:%d/ws)",
         config.server.host,

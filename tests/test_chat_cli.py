@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from chattools import ROOT, TcpProxy, chat_command, chat_env, run_chat, terminal
-from conftest import make_png
-from serving import Running, make_config, serve, slow_echo
+
+from tests.chattools import ROOT, TcpProxy, chat_command, chat_env, run_chat, terminal
+from tests.conftest import make_png
+from tests.serving import Running, make_config, serve, slow_echo
 
 
 @pytest.fixture(scope="module")

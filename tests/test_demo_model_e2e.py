@@ -7,9 +7,10 @@ import base64
 import httpx
 import orjson
 import pytest
-from conftest import make_png
-from serving import make_config, serve
-from wsclient import Client
+
+from tests.conftest import make_png
+from tests.serving import make_config, serve
+from tests.wsclient import Client
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
-from serving import make_config, serve, slow_echo
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Route
-from wsclient import Client
 
 from server.health import Status, agent_line, assess
 from server.inference.api import ExecutorState, ExecutorStats
+from tests.serving import make_config, serve, slow_echo
+from tests.wsclient import Client
 
 
 def free_port() -> int:

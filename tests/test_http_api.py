@@ -7,8 +7,9 @@ import base64
 import httpx
 import orjson
 import pytest
-from conftest import make_png
-from serving import make_config, serve
+
+from tests.conftest import make_png
+from tests.serving import make_config, serve
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import time
 
 import httpx
 import pytest
-from serving import make_config, serve, slow_echo
 from websockets.exceptions import ConnectionClosed
-from wsclient import Client
+
+from tests.serving import make_config, serve, slow_echo
+from tests.wsclient import Client
 
 
 async def closed_code(client: Client) -> tuple[int, list[dict]]:

@@ -16,15 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from chattools import ROOT, TcpProxy
 from PIL import Image, ImageDraw
 from playwright.sync_api import BrowserContext, Page, sync_playwright
-from serving import Running, make_config, serve, slow_echo
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from server.config import Config, ServerConfig
 from server.testpage import routes
+from tests.chattools import ROOT, TcpProxy
+from tests.serving import Running, make_config, serve, slow_echo
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [

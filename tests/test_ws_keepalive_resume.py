@@ -7,9 +7,10 @@ import time
 
 import httpx
 import pytest
-from serving import make_config, serve, slow_echo
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from wsclient import Client
+
+from tests.serving import make_config, serve, slow_echo
+from tests.wsclient import Client
 
 
 async def test_a_silent_client_is_closed_in_time_and_an_answering_one_never() -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import make_png
-from serving import make_config, serve, slow_echo
 from websockets.exceptions import ConnectionClosed
-from wsclient import Client
+
+from tests.conftest import make_png
+from tests.serving import make_config, serve, slow_echo
+from tests.wsclient import Client
 
 
 @pytest.fixture(scope="module")
