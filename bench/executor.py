@@ -391,6 +391,7 @@ def main() -> None:
             Path(args.out).write_text(json.dumps({"info": info, "results": results}, indent=1, default=str))
 
     limits = ImageLimits(max_pixels=max(size * size, 32 * 32 * 4))
+    loaded: Any = None
     if "vlbridge" in systems:
         load_started = time.monotonic()
         options = EngineOptions(
@@ -421,6 +422,10 @@ def main() -> None:
             save()
         engine.close()
         del engine, shared
+        loaded = None  # an in-memory model too: two copies of 30B-A3B do not fit
+        import gc
+
+        gc.collect()
         if not cpu:
             from server.inference.model.kernels import restore_stock_functions
 

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -163,6 +164,10 @@ class InferenceExecutor:
     async def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError(f"expected a stopped executor, got state {self._state.value}")
+        # The worker feeds the GPU between short waits; with Python's default 5 ms GIL switch
+        # interval a preprocessing thread in pure-Python code could keep it from the GIL (and the
+        # GPU idle) for 5 ms at a time.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._loop = asyncio.get_running_loop()
         self._state = ExecutorState.LOADING
         self._accepting = True

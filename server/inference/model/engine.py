@@ -68,14 +68,14 @@ class ModelEngine:
         layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
         head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
         per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, runner.dtype)
-        tokens = options.max_batch_tokens
+        row_tokens = options.max_context_tokens + options.max_new_tokens
+        tokens = min(options.max_batch_tokens, options.max_batch * (row_tokens + 1))  # no more than usable
         if runner.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(runner.device)
             tokens = min(tokens, int(free * options.memory_fraction) // per_token)
         pages = max(2, tokens // 64 + 1)
         self.kv = PagedKVCache(layers, kv_heads, head_dim, pages, runner.dtype, runner.device)
         log.info("KV cache: %d tokens (%.2f GiB)", pages * 64, pages * 64 * per_token / 2**30)
-        row_tokens = options.max_context_tokens + options.max_new_tokens
         self.step = DecodeStep(runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens + 1))
         self._cells = list(range(options.max_batch - 1, -1, -1))
         self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=runner.device)
