@@ -40,7 +40,7 @@ class EngineOptions:
     max_context_tokens: int = 16_384
     max_new_tokens: int = 512
     cuda_graphs: bool = True
-    memory_fraction: float = 0.85  # of the GPU memory left after loading, for the KV cache
+    memory_fraction: float = 0.7  # of the GPU memory left after loading, for the KV cache (rest: prefill)
 
 
 @dataclass
