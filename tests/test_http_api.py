@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import httpx
 import orjson
 import pytest
 
 from tests.conftest import make_png
-from tests.serving import make_config, serve
+from tests.serving import make_config, serve, slow_echo
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +191,24 @@ def test_the_official_openai_client_works_against_the_bridge(server) -> None:
     wrong = openai.OpenAI(base_url=server.http + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("route", ["analyze", "chat"])
+def test_a_client_that_gives_up_frees_its_answer_without_streaming(route: str) -> None:
+    # One character every 20 ms: a 600-character answer would run for ~12 s.
+    with serve(make_config(), executor=slow_echo(0.02)) as running:
+        long_question = "x" * 590
+        if route == "analyze":
+            files = {"image": ("cat.png", make_png(), "image/png")}
+            url, kwargs = "/v1/analyze?stream=false", {"data": {"prompt": long_question}, "files": files}
+        else:
+            url = "/v1/chat/completions"
+            kwargs = {"json": {"model": "m", "messages": [{"role": "user", "content": long_question}]}}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(running.http + url, timeout=0.5, **kwargs)
+        stats = running.service.executor.stats
+        deadline = time.monotonic() + 3.0
+        while stats().active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stats().active == 0, "the abandoned answer kept running"
+        assert stats().requests_total == 0  # cancelled, never completed

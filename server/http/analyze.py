@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.errors import BadRequest, RequestError, TooLarge, UnsupportedMediaType
-from server.http.common import check_auth, check_images, collect, first_event, service_of
+from server.http.common import check_auth, check_images, collect_while_connected, first_event, service_of
 from server.http.errors import error_response, from_request_error
 from server.http.sse import EventStream, sse_event
 from server.inference.api import Event, InferenceRequest, SamplingParams, Turn
@@ -43,7 +43,8 @@ async def analyze(request: Request) -> Response:
     stream = request.query_params.get("stream", "true").lower() not in ("false", "0", "no")
     try:
         if not stream:
-            return JSONResponse(event_dict(ask_id, await collect(events)))
+            done = await collect_while_connected(request, events)
+            return JSONResponse(event_dict(ask_id, done)) if done else Response(status_code=499)
         first = await first_event(events)
     except RequestError as exc:
         return from_request_error(exc, ROUTE)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from collections.abc import AsyncIterator
 
 from PIL import Image, UnidentifiedImageError
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from server.errors import BadImage, RequestError, TooLarge
@@ -74,6 +75,31 @@ async def collect(events: AsyncIterator[Event]) -> Done:
         if isinstance(event, Failed):
             raise RequestError.from_code(event.code, event.message, event.retry_after)
     raise RequestError("the answer ended without a result")
+
+
+async def collect_while_connected(request: Request, events: AsyncIterator[Event]) -> Done | None:
+    """`collect`, unless the client goes away first: then the answer is cancelled and None returned.
+
+    Call after the request body was read: from then on `receive()` only reports the disconnect.
+    """
+    answer = asyncio.ensure_future(collect(events))
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer.done():
+        return answer.result()
+    answer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await answer
+    await _close(events)  # the executor frees the request's slot at its next step
+    return None
 
 
 async def _close(events: AsyncIterator[Event]) -> None:

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.errors import BadImage, BadRequest, RequestError, TooLarge, UnsupportedMediaType
-from server.http.common import check_auth, check_images, collect, first_event, service_of
+from server.http.common import check_auth, check_images, collect_while_connected, first_event, service_of
 from server.http.errors import error_response, from_request_error
 from server.http.sse import EventStream
 from server.inference.api import Delta, Done, Event, Failed, InferenceRequest, SamplingParams, Turn
@@ -61,7 +61,9 @@ async def chat_completions(request: Request) -> Response:
     model = str(body.get("model") or service.executor.stats().model)
     try:
         if not body.get("stream"):
-            done = await collect(events)
+            done = await collect_while_connected(request, events)
+            if done is None:  # the client went away: nothing to answer
+                return Response(status_code=499)
             return JSONResponse(_completion(completion_id, model, done))
         first = await first_event(events)
     except RequestError as exc:
