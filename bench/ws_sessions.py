@@ -30,8 +30,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psutil
@@ -67,7 +69,7 @@ def wait_port(port: int, process: subprocess.Popen[bytes], within: float = 60.0)
 
 
 def start_vlbridge(
-    port: int, ping_interval: float, ping_timeout: float, max_sessions: int
+    port: int, ping_interval: float, ping_timeout: float, max_sessions: int, model: str = "builtin:instant"
 ) -> subprocess.Popen[bytes]:
     config = Path(tempfile.mkdtemp()) / "bench.toml"
     config.write_text(
@@ -80,7 +82,7 @@ max_sessions = {max_sessions}
 max_frames_per_second = 100000.0
 shutdown_grace = 1.0
 [model]
-path = "builtin:echo"
+path = "{model}"
 max_new_tokens = 64
 [executor]
 max_batch = 256
@@ -175,6 +177,9 @@ async def measure_idle(
     try:
         wait_port(port, server)
         proc = psutil.Process(server.pid)
+        cpus = Cpus.plan()  # the server on its own CPU, this (the client) on the others
+        proc.cpu_affinity([cpus.server])
+        psutil.Process().cpu_affinity(cpus.clients)
         url = f"ws://127.0.0.1:{port}/ws"
         warm = IdleStats()
         done = asyncio.Event()
@@ -230,11 +235,9 @@ async def measure_idle(
 # ---- phase 2: asks vs bare echo ----------------------------------------------------------------------
 
 
-FRAMES = [0]
-
-
-async def ask_loop(ws: ClientConnection, until: float, rtts: list[float], tag: str) -> None:
-    n = 0
+async def ask_loop(ws: ClientConnection, until: float, rtts: list[float], tag: str) -> int:
+    """Ask "hi" back to back until *until*; return the frames received."""
+    n = frames = 0
     while time.monotonic() < until:
         n += 1
         ask_id = f"{tag}-{n}"
@@ -242,82 +245,147 @@ async def ask_loop(ws: ClientConnection, until: float, rtts: list[float], tag: s
         await ws.send(orjson.dumps({"type": "ask", "id": ask_id, "text": "hi"}).decode())
         while True:
             frame = orjson.loads(await ws.recv())
-            FRAMES[0] += 1
+            frames += 1
             if frame.get("id") == ask_id and frame["type"] in ("done", "error"):
                 if frame["type"] == "error":
                     raise RuntimeError(f"ask failed: {frame}")
                 break
         rtts.append(time.perf_counter() - sent)
+    return frames
 
 
-async def echo_loop(ws: ClientConnection, until: float, rtts: list[float], tag: str) -> None:
+async def echo_loop(ws: ClientConnection, until: float, rtts: list[float], tag: str) -> int:
     payload = orjson.dumps({"type": "ask", "id": tag, "text": "hi"}).decode()
+    n = 0
     while time.monotonic() < until:
         sent = time.perf_counter()
         await ws.send(payload)
         await ws.recv()
+        n += 1
         rtts.append(time.perf_counter() - sent)
+    return n
 
 
-async def round_trips(
-    url: str, concurrency: int, duration: float, loop_fn: object, server: psutil.Process
-) -> dict[str, float]:
+async def client_worker(kind: str, url: str, connections: int, duration: float) -> None:
+    """One load-generating process: connect, warm up, say "ready", wait for "go" on stdin,
+    run for *duration*, print one JSON line of results."""
+    loop_fn = ask_loop if kind == "ask" else echo_loop
     conns = [
-        await connect(url, ping_interval=None, compression=None, max_size=None) for _ in range(concurrency)
+        await connect(url, ping_interval=None, compression=None, max_size=None) for _ in range(connections)
     ]
-    if "/ws" in url:
+    if kind == "ask":
         for ws in conns:
             await ws.recv()  # hello
-    rtts: list[float] = []
     warm_until = time.monotonic() + 1.0
-    await asyncio.gather(*(loop_fn(ws, warm_until, [], f"w{i}") for i, ws in enumerate(conns)))  # type: ignore[operator]
-    FRAMES[0] = 0
-    cpu0, client0 = sum(server.cpu_times()[:2]), sum(psutil.Process().cpu_times()[:2])
-    started = time.monotonic()
-    until = started + duration
-    await asyncio.gather(*(loop_fn(ws, until, rtts, f"c{i}") for i, ws in enumerate(conns)))  # type: ignore[operator]
+    await asyncio.gather(*(loop_fn(ws, warm_until, [], f"w{i}") for i, ws in enumerate(conns)))
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    rtts: list[float] = []
+    cpu0, started = sum(psutil.Process().cpu_times()[:2]), time.monotonic()
+    counts = await asyncio.gather(
+        *(loop_fn(ws, started + duration, rtts, f"c{i}") for i, ws in enumerate(conns))
+    )
     elapsed = time.monotonic() - started
-    server_cpu = (sum(server.cpu_times()[:2]) - cpu0) / elapsed
-    client_cpu = (sum(psutil.Process().cpu_times()[:2]) - client0) / elapsed
+    cpu = sum(psutil.Process().cpu_times()[:2]) - cpu0
     for ws in conns:
         await ws.close()
-    rtts.sort()
+    result = {
+        "rtts_us": [round(1e6 * r) for r in rtts],
+        "frames": sum(counts),
+        "elapsed": elapsed,
+        "cpu": cpu,
+    }
+    print(orjson.dumps(result).decode(), flush=True)
+
+
+@dataclass
+class Cpus:
+    """Where things run: the server alone on one CPU, the load generators on the others."""
+
+    server: int
+    clients: list[int]
+
+    @classmethod
+    def plan(cls) -> Cpus:
+        cpus = sorted(os.sched_getaffinity(0))
+        return cls(cpus[0], cpus[1:] or cpus)
+
+
+def round_trips(
+    url: str, kind: str, args: argparse.Namespace, server: psutil.Process, cpus: Cpus
+) -> dict[str, float]:
+    """Drive *url* with `args.clients` worker processes holding `args.concurrency` connections."""
+    server.cpu_affinity([cpus.server])
+    workers = []
+    for i in range(args.clients):
+        share = args.concurrency // args.clients + (1 if i < args.concurrency % args.clients else 0)
+        command = [sys.executable, __file__, "--client-worker", kind, url, str(share), str(args.duration)]
+        worker = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        psutil.Process(worker.pid).cpu_affinity([cpus.clients[i % len(cpus.clients)]])
+        workers.append(worker)
+    for worker in workers:
+        assert worker.stdout is not None
+        if worker.stdout.readline().strip() != "ready":
+            raise SystemExit("a client worker failed to start")
+    cpu0, started = sum(server.cpu_times()[:2]), time.monotonic()
+    for worker in workers:
+        assert worker.stdin is not None
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    results = []
+    for worker in workers:
+        out, _ = worker.communicate(timeout=args.duration + 60)
+        results.append(orjson.loads(out.strip().splitlines()[-1]))
+    elapsed = time.monotonic() - started
+    server_cpu = (sum(server.cpu_times()[:2]) - cpu0) / elapsed
+    rtts = sorted(r for result in results for r in result["rtts_us"])
+    count = len(rtts)
+    per_second = sum(len(result["rtts_us"]) / result["elapsed"] for result in results)
     return {
-        "count": len(rtts),
-        "per_second": len(rtts) / elapsed,
-        "p50_ms": 1000 * statistics.median(rtts),
-        "p99_ms": 1000 * rtts[int(0.99 * (len(rtts) - 1))],
+        "count": count,
+        "per_second": per_second,
+        "p50_ms": statistics.median(rtts) / 1000,
+        "p99_ms": rtts[int(0.99 * (count - 1))] / 1000,
         "server_cpu": server_cpu,
-        "client_cpu": client_cpu,
-        "frames_per": FRAMES[0] / max(1, len(rtts)),
+        "server_us": 1e6 * server_cpu / per_second,
+        "client_cpu": sum(result["cpu"] / result["elapsed"] for result in results),
+        "frames_per": sum(result["frames"] for result in results) / max(1, count),
     }
 
 
-async def measure_asks(concurrency: int, duration: float) -> tuple[dict[str, float], dict[str, float]]:
+def vlbridge_asks(model: str, args: argparse.Namespace, cpus: Cpus) -> dict[str, float]:
     port = free_port()
-    server = start_vlbridge(port, 45.0, 10.0, 1000)
+    server = start_vlbridge(port, 45.0, 10.0, 1000, model)
     try:
         wait_port(port, server)
-        asks = await round_trips(
-            f"ws://127.0.0.1:{port}/ws", concurrency, duration, ask_loop, psutil.Process(server.pid)
-        )
+        return round_trips(f"ws://127.0.0.1:{port}/ws", "ask", args, psutil.Process(server.pid), cpus)
     finally:
         stop(server)
+
+
+def bare_echo(args: argparse.Namespace, cpus: Cpus) -> dict[str, float]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     bare = subprocess.Popen(
         [sys.executable, "-c", _BARE_ECHO, str(port)],
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         stderr=subprocess.DEVNULL,  # the port probe
     )
     try:
         wait_port(port, bare)
-        echo = await round_trips(
-            f"ws://127.0.0.1:{port}/", concurrency, duration, echo_loop, psutil.Process(bare.pid)
-        )
+        return round_trips(f"ws://127.0.0.1:{port}/", "echo", args, psutil.Process(bare.pid), cpus)
     finally:
         stop(bare)
-    return asks, echo
+
+
+def measure_asks(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
+    """Alternate the servers for `args.rounds` rounds, so that drift hits them alike."""
+    cpus = Cpus.plan()
+    runs: dict[str, list[dict[str, float]]] = {"instant": [], "echo-engine": [], "bare": []}
+    for _ in range(args.rounds):
+        runs["instant"].append(vlbridge_asks("builtin:instant", args, cpus))
+        runs["bare"].append(bare_echo(args, cpus))
+        runs["echo-engine"].append(vlbridge_asks("builtin:echo", args, cpus))
+    return runs
 
 
 async def executor_only(concurrency: int, duration: float) -> float:
@@ -368,24 +436,16 @@ def machine() -> str:
     )
 
 
-def report(
-    idle: dict[str, float],
-    asks: dict[str, float],
-    echo: dict[str, float],
-    alone: float,
-    args: argparse.Namespace,
-) -> str:
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    return sorted(runs, key=lambda run: run["per_second"])[len(runs) // 2]
+
+
+def idle_rows(idle: dict[str, float], args: argparse.Namespace) -> list[str]:
     kib = idle["per_session"] / 1024
-    ratio = asks["per_second"] / echo["per_second"]
-    lines = [
-        f"Machine: {machine()}; client and servers share it (loopback).",
-        f"Idle phase: {int(idle['sessions'])} sessions opened in {idle['open_seconds']:.1f} s "
+    return [
+        f"| idle phase | {int(idle['sessions'])} sessions opened in {idle['open_seconds']:.1f} s "
         f"({int(idle['failed'])} failed), pings every {args.interval:g} s (timeout {args.timeout:g} s), "
-        f"held {args.hold:g} s. Asks: {args.concurrency} concurrent sessions for {args.duration:g} s, "
-        'question "hi" (answer "echo: hi", 8 tokens; deltas arriving together are merged).',
-        "",
-        "| measure | value | target | |",
-        "|---|---|---|---|",
+        f"held {args.hold:g} s | | |",
         f"| server RSS per idle session | {kib:.1f} KiB | <= 30 KiB | {'ok' if kib <= 30 else 'MISSED'} |",
         f"| server RSS: before / {int(idle['sessions'])} open / after hold | "
         f"{idle['rss_before'] / 2**20:.0f} / "
@@ -396,15 +456,48 @@ def report(
         f"{1e6 * idle['cpu_fraction'] / max(1.0, idle['pings_per_second']):.0f} us | | |",
         f"| sessions wrongly dropped | {int(idle['wrong_drops'])} {idle['closes'] or ''} | 0 | "
         f"{'ok' if idle['wrong_drops'] == 0 and idle['failed'] == 0 else 'MISSED'} |",
-        f"| ask round trip p50 / p99 (echo engine) | {asks['p50_ms']:.2f} / {asks['p99_ms']:.2f} ms | | |",
-        f"| bare websockets echo p50 / p99 | {echo['p50_ms']:.2f} / {echo['p99_ms']:.2f} ms | | |",
-        f"| asks/s (vlbridge, echo engine) | {asks['per_second']:.0f} ({asks['frames_per']:.1f} frames/ask; "
-        f"server {100 * asks['server_cpu']:.0f}% / client {100 * asks['client_cpu']:.0f}% of a core) | | |",
+    ]
+
+
+def report(
+    idle: dict[str, float] | None,
+    runs: dict[str, list[dict[str, float]]],
+    alone: float,
+    args: argparse.Namespace,
+) -> str:
+    instant, engine, bare = (median_run(runs[k]) for k in ("instant", "echo-engine", "bare"))
+    ratios = [a["per_second"] / b["per_second"] for a, b in zip(runs["instant"], runs["bare"], strict=True)]
+    ratio = statistics.median(ratios)
+    cpus = Cpus.plan()
+
+    def asks_row(label: str, run: dict[str, float], unit: str) -> str:
+        return (
+            f"| {label} | {run['per_second']:.0f} {unit}/s, "
+            f"p50 {run['p50_ms']:.2f} / p99 {run['p99_ms']:.2f} ms; "
+            f"server {run['server_us']:.1f} us CPU per {unit[:-1] if unit.endswith('s') else unit} "
+            f"({100 * run['server_cpu']:.0f}% of its core), clients {100 * run['client_cpu']:.0f}% | | |"
+        )
+
+    lines = [
+        f"Machine: {machine()}; loopback. Server pinned to CPU {cpus.server}, "
+        f"load generators on CPUs {','.join(map(str, cpus.clients))}.",
+        f"Asks: {args.concurrency} sessions over {args.clients} client processes, "
+        f"each asking back to back for {args.duration:g} s, {args.rounds} rounds alternating the servers "
+        '(medians shown); question "hi", answer "echo: hi".',
+        "",
+        "| measure | value | target | |",
+        "|---|---|---|---|",
+        *(idle_rows(idle, args) if idle else []),
+        asks_row("vlbridge, zero-cost backend (`builtin:instant`)", instant, "asks"),
+        asks_row("vlbridge through the real executor (`builtin:echo`)", engine, "asks"),
+        asks_row("bare `websockets` echo server", bare, "messages"),
+        f"| frames per ask (queued, started, delta, done) | {instant['frames_per']:.1f} | | |",
         f"| asks/s of the executor alone (no transport, same process) | {alone:.0f} | | |",
-        f"| messages/s (bare websockets echo) | {echo['per_second']:.0f} "
-        f"(server {100 * echo['server_cpu']:.0f}% / "
-        f"client {100 * echo['client_cpu']:.0f}% of a core) | | |",
-        f"| asks/s ÷ echo messages/s | {100 * ratio:.0f}% | >= 50% | {'ok' if ratio >= 0.5 else 'MISSED'} |",
+        f"| zero-cost asks/s ÷ echo messages/s | {100 * ratio:.0f}% "
+        f"(rounds: {', '.join(f'{100 * r:.0f}%' for r in ratios)}) | >= 50% | "
+        f"{'ok' if ratio >= 0.5 else 'MISSED'} |",
+        f"| real-executor asks/s ÷ echo messages/s | "
+        f"{100 * engine['per_second'] / bare['per_second']:.0f}% | | |",
     ]
     return "\n".join(lines)
 
@@ -414,12 +507,14 @@ async def main(args: argparse.Namespace) -> None:
     if limit < args.sessions + 200:
         print(f"note: only {limit} file descriptors; sessions lowered", file=sys.stderr)
         args.sessions = max(100, limit - 500)
-    print(f"idle phase: {args.sessions} sessions ...", file=sys.stderr)
-    idle = await measure_idle(args.sessions, args.hold, args.interval, args.timeout)
+    idle = None
+    if not args.skip_idle:
+        print(f"idle phase: {args.sessions} sessions ...", file=sys.stderr)
+        idle = await measure_idle(args.sessions, args.hold, args.interval, args.timeout)
     print("ask phase ...", file=sys.stderr)
-    asks, echo = await measure_asks(args.concurrency, args.duration)
+    runs = await asyncio.to_thread(measure_asks, args)
     alone = await executor_only(args.concurrency, args.duration)
-    print(report(idle, asks, echo, alone, args))
+    print(report(idle, runs, alone, args))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -430,16 +525,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--interval", type=float, default=1.0, help="server ping interval (compressed from 45 s)"
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="server ping timeout (the default one)")
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=32, help="asking sessions (connections)")
+    parser.add_argument(
+        "--clients", type=int, default=max(1, min(4, len(os.sched_getaffinity(0)) - 1)),
+        help="load-generating processes (default: one per spare CPU, at most 4)",
+    )  # fmt: skip
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-idle", action="store_true", help="only the ask phase")
+    parser.add_argument("--client-worker", nargs=4, metavar=("KIND", "URL", "CONNECTIONS", "SECONDS"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     return parser.parse_args(argv)
+
+
+def run(coroutine: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coroutine)
+    else:
+        uvloop.run(coroutine)
 
 
 if __name__ == "__main__":
     arguments = parse_args()
-    try:
-        import uvloop
-
-        uvloop.run(main(arguments))
-    except ImportError:
-        asyncio.run(main(arguments))
+    if arguments.client_worker:
+        kind, url, connections, seconds = arguments.client_worker
+        run(client_worker(kind, url, int(connections), float(seconds)))
+    else:
+        run(main(arguments))

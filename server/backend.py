@@ -8,10 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server.config import Config
+from server.inference.api import Executor
 from server.inference.echo import ECHO_PATH, EchoEngine
 from server.inference.engine import Engine
 from server.inference.executor import ExecutorLimits, InferenceExecutor
 from server.inference.images import ImageLimits
+from server.inference.instant import INSTANT_PATH, InstantExecutor
 
 log = logging.getLogger("vlbridge.backend")
 
@@ -36,8 +38,11 @@ def model_label(config: Config) -> str:
     return config.model.path or "vlbridge-demo (random answers)"
 
 
-def build_executor(config: Config) -> InferenceExecutor:
-    """An executor whose engine loads on the worker thread when the executor starts."""
+def build_executor(config: Config) -> Executor:
+    """An executor whose engine loads on the worker thread when the executor starts
+    (or, for `builtin:instant`, the zero-cost backend that has neither)."""
+    if config.model.path == INSTANT_PATH:
+        return InstantExecutor()
     limits = image_limits(config)
     path = config.model.path
 

@@ -7,6 +7,9 @@ module level so that several apps in one process (tests) never register twice.
 
 from __future__ import annotations
 
+import functools
+from typing import Any, TypeVar
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
     CollectorRegistry,
@@ -19,7 +22,9 @@ from prometheus_client import (
 
 from server.inference.api import ExecutorStats
 
-__all__ = ["CONTENT_TYPE", "REGISTRY", "render"]
+__all__ = ["CONTENT_TYPE", "REGISTRY", "labelled", "render"]
+
+M = TypeVar("M", Counter, Histogram)
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # process_open_fds, process_resident_memory_bytes, cpu seconds
@@ -53,6 +58,19 @@ TTFT = Histogram(
     buckets=_TTFT_BUCKETS,
     registry=REGISTRY,
 )
+
+
+def labelled(metric: M, *values: str) -> M:
+    """`metric.labels(*values)`, remembered: labels() takes a lock and builds a key on every
+    call, and the per-answer metrics are on the hot path. Label values are a small fixed set."""
+    return _labelled(metric, values)
+
+
+@functools.cache
+def _labelled(metric: Any, values: tuple[str, ...]) -> Any:
+    return metric.labels(*values)
+
+
 QUEUE_DEPTH = Gauge("vlbridge_queue_depth", "Requests waiting for a batch place", registry=REGISTRY)
 BATCH_SIZE = Gauge("vlbridge_batch_size", "Requests in the running batch", registry=REGISTRY)
 MAX_BATCH = Gauge("vlbridge_batch_capacity", "Batch places", registry=REGISTRY)

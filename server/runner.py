@@ -14,6 +14,7 @@ import uvicorn
 
 from server.config import Config
 from server.service import Service
+from server.ws.transport import WebSocketProtocol
 
 AFTER_DRAIN_SECONDS = 5  # uvicorn's own wait for connections once the service has drained
 
@@ -23,7 +24,7 @@ def uvicorn_config(app: object, config: Config, **overrides: object) -> uvicorn.
         "host": config.server.host,
         "port": config.server.port,
         "log_config": None,
-        "ws": "websockets-sansio",
+        "ws": WebSocketProtocol,  # uvicorn's websockets-sansio, plus one write for several frames
         "ws_max_size": config.server.max_frame_bytes,
         "ws_ping_interval": None,  # keepalive is the protocol's own ping manager
         "ws_ping_timeout": None,

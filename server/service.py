@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -26,7 +26,7 @@ from server.agentcheck import AgentCheck
 from server.auth import Authenticator
 from server.config import Config
 from server.health import Assessment, agent_line, assess, health_body
-from server.inference.api import Done, Event, Executor, Failed, InferenceRequest, RequestHandle
+from server.inference.api import FINAL, Done, Event, Executor, Failed, InferenceRequest, RequestHandle
 from server.platform import PlatformAdapter
 from server.ws.frames import FrameLimits
 from server.ws.keepalive import PingManager
@@ -48,10 +48,11 @@ class ServiceState(Enum):
 class Answer:
     """One submitted request, tracked until its stream ends."""
 
-    __slots__ = ("_service", "handle", "route", "shutdown")
+    __slots__ = ("_listener", "_service", "handle", "route", "shutdown")
 
     def __init__(self, service: Service, handle: RequestHandle, route: str) -> None:
         self._service = service
+        self._listener: Callable[[Event], None] | None = None
         self.handle = handle
         self.route = route
         self.shutdown = False
@@ -64,17 +65,41 @@ class Answer:
         code = "internal"
         try:
             async for event in self.handle:
-                if isinstance(event, Failed) and self.shutdown and event.code == "cancelled":
-                    event = Failed("unavailable", SHUTTING_DOWN, 5.0)
-                if isinstance(event, Done):
-                    code = "ok"
-                    metrics.LATENCY.labels(self.route).observe(event.timings.total)
-                    metrics.TTFT.labels(self.route).observe(event.timings.first_token)
-                elif isinstance(event, Failed):
-                    code = event.code
+                event = self._observe(event)
+                if isinstance(event, FINAL):
+                    code = "ok" if isinstance(event, Done) else event.code
                 yield event
         finally:
             self._service._untrack(self, code)
+
+    def listen(self, callback: Callable[[Event], None]) -> None:
+        """The same events as `events()`, passed to *callback* (no task needed). A callback
+        that raises ends the request: it is cancelled and untracked, and the error logged."""
+        self._listener = callback
+        self.handle.listen(self._deliver)
+
+    def _deliver(self, event: Event) -> None:
+        if self._listener is None:  # its listener failed: the rest is of no interest
+            return
+        event = self._observe(event)
+        try:
+            self._listener(event)
+        except Exception:
+            log.exception("%s: handling an answer event failed", self.handle.id)
+            self._listener = None
+            self.handle.cancel()
+            self._service._untrack(self, "internal")
+            return
+        if isinstance(event, FINAL):
+            self._service._untrack(self, "ok" if isinstance(event, Done) else event.code)
+
+    def _observe(self, event: Event) -> Event:
+        if isinstance(event, Failed) and self.shutdown and event.code == "cancelled":
+            return Failed("unavailable", SHUTTING_DOWN, 5.0)
+        if isinstance(event, Done):
+            metrics.labelled(metrics.LATENCY, self.route).observe(event.timings.total)
+            metrics.labelled(metrics.TTFT, self.route).observe(event.timings.first_token)
+        return event
 
 
 class Service:
@@ -118,16 +143,17 @@ class Service:
         """Submit *request*; iterate `.events()` of the result to its end (that untracks it)."""
         answer = Answer(self, self.executor.submit(request), route)
         self._answers.add(answer)
-        self._idle.clear()
+        if self._idle.is_set():
+            self._idle.clear()
         return answer
 
     def _untrack(self, answer: Answer, code: str) -> None:
         if answer in self._answers:
             self._answers.discard(answer)
             answer.handle.cancel()  # no-op when finished; frees the slot when the caller left early
-            metrics.REQUESTS.labels(answer.route, code).inc()
+            metrics.labelled(metrics.REQUESTS, answer.route, code).inc()
             if code != "ok":
-                metrics.ERRORS.labels(answer.route, code).inc()
+                metrics.labelled(metrics.ERRORS, answer.route, code).inc()
         if not self._answers:
             self._idle.set()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,9 +62,19 @@ class _RecordingHandle:
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         async for event in self.inner:
-            if isinstance(event, Done):
-                self.done.append(event)
+            self._record(event)
             yield event
+
+    def listen(self, callback: Callable[[Event], None]) -> None:
+        def record(event: Event) -> None:
+            self._record(event)
+            callback(event)
+
+        self.inner.listen(record)
+
+    def _record(self, event: Event) -> None:
+        if isinstance(event, Done):
+            self.done.append(event)
 
     def cancel(self) -> None:
         self.inner.cancel()

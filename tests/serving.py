@@ -76,9 +76,10 @@ def serve(
     executor: Executor | None = None,
     platforms: Sequence[PlatformAdapter] = (),
     ready: bool = True,
+    **uvicorn: Any,
 ) -> Iterator[Running]:
     app = create_app(config, executor or build_executor(config), platforms)
-    options = uvicorn_config(app, config, host="127.0.0.1", port=0, log_level="warning")
+    options = uvicorn_config(app, config, host="127.0.0.1", port=0, log_level="warning", **uvicorn)
     server = Server(options, app.state.service)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()

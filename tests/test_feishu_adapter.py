@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from bot.feishu import build_adapter
 from server.backend import build_executor
 from server.inference.api import Executor
+from server.inference.executor import InferenceExecutor
 from tests.conftest import make_png
 from tests.fakefeishu import FakeFeishu, SendKind, User
 from tests.feishu_helpers import RecordingExecutor, feishu_config, settle, started
@@ -25,6 +26,7 @@ async def model(
 ) -> AsyncIterator[RecordingExecutor]:
     config = feishu_config(fake_feishu, tmp_path, model=str(demo_model_dir))
     executor = build_executor(config)
+    assert isinstance(executor, InferenceExecutor)
     await executor.start()
     await executor.wait_ready(120)
     recording = RecordingExecutor(executor)

@@ -8,6 +8,7 @@ A caller does::
     handle = executor.submit(InferenceRequest(id=..., messages=[Turn.user("what is it?", [png])]))
     async for event in handle:          # Queued*, Started, Delta*, then exactly one Done or Failed
         ...
+    handle.listen(on_event)             # or: the same events passed to a callback, no task needed
     handle.cancel()                     # at any time; the stream then ends with Failed("cancelled")
 
 `submit` never blocks and never raises for a request-level problem: a full queue, a
@@ -17,7 +18,7 @@ bad picture or a model that is still loading arrive as a `Failed` event with a s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol
@@ -134,6 +135,7 @@ class Failed:
 
 
 Event = Queued | Started | Delta | Done | Failed
+FINAL = (Done, Failed)  # the events that end a stream (a tuple: `Done | Failed` is rebuilt per call)
 
 
 class ExecutorState(StrEnum):
@@ -175,6 +177,11 @@ class RequestHandle(Protocol):
     id: str
 
     def __aiter__(self) -> AsyncIterator[Event]: ...
+
+    def listen(self, callback: Callable[[Event], None]) -> None:
+        """Instead of iterating: have every event, those already waiting first, passed to
+        *callback* on the event loop as it arrives (possibly before `listen` returns). Costs
+        no task per request; a listener that stops caring must call `cancel`."""
 
     def cancel(self) -> None:
         """Stop the request; its slot is freed at the next step. Idempotent."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from server.errors import Cancelled, InternalError, RequestError, Timeout, TooLarge, Unavailable
 from server.inference.api import (
+    FINAL,
     Delta,
     Done,
     Event,
@@ -57,7 +58,9 @@ class ExecutorLimits:
 
 
 class _Handle:
-    """The caller's end: an async iterator fed from the worker thread."""
+    """The caller's end: an async iterator (or a listener) fed from the worker thread."""
+
+    __slots__ = ("_closed", "_events", "_listener", "_loop", "_on_cancel", "cancelled", "id")
 
     def __init__(
         self, request_id: str, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None]
@@ -65,15 +68,25 @@ class _Handle:
         self.id = request_id
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._listener: Callable[[Event], None] | None = None
         self._on_cancel = on_cancel
         self._closed = False
         self.cancelled = False
 
     def push(self, event: Event) -> None:  # on the event loop
-        if not self._closed:
+        if self._closed:
+            return
+        if isinstance(event, FINAL):
+            self._closed = True
+        if self._listener is not None:
+            self._listener(event)
+        else:
             self._events.put_nowait(event)
-            if isinstance(event, Done | Failed):
-                self._closed = True
+
+    def listen(self, callback: Callable[[Event], None]) -> None:
+        self._listener = callback
+        while not self._events.empty():
+            callback(self._events.get_nowait())
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -85,7 +98,7 @@ class _Handle:
             while True:
                 event = await self._events.get()
                 yield event
-                if isinstance(event, Done | Failed):
+                if isinstance(event, FINAL):
                     return
         finally:
             if not self._events.empty() or not self._closed:

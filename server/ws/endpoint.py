@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import JSONResponse
+from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import metrics
-from server.inference.api import Delta, Done, InferenceRequest, SamplingParams, Turn
-from server.service import Answer, Service
+from server.inference.api import FINAL, Delta, Done, Event, InferenceRequest, SamplingParams, Turn
+from server.service import Service
 from server.wire import error_dict, event_dict
 from server.ws.frames import (
     PROTOCOL_VERSION,
@@ -34,6 +36,7 @@ from server.ws.frames import (
 )
 from server.ws.protocol import FloodGate, Keepalive
 from server.ws.sessions import ActiveAsk, Session
+from server.ws.transport import SEND_MANY
 
 log = logging.getLogger("vlbridge.ws")
 
@@ -59,19 +62,34 @@ class Connection:
         "gate",
         "keepalive",
         "label",
+        "loop",
+        "send_many",
         "session",
+        "write_now",
         "ws",
     )
 
-    def __init__(self, ws: WebSocket, session: Session, keepalive: Keepalive, gate: FloodGate) -> None:
+    def __init__(
+        self,
+        ws: WebSocket,
+        send_many: Send | None,
+        session: Session,
+        keepalive: Keepalive,
+        gate: FloodGate,
+    ) -> None:
         self.ws = ws
+        self.loop = asyncio.get_running_loop()  # asyncio.get_running_loop() costs a getpid() on 3.11
+        self.send_many = send_many
+        self.write_now: Callable[[list[bytes]], bool] | None = (
+            ws.scope["extensions"][SEND_MANY]["write_now"] if send_many is not None else None
+        )
         self.session = session
         self.keepalive = keepalive
         self.gate = gate
         self.label = f"session {session.id}"
         self.abusive = False
         self._outbox: list[bytes] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | asyncio.Handle | None = None  # writing, or about to
         self._closing: tuple[int, str] | None = None
         self._ended = False
 
@@ -107,14 +125,32 @@ class Connection:
 
     def _wake(self) -> None:
         if self._writer is None and not self._ended:
-            self._writer = asyncio.create_task(self._write())
+            self._writer = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what the loop iteration queued in one go; a task only to wait for room or close."""
+        self._writer = None
+        if self._ended:
+            return
+        if self._outbox and self.write_now is not None:
+            try:
+                if self.write_now(self._outbox):
+                    self._outbox = None
+            except OSError:
+                self._ended = True  # the peer is gone; the reading side notices and cleans up
+                return
+        if self._outbox or self._closing is not None:
+            self._writer = self.loop.create_task(self._write())
 
     async def _write(self) -> None:
         try:
             while self._outbox:
                 batch, self._outbox = self._outbox, None
-                for data in batch:
-                    await self.ws.send({"type": "websocket.send", "text": data.decode()})
+                if self.send_many is not None:
+                    await self.send_many({"type": SEND_MANY, "texts": batch})
+                else:
+                    for data in batch:
+                        await self.ws.send({"type": "websocket.send", "text": data.decode()})
             if self._closing is not None and not self._ended:
                 code, reason = self._closing
                 metrics.WS_CLOSED.labels(str(code)).inc()
@@ -126,7 +162,10 @@ class Connection:
             self._writer = None
 
 
-async def websocket_endpoint(ws: WebSocket) -> None:
+async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
+    """Serve one `/ws` connection. *send* is the raw ASGI send: when the server offers the
+    `vlbridge.send_many` extension (server.ws.transport), ready frames go out in one write."""
+    send_many = send if send is not None and SEND_MANY in ws.scope.get("extensions", {}) else None
     service: Service = ws.app.state.service
     server = service.config.server
     owner = service.auth.identify(ws.headers, ws.query_params)
@@ -153,6 +192,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     now = time.monotonic()
     conn = Connection(
         ws,
+        send_many,
         session,
         service.pings.keepalive(now),
         FloodGate(server.max_frames_per_second, 2 * server.max_frames_per_second, now),
@@ -291,7 +331,7 @@ def _dispatch(service: Service, conn: Connection, frame: ClientFrame, now: float
             pong["ts"] = frame.ts
         session.emit(pong)
     elif isinstance(frame, Ask):
-        _ask(service, session, frame)
+        _ask(service, session, frame, conn.loop)
     elif isinstance(frame, Cancel):
         active = (session.asks or {}).get(frame.id)
         if active is None:
@@ -307,7 +347,7 @@ def _dispatch(service: Service, conn: Connection, frame: ClientFrame, now: float
         session.emit({"type": "reset"})
 
 
-def _ask(service: Service, session: Session, ask: Ask) -> None:
+def _ask(service: Service, session: Session, ask: Ask, loop: asyncio.AbstractEventLoop) -> None:
     server = service.config.server
     asks = session.asks
     if not service.accepting:
@@ -331,50 +371,62 @@ def _ask(service: Service, session: Session, ask: Ask) -> None:
     )
     request = InferenceRequest(f"{session.id}/{ask.id}", session.conversation.messages(question), params)
     answer = service.answer(request, "ws")
-    active = ActiveAsk(question, session.conversation.generation, answer)
     if session.asks is None:
         session.asks = {}
-    session.asks[ask.id] = active
+    session.asks[ask.id] = ActiveAsk(question, session.conversation.generation, answer)
     log.info("session %s: ask %s (%d pictures, %d turns of context)", session.id, ask.id, len(ask.images),
              len(session.conversation))  # fmt: skip
-    active.task = asyncio.create_task(_relay(service, session, ask.id, active, answer), name=request.id)
+    answer.listen(_Relay(service, session, ask.id, loop).on_event)
 
 
-async def _relay(service: Service, session: Session, ask_id: str, active: ActiveAsk, answer: Answer) -> None:
-    """Turn one answer's events into session frames (sent now, or kept for resume).
+class _Relay:
+    """Turns one answer's events into session frames (sent now, or kept for resume).
 
-    Deltas that arrive within one event-loop iteration are sent as one delta frame: an
-    idle server sends every token at once, a busy one sends fewer, larger frames instead
-    of falling behind (concatenating the deltas still gives exactly `done.text`).
+    A listener, not a task: events arrive as callbacks on the event loop. Deltas that
+    arrive within one event-loop iteration are sent as one delta frame: an idle server
+    sends every token at once, a busy one sends fewer, larger frames instead of falling
+    behind (concatenating the deltas still gives exactly `done.text`).
     """
-    pending: list[str] = []
-    scheduled = False
 
-    def flush() -> None:
-        nonlocal scheduled
-        scheduled = False
-        if pending:
-            text = "".join(pending)
-            pending.clear()
-            session.emit({"type": "delta", "id": ask_id, "text": text})
+    __slots__ = ("ask_id", "loop", "pending", "service", "session")
 
-    try:
-        async for event in answer.events():
+    def __init__(
+        self, service: Service, session: Session, ask_id: str, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.service = service
+        self.session = session
+        self.ask_id = ask_id
+        self.loop = loop
+        self.pending: list[str] = []
+
+    def on_event(self, event: Event) -> None:
+        session = self.session
+        try:
             if isinstance(event, Delta):
-                pending.append(event.text)
-                if not scheduled:
-                    scheduled = True
-                    asyncio.get_running_loop().call_soon(flush)
-                continue
-            flush()
+                if not self.pending:
+                    self.loop.call_soon(self.flush)
+                self.pending.append(event.text)
+                return
+            self.flush()
             if isinstance(event, Done):
-                session.conversation.add(active.question, event.text, active.generation)
-            session.emit(event_dict(ask_id, event))
-    except Exception:
-        flush()
-        log.exception("session %s: relaying ask %s failed", session.id, ask_id)
-        session.emit(error_dict("internal", "the answer could not be relayed", id=ask_id))
-    finally:
-        if session.asks is not None:
-            session.asks.pop(ask_id, None)
-        service.session_idle(session)
+                active = (session.asks or {}).get(self.ask_id)
+                if active is not None:
+                    session.conversation.add(active.question, event.text, active.generation)
+            session.emit(event_dict(self.ask_id, event))
+        except Exception:
+            session.emit(error_dict("internal", "the answer could not be relayed", id=self.ask_id))
+            self.end()
+            raise  # Answer.listen logs it, cancels the answer and ignores its later events
+        if isinstance(event, FINAL):
+            self.end()
+
+    def flush(self) -> None:
+        if self.pending:
+            text = "".join(self.pending)
+            self.pending.clear()
+            self.session.emit({"type": "delta", "id": self.ask_id, "text": text})
+
+    def end(self) -> None:
+        if self.session.asks is not None:
+            self.session.asks.pop(self.ask_id, None)
+        self.service.session_idle(self.session)

@@ -35,15 +35,18 @@ class FrameLog:
         self._frames: list[tuple[int, bytes]] | None = None
 
     def append(self, frame: dict[str, Any]) -> bytes:
-        """Give *frame* the next seq, keep it for replay, return its encoding."""
+        """Give *frame* (which is the log's now: it gets a "seq" key) the next seq, keep it
+        for replay, return its encoding."""
         self.seq += 1
-        data = encode({**frame, "seq": self.seq})
+        frame["seq"] = self.seq
+        data = encode(frame)
         if self._frames is None:
-            self._frames = []
-        self._frames.append((self.seq, data))
-        if len(self._frames) > self.limit:
-            self.dropped = self._frames[0][0]
-            del self._frames[: len(self._frames) - self.limit]
+            self._frames = [(self.seq, data)]
+        else:
+            self._frames.append((self.seq, data))
+            if len(self._frames) > self.limit:
+                self.dropped = self._frames[0][0]
+                del self._frames[0]
         return data
 
     def ack(self, seq: int) -> None:

@@ -42,7 +42,6 @@ class ActiveAsk:
     question: Turn
     generation: int  # the conversation generation it started in
     answer: Cancellable
-    task: Any = None  # the task relaying its events (owned here, so it is not collected)
 
 
 class Session:

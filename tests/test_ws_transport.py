@@ -1,0 +1,74 @@
+"""Frames on the wire: several frames in one write (vlbridge's transport), the plain ASGI
+fallback under stock uvicorn, and answers consumed by listeners rather than tasks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.inference.api import Delta, Done, Event, Failed, InferenceRequest, Queued, Started, Turn
+from server.inference.instant import INSTANT_PATH, InstantExecutor
+from server.service import Service
+from tests.serving import make_config, serve, slow_echo
+from tests.wsclient import Client
+
+# Answers whose frames need RFC 6455's 7-bit, 16-bit and 64-bit lengths (the last one is
+# 25,000 three-byte characters, 75 kB, under the 32,768-character question limit).
+QUESTIONS = ("x", "x" * 100, "x" * 200, "中" * 25_000)
+
+
+@pytest.mark.parametrize("ws", ["vlbridge", "websockets-sansio"])
+async def test_answers_of_every_frame_length_arrive_whole_and_in_order(ws: str) -> None:
+    config = make_config(INSTANT_PATH, max_frame_bytes=1 << 20)
+    extra = {} if ws == "vlbridge" else {"ws": ws}  # stock uvicorn: one ASGI send per frame
+    with serve(config, **extra) as running:
+        client = await Client.open(running.ws)
+        for n, question in enumerate(QUESTIONS):
+            await client.ask(f"q{n}", question)
+            frames = await client.until_end(f"q{n}")
+            assert [f["type"] for f in frames] == ["queued", "started", "delta", "done"]
+            assert frames[2]["text"] == frames[3]["text"] == f"echo: {question}"
+        seqs = [f["seq"] for f in client.frames]
+        assert seqs == list(range(1, len(seqs) + 1))
+        await client.close()
+
+
+async def test_instant_backend_cancel_and_stop() -> None:
+    executor = InstantExecutor()
+    await executor.start()
+    request = InferenceRequest("r", [Turn.user("hi", [b"png"])])
+    events: list[Event] = []
+    executor.submit(request).listen(events.append)
+    assert [type(e) for e in events] == [Queued, Started, Delta, Done]
+    assert events[2] == Delta("echo: hi [1 pictures]")
+    cancelled = executor.submit(request)
+    cancelled.cancel()
+    assert [e async for e in cancelled] == [Failed("cancelled", "cancelled")]
+    await executor.stop()
+    failed = [e async for e in executor.submit(request)]
+    assert len(failed) == 1 and isinstance(failed[0], Failed) and failed[0].code == "unavailable"
+
+
+async def test_a_listener_that_raises_cancels_and_untracks_its_answer() -> None:
+    service = Service(make_config(), slow_echo(step_delay=0.01))
+    await service.start()
+    try:
+        seen: list[Event] = []
+
+        def broken(event: Event) -> None:
+            seen.append(event)
+            if isinstance(event, Delta):
+                raise RuntimeError("a bug in a listener")
+
+        answer = service.answer(InferenceRequest("r", [Turn.user("a long enough question")]), "ws")
+        answer.listen(broken)
+        for _ in range(200):
+            if not service.running_answers:
+                break
+            await asyncio.sleep(0.01)
+        assert service.running_answers == 0
+        assert sum(isinstance(e, Delta) for e in seen) == 1  # nothing after the failure
+        assert answer.handle.cancelled  # type: ignore[attr-defined]
+    finally:
+        await service.stop()
