@@ -57,6 +57,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def child_env() -> dict[str, str]:
+    """This environment, with the project importable (ahead of what PYTHONPATH already holds)."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def wait_port(port: int, process: subprocess.Popen[bytes], within: float = 60.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -89,9 +95,8 @@ max_batch = 256
 queue_size = 4096
 """
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-c", _SERVE, str(config)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(command, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # The server process: raise its descriptor limit, then run the real CLI.
@@ -367,7 +372,7 @@ def bare_echo(args: argparse.Namespace, cpus: Cpus) -> dict[str, float]:
     port = free_port()
     bare = subprocess.Popen(
         [sys.executable, "-c", _BARE_ECHO, str(port)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=child_env(),
         stderr=subprocess.DEVNULL,  # the port probe
     )
     try:

@@ -97,8 +97,8 @@ class Answer:
         if isinstance(event, Failed) and self.shutdown and event.code == "cancelled":
             return Failed("unavailable", SHUTTING_DOWN, 5.0)
         if isinstance(event, Done):
-            metrics.labelled(metrics.LATENCY, self.route).observe(event.timings.total)
-            metrics.labelled(metrics.TTFT, self.route).observe(event.timings.first_token)
+            metrics.LATENCY.observe(event.timings.total, self.route)
+            metrics.TTFT.observe(event.timings.first_token, self.route)
         return event
 
 
@@ -151,9 +151,9 @@ class Service:
         if answer in self._answers:
             self._answers.discard(answer)
             answer.handle.cancel()  # no-op when finished; frees the slot when the caller left early
-            metrics.labelled(metrics.REQUESTS, answer.route, code).inc()
+            metrics.REQUESTS.inc(answer.route, code)
             if code != "ok":
-                metrics.labelled(metrics.ERRORS, answer.route, code).inc()
+                metrics.ERRORS.inc(answer.route, code)
         if not self._answers:
             self._idle.set()
 

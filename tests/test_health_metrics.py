@@ -216,3 +216,29 @@ def wait_weight(stats_socket, accept) -> bool:
                 return True
         time.sleep(0.05)
     return False
+
+
+def test_loop_metrics_expose_cumulative_buckets_and_counts() -> None:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server import metrics
+
+    registry = CollectorRegistry()
+    histogram = metrics.LoopHistogram("test_seconds", "test", ["route"], (0.1, 1.0), registry)
+    counter = metrics.LoopCounter("test_total", "test", ["route", "code"], registry)
+    for value in (0.1, 0.5, 1.0, 7.0):  # on a bound counts in that bound's bucket
+        histogram.observe(value, "ws")
+    counter.inc("ws", "ok")
+    counter.inc("ws", "ok")
+    samples = {
+        (s.name, s.labels.get("le", ""), s.labels.get("code", "")): s.value
+        for family in text_string_to_metric_families(metrics.generate_latest(registry).decode())
+        for s in family.samples
+    }
+    assert samples[("test_seconds_bucket", "0.1", "")] == 1
+    assert samples[("test_seconds_bucket", "1.0", "")] == 3
+    assert samples[("test_seconds_bucket", "+Inf", "")] == 4
+    assert samples[("test_seconds_count", "", "")] == 4
+    assert samples[("test_seconds_sum", "", "")] == 8.6
+    assert samples[("test_total", "", "ok")] == 2

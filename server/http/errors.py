@@ -36,7 +36,7 @@ def error_response(
     code: str, message: str, *, retry_after: float | None = None, route: str | None = None
 ) -> JSONResponse:
     if route is not None:
-        metrics.ERRORS.labels(route, code).inc()
+        metrics.ERRORS.inc(route, code)
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
     body = {"error": {"code": code, "message": message, "type": code}}
     return JSONResponse(body, STATUS.get(code, 500), headers=headers)

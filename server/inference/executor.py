@@ -91,7 +91,8 @@ class _Handle:
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
-            self._on_cancel()
+            if not self._closed:  # a finished request has nothing to stop: leave the worker be
+                self._on_cancel()
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         try:

@@ -28,6 +28,8 @@ from server.inference.api import (
 
 INSTANT_PATH = "builtin:instant"
 _ZERO = Timings(0.0, 0.0, 0.0)
+_QUEUED = Queued(1)
+_STARTED = Started()
 
 
 class _Answer:
@@ -77,7 +79,7 @@ class InstantExecutor:
         self._tokens += len(text)
         # Usage counts the question only: summing a long context per request is not zero-cost.
         done = Done(text, Usage(len(question.text), len(text), len(question.images)), _ZERO)
-        return _Answer(request.id, [Queued(1), Started(), Delta(text), done])
+        return _Answer(request.id, [_QUEUED, _STARTED, Delta(text), done])
 
     def stats(self) -> ExecutorStats:
         return ExecutorStats(

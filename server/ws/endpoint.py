@@ -36,7 +36,7 @@ from server.ws.frames import (
 )
 from server.ws.protocol import FloodGate, Keepalive
 from server.ws.sessions import ActiveAsk, Session
-from server.ws.transport import SEND_MANY
+from server.ws.transport import FRAMES, SEND_MANY
 
 log = logging.getLogger("vlbridge.ws")
 
@@ -47,6 +47,7 @@ CLOSE_ABUSE = (CLOSE_POLICY, CLOSE_TOO_BIG)  # also when the server's own frame 
 CLOSE_FULL = 1013  # max_sessions reached: try again later
 CLOSE_SLOW = 4408  # the client does not read its frames
 CLOSE_TAKEN_OVER = 4409  # the session was resumed on another connection
+DEFAULT_PARAMS = SamplingParams()  # greedy, the configured length: most asks set neither
 PARSE_IN_THREAD = 256 * 1024  # frames this large are parsed (base64 pictures) off the event loop
 
 
@@ -59,6 +60,7 @@ class Connection:
         "_outbox",
         "_writer",
         "abusive",
+        "frames",
         "gate",
         "keepalive",
         "label",
@@ -80,8 +82,9 @@ class Connection:
         self.ws = ws
         self.loop = asyncio.get_running_loop()  # asyncio.get_running_loop() costs a getpid() on 3.11
         self.send_many = send_many
+        self.frames: dict[str, Any] | None = ws.scope["extensions"][FRAMES] if send_many is not None else None
         self.write_now: Callable[[list[bytes]], bool] | None = (
-            ws.scope["extensions"][SEND_MANY]["write_now"] if send_many is not None else None
+            self.frames["write_now"] if self.frames else None
         )
         self.session = session
         self.keepalive = keepalive
@@ -164,8 +167,9 @@ class Connection:
 
 async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
     """Serve one `/ws` connection. *send* is the raw ASGI send: when the server offers the
-    `vlbridge.send_many` extension (server.ws.transport), ready frames go out in one write."""
-    send_many = send if send is not None and SEND_MANY in ws.scope.get("extensions", {}) else None
+    `vlbridge.frames` extension (server.ws.transport), ready frames go out in one write and
+    frames come in without a queue."""
+    send_many = send if send is not None and FRAMES in ws.scope.get("extensions", {}) else None
     service: Service = ws.app.state.service
     server = service.config.server
     owner = service.auth.identify(ws.headers, ws.query_params)
@@ -261,7 +265,7 @@ def _open_session(
 
 
 async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
-    metrics.ERRORS.labels("ws", code).inc()
+    metrics.ERRORS.inc("ws", code)
     if "websocket.http.response" in ws.scope.get("extensions", {}):
         await ws.send_denial_response(JSONResponse({"error": {"code": code, "message": message}}, status))
     else:
@@ -269,35 +273,23 @@ async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
 
 
 async def _serve(service: Service, conn: Connection) -> int:
-    """Read frames until the connection ends; return its close code."""
-    server = service.config.server
-    session = conn.session
+    """Read frames until the connection ends; return its close code.
+
+    With vlbridge's transport, text frames of ordinary size are handed to `_on_text`
+    straight from the socket's read callback (no queue, no task switch per frame); what
+    reaches this loop is the rest, in order: the disconnect, binary frames, and frames
+    large enough to be parsed on a thread (the fast path stays off until they are done).
+    """
+    listen = conn.frames.get("listen") if conn.frames else None
+    if listen is not None:
+        listen(lambda text: _on_text(service, conn, text))
     while True:
         message = await conn.ws.receive()
         if message["type"] == "websocket.disconnect":
             return int(message.get("code") or 1005)
-        if not conn.open:
-            continue  # closing: ignore what is still in flight
-        now = time.monotonic()
-        conn.keepalive.received(now)
-        if not conn.gate.allow(now):
-            log.warning(
-                "session %s: more than %.0f frames/s; closing", session.id, server.max_frames_per_second
-            )
-            conn.abusive = True
-            conn.close(CLOSE_POLICY, f"more than {server.max_frames_per_second:g} frames a second")
-            continue
         text = message.get("text")
-        if text is None:
-            _reject(
-                session,
-                InvalidFrame("bad_request", "binary frames are not part of protocol v1; send JSON text"),
-            )
-            continue
-        if len(text) > server.max_frame_bytes:
-            log.warning("session %s: a %d-byte frame; closing", session.id, len(text))
-            conn.abusive = True
-            conn.close(CLOSE_TOO_BIG, f"frames are limited to {server.max_frame_bytes} bytes")
+        now = _admit(service, conn, text)
+        if now is None or text is None:
             continue
         try:
             if len(text) > PARSE_IN_THREAD:
@@ -305,21 +297,64 @@ async def _serve(service: Service, conn: Connection) -> int:
             else:
                 frame = parse_client_frame(text, service.frame_limits)
         except InvalidFrame as exc:
-            _reject(session, exc)
+            _reject(conn.session, exc)
             continue
         _dispatch(service, conn, frame, now)
 
 
+def _on_text(service: Service, conn: Connection, text: str) -> bool:
+    """Handle one text frame now; False leaves a large one to `_serve` (parsed on a thread)."""
+    if len(text) > PARSE_IN_THREAD:
+        return False
+    now = _admit(service, conn, text)
+    if now is not None:
+        try:
+            frame = parse_client_frame(text, service.frame_limits)
+        except InvalidFrame as exc:
+            _reject(conn.session, exc)
+        else:
+            _dispatch(service, conn, frame, now)
+    return True
+
+
+def _admit(service: Service, conn: Connection, text: str | None) -> float | None:
+    """The checks every frame passes before it is parsed; the time, or None when refused."""
+    if not conn.open:
+        return None  # closing: ignore what is still in flight
+    server = service.config.server
+    session = conn.session
+    now = time.monotonic()
+    conn.keepalive.received(now)
+    if not conn.gate.allow(now):
+        log.warning("session %s: more than %.0f frames/s; closing", session.id, server.max_frames_per_second)
+        conn.abusive = True
+        conn.close(CLOSE_POLICY, f"more than {server.max_frames_per_second:g} frames a second")
+        return None
+    if text is None:
+        _reject(
+            session, InvalidFrame("bad_request", "binary frames are not part of protocol v1; send JSON text")
+        )
+        return None
+    if len(text) > server.max_frame_bytes:
+        log.warning("session %s: a %d-byte frame; closing", session.id, len(text))
+        conn.abusive = True
+        conn.close(CLOSE_TOO_BIG, f"frames are limited to {server.max_frame_bytes} bytes")
+        return None
+    return now
+
+
 def _reject(session: Session, exc: InvalidFrame) -> None:
     log.info("session %s: %s frame refused: %s", session.id, exc.code, exc.message)
-    metrics.ERRORS.labels("ws", exc.code).inc()
+    metrics.ERRORS.inc("ws", exc.code)
     extra: dict[str, Any] = {"id": exc.ask_id} if exc.ask_id else {}
     session.emit(error_dict(exc.code, exc.message, None, **extra))
 
 
 def _dispatch(service: Service, conn: Connection, frame: ClientFrame, now: float) -> None:
     session = conn.session
-    if isinstance(frame, Pong):
+    if isinstance(frame, Ask):
+        _ask(service, session, frame, conn.loop)
+    elif isinstance(frame, Pong):
         answered = conn.keepalive.pong(frame.ts, now)
         if answered is not None:
             rtt, ping_seq = answered
@@ -330,8 +365,6 @@ def _dispatch(service: Service, conn: Connection, frame: ClientFrame, now: float
         if frame.ts is not None:
             pong["ts"] = frame.ts
         session.emit(pong)
-    elif isinstance(frame, Ask):
-        _ask(service, session, frame, conn.loop)
     elif isinstance(frame, Cancel):
         active = (session.asks or {}).get(frame.id)
         if active is None:
@@ -361,14 +394,14 @@ def _ask(service: Service, session: Session, ask: Ask, loop: asyncio.AbstractEve
         )
         return
     if asks and len(asks) >= server.max_asks_per_session:
-        metrics.ERRORS.labels("ws", "busy").inc()
+        metrics.ERRORS.inc("ws", "busy")
         message = f"{len(asks)} questions of this session are still running; wait for one to finish"
         session.emit(error_dict("busy", message, 1.0, id=ask.id))
         return
     question = Turn.user(ask.text, ask.images)
-    params = SamplingParams(
-        max_new_tokens=ask.max_tokens, temperature=ask.temperature if ask.temperature is not None else 0.0
-    )
+    params = DEFAULT_PARAMS
+    if ask.max_tokens is not None or ask.temperature is not None:
+        params = SamplingParams(max_new_tokens=ask.max_tokens, temperature=ask.temperature or 0.0)
     request = InferenceRequest(f"{session.id}/{ask.id}", session.conversation.messages(question), params)
     answer = service.answer(request, "ws")
     if session.asks is None:

@@ -20,6 +20,8 @@ from typing import Any
 from server.inference.api import Turn
 from server.ws.frames import encode
 
+_TRIM_SLACK = 64  # at most this many frames (an eighth of the limit) past the limit before a trim
+
 
 class FrameLog:
     """Sequence numbers and the replay buffer of one session."""
@@ -44,9 +46,10 @@ class FrameLog:
             self._frames = [(self.seq, data)]
         else:
             self._frames.append((self.seq, data))
-            if len(self._frames) > self.limit:
-                self.dropped = self._frames[0][0]
-                del self._frames[0]
+            if len(self._frames) > self.limit + min(_TRIM_SLACK, self.limit >> 3):  # del [0] is O(n)
+                excess = len(self._frames) - self.limit
+                self.dropped = self._frames[excess - 1][0]
+                del self._frames[:excess]
         return data
 
     def ack(self, seq: int) -> None:

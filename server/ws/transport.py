@@ -17,6 +17,7 @@ The endpoint falls back to one `websocket.send` per frame under any other ASGI s
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -24,16 +25,60 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 from websockets.protocol import State
 
-SEND_MANY = "vlbridge.send_many"
+FRAMES = "vlbridge.frames"  # the extension's name in the scope
+SEND_MANY = "vlbridge.send_many"  # its ASGI message type
 _SHORT = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
+    text_listener: Callable[[str], bool] | None = None
+    app_waiting = False  # the app is inside receive(), nothing queued for it
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         if self.response.status_code == 101:  # the app task runs later, so the scope is still ours
-            self.scope["extensions"][SEND_MANY] = {"write_now": self.write_now}
+            self.scope["extensions"][FRAMES] = {"write_now": self.write_now, "listen": self.listen}
+
+    def listen(self, callback: Callable[[str], bool]) -> None:
+        """Pass text frames to *callback* from the read callback while the app waits in
+        receive() with nothing queued; a frame it declines (False) is queued as usual."""
+        self.text_listener = callback
+
+    def send_receive_event_to_app(self) -> None:
+        listener = self.text_listener
+        if (
+            listener is None
+            or not self.app_waiting
+            or self.curr_msg_data_type != "text"
+            or self.close_sent
+            or not self.queue.empty()
+        ):
+            super().send_receive_event_to_app()
+            return
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            super().send_receive_event_to_app()  # uvicorn closes with 1007
+            return
+        self.frames = []
+        try:
+            taken = listener(text)
+        except Exception:
+            self.logger.exception("handling a WebSocket frame failed")
+            self.transport.close()
+            return
+        if not taken:
+            self.frames = [data]
+            super().send_receive_event_to_app()
+
+    async def receive(self) -> Any:
+        self.app_waiting = self.queue.empty()
+        try:
+            return await super().receive()
+        finally:
+            self.app_waiting = False
 
     async def send(self, message: Any) -> None:
         if message["type"] != SEND_MANY:
