@@ -47,7 +47,7 @@ def event_dict(ask_id: str, event: Event) -> dict[str, Any]:
             "type": "done",
             "id": ask_id,
             "text": event.text,
-            "finish_reason": event.finish_reason.value,
+            "finish_reason": event.finish_reason,  # a StrEnum: orjson writes it as its string
             "usage": usage_dict(event.usage),
             "timings": {
                 "queued": round(event.timings.queued, 4),

@@ -101,14 +101,16 @@ class Connection:
         return self._closing is None and not self._ended
 
     def send(self, data: bytes) -> None:
-        if not self.open:
+        if self._closing is not None or self._ended:
             return
-        if self._outbox is None:
-            self._outbox = []
-        self._outbox.append(data)
-        if len(self._outbox) > self.session.log.limit:
+        outbox = self._outbox
+        if outbox is None:
+            self._outbox = [data]
+            self._wake()
+            return
+        outbox.append(data)
+        if len(outbox) > self.session.log.limit:
             self.close(CLOSE_SLOW, "the client is not reading its frames")
-        self._wake()
 
     def close(self, code: int, reason: str) -> None:
         """Close after the frames already queued; idempotent."""
@@ -440,7 +442,8 @@ class _Relay:
                     self.loop.call_soon(self.flush)
                 self.pending.append(event.text)
                 return
-            self.flush()
+            if self.pending:
+                self.flush()
             if isinstance(event, Done):
                 active = (session.asks or {}).get(self.ask_id)
                 if active is not None:

@@ -26,10 +26,11 @@ _TRIM_SLACK = 64  # at most this many frames (an eighth of the limit) past the l
 class FrameLog:
     """Sequence numbers and the replay buffer of one session."""
 
-    __slots__ = ("_frames", "dropped", "limit", "seq")
+    __slots__ = ("_frames", "_trim_at", "dropped", "limit", "seq")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self._trim_at = limit + min(_TRIM_SLACK, limit >> 3)
         self.seq = 0  # the last seq given out
         self.dropped = 0  # highest seq that left the buffer unacknowledged (overflow)
         # A list, not a deque: an idle session holds 0-1 frames, and a deque's first block
@@ -46,7 +47,7 @@ class FrameLog:
             self._frames = [(self.seq, data)]
         else:
             self._frames.append((self.seq, data))
-            if len(self._frames) > self.limit + min(_TRIM_SLACK, self.limit >> 3):  # del [0] is O(n)
+            if len(self._frames) > self._trim_at:  # trimmed in chunks: del [0] is O(n)
                 excess = len(self._frames) - self.limit
                 self.dropped = self._frames[excess - 1][0]
                 del self._frames[:excess]
@@ -169,6 +170,9 @@ class Conversation:
             return
         turns = [*(self._turns or ()), question, Turn.assistant(answer)]
         turns = turns[-2 * self.max_turns :]
+        if not question.images:  # the pictures kept so far were within the limit already
+            self._turns = turns
+            return
         kept = 0
         for index in range(len(turns) - 1, -1, -1):
             turn = turns[index]
