@@ -1,19 +1,24 @@
 """Benchmark: what WebSocket sessions cost the vlbridge server, and how fast it answers.
 
-Runs everything on loopback, bounded in time (about a minute and a half):
+Runs everything on loopback, bounded in time (two to three minutes). The server under
+test is pinned to one CPU; the load comes from worker processes (`--clients`, uvloop when
+installed) pinned to the other CPUs, so that it is the server that is measured.
 
-1. Idle sessions: starts `vlbridge serve` (echo engine, pings compressed to 1 s) in its own
-   process, opens N sessions (default 10,000) that answer every ping, holds them for a
-   while, and reports server RSS per session, the server's CPU while it only pings, and
-   sessions wrongly dropped (must be 0).
-2. Asks: C concurrent sessions send short asks back to back for a few seconds against a
-   fresh vlbridge with the zero-cost echo engine, and C connections do the same against a
-   bare `websockets` echo server (one message in, one out), in the same run. Reports
-   round-trip p50/p99 and asks/s vs messages/s.
+1. Idle sessions: starts `vlbridge serve` (zero-cost backend, pings compressed to 1 s) in
+   its own process, opens N sessions (default 10,000) that answer every ping, holds them
+   for a while, and reports server RSS per session, the server's CPU while it only pings,
+   and sessions wrongly dropped (must be 0).
+2. Asks: C sessions (default 32) ask "hi" back to back, each waiting for its answer,
+   against vlbridge with the zero-cost backend (`builtin:instant`: the server alone),
+   against vlbridge with the real executor over the echo engine (`builtin:echo`), and
+   C connections do the same against a bare `websockets` echo server (one message in,
+   one out). Rounds alternate the three so that drift on a shared machine hits them
+   alike. Reports round-trip p50/p99, throughput and server CPU per ask or message.
 
-    python bench/ws_sessions.py [--sessions 10000] [--hold 10] [--concurrency 32] [--duration 5]
+    python bench/ws_sessions.py [--sessions 10000] [--hold 10] [--concurrency 32]
+                                [--clients 4] [--duration 5] [--rounds 3] [--skip-idle]
 
-Prints a Markdown table. The client runs in this process (uvloop when installed).
+Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -174,64 +179,123 @@ async def idle_session(url: str, stats: IdleStats, hold: asyncio.Event, ready: a
         await ws.close()
 
 
-async def measure_idle(
-    sessions: int, hold_seconds: float, interval: float, timeout: float
-) -> dict[str, float]:
+async def idle_worker(url: str, connections: int) -> None:
+    """Hold *connections* idle sessions that answer every ping. Prints one JSON line when
+    they are open, then its counts for each "mark" read on stdin and once more at the end
+    (anything else, or the end of stdin, ends it)."""
+    stats, hold, ready = IdleStats(), asyncio.Event(), asyncio.Semaphore(0)
+    tasks = []
+    for start in range(0, connections, 250):  # open in waves so the accept backlog keeps up
+        wave = min(250, connections - start)
+        tasks.extend(asyncio.create_task(idle_session(url, stats, hold, ready)) for _ in range(wave))
+        for _ in range(wave):
+            await ready.acquire()
+    print(orjson.dumps({"opened": stats.opened, "failed": stats.failed}).decode(), flush=True)
+
+    def report() -> None:
+        line = orjson.dumps({"pings": stats.pings, "closed": stats.closed}, option=orjson.OPT_NON_STR_KEYS)
+        print(line.decode(), flush=True)
+
+    while (await asyncio.to_thread(sys.stdin.readline)).strip() == "mark":
+        report()
+    report()
+    hold.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Workers:
+    """Load-generating processes (`--client-worker`), each pinned to one of the client CPUs."""
+
+    def __init__(self, kind: str, url: str, total: int, count: int, seconds: float, cpus: Cpus) -> None:
+        self.procs = []
+        for i in range(count):
+            share = total // count + (1 if i < total % count else 0)
+            command = [sys.executable, __file__, "--client-worker", kind, url, str(share), str(seconds)]
+            proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            psutil.Process(proc.pid).cpu_affinity([cpus.clients[i % len(cpus.clients)]])
+            self.procs.append(proc)
+
+    def tell(self, line: str) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+
+    def lines(self) -> list[str]:
+        """The next line of each worker."""
+        out = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                raise SystemExit("a client worker failed")
+            out.append(line.strip())
+        return out
+
+    def finish(self, timeout: float) -> list[dict[str, Any]]:
+        """Close stdin; the last JSON line of each worker."""
+        results = []
+        for proc in self.procs:
+            out, _ = proc.communicate(timeout=timeout)
+            results.append(orjson.loads(out.strip().splitlines()[-1]))
+        return results
+
+
+def measure_idle(args: argparse.Namespace) -> dict[str, Any]:
+    cpus = Cpus.plan()
     port = free_port()
-    server = start_vlbridge(port, interval, timeout, sessions + 100)
+    server = start_vlbridge(port, args.interval, args.timeout, args.sessions + 100)
     try:
         wait_port(port, server)
         proc = psutil.Process(server.pid)
-        cpus = Cpus.plan()  # the server on its own CPU, this (the client) on the others
         proc.cpu_affinity([cpus.server])
-        psutil.Process().cpu_affinity(cpus.clients)
         url = f"ws://127.0.0.1:{port}/ws"
-        warm = IdleStats()
-        done = asyncio.Event()
-        warm_tasks = [
-            asyncio.create_task(idle_session(url, warm, done, asyncio.Semaphore(0))) for _ in range(50)
-        ]
-        await asyncio.sleep(1.5)  # imports, first allocations, a few ping rounds
-        done.set()
-        await asyncio.gather(*warm_tasks, return_exceptions=True)
-        await asyncio.sleep(1.0)
+        warm = Workers("idle", url, 50, 1, 0, cpus)  # imports, first allocations, a few ping rounds
+        warm.lines()
+        time.sleep(1.5)
+        warm.finish(30)
+        time.sleep(1.0)
         rss_before = proc.memory_info().rss
 
-        stats = IdleStats()
-        hold = asyncio.Event()
-        ready = asyncio.Semaphore(0)
         started = time.monotonic()
-        tasks = []
-        for start in range(0, sessions, 250):  # open in waves so the accept backlog keeps up
-            for _ in range(min(250, sessions - start)):
-                tasks.append(asyncio.create_task(idle_session(url, stats, hold, ready)))
-            for _ in range(min(250, sessions - start)):
-                await ready.acquire()
+        workers = Workers("idle", url, args.sessions, args.clients, 0, cpus)
+        opened = [orjson.loads(line) for line in workers.lines()]
         open_seconds = time.monotonic() - started
-        await asyncio.sleep(min(2 * interval, 5.0))  # settle: every session pinged at least once (1 s pings)
+        time.sleep(min(2 * args.interval, 5.0))  # settle: every session pinged at least once (1 s pings)
+
+        def mark() -> tuple[float, int, dict[int, int]]:
+            cpu = sum(proc.cpu_times()[:2])
+            workers.tell("mark")
+            marks = [orjson.loads(line) for line in workers.lines()]
+            closed: dict[int, int] = {}
+            for m in marks:
+                for code, n in m["closed"].items():
+                    closed[int(code)] = closed.get(int(code), 0) + n
+            return cpu, sum(m["pings"] for m in marks), closed
+
         rss_open = proc.memory_info().rss
-        cpu0, pings0, t0 = sum(proc.cpu_times()[:2]), stats.pings, time.monotonic()
-        await asyncio.sleep(hold_seconds)
-        cpu1, pings1, t1 = sum(proc.cpu_times()[:2]), stats.pings, time.monotonic()
+        cpu0, pings0, _ = mark()
+        t0 = time.monotonic()
+        time.sleep(args.hold)
+        cpu1, pings1, closed = mark()
+        t1 = time.monotonic()
         rss_after = proc.memory_info().rss
-        wrong = sum(stats.closed.values())
-        hold.set()
-        # Wake the readers so they notice the hold is over: close from our side.
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        workers.finish(60)
+        sessions = sum(o["opened"] for o in opened)
         return {
-            "sessions": stats.opened,
-            "failed": stats.failed,
+            "sessions": sessions,
+            "failed": sum(o["failed"] for o in opened),
             "open_seconds": open_seconds,
             "rss_before": rss_before,
             "rss_open": rss_open,
             "rss_after": rss_after,
-            "per_session": (max(rss_open, rss_after) - rss_before) / max(1, stats.opened),
+            "per_session": (max(rss_open, rss_after) - rss_before) / max(1, sessions),
             "cpu_fraction": (cpu1 - cpu0) / (t1 - t0),
             "pings_per_second": (pings1 - pings0) / (t1 - t0),
-            "wrong_drops": wrong,
-            "closes": dict(stats.closed),
+            "wrong_drops": sum(closed.values()),
+            "closes": closed,
         }
     finally:
         stop(server)
@@ -321,26 +385,12 @@ def round_trips(
 ) -> dict[str, float]:
     """Drive *url* with `args.clients` worker processes holding `args.concurrency` connections."""
     server.cpu_affinity([cpus.server])
-    workers = []
-    for i in range(args.clients):
-        share = args.concurrency // args.clients + (1 if i < args.concurrency % args.clients else 0)
-        command = [sys.executable, __file__, "--client-worker", kind, url, str(share), str(args.duration)]
-        worker = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        psutil.Process(worker.pid).cpu_affinity([cpus.clients[i % len(cpus.clients)]])
-        workers.append(worker)
-    for worker in workers:
-        assert worker.stdout is not None
-        if worker.stdout.readline().strip() != "ready":
-            raise SystemExit("a client worker failed to start")
+    workers = Workers(kind, url, args.concurrency, args.clients, args.duration, cpus)
+    if any(line != "ready" for line in workers.lines()):
+        raise SystemExit("a client worker failed to start")
     cpu0, started = sum(server.cpu_times()[:2]), time.monotonic()
-    for worker in workers:
-        assert worker.stdin is not None
-        worker.stdin.write("go\n")
-        worker.stdin.flush()
-    results = []
-    for worker in workers:
-        out, _ = worker.communicate(timeout=args.duration + 60)
-        results.append(orjson.loads(out.strip().splitlines()[-1]))
+    workers.tell("go")
+    results = workers.finish(args.duration + 60)
     elapsed = time.monotonic() - started
     server_cpu = (sum(server.cpu_times()[:2]) - cpu0) / elapsed
     rtts = sorted(r for result in results for r in result["rtts_us"])
@@ -515,7 +565,7 @@ async def main(args: argparse.Namespace) -> None:
     idle = None
     if not args.skip_idle:
         print(f"idle phase: {args.sessions} sessions ...", file=sys.stderr)
-        idle = await measure_idle(args.sessions, args.hold, args.interval, args.timeout)
+        idle = await asyncio.to_thread(measure_idle, args)
     print("ask phase ...", file=sys.stderr)
     runs = await asyncio.to_thread(measure_asks, args)
     alone = await executor_only(args.concurrency, args.duration)
@@ -556,6 +606,10 @@ if __name__ == "__main__":
     arguments = parse_args()
     if arguments.client_worker:
         kind, url, connections, seconds = arguments.client_worker
-        run(client_worker(kind, url, int(connections), float(seconds)))
+        raise_fd_limit()
+        if kind == "idle":
+            run(idle_worker(url, int(connections)))
+        else:
+            run(client_worker(kind, url, int(connections), float(seconds)))
     else:
         run(main(arguments))
