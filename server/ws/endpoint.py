@@ -82,9 +82,9 @@ class Connection:
         self.ws = ws
         self.loop = asyncio.get_running_loop()  # asyncio.get_running_loop() costs a getpid() on 3.11
         self.send_many = send_many
-        self.frames: dict[str, Any] | None = ws.scope["extensions"][FRAMES] if send_many is not None else None
+        # vlbridge's transport (server.ws.transport) writes several frames at once, also without a coroutine
         self.write_now: Callable[[list[bytes]], bool] | None = (
-            self.frames["write_now"] if self.frames else None
+            ws.scope["extensions"][FRAMES]["write_now"] if send_many is not None else None
         )
         self.session = session
         self.keepalive = keepalive
@@ -282,9 +282,8 @@ async def _serve(service: Service, conn: Connection) -> int:
     reaches this loop is the rest, in order: the disconnect, binary frames, and frames
     large enough to be parsed on a thread (the fast path stays off until they are done).
     """
-    listen = conn.frames.get("listen") if conn.frames else None
-    if listen is not None:
-        listen(lambda text: _on_text(service, conn, text))
+    if conn.send_many is not None:  # vlbridge's transport
+        conn.ws.scope["extensions"][FRAMES]["listen"](lambda text: _on_text(service, conn, text))
     while True:
         message = await conn.ws.receive()
         if message["type"] == "websocket.disconnect":

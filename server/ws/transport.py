@@ -1,17 +1,21 @@
-"""uvicorn's sans-I/O WebSocket protocol, with one ASGI extension: several frames, one write.
+"""uvicorn's sans-I/O WebSocket protocol, with one ASGI extension for fewer system calls and hops.
 
 An answer is several frames (queued, started, delta, done) that are often ready together;
-with plain ASGI each `websocket.send` is its own socket write, and on loopback the write
-system calls were a quarter of the server's CPU per question. The extension
-``vlbridge.send_many`` (announced in the scope's ``extensions``) accepts
-``{"type": "vlbridge.send_many", "texts": [b"...", ...]}``: each item becomes one text
-frame, UTF-8 already encoded, and all of them go out in one write (framed here: a server's
-text frame is two to ten header bytes and the payload). The extension's entry also holds
-``write_now(texts) -> bool``, the same without a coroutine: it writes unless the transport's
-buffer is full (then it returns False and the caller awaits the message form, which waits
-for room). Everything else is uvicorn's.
+with plain ASGI each `websocket.send` is its own socket write, and every received frame
+goes through a queue and a task switch. On loopback that was most of the server's CPU per
+question. The extension ``vlbridge.frames`` (in the scope's ``extensions``) offers:
 
-The endpoint falls back to one `websocket.send` per frame under any other ASGI server.
+- the message ``{"type": "vlbridge.send_many", "texts": [b"...", ...]}``: each item becomes
+  one text frame (UTF-8 already encoded, framed here: a server's text frame is two to ten
+  header bytes and the payload) and all of them go out in one write; it waits while the
+  transport's buffer is full;
+- ``write_now(texts) -> bool``: the same without a coroutine, False (nothing written) while
+  the buffer is full;
+- ``listen(callback)``: text frames are passed to ``callback(text) -> bool`` straight from
+  the read callback while the app waits in receive() with nothing queued; a frame it
+  declines, and everything behind it, takes uvicorn's queue as usual, so order is kept.
+
+Everything else is uvicorn's. The endpoint falls back to plain ASGI under any other server.
 """
 
 from __future__ import annotations
