@@ -376,8 +376,30 @@ class Cpus:
 
     @classmethod
     def plan(cls) -> Cpus:
+        """The first CPU for the server, the others for load, except the server CPU's
+        hyperthread twins: load there would slow the server down (when CPUs are left)."""
         cpus = sorted(os.sched_getaffinity(0))
-        return cls(cpus[0], cpus[1:] or cpus)
+        twins = siblings(cpus[0])
+        return cls(cpus[0], [cpu for cpu in cpus[1:] if cpu not in twins] or cpus[1:] or cpus)
+
+
+def twins(cpu: int) -> str:
+    others = ",".join(map(str, sorted(siblings(cpu))))
+    return f" (its hyperthread twin {others} left idle)" if others else ""
+
+
+def siblings(cpu: int) -> set[int]:
+    """The CPUs sharing *cpu*'s core (Linux sysfs, e.g. "0,8" or "0-1"); empty if unknown."""
+    path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return set()
+    found: set[int] = set()
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        found.update(range(int(first), int(last or first) + 1))
+    return found - {cpu}
 
 
 def round_trips(
@@ -534,8 +556,8 @@ def report(
         )
 
     lines = [
-        f"Machine: {machine()}; loopback. Server pinned to CPU {cpus.server}, "
-        f"load generators on CPUs {','.join(map(str, cpus.clients))}.",
+        f"Machine: {machine()}; loopback. Server pinned to CPU {cpus.server}"
+        f"{twins(cpus.server)}, load generators on CPUs {','.join(map(str, cpus.clients[: args.clients]))}.",
         f"Asks: {args.concurrency} sessions over {args.clients} client processes, "
         f"each asking back to back for {args.duration:g} s, {args.rounds} rounds alternating the servers "
         '(medians shown); question "hi", answer "echo: hi".',

@@ -65,9 +65,8 @@ class Answer:
         code = "internal"
         try:
             async for event in self.handle:
-                event = self._observe(event)
                 if isinstance(event, FINAL):
-                    code = "ok" if isinstance(event, Done) else event.code
+                    event, code = self._finish(event)
                 yield event
         finally:
             self._service._untrack(self, code)
@@ -79,27 +78,32 @@ class Answer:
         self.handle.listen(self._deliver)
 
     def _deliver(self, event: Event) -> None:
-        if self._listener is None:  # its listener failed: the rest is of no interest
+        listener = self._listener
+        if listener is None:  # its listener failed: the rest is of no interest
             return
-        event = self._observe(event)
+        code = None
+        if isinstance(event, FINAL):
+            event, code = self._finish(event)
         try:
-            self._listener(event)
+            listener(event)
         except Exception:
             log.exception("%s: handling an answer event failed", self.handle.id)
             self._listener = None
             self.handle.cancel()
             self._service._untrack(self, "internal")
             return
-        if isinstance(event, FINAL):
-            self._service._untrack(self, "ok" if isinstance(event, Done) else event.code)
+        if code is not None:
+            self._service._untrack(self, code)
 
-    def _observe(self, event: Event) -> Event:
-        if isinstance(event, Failed) and self.shutdown and event.code == "cancelled":
-            return Failed("unavailable", SHUTTING_DOWN, 5.0)
+    def _finish(self, event: Done | Failed) -> tuple[Done | Failed, str]:
+        """The last event as the caller should see it, and the result code to count."""
         if isinstance(event, Done):
             metrics.LATENCY.observe(event.timings.total, self.route)
             metrics.TTFT.observe(event.timings.first_token, self.route)
-        return event
+            return event, "ok"
+        if self.shutdown and event.code == "cancelled":
+            event = Failed("unavailable", SHUTTING_DOWN, 5.0)
+        return event, event.code
 
 
 class Service:

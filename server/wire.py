@@ -49,10 +49,10 @@ def event_dict(ask_id: str, event: Event) -> dict[str, Any]:
             "text": event.text,
             "finish_reason": event.finish_reason,  # a StrEnum: orjson writes it as its string
             "usage": usage_dict(event.usage),
-            "timings": {
-                "queued": round(event.timings.queued, 4),
-                "first_token": round(event.timings.first_token, 4),
-                "total": round(event.timings.total, 4),
+            "timings": {  # already rounded to 0.1 ms by the executor
+                "queued": event.timings.queued,
+                "first_token": event.timings.first_token,
+                "total": event.timings.total,
             },
         }
     assert isinstance(event, Failed)

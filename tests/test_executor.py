@@ -18,9 +18,11 @@ from server.inference.api import (
     Queued,
     SamplingParams,
     Started,
+    Timings,
     Turn,
+    Usage,
 )
-from server.inference.executor import ExecutorLimits, InferenceExecutor
+from server.inference.executor import ExecutorLimits, InferenceExecutor, coalesce
 from server.inference.images import ImageLimits
 from server.inference.model.engine import EngineOptions, ModelEngine
 from tests.conftest import make_png
@@ -137,6 +139,40 @@ async def test_event_loop_stays_responsive_while_decoding(executor: InferenceExe
     p99 = gaps[int(len(gaps) * 0.99) - 1]
     assert len(gaps) > 20
     assert p99 < 0.1, f"event loop stalled: p99 extra latency {p99 * 1000:.1f} ms"
+
+
+def test_coalesce_joins_runs_of_deltas_per_stream_in_order() -> None:
+    done = Done("abc", Usage(1, 3), Timings(0, 0, 0))
+    batch: list[tuple[str, Event]] = [
+        ("a", Started()),
+        ("a", Delta("a")),
+        ("b", Delta("x")),
+        ("a", Delta("b")),
+        ("b", Failed("cancelled", "cancelled")),
+        ("a", Delta("c")),
+        ("a", done),
+        ("b", Delta("late")),
+    ]
+    assert coalesce(batch) == {
+        "a": [Started(), Delta("abc"), done],
+        "b": [Delta("x"), Failed("cancelled", "cancelled"), Delta("late")],
+    }
+
+
+async def test_deltas_piled_up_behind_a_busy_event_loop_arrive_joined(executor: InferenceExecutor) -> None:
+    forty = SamplingParams(max_new_tokens=40, min_new_tokens=40)
+    request = InferenceRequest("piled", [Turn.user("hi")], forty)
+    events: list[Event] = []
+    async for event in executor.submit(request):
+        events.append(event)
+        if isinstance(event, Delta) and len(events) < 4:
+            # Block the loop (as a busy server would) while the worker decodes the rest.
+            asyncio.get_running_loop().call_soon(time.sleep, 1.0)
+    deltas = [event.text for event in events if isinstance(event, Delta)]
+    done = events[-1]
+    assert isinstance(done, Done) and done.usage.completion_tokens == 40
+    assert "".join(deltas) == done.text
+    assert len(deltas) < 10, f"{len(deltas)} deltas for 40 tokens: nothing was joined"
 
 
 async def test_bad_picture_fails_alone_and_others_finish(executor: InferenceExecutor) -> None:

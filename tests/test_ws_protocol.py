@@ -7,7 +7,7 @@ import base64
 import orjson
 import pytest
 
-from server.inference.api import Turn
+from server.inference.api import SamplingParams, Turn
 from server.ws.frames import Ask, FrameLimits, InvalidFrame, Ping, Pong, Reset, parse_client_frame
 from server.ws.keepalive import PingManager
 from server.ws.protocol import Beat, Conversation, FloodGate, FrameLog, Keepalive
@@ -25,7 +25,9 @@ def test_parse_ask_with_base64_and_data_url_pictures() -> None:
         ),
         LIMITS,
     )
-    assert frame == Ask("1", "hi", (b"\x89PNG...", b"\x89PNG..."))
+    assert frame == Ask("1", Turn.user("hi", [b"\x89PNG...", b"\x89PNG..."]))
+    tuned = parse_client_frame('{"type":"ask","id":"2","text":"hi","max_tokens":5,"temperature":0.5}', LIMITS)
+    assert tuned == Ask("2", Turn.user("hi"), SamplingParams(max_new_tokens=5, temperature=0.5))
     assert parse_client_frame('{"type":"reset"}', LIMITS) == Reset()
     assert parse_client_frame('{"type":"ping"}', LIMITS) == Ping(None)
     assert parse_client_frame('{"type":"pong","ts":12}', LIMITS) == Pong(12.0)

@@ -19,9 +19,10 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from server.errors import Cancelled, InternalError, RequestError, Timeout, TooLarge, Unavailable
 from server.inference.api import (
@@ -43,6 +44,7 @@ from server.inference.detok import IncrementalDetokenizer
 from server.inference.engine import Engine, PreparedPrompt, Sequence, StepResult
 
 log = logging.getLogger("vlbridge.executor")
+_K = TypeVar("_K", bound=Hashable)  # a stream of events: a request handle
 
 EngineFactory = Callable[[Callable[[float], None]], Engine]  # called with a progress callback
 
@@ -106,6 +108,19 @@ class _Handle:
                 self.cancel()  # the caller stopped listening: free the slot
 
 
+def coalesce(batch: list[tuple[_K, Event]]) -> dict[_K, list[Event]]:
+    """Each stream's events in order, with runs of deltas joined into one delta: an event
+    loop that fell behind the worker catches up with fewer, larger frames."""
+    streams: dict[_K, list[Event]] = {}
+    for handle, event in batch:
+        events = streams.setdefault(handle, [])
+        if events and isinstance(event, Delta) and isinstance(events[-1], Delta):
+            events[-1] = Delta(events[-1].text + event.text)
+        else:
+            events.append(event)
+    return streams
+
+
 @dataclass(eq=False)
 class _Job:
     request: InferenceRequest
@@ -162,7 +177,9 @@ class InferenceExecutor:
         self._accepting = False
         self._loaded = threading.Event()  # set once loading ended, well or not
         self._idle = threading.Event()  # set while nothing is waiting or running
-        self._outbox: list[tuple[_Handle, Event]] = []
+        self._outbox: list[tuple[_Handle, Event]] = []  # worker-owned: this step's events
+        self._handed: list[tuple[_Handle, Event]] = []  # for the event loop; guarded by _lock
+        self._delivery_due = False  # a _deliver is scheduled on the loop; guarded by _lock
         # counters
         self._requests_total = 0
         self._tokens_total = 0
@@ -279,16 +296,25 @@ class InferenceExecutor:
         self._outbox.append((job.handle, event))
 
     def _flush(self) -> None:
+        """Hand this step's events to the event loop: one wake-up for all the steps that end
+        before the loop gets to them."""
         if not self._outbox or self._loop is None:
             return
-        batch, self._outbox = self._outbox, []
+        with self._lock:
+            self._handed.extend(self._outbox)
+            wake, self._delivery_due = not self._delivery_due, True
+        self._outbox = []
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                self._loop.call_soon_threadsafe(self._deliver)
 
-        def deliver() -> None:
-            for handle, event in batch:
+    def _deliver(self) -> None:  # on the event loop
+        with self._lock:
+            batch, self._handed = self._handed, []
+            self._delivery_due = False
+        for handle, events in coalesce(batch).items():
+            for event in events:
                 handle.push(event)
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-            self._loop.call_soon_threadsafe(deliver)
 
     # ---- preparation (thread pool) ------------------------------------------------------------------
 

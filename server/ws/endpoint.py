@@ -19,8 +19,8 @@ from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import metrics
-from server.inference.api import FINAL, Delta, Done, Event, InferenceRequest, SamplingParams, Turn
-from server.service import Service
+from server.inference.api import FINAL, Delta, Done, Event, InferenceRequest, Turn
+from server.service import Answer, Service
 from server.wire import error_dict, event_dict
 from server.ws.frames import (
     PROTOCOL_VERSION,
@@ -35,7 +35,7 @@ from server.ws.frames import (
     parse_client_frame,
 )
 from server.ws.protocol import FloodGate, Keepalive
-from server.ws.sessions import ActiveAsk, Session
+from server.ws.sessions import Session
 from server.ws.transport import FRAMES, SEND_MANY
 
 log = logging.getLogger("vlbridge.ws")
@@ -47,7 +47,6 @@ CLOSE_ABUSE = (CLOSE_POLICY, CLOSE_TOO_BIG)  # also when the server's own frame 
 CLOSE_FULL = 1013  # max_sessions reached: try again later
 CLOSE_SLOW = 4408  # the client does not read its frames
 CLOSE_TAKEN_OVER = 4409  # the session was resumed on another connection
-DEFAULT_PARAMS = SamplingParams()  # greedy, the configured length: most asks set neither
 PARSE_IN_THREAD = 256 * 1024  # frames this large are parsed (base64 pictures) off the event loop
 
 
@@ -354,7 +353,7 @@ def _reject(session: Session, exc: InvalidFrame) -> None:
 def _dispatch(service: Service, conn: Connection, frame: ClientFrame, now: float) -> None:
     session = conn.session
     if isinstance(frame, Ask):
-        _ask(service, session, frame, conn.loop)
+        _ask(service, session, frame)
     elif isinstance(frame, Pong):
         answered = conn.keepalive.pong(frame.ts, now)
         if answered is not None:
@@ -374,14 +373,14 @@ def _dispatch(service: Service, conn: Connection, frame: ClientFrame, now: float
             )
         else:
             log.info("session %s: ask %s cancelled by the client", session.id, frame.id)
-            active.answer.cancel()
+            active.cancel()
     else:
         assert isinstance(frame, Reset)
         session.conversation.reset()
         session.emit({"type": "reset"})
 
 
-def _ask(service: Service, session: Session, ask: Ask, loop: asyncio.AbstractEventLoop) -> None:
+def _ask(service: Service, session: Session, ask: Ask) -> None:
     server = service.config.server
     asks = session.asks
     if not service.accepting:
@@ -399,69 +398,60 @@ def _ask(service: Service, session: Session, ask: Ask, loop: asyncio.AbstractEve
         message = f"{len(asks)} questions of this session are still running; wait for one to finish"
         session.emit(error_dict("busy", message, 1.0, id=ask.id))
         return
-    question = Turn.user(ask.text, ask.images)
-    params = DEFAULT_PARAMS
-    if ask.max_tokens is not None or ask.temperature is not None:
-        params = SamplingParams(max_new_tokens=ask.max_tokens, temperature=ask.temperature or 0.0)
-    request = InferenceRequest(f"{session.id}/{ask.id}", session.conversation.messages(question), params)
-    answer = service.answer(request, "ws")
-    if session.asks is None:
-        session.asks = {}
-    session.asks[ask.id] = ActiveAsk(question, session.conversation.generation, answer)
-    log.info("session %s: ask %s (%d pictures, %d turns of context)", session.id, ask.id, len(ask.images),
-             len(session.conversation))  # fmt: skip
-    answer.listen(_Relay(service, session, ask.id, loop).on_event)
+    question = ask.question
+    request = InferenceRequest(f"{session.id}/{ask.id}", session.conversation.messages(question), ask.params)
+    relay = _Relay(service, session, ask.id, question, service.answer(request, "ws"))
+    if asks is None:
+        asks = session.asks = {}
+    asks[ask.id] = relay
+    log.info(
+        "session %s: ask %s (%d pictures, %d turns of context)",
+        session.id,
+        ask.id,
+        len(question.images),
+        len(session.conversation),
+    )
+    relay.answer.listen(relay.on_event)
 
 
 class _Relay:
-    """Turns one answer's events into session frames (sent now, or kept for resume).
+    """One running ask of a session: turns its answer's events into session frames (sent
+    now, or kept for resume). A listener, not a task: events arrive as callbacks on the
+    event loop, and each becomes one frame (the executor joins the deltas that pile up
+    while the loop is busy)."""
 
-    A listener, not a task: events arrive as callbacks on the event loop. Deltas that
-    arrive within one event-loop iteration are sent as one delta frame: an idle server
-    sends every token at once, a busy one sends fewer, larger frames instead of falling
-    behind (concatenating the deltas still gives exactly `done.text`).
-    """
-
-    __slots__ = ("ask_id", "loop", "pending", "service", "session")
+    __slots__ = ("answer", "generation", "id", "question", "service", "session")
 
     def __init__(
-        self, service: Service, session: Session, ask_id: str, loop: asyncio.AbstractEventLoop
+        self, service: Service, session: Session, ask_id: str, question: Turn, answer: Answer
     ) -> None:
         self.service = service
         self.session = session
-        self.ask_id = ask_id
-        self.loop = loop
-        self.pending: list[str] = []
+        self.id = ask_id
+        self.question = question
+        self.generation = session.conversation.generation  # a reset since then keeps it out
+        self.answer = answer
+
+    def cancel(self) -> None:
+        self.answer.cancel()
 
     def on_event(self, event: Event) -> None:
         session = self.session
         try:
             if isinstance(event, Delta):
-                if not self.pending:
-                    self.loop.call_soon(self.flush)
-                self.pending.append(event.text)
+                session.emit({"type": "delta", "id": self.id, "text": event.text})
                 return
-            if self.pending:
-                self.flush()
             if isinstance(event, Done):
-                active = (session.asks or {}).get(self.ask_id)
-                if active is not None:
-                    session.conversation.add(active.question, event.text, active.generation)
-            session.emit(event_dict(self.ask_id, event))
+                session.conversation.add(self.question, event.text, self.generation)
+            session.emit(event_dict(self.id, event))
         except Exception:
-            session.emit(error_dict("internal", "the answer could not be relayed", id=self.ask_id))
+            session.emit(error_dict("internal", "the answer could not be relayed", id=self.id))
             self.end()
             raise  # Answer.listen logs it, cancels the answer and ignores its later events
         if isinstance(event, FINAL):
             self.end()
 
-    def flush(self) -> None:
-        if self.pending:
-            text = "".join(self.pending)
-            self.pending.clear()
-            self.session.emit({"type": "delta", "id": self.ask_id, "text": text})
-
     def end(self) -> None:
         if self.session.asks is not None:
-            self.session.asks.pop(self.ask_id, None)
+            self.session.asks.pop(self.id, None)
         self.service.session_idle(self.session)

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from server.inference.api import SamplingParams, Turn, value
+
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
 MAX_TEXT_CHARS = 32_768
@@ -28,13 +30,14 @@ class FrameLimits:
     max_image_bytes: int = 20 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+DEFAULT_PARAMS = SamplingParams()  # greedy, the configured length: most asks set neither
+
+
+@value
 class Ask:
     id: str
-    text: str
-    images: tuple[bytes, ...] = ()
-    max_tokens: int | None = None
-    temperature: float | None = None
+    question: Turn
+    params: SamplingParams = DEFAULT_PARAMS
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +139,13 @@ def _ask(data: dict[str, Any], limits: FrameLimits) -> Ask:
         )
     if not text.strip() and not raw_images:
         raise InvalidFrame("bad_request", "an ask needs a question, a picture or both", ask_id)
-    images = tuple(
-        decode_base64_image(item, number, limits.max_image_bytes, ask_id)
-        for number, item in enumerate(raw_images, start=1)
+    images = (
+        tuple(
+            decode_base64_image(item, number, limits.max_image_bytes, ask_id)
+            for number, item in enumerate(raw_images, start=1)
+        )
+        if raw_images
+        else ()
     )
     max_tokens = _number(data, "max_tokens", ask_id)
     if max_tokens is not None and (max_tokens < 1 or max_tokens != int(max_tokens)):
@@ -146,7 +153,10 @@ def _ask(data: dict[str, Any], limits: FrameLimits) -> Ask:
     temperature = _number(data, "temperature", ask_id)
     if temperature is not None and not 0 <= temperature <= 2:
         raise InvalidFrame("bad_request", '"temperature" must be between 0 and 2', ask_id)
-    return Ask(ask_id, text, images, None if max_tokens is None else int(max_tokens), temperature)
+    params = DEFAULT_PARAMS
+    if max_tokens is not None or temperature is not None:
+        params = SamplingParams(None if max_tokens is None else int(max_tokens), temperature or 0.0)
+    return Ask(ask_id, Turn("user", text, images), params)
 
 
 def decode_base64_image(item: str, number: int, max_bytes: int, ask_id: str | None = None) -> bytes:

@@ -17,8 +17,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
+import orjson
+
 from server.inference.api import Turn
-from server.ws.frames import encode
 
 _TRIM_SLACK = 64  # at most this many frames (an eighth of the limit) past the limit before a trim
 
@@ -42,7 +43,7 @@ class FrameLog:
         for replay, return its encoding."""
         self.seq += 1
         frame["seq"] = self.seq
-        data = encode(frame)
+        data = orjson.dumps(frame)
         if self._frames is None:
             self._frames = [(self.seq, data)]
         else:

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from server.inference.api import Turn
 from server.ws.protocol import Conversation, FrameLog
 
 log = logging.getLogger("vlbridge.ws")
@@ -33,15 +32,10 @@ class Link(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
-class Cancellable(Protocol):
+class ActiveAsk(Protocol):
+    """A running question of the session (server.ws.endpoint's relay of its answer)."""
+
     def cancel(self) -> None: ...
-
-
-@dataclass(slots=True)
-class ActiveAsk:
-    question: Turn
-    generation: int  # the conversation generation it started in
-    answer: Cancellable
 
 
 class Session:
@@ -70,7 +64,7 @@ class Session:
 
     def cancel_all(self) -> None:
         for ask in list((self.asks or {}).values()):
-            ask.answer.cancel()
+            ask.cancel()
 
     def __repr__(self) -> str:
         return f"Session({self.id!r}, seq={self.log.seq}, asks={len(self.asks or ())})"
