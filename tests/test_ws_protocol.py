@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import random
 
 import orjson
 import pytest
@@ -58,6 +59,28 @@ def test_frame_log_numbers_keeps_acks_and_reports_losses() -> None:
     assert [orjson.loads(f)["seq"] for f in log.since(4)[0]] == [5]
     log.ack(5)
     assert len(log) == 0 and log.since(5) == ([], 0)
+
+
+def test_frame_log_keeps_the_newest_unacknowledged_frames_and_counts_the_rest_lost() -> None:
+    rng = random.Random(7)
+    log = FrameLog(limit=40)  # trims back to 40 once it holds 45
+    acked = 0
+    for _ in range(3000):
+        if rng.random() < 0.9:
+            log.append({"type": "delta"})
+        else:
+            acked = rng.randint(acked, log.seq)
+            log.ack(acked)
+        unacked = log.seq - acked
+        assert min(unacked, 40) <= len(log) <= min(unacked, 45)
+        last = rng.randint(-1, log.seq + 1)
+        frames, lost = log.since(last)
+        if last >= log.seq:
+            assert (frames, lost) == ([], 0)
+            continue
+        first = max(last, 0) + 1 + lost  # what is not lost arrives, in order, up to the newest
+        assert [orjson.loads(f)["seq"] for f in frames] == list(range(first, log.seq + 1))
+        assert lost <= max(0, acked - max(last, 0)) + max(0, unacked - 40)
 
 
 def test_keepalive_pings_on_time_and_declares_death_after_interval_plus_timeout() -> None:

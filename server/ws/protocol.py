@@ -27,16 +27,17 @@ _TRIM_SLACK = 64  # at most this many frames (an eighth of the limit) past the l
 class FrameLog:
     """Sequence numbers and the replay buffer of one session."""
 
-    __slots__ = ("_frames", "_trim_at", "dropped", "limit", "seq")
+    __slots__ = ("_frames", "_trim_at", "limit", "seq")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._trim_at = limit + min(_TRIM_SLACK, limit >> 3)
         self.seq = 0  # the last seq given out
-        self.dropped = 0  # highest seq that left the buffer unacknowledged (overflow)
-        # A list, not a deque: an idle session holds 0-1 frames, and a deque's first block
-        # alone is ~600 bytes. Created on first use, dropped when empty.
-        self._frames: list[tuple[int, bytes]] | None = None
+        # The encoded frames held, oldest first: their seqs run up to `seq` without gaps, as
+        # frames are numbered when appended and leave from the front. A list, not a deque:
+        # an idle session holds 0-1 frames, and a deque's first block alone is ~600 bytes.
+        # Created on first use, dropped when empty.
+        self._frames: list[bytes] | None = None
 
     def append(self, frame: dict[str, Any]) -> bytes:
         """Give *frame* (which is the log's now: it gets a "seq" key) the next seq, keep it
@@ -44,14 +45,13 @@ class FrameLog:
         self.seq += 1
         frame["seq"] = self.seq
         data = orjson.dumps(frame)
-        if self._frames is None:
-            self._frames = [(self.seq, data)]
+        frames = self._frames
+        if frames is None:
+            self._frames = [data]
         else:
-            self._frames.append((self.seq, data))
-            if len(self._frames) > self._trim_at:  # trimmed in chunks: del [0] is O(n)
-                excess = len(self._frames) - self.limit
-                self.dropped = self._frames[excess - 1][0]
-                del self._frames[:excess]
+            frames.append(data)
+            if len(frames) > self._trim_at:  # trimmed in chunks: del [0] is O(n)
+                del frames[: len(frames) - self.limit]
         return data
 
     def ack(self, seq: int) -> None:
@@ -59,19 +59,20 @@ class FrameLog:
         frames = self._frames
         if not frames:
             return
-        keep = 0
-        while keep < len(frames) and frames[keep][0] <= seq:
-            keep += 1
-        del frames[:keep]
-        if not frames:
-            self._frames = None
+        first = self.seq - len(frames) + 1
+        if seq >= first:
+            del frames[: seq - first + 1]
+            if not frames:
+                self._frames = None
 
     def since(self, last_seq: int) -> tuple[list[bytes], int]:
         """Frames after *last_seq* still held, and how many after it are gone for good."""
-        frames = [data for seq, data in self._frames or () if seq > last_seq]
-        first_kept = self.seq + 1 - len(frames)
-        lost = max(0, first_kept - 1 - max(last_seq, 0)) if last_seq < self.seq else 0
-        return frames, lost
+        if last_seq >= self.seq:
+            return [], 0
+        frames = self._frames or []
+        first = self.seq - len(frames) + 1
+        start = max(last_seq + 1, first)
+        return frames[start - first :], max(0, first - 1 - max(last_seq, 0))
 
     def __len__(self) -> int:
         return len(self._frames) if self._frames else 0
@@ -169,10 +170,13 @@ class Conversation:
         """Remember a finished exchange unless a reset happened since it started."""
         if generation != self.generation or self.max_turns == 0:
             return
-        turns = [*(self._turns or ()), question, Turn.assistant(answer)]
-        turns = turns[-2 * self.max_turns :]
+        turns = self._turns
+        if turns is None:
+            turns = self._turns = []
+        turns += (question, Turn.assistant(answer))  # in place: messages() hands out copies
+        if len(turns) > 2 * self.max_turns:
+            del turns[:2]
         if not question.images:  # the pictures kept so far were within the limit already
-            self._turns = turns
             return
         kept = 0
         for index in range(len(turns) - 1, -1, -1):
@@ -182,7 +186,6 @@ class Conversation:
                     turns[index] = Turn(turn.role, turn.text)
                 else:
                     kept += len(turn.images)
-        self._turns = turns
 
     def reset(self) -> None:
         self._turns = None
