@@ -132,8 +132,7 @@ class Service:
         self.state = ServiceState.NEW
         self.connected = 0  # WebSocket connections attached to a session
         self._answers: set[Answer] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle = asyncio.Event()  # set when the last answer ends while draining
         self._drained: asyncio.Future[None] | None = None
         self._started: list[PlatformAdapter] = []
 
@@ -147,8 +146,6 @@ class Service:
         """Submit *request*; iterate `.events()` of the result to its end (that untracks it)."""
         answer = Answer(self, self.executor.submit(request), route)
         self._answers.add(answer)
-        if self._idle.is_set():
-            self._idle.clear()
         return answer
 
     def _untrack(self, answer: Answer, code: str) -> None:
@@ -158,7 +155,7 @@ class Service:
             metrics.REQUESTS.inc(answer.route, code)
             if code != "ok":
                 metrics.ERRORS.inc(answer.route, code)
-        if not self._answers:
+        if not self._answers and self.state is ServiceState.DRAINING:
             self._idle.set()
 
     @property
@@ -217,15 +214,13 @@ class Service:
         for session in self.sessions:
             if not session.busy or session.link is None:  # nobody would read a parked one's answers
                 self._close_session(session)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), grace)
+        await self._answers_end(grace)
         if self._answers:
             log.warning("grace of %.1f s over: cancelling %d running answers", grace, len(self._answers))
             for answer in list(self._answers):
                 answer.shutdown = True
                 answer.cancel()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), 5.0)
+            await self._answers_end(5.0)
         for session in self.sessions:
             self._close_session(session)
         for _ in range(100):  # let writers flush their last frames and close frames
@@ -233,6 +228,13 @@ class Service:
                 break
             await asyncio.sleep(0.02)
         log.info("drained in %.2f s", time.monotonic() - started)
+
+    async def _answers_end(self, within: float) -> None:
+        """Wait up to *within* seconds for the running answers to end."""
+        self._idle.clear()
+        if self._answers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), within)
 
     def _close_session(self, session: Session) -> None:
         link = session.link

@@ -6,6 +6,7 @@ import base64
 import random
 
 import orjson
+import psutil
 import pytest
 
 from server.inference.api import SamplingParams, Turn
@@ -81,6 +82,17 @@ def test_frame_log_keeps_the_newest_unacknowledged_frames_and_counts_the_rest_lo
         first = max(last, 0) + 1 + lost  # what is not lost arrives, in order, up to the newest
         assert [orjson.loads(f)["seq"] for f in frames] == list(range(first, log.seq + 1))
         assert lost <= max(0, acked - max(last, 0)) + max(0, unacked - 40)
+
+
+def test_frame_log_memory_is_about_the_size_of_its_frames() -> None:
+    log = FrameLog(limit=20_000)
+    frame = {"type": "done", "id": "q1", "text": "x" * 150, "usage": {"prompt_tokens": 1}}
+    before = psutil.Process().memory_info().rss
+    for _ in range(20_000):
+        log.append(dict(frame))
+    grown = psutil.Process().memory_info().rss - before
+    assert len(log) == 20_000
+    assert grown < 20_000 * 1024, f"{grown / 20_000:.0f} bytes of memory per ~200-byte frame"
 
 
 def test_keepalive_pings_on_time_and_declares_death_after_interval_plus_timeout() -> None:

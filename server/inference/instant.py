@@ -9,7 +9,7 @@ real executor (worker thread, batching, detokenizing) with no model behind it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 from server.inference.api import (
     Delta,
@@ -30,6 +30,7 @@ INSTANT_PATH = "builtin:instant"
 _ZERO = Timings(0.0, 0.0, 0.0)
 _QUEUED = Queued(1)
 _STARTED = Started()
+_CANCELLED = Failed("cancelled", "cancelled")
 
 
 class _Answer:
@@ -44,19 +45,18 @@ class _Answer:
         self.cancelled = True
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        for event in self._take():
+        for event in self.events:
+            if self.cancelled:
+                yield _CANCELLED
+                return
             yield event
 
     def listen(self, callback: Callable[[Event], None]) -> None:
-        for event in self._take():
-            callback(event)
-
-    def _take(self) -> Iterator[Event]:
         for event in self.events:
             if self.cancelled:
-                yield Failed("cancelled", "cancelled")
+                callback(_CANCELLED)
                 return
-            yield event
+            callback(event)
 
 
 class InstantExecutor:

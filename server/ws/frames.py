@@ -129,7 +129,7 @@ def _ask(data: dict[str, Any], limits: FrameLimits) -> Ask:
     if len(text) > MAX_TEXT_CHARS:
         raise InvalidFrame("too_large", f"the question is longer than {MAX_TEXT_CHARS} characters", ask_id)
     raw_images = data.get("images", [])
-    if not isinstance(raw_images, list) or not all(isinstance(item, str) for item in raw_images):
+    if not isinstance(raw_images, list) or (raw_images and not all(isinstance(i, str) for i in raw_images)):
         raise InvalidFrame("bad_request", '"images" must be a list of base64 strings', ask_id)
     if len(raw_images) > limits.max_images:
         raise InvalidFrame(
