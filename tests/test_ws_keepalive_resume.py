@@ -50,6 +50,23 @@ async def test_a_silent_client_is_closed_in_time_and_an_answering_one_never() ->
         await talker.close()
 
 
+async def test_a_busy_session_is_pinged_early_so_its_resume_buffer_stays_short() -> None:
+    with serve(make_config(resume_buffer_frames=64, resume_ttl=30.0)) as running:
+        client = await Client.open(running.ws)
+        for n in range(40):  # well over 64 frames, long before the first timed ping
+            await client.ask(f"q{n}", "hi")
+            assert (await client.until_end(f"q{n}"))[-1]["type"] == "done"
+        pings = [f for f in client.frames if f["type"] == "ping"]
+        assert len(pings) >= 10  # each time 8 frames (an eighth of 64) awaited a pong
+        client.conn.transport.abort()
+        await asyncio.sleep(0.2)
+        again = await Client.open(f"{running.ws}?resume={client.session}&last_seq=0")
+        held, produced = again.hello["replayed"], again.hello["last_seq"]
+        assert produced >= client.frames[-1]["seq"] > 160
+        assert held < 32 and held + again.hello["lost"] == produced  # the acknowledged ones were dropped
+        await again.close()
+
+
 async def test_resume_after_a_dropped_connection_loses_and_repeats_nothing() -> None:
     with serve(make_config(resume_ttl=30.0), executor=slow_echo(0.01)) as running:
         client = await Client.open(running.ws)

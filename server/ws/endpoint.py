@@ -136,6 +136,11 @@ class Connection:
         self._writer = None
         if self._ended:
             return
+        if self._outbox and self.session.log.backlog and self.keepalive.outstanding is None:
+            # The log keeps every frame until a pong acknowledges it: ask early, in this
+            # write, rather than hold a busy session's frames until the next timed ping.
+            metrics.PINGS_SENT.inc()
+            self.ping(time.monotonic())
         if self._outbox and self.write_now is not None:
             try:
                 if self.write_now(self._outbox):

@@ -67,6 +67,12 @@ class FrameLog:
             if not frames:
                 self._frames = None
 
+    @property
+    def backlog(self) -> bool:
+        """True once an eighth of the limit awaits acknowledgement: time to ask the client
+        for one (a ping), long before frames would fall out unacknowledged."""
+        return self._frames is not None and len(self._frames) >= self.limit >> 3
+
     def since(self, last_seq: int) -> tuple[list[bytes], int]:
         """Frames after *last_seq* still held, and how many after it are gone for good."""
         if last_seq >= self.seq:
