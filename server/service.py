@@ -26,7 +26,7 @@ from server.agentcheck import AgentCheck
 from server.auth import Authenticator
 from server.config import Config
 from server.health import Assessment, agent_line, assess, health_body
-from server.inference.api import FINAL, Done, Event, Executor, Failed, InferenceRequest, RequestHandle
+from server.inference.api import FINAL, Done, Event, Events, Executor, Failed, InferenceRequest, RequestHandle
 from server.platform import PlatformAdapter
 from server.ws.frames import FrameLimits
 from server.ws.keepalive import PingManager
@@ -52,7 +52,7 @@ class Answer:
 
     def __init__(self, service: Service, handle: RequestHandle, route: str) -> None:
         self._service = service
-        self._listener: Callable[[Event], None] | None = None
+        self._listener: Callable[[Events], None] | None = None
         self.handle = handle
         self.route = route
         self.shutdown = False
@@ -71,21 +71,26 @@ class Answer:
         finally:
             self._service._untrack(self, code)
 
-    def listen(self, callback: Callable[[Event], None]) -> None:
-        """The same events as `events()`, passed to *callback* (no task needed). A callback
-        that raises ends the request: it is cancelled and untracked, and the error logged."""
+    def listen(self, callback: Callable[[Events], None]) -> None:
+        """The same events as `events()`, passed to *callback* in batches as the handle
+        delivers them (no task needed). A callback that raises ends the request: it is
+        cancelled and untracked, and the error logged."""
         self._listener = callback
         self.handle.listen(self._deliver)
 
-    def _deliver(self, event: Event) -> None:
+    def _deliver(self, events: Events) -> None:
         listener = self._listener
         if listener is None:  # its listener failed: the rest is of no interest
             return
         code = None
-        if isinstance(event, FINAL):
-            event, code = self._finish(event)
+        last = events[-1]
+        if isinstance(last, FINAL):
+            self._listener = None  # no cycle left through the listener: freed without the GC
+            final, code = self._finish(last)
+            if final is not last:
+                events = [*events[:-1], final]
         try:
-            listener(event)
+            listener(events)
         except Exception:
             log.exception("%s: handling an answer event failed", self.handle.id)
             self._listener = None

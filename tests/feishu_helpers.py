@@ -10,7 +10,7 @@ from typing import Any
 
 from bot.feishu.adapter import FeishuAdapter
 from server.config import Config, load_config
-from server.inference.api import Done, Event, Executor, ExecutorStats, InferenceRequest, RequestHandle
+from server.inference.api import Done, Event, Events, Executor, ExecutorStats, InferenceRequest, RequestHandle
 from tests.fakefeishu import FakeFeishu
 
 
@@ -65,10 +65,11 @@ class _RecordingHandle:
             self._record(event)
             yield event
 
-    def listen(self, callback: Callable[[Event], None]) -> None:
-        def record(event: Event) -> None:
-            self._record(event)
-            callback(event)
+    def listen(self, callback: Callable[[Events], None]) -> None:
+        def record(events: Events) -> None:
+            for event in events:
+                self._record(event)
+            callback(events)
 
         self.inner.listen(record)
 

@@ -4,10 +4,11 @@ fallback under stock uvicorn, and answers consumed by listeners rather than task
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
-from server.inference.api import Delta, Done, Event, Failed, InferenceRequest, Queued, Started, Turn
+from server.inference.api import Delta, Done, Event, Events, Failed, InferenceRequest, Queued, Started, Turn
 from server.inference.instant import INSTANT_PATH, InstantExecutor
 from server.service import Service
 from tests.serving import make_config, serve, slow_echo
@@ -39,7 +40,7 @@ async def test_instant_backend_cancel_and_stop() -> None:
     await executor.start()
     request = InferenceRequest("r", [Turn.user("hi", [b"png"])])
     events: list[Event] = []
-    executor.submit(request).listen(events.append)
+    executor.submit(request).listen(events.extend)
     assert [type(e) for e in events] == [Queued, Started, Delta, Done]
     assert events[2] == Delta("echo: hi [1 pictures]")
     cancelled = executor.submit(request)
@@ -56,9 +57,9 @@ async def test_a_listener_that_raises_cancels_and_untracks_its_answer() -> None:
     try:
         seen: list[Event] = []
 
-        def broken(event: Event) -> None:
-            seen.append(event)
-            if isinstance(event, Delta):
+        def broken(events: Events) -> None:
+            seen.extend(events)
+            if any(isinstance(event, Delta) for event in events):
                 raise RuntimeError("a bug in a listener")
 
         answer = service.answer(InferenceRequest("r", [Turn.user("a long enough question")]), "ws")
@@ -71,4 +72,41 @@ async def test_a_listener_that_raises_cancels_and_untracks_its_answer() -> None:
         assert sum(isinstance(e, Delta) for e in seen) == 1  # nothing after the failure
         assert answer.handle.cancelled  # type: ignore[attr-defined]
     finally:
+        await service.stop()
+
+
+class _Holder:
+    """A listener that keeps its answer, as the /ws relay does."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+        self.events: list[Event] = []
+
+    def on_events(self, events: Events) -> None:
+        self.events.extend(events)
+
+
+@pytest.mark.parametrize("backend", ["instant", "executor"])
+async def test_finished_answers_leave_no_reference_cycles_for_the_collector(backend: str) -> None:
+    executor = InstantExecutor() if backend == "instant" else slow_echo(step_delay=0.0)
+    service = Service(make_config(), executor)
+    await service.start()
+    try:
+        await service.answer(InferenceRequest("warm", [Turn.user("hi")]), "ws").events().__anext__()
+        while service.running_answers:
+            await asyncio.sleep(0.01)
+        gc.collect()
+        gc.disable()  # what a finished answer leaves must go by reference counting alone
+        holders = []
+        for n in range(50):  # within the echo executor's queue
+            answer = service.answer(InferenceRequest(f"r{n}", [Turn.user("hi")]), "ws")
+            holders.append(_Holder(answer))
+            answer.listen(holders[-1].on_events)
+        while service.running_answers:
+            await asyncio.sleep(0.01)
+        assert all(isinstance(holder.events[-1], Done) for holder in holders)
+        del holders, answer
+        assert gc.collect() < 50  # a cycle per answer would leave hundreds of objects
+    finally:
+        gc.enable()
         await service.stop()

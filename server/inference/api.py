@@ -8,7 +8,7 @@ A caller does::
     handle = executor.submit(InferenceRequest(id=..., messages=[Turn.user("what is it?", [png])]))
     async for event in handle:          # Queued*, Started, Delta*, then exactly one Done or Failed
         ...
-    handle.listen(on_event)             # or: the same events passed to a callback, no task needed
+    handle.listen(on_events)            # or: the same events passed to a callback, in batches
     handle.cancel()                     # at any time; the stream then ends with Failed("cancelled")
 
 `submit` never blocks and never raises for a request-level problem: a full queue, a
@@ -18,7 +18,7 @@ bad picture or a model that is still loading arrive as a `Failed` event with a s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol, TypeVar, dataclass_transform
@@ -148,6 +148,7 @@ class Failed:
 
 
 Event = Queued | Started | Delta | Done | Failed
+Events = Sequence[Event]  # what a listener gets: a non-empty batch, in order
 FINAL = (Done, Failed)  # the events that end a stream (a tuple: `Done | Failed` is rebuilt per call)
 
 
@@ -191,10 +192,11 @@ class RequestHandle(Protocol):
 
     def __aiter__(self) -> AsyncIterator[Event]: ...
 
-    def listen(self, callback: Callable[[Event], None]) -> None:
-        """Instead of iterating: have every event, those already waiting first, passed to
-        *callback* on the event loop as it arrives (possibly before `listen` returns). Costs
-        no task per request; a listener that stops caring must call `cancel`."""
+    def listen(self, callback: Callable[[Events], None]) -> None:
+        """Instead of iterating: have the events passed to *callback* on the event loop,
+        as many at a time as are ready (a non-empty batch, the events already waiting
+        first, possibly before `listen` returns; the final event ends the last batch).
+        Costs no task per request; a listener that stops caring must call `cancel`."""
 
     def cancel(self) -> None:
         """Stop the request; its slot is freed at the next step. Idempotent."""

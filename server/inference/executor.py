@@ -30,6 +30,7 @@ from server.inference.api import (
     Delta,
     Done,
     Event,
+    Events,
     ExecutorState,
     ExecutorStats,
     Failed,
@@ -70,25 +71,35 @@ class _Handle:
         self.id = request_id
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._listener: Callable[[Event], None] | None = None
+        self._listener: Callable[[Events], None] | None = None
         self._on_cancel = on_cancel
         self._closed = False
         self.cancelled = False
 
-    def push(self, event: Event) -> None:  # on the event loop
+    def push(self, *events: Event) -> None:  # on the event loop
         if self._closed:
             return
-        if isinstance(event, FINAL):
-            self._closed = True
-        if self._listener is not None:
-            self._listener(event)
+        for end, event in enumerate(events, start=1):
+            if isinstance(event, FINAL):
+                self._closed = True
+                events = events[:end]
+                break
+        listener = self._listener
+        if listener is not None:
+            if self._closed:
+                self._listener = None  # no cycle left through the listener: freed without the GC
+            listener(events)
         else:
-            self._events.put_nowait(event)
+            for event in events:
+                self._events.put_nowait(event)
 
-    def listen(self, callback: Callable[[Event], None]) -> None:
+    def listen(self, callback: Callable[[Events], None]) -> None:
         self._listener = callback
+        waiting = []
         while not self._events.empty():
-            callback(self._events.get_nowait())
+            waiting.append(self._events.get_nowait())
+        if waiting:
+            callback(waiting)
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -313,8 +324,7 @@ class InferenceExecutor:
             batch, self._handed = self._handed, []
             self._delivery_due = False
         for handle, events in coalesce(batch).items():
-            for event in events:
-                handle.push(event)
+            handle.push(*events)
 
     # ---- preparation (thread pool) ------------------------------------------------------------------
 

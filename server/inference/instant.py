@@ -15,6 +15,7 @@ from server.inference.api import (
     Delta,
     Done,
     Event,
+    Events,
     ExecutorState,
     ExecutorStats,
     Failed,
@@ -51,12 +52,8 @@ class _Answer:
                 return
             yield event
 
-    def listen(self, callback: Callable[[Event], None]) -> None:
-        for event in self.events:
-            if self.cancelled:
-                callback(_CANCELLED)
-                return
-            callback(event)
+    def listen(self, callback: Callable[[Events], None]) -> None:
+        callback((_CANCELLED,) if self.cancelled else self.events)
 
 
 class InstantExecutor:

@@ -19,7 +19,7 @@ from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import metrics
-from server.inference.api import FINAL, Delta, Done, Event, InferenceRequest, Turn
+from server.inference.api import FINAL, Delta, Done, Events, InferenceRequest, Turn
 from server.service import Answer, Service
 from server.wire import error_dict, event_dict
 from server.ws.frames import (
@@ -57,9 +57,9 @@ class Connection:
         "_closing",
         "_ended",
         "_outbox",
+        "_reading",
         "_writer",
         "abusive",
-        "frames",
         "gate",
         "keepalive",
         "label",
@@ -94,6 +94,7 @@ class Connection:
         self._writer: asyncio.Task[None] | asyncio.Handle | None = None  # writing, or about to
         self._closing: tuple[int, str] | None = None
         self._ended = False
+        self._reading = False  # in the read callback: `received` writes what it queued
 
     @property
     def open(self) -> bool:
@@ -127,8 +128,18 @@ class Connection:
         self._ended = True
         self._outbox = None
 
+    def reading(self) -> None:
+        """A frame is being handled in the socket's read callback: hold what it sends for
+        `received`, which writes it at once (no scheduled write, no loop hop)."""
+        self._reading = True
+
+    def received(self) -> None:
+        self._reading = False
+        if self._writer is None and (self._outbox or self._closing is not None):
+            self._flush()
+
     def _wake(self) -> None:
-        if self._writer is None and not self._ended:
+        if self._writer is None and not self._ended and not self._reading:
             self._writer = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -311,14 +322,18 @@ def _on_text(service: Service, conn: Connection, text: str) -> bool:
     """Handle one text frame now; False leaves a large one to `_serve` (parsed on a thread)."""
     if len(text) > PARSE_IN_THREAD:
         return False
-    now = _admit(service, conn, text)
-    if now is not None:
-        try:
-            frame = parse_client_frame(text, service.frame_limits)
-        except InvalidFrame as exc:
-            _reject(conn.session, exc)
-        else:
-            _dispatch(service, conn, frame, now)
+    conn.reading()
+    try:
+        now = _admit(service, conn, text)
+        if now is not None:
+            try:
+                frame = parse_client_frame(text, service.frame_limits)
+            except InvalidFrame as exc:
+                _reject(conn.session, exc)
+            else:
+                _dispatch(service, conn, frame, now)
+    finally:
+        conn.received()
     return True
 
 
@@ -416,14 +431,14 @@ def _ask(service: Service, session: Session, ask: Ask) -> None:
         len(question.images),
         len(session.conversation),
     )
-    relay.answer.listen(relay.on_event)
+    relay.answer.listen(relay.on_events)
 
 
 class _Relay:
     """One running ask of a session: turns its answer's events into session frames (sent
-    now, or kept for resume). A listener, not a task: events arrive as callbacks on the
-    event loop, and each becomes one frame (the executor joins the deltas that pile up
-    while the loop is busy)."""
+    now, or kept for resume). A listener, not a task: events arrive in batches as
+    callbacks on the event loop, and each becomes one frame (the executor joins the
+    deltas that pile up while the loop is busy)."""
 
     __slots__ = ("answer", "generation", "id", "question", "service", "session")
 
@@ -440,20 +455,21 @@ class _Relay:
     def cancel(self) -> None:
         self.answer.cancel()
 
-    def on_event(self, event: Event) -> None:
+    def on_events(self, events: Events) -> None:
         session = self.session
         try:
-            if isinstance(event, Delta):
-                session.emit({"type": "delta", "id": self.id, "text": event.text})
-                return
-            if isinstance(event, Done):
-                session.conversation.add(self.question, event.text, self.generation)
-            session.emit(event_dict(self.id, event))
+            for event in events:
+                if isinstance(event, Delta):
+                    session.emit({"type": "delta", "id": self.id, "text": event.text})
+                    continue
+                if isinstance(event, Done):
+                    session.conversation.add(self.question, event.text, self.generation)
+                session.emit(event_dict(self.id, event))
         except Exception:
             session.emit(error_dict("internal", "the answer could not be relayed", id=self.id))
             self.end()
             raise  # Answer.listen logs it, cancels the answer and ignores its later events
-        if isinstance(event, FINAL):
+        if isinstance(events[-1], FINAL):
             self.end()
 
     def end(self) -> None:

@@ -31,6 +31,7 @@ from websockets.protocol import State
 
 FRAMES = "vlbridge.frames"  # the extension's name in the scope
 SEND_MANY = "vlbridge.send_many"  # its ASGI message type
+_TINY = [bytes((0x81, size)) for size in range(126)]  # the header of each text frame under 126 bytes
 _SHORT = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 
@@ -114,7 +115,7 @@ def text_frames(texts: list[bytes]) -> bytes:
     for data in texts:
         size = len(data)
         if size < 126:
-            parts.append(bytes((0x81, size)))
+            parts.append(_TINY[size])
         elif size < 65536:
             parts.append(_SHORT.pack(0x81, 126, size))
         else:
