@@ -147,16 +147,20 @@ def _ask(data: dict[str, Any], limits: FrameLimits) -> Ask:
         if raw_images
         else ()
     )
+    tuned = "max_tokens" in data or "temperature" in data  # most asks set neither
+    return Ask(ask_id, Turn("user", text, images), _params(data, ask_id) if tuned else DEFAULT_PARAMS)
+
+
+def _params(data: dict[str, Any], ask_id: str) -> SamplingParams:
     max_tokens = _number(data, "max_tokens", ask_id)
     if max_tokens is not None and (max_tokens < 1 or max_tokens != int(max_tokens)):
         raise InvalidFrame("bad_request", '"max_tokens" must be a positive integer', ask_id)
     temperature = _number(data, "temperature", ask_id)
     if temperature is not None and not 0 <= temperature <= 2:
         raise InvalidFrame("bad_request", '"temperature" must be between 0 and 2', ask_id)
-    params = DEFAULT_PARAMS
-    if max_tokens is not None or temperature is not None:
-        params = SamplingParams(None if max_tokens is None else int(max_tokens), temperature or 0.0)
-    return Ask(ask_id, Turn("user", text, images), params)
+    if max_tokens is None and temperature is None:
+        return DEFAULT_PARAMS
+    return SamplingParams(None if max_tokens is None else int(max_tokens), temperature or 0.0)
 
 
 def decode_base64_image(item: str, number: int, max_bytes: int, ask_id: str | None = None) -> bytes:
