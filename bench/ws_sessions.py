@@ -379,11 +379,13 @@ class Cpus:
 
     @classmethod
     def plan(cls) -> Cpus:
-        """The first CPU for the server, the others for load, except the server CPU's
-        hyperthread twins: load there would slow the server down (when CPUs are left)."""
+        """The last CPU for the server (CPU 0 tends to get the machine's interrupts and
+        housekeeping), the others for load, except the server CPU's hyperthread twins:
+        load there would slow the server down (when CPUs are left)."""
         cpus = sorted(os.sched_getaffinity(0))
-        twins = siblings(cpus[0])
-        return cls(cpus[0], [cpu for cpu in cpus[1:] if cpu not in twins] or cpus[1:] or cpus)
+        server, others = cpus[-1], cpus[:-1]
+        twins = siblings(server)
+        return cls(server, [cpu for cpu in others if cpu not in twins] or others or cpus)
 
 
 def twins(cpu: int) -> str:
