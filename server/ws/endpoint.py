@@ -19,7 +19,7 @@ from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import metrics
-from server.inference.api import FINAL, Delta, Done, Events, InferenceRequest, Turn
+from server.inference.api import FINAL, Done, Events, InferenceRequest, Turn
 from server.service import Answer, Service
 from server.wire import error_dict, event_dict
 from server.ws.frames import (
@@ -459,9 +459,6 @@ class _Relay:
         session = self.session
         try:
             for event in events:
-                if isinstance(event, Delta):
-                    session.emit({"type": "delta", "id": self.id, "text": event.text})
-                    continue
                 if isinstance(event, Done):
                     session.conversation.add(self.question, event.text, self.generation)
                 session.emit(event_dict(self.id, event))
