@@ -12,8 +12,9 @@ installed) pinned to the other CPUs, so that it is the server that is measured.
    against vlbridge with the zero-cost backend (`builtin:instant`: the server alone),
    against vlbridge with the real executor over the echo engine (`builtin:echo`), and
    C connections do the same against a bare `websockets` echo server (one message in,
-   one out). Rounds alternate the three so that drift on a shared machine hits them
-   alike. Reports round-trip p50/p99, throughput and server CPU per ask or message.
+   one out). The three servers start once; rounds alternate the load between them so
+   that drift on a shared machine hits them alike (an idle server costs nothing).
+   Reports round-trip p50/p99, throughput and server CPU per ask or message.
 
     python bench/ws_sessions.py [--sessions 10000] [--hold 10] [--concurrency 32]
                                 [--clients 4] [--duration 5] [--rounds 3] [--skip-idle]
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -435,38 +436,48 @@ def round_trips(
     }
 
 
-def vlbridge_asks(model: str, args: argparse.Namespace, cpus: Cpus) -> dict[str, float]:
-    port = free_port()
-    server = start_vlbridge(port, 45.0, 10.0, 1000, model)
-    try:
-        wait_port(port, server)
-        return round_trips(f"ws://127.0.0.1:{port}/ws", "ask", args, psutil.Process(server.pid), cpus)
-    finally:
-        stop(server)
-
-
-def bare_echo(args: argparse.Namespace, cpus: Cpus) -> dict[str, float]:
-    port = free_port()
-    bare = subprocess.Popen(
+def start_bare_echo(port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [sys.executable, "-c", _BARE_ECHO, str(port)],
         env=child_env(),
         stderr=subprocess.DEVNULL,  # the port probe
     )
+
+
+@contextlib.contextmanager
+def running(process: subprocess.Popen[bytes], port: int) -> Iterator[psutil.Process]:
+    """*process* once it listens on *port*; stopped on the way out."""
     try:
-        wait_port(port, bare)
-        return round_trips(f"ws://127.0.0.1:{port}/", "echo", args, psutil.Process(bare.pid), cpus)
+        wait_port(port, process)
+        yield psutil.Process(process.pid)
     finally:
-        stop(bare)
+        stop(process)
 
 
 def measure_asks(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
-    """Alternate the servers for `args.rounds` rounds, so that drift hits them alike."""
+    """Start the three servers, then alternate the load between them for `args.rounds`
+    rounds, the zero-cost vlbridge next to the echo server it is compared with."""
     cpus = Cpus.plan()
-    runs: dict[str, list[dict[str, float]]] = {"instant": [], "echo-engine": [], "bare": []}
-    for _ in range(args.rounds):
-        runs["instant"].append(vlbridge_asks("builtin:instant", args, cpus))
-        runs["bare"].append(bare_echo(args, cpus))
-        runs["echo-engine"].append(vlbridge_asks("builtin:echo", args, cpus))
+    servers: dict[str, Callable[[int], subprocess.Popen[bytes]]] = {
+        "instant": lambda port: start_vlbridge(port, 45.0, 10.0, 1000, "builtin:instant"),
+        "bare": start_bare_echo,
+        "echo-engine": lambda port: start_vlbridge(port, 45.0, 10.0, 1000, "builtin:echo"),
+    }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    with contextlib.ExitStack() as stack:
+        targets = []
+        for name, start in servers.items():
+            port = free_port()
+            process = stack.enter_context(running(start(port), port))
+            url, kind = (
+                (f"ws://127.0.0.1:{port}/", "echo")
+                if name == "bare"
+                else (f"ws://127.0.0.1:{port}/ws", "ask")
+            )
+            targets.append((name, url, kind, process))
+        for _ in range(args.rounds):
+            for name, url, kind, process in targets:
+                runs[name].append(round_trips(url, kind, args, process, cpus))
     return runs
 
 
