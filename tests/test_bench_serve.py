@@ -13,7 +13,13 @@ from bench.serve import main
 pytestmark = pytest.mark.slow
 
 
-def test_serve_benchmark_runs_every_scenario_on_cpu(demo_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.timeout(900)
+def test_serve_benchmark_runs_every_scenario_on_cpu(
+    demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One OpenMP thread per caller in the child processes: on a 2-core machine shared with other
+    # work, the server's threads (worker, preparation) each spinning an OpenMP team slow it ~8x.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "serve.json"
     results = main(
         [

@@ -13,16 +13,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.inference.api import Done, InferenceRequest, SamplingParams, Turn
 from server.inference.executor import ExecutorLimits, InferenceExecutor
 from server.inference.images import ImageLimits
 from server.inference.model.engine import EngineOptions, ModelEngine
-from server.inference.model.kvcache import PAGE
-from server.inference.model.prefix import identity, picture_start, picture_token
+from server.inference.model.kvcache import PAGE, PagedKVCache, SeqCache
+from server.inference.model.prefix import PrefixCache, full_block_keys, identity, picture_start, picture_token
 from tests.conftest import make_png
-
-pytestmark = pytest.mark.slow
 
 GREEDY = SamplingParams(max_new_tokens=20)
 RED = make_png(320, 256, (200, 40, 40))  # 80 visual tokens: a picture across a page boundary
@@ -68,7 +67,9 @@ async def scenario(executor: InferenceExecutor) -> list[tuple[int, ...]]:
     out.append(two.token_ids)
     third = [*follow, Turn.assistant(two.text), Turn.user("Say it again, briefly.")]
     out.append((await answer(executor, third, "third")).token_ids)
-    out.append((await answer(executor, [Turn.user("Describe the picture.", [RED])], "same picture")).token_ids)
+    out.append(
+        (await answer(executor, [Turn.user("Describe the picture.", [RED])], "same picture")).token_ids
+    )
     out.append((await answer(executor, [Turn.user("What is in this picture?", [BLUE])], "other")).token_ids)
     batch = [
         follow,  # a full hit again
@@ -88,6 +89,7 @@ async def cached(demo_model_dir: Path) -> AsyncIterator[InferenceExecutor]:
     await executor.stop()
 
 
+@pytest.mark.slow
 async def test_caches_change_no_token_and_are_used(cached: InferenceExecutor, demo_model_dir: Path) -> None:
     plain = await start(demo_model_dir, caches=False)
     try:
@@ -103,6 +105,7 @@ async def test_caches_change_no_token_and_are_used(cached: InferenceExecutor, de
     assert engine.vision.hits >= 1  # RED encoded once, then found (the two-picture prompt)
 
 
+@pytest.mark.slow
 async def test_eviction_under_memory_pressure_keeps_answers_exact(demo_model_dir: Path) -> None:
     """A pool of a few requests' worth of pages: cached pages are evicted to admit new ones."""
     plain = await start(demo_model_dir, caches=False, max_batch_tokens=1024)
@@ -143,3 +146,31 @@ def test_a_reused_prefix_never_ends_inside_a_picture() -> None:
     assert picture_start(ident, 2) == 2  # at its start: the picture is computed whole
     assert picture_start(ident, 5) == 5  # right after it
     assert picture_start(ident, 1) == 1
+
+
+def test_index_shares_full_pages_copies_the_rest_stops_before_a_picture_and_evicts() -> None:
+    kv = PagedKVCache(1, 1, 4, 8, torch.float32, torch.device("cpu"))  # 7 usable pages
+    cache = PrefixCache(kv)
+    first = SeqCache()
+    text = list(range(1, 2 * PAGE + 11))  # two full blocks and a partial one
+    assert kv.allocate(first, len(text))
+    cache.register(first.pages, text)
+    kv.free(first)
+    assert kv.free_pages + cache.idle_pages == 7 and cache.idle_pages == 3
+
+    longer = [*text, 999, 1000]
+    hit = cache.match(longer, full_block_keys(longer))
+    assert hit is not None and hit.length == len(text)  # two pages shared, 10 tokens copied
+    assert len(hit.shared) == 2 and hit.source is not None and hit.source not in hit.shared
+
+    picture = picture_token(b"p" * 16)
+    # A picture starting at token 100 runs past the cached text: the match stops at its start.
+    other = [*text[:100], *([picture] * 40)]
+    hit = cache.match(other, full_block_keys(other))
+    assert hit is not None and hit.length == 100
+
+    cache.use(hit)  # pinned: not evicted below
+    second = SeqCache()
+    assert kv.allocate(second, 7 * PAGE - 2 * PAGE)  # more than the free list: idle pages evicted
+    assert cache.evictions >= 1 and set(hit.shared).isdisjoint(second.pages)
+    assert not kv.allocate(SeqCache(), 2 * PAGE)  # everything left is in use

@@ -40,6 +40,9 @@ from .kvcache import PAGE, PagedKVCache
 
 ROOT = b""
 _MAX_CHILDREN_SCANNED = 32  # candidates for the partial block after the full matches
+# Shorter matches are not worth it: every prompt starts with the same few template tokens, and a
+# reuse costs a gather and a prefill row with a hole in its attention mask.
+MIN_REUSE = PAGE
 
 
 def picture_token(digest: bytes) -> int:
@@ -130,7 +133,8 @@ class PrefixCache:
         return len(self._idle)
 
     def match(self, ident: list[int], keys: list[bytes]) -> PrefixHit | None:
-        """The longest reusable prefix of a prompt (*ident*, its `full_block_keys`), or None.
+        """The longest reusable prefix of a prompt (*ident*, its `full_block_keys`), or None
+        when it is shorter than `MIN_REUSE`.
 
         At least the prompt's last token is left to compute (its logits give the first token).
         """
@@ -156,7 +160,7 @@ class PrefixCache:
             if common > best:
                 best, partial = common, block
         length = picture_start(ident, min(start + best, len(ident) - 1))
-        if length <= 0:
+        if length < MIN_REUSE:
             return None
         full = length // PAGE
         blocks = chain[:full]
