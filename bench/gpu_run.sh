@@ -5,7 +5,7 @@
 #   2. bench/gpu_check.py, 2B: fused kernels, engine vs stock generate, teacher forcing
 #   3. teacher forcing for 8B and 30B-A3B (in memory)
 # The project's pinned transformers (and the service's own dependencies the machine lacks) travel
-# as wheels in .whl/ (git-ignored; `pip download` them, see docs/executor.md). Each step has its
+# as wheels in .whl/ (git-ignored; bench/gpu_wheels.sh makes them). Each step has its
 # own time limit, so one that hangs cannot take the others' time; the order is by importance.
 set -u
 OUT=${OUT:-/tmp/out}
