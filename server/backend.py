@@ -81,6 +81,7 @@ def build_executor(config: Config) -> Executor:
             request_timeout=config.executor.request_timeout,
             max_new_tokens=config.model.max_new_tokens,
             prefill_tokens=config.executor.prefill_chunk_tokens,
+            prefill_tokens_decoding=config.executor.prefill_decoding_tokens,
         ),
         model_name=model_label(config),
         prepare_workers=config.executor.prepare_workers or min(8, os.cpu_count() or 1),

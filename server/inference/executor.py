@@ -56,7 +56,10 @@ class ExecutorLimits:
     queue_size: int = 256
     request_timeout: float = 300.0
     max_new_tokens: int = 512
-    prefill_tokens: int = 16384  # prompt tokens admitted into one prefill
+    prefill_tokens: int = 16384  # prefill work (prefill_cost units) admitted into one prefill
+    # ... while other rows are decoding: a wave of new pictures then runs as several small
+    # prefills between decode steps, so it stalls the running answers for a bounded time
+    prefill_tokens_decoding: int = 8192
     prefill_wait: float = 0.03  # while decoding, wait up to this long for more prompts to batch
 
 
@@ -117,6 +120,12 @@ class _Handle:
         finally:
             if not self._events.empty() or not self._closed:
                 self.cancel()  # the caller stopped listening: free the slot
+
+
+def prefill_cost(prompt: PreparedPrompt) -> int:
+    """A prompt's prefill work in token units: its picture tokens count twice, because the
+    vision encoder runs over them (4 patches each) before the language model does."""
+    return prompt.length + prompt.image_tokens
 
 
 def coalesce(batch: list[tuple[_K, Event]]) -> dict[_K, list[Event]]:
@@ -454,19 +463,26 @@ class InferenceExecutor:
         if not self._running or not self._waiting:
             return False
         preparing = self._pending - len(self._waiting)
-        ready = sum(j.prompt.length for j in self._waiting if j.prompt is not None)
+        ready = sum(prefill_cost(j.prompt) for j in self._waiting if j.prompt is not None)
         young = time.monotonic() - self._waiting[0].prepared < self.limits.prefill_wait
-        return preparing > 0 and ready < self.limits.prefill_tokens // 2 and young
+        return preparing > 0 and ready < self._prefill_budget() // 2 and young
+
+    def _prefill_budget(self) -> int:
+        """Prefill work for the next prefill: all a prefill may take when nothing decodes, less
+        while answers are streaming (every decode step waits for the prefill launched before it)."""
+        if self._running:
+            return min(self.limits.prefill_tokens, self.limits.prefill_tokens_decoding)
+        return self.limits.prefill_tokens
 
     def _admit(self, engine: Engine, inflight: deque[_Launch]) -> None:
         if self._worth_waiting():
             return
         chosen: list[_Job] = []
-        budget = self.limits.prefill_tokens
+        budget = self._prefill_budget()
         while self._waiting and len(self._running) + len(chosen) < self.limits.max_batch:
             job = self._waiting[0]
             assert job.prompt is not None
-            if chosen and job.prompt.length > budget:
+            if chosen and prefill_cost(job.prompt) > budget:
                 break
             max_new = job.request.params.max_new_tokens or self.limits.max_new_tokens
             seq = Sequence(job.request.id, job.prompt, job.request.params, max_new)
@@ -478,7 +494,7 @@ class InferenceExecutor:
                 break
             self._waiting.pop(0)
             job.seq = seq
-            budget -= job.prompt.length
+            budget -= prefill_cost(job.prompt)
             chosen.append(job)
         if not chosen:
             return
