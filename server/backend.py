@@ -69,6 +69,7 @@ def build_executor(config: Config) -> Executor:
                 cuda_graphs=config.model.cuda_graphs,
                 prefix_cache=config.executor.prefix_cache,
                 vision_cache_bytes=config.executor.vision_cache_mb * 2**20,
+                profile_seconds=config.executor.profile_seconds,
             ),
             progress=progress,
         )
@@ -82,6 +83,8 @@ def build_executor(config: Config) -> Executor:
             max_new_tokens=config.model.max_new_tokens,
             prefill_tokens=config.executor.prefill_chunk_tokens,
             prefill_tokens_decoding=config.executor.prefill_decoding_tokens,
+            profile_seconds=config.executor.profile_seconds,
+            stream_interval=config.executor.stream_interval,
         ),
         model_name=model_label(config),
         prepare_workers=config.executor.prepare_workers or min(8, os.cpu_count() or 1),

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDe
 from server.inference.api import SamplingParams, Turn
 from server.inference.engine import PreparedPrompt, Sequence
 from server.inference.images import ImageLimits
+from server.inference.profile import Profile
 
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row
 from .kvcache import PAGE, PagedKVCache, SeqCache
@@ -48,6 +50,7 @@ class EngineOptions:
     memory_fraction: float = 0.7  # of the GPU memory left after loading, for the KV cache (rest: prefill)
     prefix_cache: bool = True  # keep finished sequences' KV pages for prompts that start alike
     vision_cache_bytes: int = 512 * 2**20  # encoder outputs kept by picture hash; 0: off
+    profile_seconds: float = 10.0  # log prefill phase timings this often while busy; 0: off
 
 
 @dataclass
@@ -77,6 +80,42 @@ class _State:
     shared: list[int] = field(default_factory=list)  # pages shared with the cache (the first ones)
     source: int | None = None  # cached page whose first tokens are copied at prefill (pinned)
     prefix_pages: list[int] = field(default_factory=list)  # where the reused tokens are, in order
+
+
+class _PrefillTimer:
+    """Host and device time of a prefill's phases. Device times come from CUDA events, read
+    at a later prefill once they have completed (never waited for)."""
+
+    def __init__(self, profile: Profile, cuda: bool) -> None:
+        self.profile = profile
+        self.cuda = cuda
+        self._pending: list[list[tuple[str, float, Any]]] = []
+        self._marks: list[tuple[str, float, Any]] = []
+
+    def start(self) -> None:
+        self._collect()
+        self._marks = []
+        self.mark("start")
+
+    def mark(self, phase: str) -> None:
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self._marks.append((phase, time.perf_counter(), event))
+
+    def end(self) -> None:
+        marks = self._marks
+        for (_, before, _), (phase, after, _) in pairwise(marks):
+            self.profile.record(f"host_{phase}", after - before)
+        if self.cuda:
+            self._pending.append(marks)
+
+    def _collect(self) -> None:
+        while self._pending and self._pending[0][-1][2].query():
+            marks = self._pending.pop(0)
+            for (_, _, before), (phase, _, after) in pairwise(marks):
+                self.profile.record(f"gpu_{phase}", before.elapsed_time(after) / 1e3)
 
 
 def _slots(pages: list[int] | torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -118,6 +157,11 @@ class ModelEngine:
         self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=runner.device)
         self.capture_seconds = 0.0
         self.keep_logits = False  # prefill keeps the logits of every position in `prefill_logits`
+        # host and device time of each prefill phase, logged every 10 s (server/inference/profile.py)
+        self.prefill_timer = _PrefillTimer(
+            Profile(logging.getLogger("vlbridge.profile"), "prefill phases", options.profile_seconds),
+            runner.device.type == "cuda",
+        )
         self.prefill_logits: torch.Tensor | None = None
 
     @classmethod
@@ -260,6 +304,8 @@ class ModelEngine:
         (computed at preparation), so a reused prefix and its continuation line up exactly.
         """
         device = self.runner.device
+        timer = self.prefill_timer
+        timer.start()
         prompts: list[_Prompt] = [seq.prompt.data for seq in seqs]
         reused = [seq.state.reused for seq in seqs]
         lengths = [len(p.prompt) for p in prompts]
@@ -276,6 +322,11 @@ class ModelEngine:
             mask[row, width + suffix - (n - r) :] = 1
             pictures.extend(p for p in prompt.pictures if p.start >= r)
         dense = self._gather_prefix(seqs, width)
+        timer.profile.count("rows", len(seqs))
+        timer.profile.count("new_tokens", sum(lengths) - sum(reused))
+        timer.profile.count("reused_tokens", sum(reused))
+        timer.profile.count("pictures", len(pictures))
+        timer.mark("inputs")  # host tensors, reused prefixes gathered
         inputs: dict[str, Any] = {
             "input_ids": ids.to(device, non_blocking=True),
             "attention_mask": mask.to(device, non_blocking=True),
@@ -291,10 +342,12 @@ class ModelEngine:
                     ],
                 )
             }
+        timer.mark("vision")
         self._model.model.rope_deltas = None  # transformers keeps the last prompt's deltas on the module
         out = self._model(**inputs, cache=dense, use_cache=True, logits_to_keep=0 if self.keep_logits else 1)
         if self.keep_logits:  # correctness checks compare every prompt position (bench/gpu_check.py)
             self.prefill_logits = out.logits
+        timer.mark("forward")
         # Store what each row did not share: from its first own page (a copied partial page
         # starts there) to the end of its prompt.
         columns = width + suffix
@@ -323,7 +376,10 @@ class ModelEngine:
         blocked_dev = torch.tensor(blocked, dtype=torch.bool).to(device) if any(blocked) else None
         tokens = sample(out.logits[:, -1, :], seqs, self._eos, blocked_dev)
         cells = torch.tensor([s.state.cell for s in seqs], dtype=torch.long).to(device, non_blocking=True)
-        return self._publish(tokens, cells, seqs)
+        published = self._publish(tokens, cells, seqs)
+        timer.mark("store")  # pages written, first tokens sampled
+        timer.end()
+        return published
 
     def decode(self, seqs: list[Sequence]) -> DeviceTokens:
         cells, positions, slots, lengths, tables = [], [], [], [], []
