@@ -218,6 +218,30 @@ def summarize(answers: list[Answer], started: float | None = None) -> dict[str, 
     return result
 
 
+def server_ttft(server: Server) -> tuple[float, int]:
+    """Sum and count of the server's own time to first token (submission to the first token on
+    the worker thread), over all routes, from /metrics."""
+    total, count = 0.0, 0
+    with urllib.request.urlopen(f"{server.http}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("vlbridge_time_to_first_token_seconds_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vlbridge_time_to_first_token_seconds_count"):
+                count += int(float(line.rsplit(" ", 1)[1]))
+    return total, count
+
+
+def split_ttft(result: dict[str, Any], before: tuple[float, int], after: tuple[float, int],
+               answers: list[Answer]) -> None:  # fmt: skip
+    """Mean TTFT at the client vs inside the server over the same asks: the difference is the
+    transport (frame parsing, picture hand-off, relay of the first delta)."""
+    ttft = [t for a in answers if a.error is None and (t := a.ttft) is not None]
+    count = after[1] - before[1]
+    if ttft and count:
+        result["ttft_mean"] = statistics.mean(ttft)
+        result["server_ttft_mean"] = (after[0] - before[0]) / count
+
+
 # ---- scenarios --------------------------------------------------------------------------------------
 
 
@@ -229,20 +253,24 @@ async def closed_loop(
 
     answers: list[Answer] = []
     first_wave: list[float] = []
+    everything: list[Answer] = []  # the first wave too: the server's TTFT figures count it
+
+    def keep(number: int, answer: Answer) -> None:
+        everything.append(answer)
+        (answers.append(answer) if number else first_wave.append(answer.done or time.monotonic()))
 
     async def ws_client() -> None:
         async with WsClient(server.ws) as client:
             for number in range(per_client):
                 await client.reset()
-                answer = await client.ask(QUESTION, pictures.take(), tokens)
-                (answers.append(answer) if number else first_wave.append(answer.done or time.monotonic()))
+                keep(number, await client.ask(QUESTION, pictures.take(), tokens))
 
     async def openai_client(http: httpx.AsyncClient) -> None:
         for number in range(per_client):
-            answer = await openai_ask(http, server.http, pictures.take(), tokens)
-            (answers.append(answer) if number else first_wave.append(answer.done or time.monotonic()))
+            keep(number, await openai_ask(http, server.http, pictures.take(), tokens))
 
     per_client = 1 + max(1, -(-requests // c))
+    before = server_ttft(server)
     with GpuBusy() as busy:
         if kind == "ws":
             await asyncio.gather(*[ws_client() for _ in range(c)])
@@ -253,6 +281,7 @@ async def closed_loop(
     # Steady state: from the median completion of the first wave (it arrives all at once).
     result = summarize(answers, statistics.median(first_wave))
     result["gpu_busy"] = busy.fraction
+    split_ttft(result, before, server_ttft(server), everything)
     return result
 
 
@@ -260,19 +289,32 @@ async def followup(server: Server, pictures: Pictures, c: int, rounds: int, toke
     """Each client: a question with a new picture, then a text follow-up on the same conversation."""
     first: list[Answer] = []
     second: list[Answer] = []
+    inside: dict[str, list[float]] = {"first": [], "followup": []}  # c=1: the server's own TTFT
+
+    async def ask(ws: WsClient, text: str, picture: str | None, kind: str) -> Answer:
+        before = server_ttft(server) if c == 1 else None
+        answer = await ws.ask(text, picture, tokens)
+        if before is not None:
+            after = server_ttft(server)
+            if after[1] == before[1] + 1:
+                inside[kind].append(after[0] - before[0])
+        return answer
 
     async def client() -> None:
         async with WsClient(server.ws) as ws:
             for number in range(rounds + 1):
                 await ws.reset()
-                a = await ws.ask(QUESTION, pictures.take(), tokens)
-                b = await ws.ask(FOLLOW_UP, None, tokens)
+                a = await ask(ws, QUESTION, pictures.take(), "first")
+                b = await ask(ws, FOLLOW_UP, None, "followup")
                 if number:  # the first round warms up
                     first.append(a)
                     second.append(b)
 
     await asyncio.gather(*[client() for _ in range(c)])
     one, two = summarize(first), summarize(second)
+    for kind, summary in (("first", one), ("followup", two)):
+        if inside[kind][1:]:
+            summary["server_ttft_p50"] = pct(inside[kind][1:], 50)  # the warm-up round left out
     return {
         "rounds": len(first),
         "first": one,
@@ -373,8 +415,11 @@ class Server:
         }
         self.log = log.open("w")
         started = time.monotonic()
+        command = [sys.executable, "-m", "server.cli", "serve"]
+        if args.weights == "memory":  # model_dir is the architecture's name
+            command = [sys.executable, str(ROOT / "bench" / "serve_random.py"), model_dir, str(args.demo_dir)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"],
+            command,
             env=env,
             cwd=ROOT,
             stdout=self.log,
@@ -416,6 +461,8 @@ def executor_figures(model_dir: str, args: argparse.Namespace, levels: list[int]
         "--new-tokens", str(args.new_tokens), "--image-size", str(args.image_size),
         "--rounds", str(args.rounds), "--workdir", str(work / "executor"), "--out", str(out),
     ]  # fmt: skip
+    if args.weights == "memory":
+        command.append("--in-memory")
     subprocess.run(command, check=True, cwd=ROOT)
     return {int(c): r for c, r in json.loads(out.read_text())["results"]["vlbridge"].items()}
 
@@ -436,6 +483,9 @@ def build_model(args: argparse.Namespace, work: Path) -> tuple[str, str]:
     demo = build_demo_model(work / "demo")
     if args.model == "demo":
         return str(demo), "demo (random)"
+    if args.weights == "memory":
+        args.demo_dir = demo
+        return args.model, "RANDOM (real architecture, meaningless answers), built in memory"
     from bench.architectures import build_checkpoint
 
     target = work / args.model
@@ -459,6 +509,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--followup-concurrency", default="1,8", help="comma list")
     parser.add_argument("--followup-rounds", type=int, default=4)
     parser.add_argument("--arrive", default="16,16,1.0,4", help="streamers,burst,every_s,phase_s")
+    parser.add_argument(
+        "--weights",
+        choices=("checkpoint", "memory"),
+        default="checkpoint",
+        help="random weights of an architecture: written as a checkpoint, or built in GPU memory "
+        "by the server and the in-process executor alike (30B-A3B does not fit on the disk)",
+    )
     parser.add_argument("--server-env", action="append", default=[], help="SECTION_KEY=value for the server")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="write results as JSON here")
@@ -515,6 +572,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_scenarios(server, pictures, args, scenarios, results, save, levels, openai_levels, follow_levels)
     finally:
         server.close()
+    # The server's own timing lines (server/inference/profile.py), to match with the scenarios'
+    # start times printed above.
+    results["profile"] = [line.rstrip() for line in (work / "serve.log").open() if "vlbridge.profile" in line]
+    print("\n".join(results["profile"]))
     print_tables(results, levels)
     save()
     return results
@@ -535,6 +596,7 @@ def run_scenarios(
     streamers, burst, every, phase_s = (float(x) for x in args.arrive.split(","))
 
     def attempt(name: str, run: Any) -> Any:
+        print(f"--- {name} starts at {time.strftime('%H:%M:%S')}", flush=True)
         try:
             return run()
         except Exception as exc:
@@ -610,9 +672,22 @@ def print_tables(results: dict[str, Any], levels: list[int]) -> None:
                 f"{_ms(r['ttft_p50'])}/{_ms(r['ttft_p95'])} | {_ms(r['gap_p50'])}/{_ms(r['gap_p99'])} | "
                 f"{_ms(r['lat_p50'])}/{_ms(r['lat_p95'])} | {busy} | {ratio} |"
             )
+    for kind in ("ws", "openai"):
+        for c, r in results[kind].items():
+            if r.get("server_ttft_mean") is not None:
+                print(
+                    f"{kind} c={c}: TTFT mean at the client {_ms(r['ttft_mean'])} ms, inside the server "
+                    f"(submission to first token) {_ms(r['server_ttft_mean'])} ms"
+                )
     for c, r in results["followup"].items():
         if "first" not in r:
             continue
+        if "server_ttft_p50" in r["followup"]:
+            print(
+                f"follow-up c={c}: TTFT p50 inside the server: first question "
+                f"{_ms(r['first'].get('server_ttft_p50'))} ms, "
+                f"follow-up {_ms(r['followup']['server_ttft_p50'])} ms"
+            )
         print(
             f"follow-up c={c}: TTFT p50 first question {_ms(r['first']['ttft_p50'])} ms, "
             f"text follow-up {_ms(r['followup']['ttft_p50'])} ms (p95 {_ms(r['first']['ttft_p95'])} / "

@@ -26,7 +26,7 @@ def test_serve_benchmark_runs_every_scenario_on_cpu(
             "--device", "cpu", "--model", str(demo_model_dir), "--concurrency", "2", "--rounds", "2",
             "--new-tokens", "12", "--image-size", "96", "--followup-concurrency", "1",
             "--followup-rounds", "1", "--arrive", "2,2,0.5,1.5", "--workdir", str(tmp_path / "work"),
-            "--out", str(out),
+            "--out", str(out), "--server-env", "EXECUTOR_PROFILE_SECONDS=0.5",
         ]
     )  # fmt: skip
     assert out.exists()
@@ -35,11 +35,17 @@ def test_serve_benchmark_runs_every_scenario_on_cpu(
         assert figures["errors"] == 0, figures["first_error"]
         assert figures["requests"] >= 2 and figures["rps"] > 0 and figures["tokens_mean"] > 0
         assert 0 < figures["ttft_p50"] <= figures["lat_p50"]
+        # the server's own TTFT (from /metrics) is part of what the client waited for
+        assert 0 < figures["server_ttft_mean"] <= figures["ttft_mean"]
     assert executor["rps"] > 0
     assert max(ws["deltas_max"], openai["deltas_max"]) > 1  # answers stream, not one piece at the end
     follow = results["followup"][1]
     assert follow["first"]["requests"] == follow["followup"]["requests"] == 1
     assert not math.isnan(follow["followup"]["ttft_p50"])
+    assert 0 < follow["followup"]["server_ttft_p50"] <= follow["followup"]["ttft_p50"]
+    profile = "\n".join(results["profile"])  # the server logged where its time went
+    for series in ("executor over", "prepare n=", "decode_step n=", "prefill phases over", "host_vision n="):
+        assert series in profile, profile
     arriving = results["arriving"]
     assert arriving["arrivals"]["requests"] > 0 and arriving["arrivals"]["errors"] == 0
     assert arriving["streamed"]["errors"] == 0
