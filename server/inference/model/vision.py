@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
 log = logging.getLogger("vlbridge.model.vision")
 
@@ -47,6 +48,7 @@ class VisionEncoder:
         self._bytes = 0
         self.hits = 0
         self.misses = 0
+        self.precompute = True  # see _run; off for good if this transformers refuses the tensors
 
     def encode(self, pictures: list[Picture], device: torch.device, dtype: torch.dtype) -> list[Encoded]:
         """The encoder outputs of *pictures*, in order; the ones not cached run in one batch."""
@@ -62,16 +64,55 @@ class VisionEncoder:
                 missing.append(picture)
                 self.misses += 1
         if missing:
-            pixels = torch.cat([p.pixels.to(device, dtype, non_blocking=True) for p in missing])
-            grid = torch.cat([p.grid for p in missing]).to(device)
-            out = self._model.model.get_image_features(pixels, grid, return_dict=True)
+            run = self._run if self.precompute else self._stock
+            embeds, deepstack = run(missing, device, dtype)
             for number, picture in enumerate(missing):
-                entry = Encoded(
-                    out.pooler_output[number], [level[number] for level in out.deepstack_features]
-                )
+                entry = Encoded(embeds[number], [level[number] for level in deepstack])
                 found[picture.digest] = entry
                 self._keep(picture.digest, entry)
         return [found[p.digest] for p in pictures]
+
+    def _run(
+        self, pictures: list[Picture], device: torch.device, dtype: torch.dtype
+    ) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
+        """The encoder over *pictures* in one batch: each one's merged output and deepstack features.
+
+        What the encoder derives from the grid is computed here from the grid on the CPU and
+        passed in (transformers' precomputed-kwargs hooks), because from a device grid it costs
+        host-device syncs: one for the rotary positions, one per layer for the attention's
+        per-picture split (its SDPA path splits by `cu_seqlens.tolist()`), one for the output
+        split. Each sync leaves the GPU idle while the host launches the next layer's kernels
+        (and waits for any decode step queued before the prefill). Same values, same results.
+        """
+        visual = self._model.model.visual
+        grid = torch.cat([p.grid for p in pictures])
+        pixels = torch.cat([p.pixels.to(device, dtype, non_blocking=True) for p in pictures])
+        merge = int(visual.spatial_merge_size)
+        precomputed: dict[str, Any] = {
+            "position_ids": get_vision_position_ids(grid, merge).to(device, non_blocking=True)
+        }
+        if "flash" not in str(getattr(visual.config, "_attn_implementation", "")):
+            precomputed["cu_seqlens"] = get_vision_cu_seqlens(grid)  # stays on the CPU: only split by
+        try:
+            out = visual(pixels, grid_thw=grid.to(device, non_blocking=True), return_dict=True, **precomputed)
+        except (RuntimeError, TypeError, ValueError):  # e.g. a device mismatch: raised at launch
+            log.warning("the vision encoder refused precomputed grid tensors; using its own", exc_info=True)
+            self.precompute = False
+            return self._stock(pictures, device, dtype)
+        sizes = (grid.prod(-1) // merge**2).tolist()
+        return (
+            torch.split(out.pooler_output, sizes),
+            [torch.split(level, sizes) for level in out.deepstack_features],
+        )
+
+    def _stock(
+        self, pictures: list[Picture], device: torch.device, dtype: torch.dtype
+    ) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
+        """transformers' own `get_image_features`."""
+        pixels = torch.cat([p.pixels.to(device, dtype, non_blocking=True) for p in pictures])
+        grid = torch.cat([p.grid for p in pictures]).to(device)
+        out = self._model.model.get_image_features(pixels, grid, return_dict=True)
+        return tuple(out.pooler_output), [tuple(level) for level in out.deepstack_features]
 
     def _keep(self, digest: bytes, entry: Encoded) -> None:
         size = entry.nbytes
