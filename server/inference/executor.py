@@ -575,7 +575,7 @@ class InferenceExecutor:
             self.step_times.append(now - self._last_collect)  # decode cadence, no prefill between
             self.profile.record("decode_step", now - self._last_collect)
         elif launch.kind == "decode" and now - self._last_decode < 5.0:
-            self.profile.record("decode_stall", now - self._last_decode)  # a prefill ran in between
+            self.profile.record("decode_stall", now - self._last_decode)  # a prefill (or a pause) in between
         if launch.kind == "decode":
             self._last_decode = now
             self.profile.count("decode_rows", len(launch.jobs))
