@@ -19,6 +19,7 @@ from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import metrics
+from server.auth import Refusal
 from server.inference.api import FINAL, Done, Events, InferenceRequest, Turn
 from server.logs import short_id
 from server.service import Answer, Service
@@ -48,6 +49,7 @@ CLOSE_ABUSE = (CLOSE_POLICY, CLOSE_TOO_BIG)  # also when the server's own frame 
 CLOSE_FULL = 1013  # max_sessions reached: try again later
 CLOSE_SLOW = 4408  # the client does not read its frames
 CLOSE_TAKEN_OVER = 4409  # the session was resumed on another connection
+_DENIAL_CLOSE = {"unauthorized": 4401, "forbidden": 4403}  # where HTTP 403 cannot be sent
 PARSE_IN_THREAD = 256 * 1024  # frames this large are parsed (base64 pictures) off the event loop
 
 
@@ -190,9 +192,16 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
     send_many = send if send is not None and FRAMES in ws.scope.get("extensions", {}) else None
     service: Service = ws.app.state.service
     server = service.config.server
-    owner = service.auth.identify(ws.headers, ws.query_params)
-    if owner is None:
-        await _deny(ws, 403, "unauthorized", "a valid token is required (Authorization: Bearer or ?token=)")
+    owner = service.auth.admit(ws.headers, ws.query_params)
+    if owner is Refusal.UNAUTHORIZED:
+        await _deny(ws, 403, owner.value, "a valid token is required (Authorization: Bearer or ?token=)")
+        return
+    if owner is Refusal.FORBIDDEN_ORIGIN:
+        origin = ws.headers.get("origin", "")
+        log.warning("WebSocket handshake from origin %r refused (not allowed, no token)", origin[:200])
+        await _deny(
+            ws, 403, owner.value, f"origin {origin[:200]!r} is not allowed; see server.allowed_origins"
+        )
         return
     resume_id = ws.query_params.get("resume")
     try:
@@ -287,7 +296,7 @@ async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
     if "websocket.http.response" in ws.scope.get("extensions", {}):
         await ws.send_denial_response(JSONResponse({"error": {"code": code, "message": message}}, status))
     else:
-        await ws.close(4401 if status == 403 else 4400, message)
+        await ws.close(_DENIAL_CLOSE.get(code, 4400), message)
 
 
 async def _serve(service: Service, conn: Connection) -> int:
