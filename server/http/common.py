@@ -11,8 +11,9 @@ from PIL import Image, UnidentifiedImageError
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
+from server.auth import Refusal
 from server.errors import BadImage, RequestError, TooLarge
-from server.http.errors import unauthorized
+from server.http.errors import forbidden_origin, unauthorized
 from server.inference.api import Done, Event, Failed
 from server.service import Service
 
@@ -23,9 +24,12 @@ def service_of(request: HTTPConnection) -> Service:
 
 
 def check_auth(request: HTTPConnection) -> Response | None:
-    """None when the request may proceed, else the 401 response to send."""
-    if service_of(request).auth.identify(request.headers, request.query_params) is None:
+    """None when the request may proceed, else the 401 or 403 response to send (server.auth)."""
+    verdict = service_of(request).auth.admit(request.headers, request.query_params)
+    if verdict is Refusal.UNAUTHORIZED:
         return unauthorized()
+    if verdict is Refusal.FORBIDDEN_ORIGIN:
+        return forbidden_origin(request)
     return None
 
 

@@ -6,19 +6,23 @@ something sensible. `busy` and `unavailable` carry ``Retry-After``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
 from server import metrics
 from server.errors import RequestError
 
+log = logging.getLogger("vlbridge.http")
+
 STATUS = {
     "bad_request": 400,
     "bad_image": 400,
     "unauthorized": 401,
+    "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
     "too_large": 413,
@@ -59,3 +63,17 @@ def unauthorized() -> JSONResponse:
     )
     response.headers["WWW-Authenticate"] = "Bearer"
     return response
+
+
+def forbidden_origin(request: HTTPConnection) -> JSONResponse:
+    """403 for a browser request from a site that is not allowed (server.auth), logged."""
+    origin = request.headers.get("origin", "")[:200]
+    log.warning(
+        "%s %s from origin %r refused (not allowed, no token)",
+        request.scope.get("method"),
+        request.url.path,
+        origin,
+    )
+    return error_response(
+        "forbidden", f"origin {origin!r} is not allowed; see server.allowed_origins", route=request.url.path
+    )
