@@ -175,6 +175,35 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body(
         assert body["error"]["code"] == refusal
 
 
+def cancelled(running) -> float:
+    """vlbridge_errors_total{route="/v1/chat/completions", code="cancelled"}, read from /metrics."""
+    text = httpx.get(running.http + "/metrics", timeout=10).text
+    for line in text.splitlines():
+        if (
+            line.startswith("vlbridge_errors_total{")
+            and 'code="cancelled"' in line
+            and "/v1/chat/completions" in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_leaves_halfway_through_its_body_is_no_server_error(
+    server, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = cancelled(server)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + b"Content-Length: 1000\r\n\r\n" + b'{"messages": [')
+    deadline = time.monotonic() + 15
+    errors: list[logging.LogRecord] = []
+    while cancelled(server) == before and not errors:
+        assert time.monotonic() < deadline, "the server never noticed the client leaving"
+        errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+        time.sleep(0.02)
+    assert not errors, errors[0].getMessage()  # it was an 'Exception in ASGI application' traceback
+
+
 # -- B and other bad input on the HTTP routes: JSON errors, never a 500 ------------------------
 
 

@@ -11,8 +11,9 @@ manner of Apache's mod_reqtimeout:
   connection (between requests uvicorn's `timeout_keep_alive` applies);
 - body: the body must be complete within `body_timeout` seconds of the headers, plus one
   second for every `body_min_rate` bytes received: a large upload at a fair pace always
-  finishes, a trickle does not. Time while the app is not reading (uvicorn paused the
-  socket) is not held against the client.
+  finishes, a trickle does not. A deadline that passes while the app is not reading
+  (uvicorn paused the socket) is not held against the client: it moves to
+  `body_timeout` after that moment.
 
 When a deadline passes, the client gets a 408 JSON answer if no answer was begun, and
 the connection is closed; the app's pending `receive()` reports ``http.disconnect``.
