@@ -51,6 +51,9 @@ class ServerConfig(_Section):
     agent_check_port: int = Field(0, ge=0, le=65535)
     allow_remote_images: bool = False
     shutdown_grace: float = Field(20.0, ge=0)
+    header_timeout: float = Field(20.0, gt=0)
+    body_timeout: float = Field(20.0, gt=0)
+    body_min_rate: float = Field(16384.0, gt=0)
     test_page: bool = True
 
     @field_validator("allowed_origins")

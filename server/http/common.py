@@ -41,7 +41,9 @@ def _sniff(data: bytes, number: int, max_bytes: int) -> None:
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
             image.size  # noqa: B018
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except Image.DecompressionBombError:
+        raise TooLarge(f"picture {number} has too many pixels to decode safely") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         raise BadImage(
             f"picture {number} is not a picture format I can read (PNG, JPEG, WebP, GIF, BMP, TIFF)"
         ) from None

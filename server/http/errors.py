@@ -25,6 +25,7 @@ STATUS = {
     "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "too_large": 413,
     "unsupported_media_type": 415,
     "busy": 429,
@@ -42,8 +43,12 @@ def error_response(
     if route is not None:
         metrics.ERRORS.inc(route, code)
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-    body = {"error": {"code": code, "message": message, "type": code}}
-    return JSONResponse(body, STATUS.get(code, 500), headers=headers)
+    return JSONResponse(error_body(code, message), STATUS.get(code, 500), headers=headers)
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    """The error shape every HTTP error answer has."""
+    return {"error": {"code": code, "message": message, "type": code}}
 
 
 def from_request_error(exc: RequestError, route: str | None = None) -> JSONResponse:

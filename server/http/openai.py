@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.errors import BadImage, BadRequest, RequestError, TooLarge, UnsupportedMediaType
+from server.http.body import read_body
 from server.http.common import check_auth, check_images, collect_while_connected, first_event, service_of
 from server.http.errors import error_response, from_request_error
 from server.http.sse import EventStream
@@ -76,10 +77,7 @@ async def chat_completions(request: Request) -> Response:
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     if not request.headers.get("content-type", "").startswith("application/json"):
         raise UnsupportedMediaType("send the request as application/json")
-    length = int(request.headers.get("content-length") or 0)
-    if length > limit:
-        raise TooLarge(f"the request is {length / 1e6:.1f} MB; too large")
-    raw = await request.body()
+    raw = await read_body(request, limit)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
