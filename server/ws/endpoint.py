@@ -19,7 +19,10 @@ from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import metrics
+from server.backend import image_limits
+from server.errors import RequestError
 from server.inference.api import FINAL, Done, Events, InferenceRequest, Turn
+from server.inference.images import sniff_image
 from server.service import Answer, Service
 from server.wire import error_dict, event_dict
 from server.ws.frames import (
@@ -419,7 +422,15 @@ def _ask(service: Service, session: Session, ask: Ask) -> None:
         session.emit(error_dict("busy", message, 1.0, id=ask.id))
         return
     question = ask.question
-    request = InferenceRequest(f"{session.id}/{ask.id}", session.conversation.messages(question), ask.params)
+    try:  # headers only: garbage is refused now and takes no queue place
+        for number, data in enumerate(question.images, start=1):
+            sniff_image(data, number, server.max_image_bytes, image_limits(service.config))
+    except RequestError as exc:
+        _reject(session, InvalidFrame(exc.code, exc.message, ask.id))
+        return
+    request = InferenceRequest(
+        f"{session.id}/{ask.id}", session.conversation.messages(question), ask.params, client=session.id
+    )
     relay = _Relay(service, session, ask.id, question, service.answer(request, "ws"))
     if asks is None:
         asks = session.asks = {}

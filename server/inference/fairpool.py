@@ -1,0 +1,86 @@
+"""A thread pool that takes turns between its clients: one client's burst cannot hold every thread.
+
+Jobs are queued per key (a client, a session); free threads take the oldest job of the
+next key in turn, and at most `per_key` jobs of one key run at a time. So a client that
+queues sixty-four expensive pictures gets its share of the pool, and a newcomer's job
+starts as soon as any thread is free instead of behind the whole burst.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Hashable
+
+log = logging.getLogger("vlbridge.executor")
+
+Job = Callable[[], None]
+
+
+class FairPool:
+    """`workers` daemon threads running jobs submitted with `submit(key, job)`.
+
+    Jobs must not raise (an exception is logged and the thread carries on). After
+    `shutdown` no queued job starts; running ones finish.
+    """
+
+    def __init__(self, workers: int, per_key: int, name: str) -> None:
+        if workers < 1 or per_key < 1:
+            raise ValueError(f"expected workers >= 1 and per_key >= 1, got {workers} and {per_key}")
+        self.per_key = per_key
+        self._cond = threading.Condition()
+        self._queues: dict[Hashable, deque[Job]] = {}  # insertion order is the turn order
+        self._running: Counter[Hashable] = Counter()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, key: Hashable, job: Job) -> None:
+        with self._cond:
+            self._queues.setdefault(key, deque()).append(job)
+            self._cond.notify()
+
+    def queued(self) -> int:
+        with self._cond:
+            return sum(len(jobs) for jobs in self._queues.values())
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queues.clear()
+            self._cond.notify_all()
+
+    def _take(self) -> tuple[Hashable, Job] | None:
+        for key, jobs in self._queues.items():
+            if self._running[key] < self.per_key:
+                job = jobs.popleft()
+                del self._queues[key]
+                if jobs:
+                    self._queues[key] = jobs  # to the back of the line
+                return key, job
+        return None
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                taken = self._take()
+                while taken is None and not self._closed:
+                    self._cond.wait()
+                    taken = self._take()
+                if taken is None:
+                    return
+                key, job = taken
+                self._running[key] += 1
+            try:
+                job()
+            except Exception:
+                log.exception("a preparation job failed")
+            with self._cond:
+                self._running[key] -= 1
+                if not self._running[key]:
+                    del self._running[key]
+                self._cond.notify()
