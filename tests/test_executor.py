@@ -267,10 +267,13 @@ async def test_a_step_failing_for_one_row_fails_that_row_only() -> None:
     await ex.start()
     await ex.wait_ready(10)
     try:
-        victim = asyncio.ensure_future(collect(ex, InferenceRequest("victim", [Turn.user("x" * 200)])))
-        handle = ex.submit(InferenceRequest("poison", [Turn.user("y" * 200)]))
+        victim = aiter(ex.submit(InferenceRequest("victim", [Turn.user("x" * 200)])))
+        victim_events = [await anext(victim)]
+        while not isinstance(victim_events[-1], Delta):  # the victim is decoding ...
+            victim_events.append(await anext(victim))
+        handle = ex.submit(InferenceRequest("poison", [Turn.user("y" * 200)]))  # ... and gets company
         poisoned = [event async for event in handle]
-        victim_events = await victim
+        victim_events += [event async for event in victim]
     finally:
         await ex.stop()
     assert isinstance(poisoned[-1], Failed) and poisoned[-1].code == "internal"
