@@ -33,14 +33,19 @@ class FairPool:
         self._queues: dict[Hashable, deque[Job]] = {}  # insertion order is the turn order
         self._running: Counter[Hashable] = Counter()
         self._closed = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(workers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._workers = workers
+        self._name = name
+        self._threads: list[threading.Thread] = []  # started by the first job: an idle pool costs none
 
     def submit(self, key: Hashable, job: Job) -> None:
         with self._cond:
+            if self._closed:
+                return
+            if not self._threads:
+                for n in range(self._workers):
+                    thread = threading.Thread(target=self._work, name=f"{self._name}-{n}", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
             self._queues.setdefault(key, deque()).append(job)
             self._cond.notify()
 

@@ -423,8 +423,9 @@ def _ask(service: Service, session: Session, ask: Ask) -> None:
         return
     question = ask.question
     try:  # headers only: garbage is refused now and takes no queue place
+        limits = image_limits(service.config) if question.images else None
         for number, data in enumerate(question.images, start=1):
-            sniff_image(data, number, server.max_image_bytes, image_limits(service.config))
+            sniff_image(data, number, server.max_image_bytes, limits)
     except RequestError as exc:
         _reject(session, InvalidFrame(exc.code, exc.message, ask.id))
         return
