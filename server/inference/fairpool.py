@@ -25,7 +25,9 @@ class FairPool:
     `shutdown` no queued job starts; running ones finish.
     """
 
-    def __init__(self, workers: int, per_key: int, name: str) -> None:
+    def __init__(
+        self, workers: int, per_key: int, name: str, on_idle: Callable[[], None] = lambda: None
+    ) -> None:
         if workers < 1 or per_key < 1:
             raise ValueError(f"expected workers >= 1 and per_key >= 1, got {workers} and {per_key}")
         self.per_key = per_key
@@ -35,6 +37,7 @@ class FairPool:
         self._closed = False
         self._workers = workers
         self._name = name
+        self._on_idle = on_idle  # called on a pool thread when the last job of a burst ends
         self._threads: list[threading.Thread] = []  # started by the first job: an idle pool costs none
 
     def submit(self, key: Hashable, job: Job) -> None:
@@ -88,4 +91,10 @@ class FairPool:
                 self._running[key] -= 1
                 if not self._running[key]:
                     del self._running[key]
+                idle = not self._running and not self._queues
                 self._cond.notify()
+            if idle:
+                try:
+                    self._on_idle()
+                except Exception:
+                    log.exception("the idle hook failed")
