@@ -1,7 +1,8 @@
 """A thread pool that takes turns between its clients: one client's burst cannot hold every thread.
 
-Jobs are queued per key (a client, a session); free threads take the oldest job of the
-next key in turn, and at most `per_key` jobs of one key run at a time. So a client that
+Jobs are queued per key (a client, a session); a free thread takes the oldest job of the
+key served least recently (a newcomer first), and at most `per_key` jobs of one key run
+at a time. So a client that
 queues sixty-four expensive pictures gets its share of the pool, and a newcomer's job
 starts as soon as any thread is free instead of behind the whole burst.
 """
@@ -32,8 +33,10 @@ class FairPool:
             raise ValueError(f"expected workers >= 1 and per_key >= 1, got {workers} and {per_key}")
         self.per_key = per_key
         self._cond = threading.Condition()
-        self._queues: dict[Hashable, deque[Job]] = {}  # insertion order is the turn order
+        self._queues: dict[Hashable, deque[Job]] = {}
         self._running: Counter[Hashable] = Counter()
+        self._served: dict[Hashable, int] = {}  # when each key with work last had a job taken
+        self._tick = 0
         self._closed = False
         self._workers = workers
         self._name = name
@@ -63,14 +66,17 @@ class FairPool:
             self._cond.notify_all()
 
     def _take(self) -> tuple[Hashable, Job] | None:
-        for key, jobs in self._queues.items():
-            if self._running[key] < self.per_key:
-                job = jobs.popleft()
-                del self._queues[key]
-                if jobs:
-                    self._queues[key] = jobs  # to the back of the line
-                return key, job
-        return None
+        eligible = [key for key in self._queues if self._running[key] < self.per_key]
+        if not eligible:
+            return None
+        key = min(eligible, key=lambda k: self._served.get(k, -1))  # ties: the first queued
+        jobs = self._queues[key]
+        job = jobs.popleft()
+        if not jobs:
+            del self._queues[key]
+        self._tick += 1
+        self._served[key] = self._tick
+        return key, job
 
     def _work(self) -> None:
         while True:
@@ -91,6 +97,8 @@ class FairPool:
                 self._running[key] -= 1
                 if not self._running[key]:
                     del self._running[key]
+                    if key not in self._queues:
+                        self._served.pop(key, None)  # nothing left of this key: forget it
                 idle = not self._running and not self._queues
                 self._cond.notify()
             if idle:
