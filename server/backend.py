@@ -31,6 +31,7 @@ def image_limits(config: Config) -> ImageLimits:
         max_bytes=config.server.max_image_bytes,
         max_pixels=config.model.max_pixels,
         max_side=config.model.max_image_side,
+        max_decode_pixels=config.model.max_decode_pixels,
     )
 
 
@@ -79,6 +80,7 @@ def build_executor(config: Config) -> Executor:
             request_timeout=config.executor.request_timeout,
             max_new_tokens=config.model.max_new_tokens,
             prefill_tokens=config.executor.prefill_chunk_tokens,
+            max_turns=config.server.max_turns,
         ),
         model_name=model_label(config),
         prepare_workers=config.executor.prepare_workers or min(8, os.cpu_count() or 1),

@@ -48,6 +48,7 @@ class ServerConfig(_Section):
     resume_buffer_frames: int = Field(2048, ge=16)
     history_turns: int = Field(16, ge=0)
     max_asks_per_session: int = Field(4, ge=1)
+    max_turns: int = Field(1024, ge=1)
     agent_check_port: int = Field(0, ge=0, le=65535)
     allow_remote_images: bool = False
     shutdown_grace: float = Field(20.0, ge=0)
@@ -77,6 +78,7 @@ class ModelConfig(_Section):
     max_new_tokens: int = Field(512, ge=1)
     max_pixels: int = Field(1280 * 32 * 32, ge=32 * 32)
     max_image_side: int = Field(16384, ge=32)
+    max_decode_pixels: int = Field(16_777_216, ge=32 * 32)
     max_context_tokens: int = Field(16384, ge=64)
     cuda_graphs: bool = True
 

@@ -5,6 +5,10 @@ Remote ``http(s)`` URLs are refused unless `server.allow_remote_images` is on (t
 are fetched with a size and time limit, without following redirects). Supported
 parameters: `stream`, `stream_options.include_usage`, `max_tokens` (or
 `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`; `n` must be 1.
+Unlike OpenAI's API (400 past the context window), `max_tokens` is an upper bound clamped to
+the room the prompt leaves (finish_reason "length" when reached): a client cannot count its
+prompt's tokens, pictures included, to pick an accepted value. More than `server.max_turns`
+messages answer 413 `too_large`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import metrics
 from server.auth import Refusal
+from server.backend import image_limits
+from server.errors import RequestError
 from server.inference.api import FINAL, Done, Events, InferenceRequest, Turn
+from server.inference.images import sniff_image
 from server.logs import short_id
 from server.service import Answer, Service
 from server.wire import error_dict, event_dict
@@ -429,8 +432,17 @@ def _ask(service: Service, session: Session, ask: Ask) -> None:
         session.emit(error_dict("busy", message, 1.0, id=ask.id))
         return
     question = ask.question
+    try:  # headers only: garbage is refused now and takes no queue place
+        limits = image_limits(service.config) if question.images else None
+        for number, data in enumerate(question.images, start=1):
+            sniff_image(data, number, server.max_image_bytes, limits)
+    except RequestError as exc:
+        _reject(session, InvalidFrame(exc.code, exc.message, ask.id))
+        return
     # The request id is a label for log lines (the executor keys nothing on it): no whole session id.
-    request = InferenceRequest(f"{session.tag}/{ask.id}", session.conversation.messages(question), ask.params)
+    request = InferenceRequest(
+        f"{session.tag}/{ask.id}", session.conversation.messages(question), ask.params, client=session.id
+    )
     relay = _Relay(service, session, ask.id, question, service.answer(request, "ws"))
     if asks is None:
         asks = session.asks = {}

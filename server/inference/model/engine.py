@@ -22,11 +22,11 @@ import torch
 from transformers import DynamicCache
 
 from server.inference.api import SamplingParams, Turn
-from server.inference.engine import PreparedPrompt, Sequence
+from server.inference.engine import Check, PreparedPrompt, Sequence, keep_going
 from server.inference.images import ImageLimits
 
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row
-from .kvcache import PagedKVCache, SeqCache
+from .kvcache import PAGE, PagedKVCache, SeqCache
 from .runner import ModelRunner
 from .sampling import sample
 
@@ -69,6 +69,7 @@ class ModelEngine:
         head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
         per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, runner.dtype)
         row_tokens = options.max_context_tokens + options.max_new_tokens
+        self.max_sequence_tokens = row_tokens  # what one row's page table holds (+1 spare token)
         tokens = min(options.max_batch_tokens, options.max_batch * (row_tokens + 1))  # no more than usable
         if runner.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(runner.device)
@@ -121,12 +122,12 @@ class ModelEngine:
 
     # ---- Engine protocol ----------------------------------------------------------------------------
 
-    def prepare(self, messages: list[Turn]) -> PreparedPrompt:
-        prompt = self.runner.prompts.build(messages)
+    def prepare(self, messages: list[Turn], check: Check = keep_going) -> PreparedPrompt:
+        prompt = self.runner.prompts.build(messages, check)
         return PreparedPrompt(len(prompt), prompt.image_tokens, prompt)
 
     def reserve(self, seq: Sequence) -> bool:
-        if not self._cells:
+        if not self._cells or seq.prompt.length + seq.max_new_tokens > self.max_sequence_tokens:
             return False
         cache = SeqCache()
         # +1: a step may be launched for a sequence before the host has seen that it finished
@@ -180,16 +181,20 @@ class ModelEngine:
         cells, positions, slots, lengths, tables = [], [], [], [], []
         for seq in seqs:
             state: _State = seq.state
+            pages = len(state.cache.pages)
+            if state.cache.length >= pages * PAGE or pages > self.step.table.shape[1]:
+                raise IndexError(f"sequence {seq.id} does not fit its page table ({pages} pages)")
             cells.append(state.cell)
             positions.append(state.next_position)
             slots.append(state.cache.slot(state.cache.length))
-            state.cache.length += 1
-            state.next_position += 1
             tables.append(state.cache.pages)
-            lengths.append(state.cache.length)
+            lengths.append(state.cache.length + 1)
         blocked = self._blocked(seqs)
         rows = len(seqs)
         logits = self.step.run(cells, positions, slots, lengths, blocked, tables)
+        for seq in seqs:  # advanced only once the step is launched: a failed launch changes nothing
+            seq.state.cache.length += 1
+            seq.state.next_position += 1
         with torch.inference_mode():
             tokens = sample(logits, seqs, self._eos, self.step.blocked_rows(rows) if any(blocked) else None)
             return self._publish(tokens, self.step.cells(rows), seqs)
