@@ -31,6 +31,7 @@ def image_limits(config: Config) -> ImageLimits:
         max_bytes=config.server.max_image_bytes,
         max_pixels=config.model.max_pixels,
         max_side=config.model.max_image_side,
+        max_decode_pixels=config.model.max_decode_pixels,
     )
 
 
@@ -85,6 +86,7 @@ def build_executor(config: Config) -> Executor:
             prefill_tokens_decoding=config.executor.prefill_decoding_tokens,
             profile_seconds=config.executor.profile_seconds,
             stream_interval=config.executor.stream_interval,
+            max_turns=config.server.max_turns,
         ),
         model_name=model_label(config),
         prepare_workers=config.executor.prepare_workers or min(8, os.cpu_count() or 1),

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from server.auth import normalize_origin
 from server.errors import ConfigError
 
 ENV_PREFIX = "VLBRIDGE_"
@@ -35,6 +36,7 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     auth_tokens: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the server's own (see server.auth)
     ping_interval: float = Field(45.0, gt=0)
     ping_timeout: float = Field(10.0, gt=0)
     max_sessions: int = Field(10_000, ge=1)
@@ -46,10 +48,27 @@ class ServerConfig(_Section):
     resume_buffer_frames: int = Field(2048, ge=16)
     history_turns: int = Field(16, ge=0)
     max_asks_per_session: int = Field(4, ge=1)
+    max_turns: int = Field(1024, ge=1)
     agent_check_port: int = Field(0, ge=0, le=65535)
     allow_remote_images: bool = False
     shutdown_grace: float = Field(20.0, ge=0)
+    header_timeout: float = Field(20.0, gt=0)
+    body_timeout: float = Field(20.0, gt=0)
+    body_min_rate: float = Field(16384.0, gt=0)
     test_page: bool = True
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        normalized = []
+        for origin in value:
+            clean = normalize_origin(origin)
+            if clean is None:
+                raise ValueError(
+                    f'expected origins like "https://example.com" or "http://host:port", got {origin!r}'
+                )
+            normalized.append(clean)
+        return tuple(normalized)
 
 
 class ModelConfig(_Section):
@@ -59,6 +78,7 @@ class ModelConfig(_Section):
     max_new_tokens: int = Field(512, ge=1)
     max_pixels: int = Field(1280 * 32 * 32, ge=32 * 32)
     max_image_side: int = Field(16384, ge=32)
+    max_decode_pixels: int = Field(16_777_216, ge=32 * 32)
     max_context_tokens: int = Field(16384, ge=64)
     cuda_graphs: bool = True
 

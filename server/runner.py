@@ -8,11 +8,13 @@ what is left and runs the lifespan shutdown (executor, then platform adapters).
 
 from __future__ import annotations
 
+import functools
 import socket
 
 import uvicorn
 
 from server.config import Config
+from server.http.transport import HttpProtocol, ReadDeadlines
 from server.service import Service
 from server.ws.transport import WebSocketProtocol
 
@@ -20,10 +22,14 @@ AFTER_DRAIN_SECONDS = 5  # uvicorn's own wait for connections once the service h
 
 
 def uvicorn_config(app: object, config: Config, **overrides: object) -> uvicorn.Config:
+    deadlines = ReadDeadlines(
+        config.server.header_timeout, config.server.body_timeout, config.server.body_min_rate
+    )
     options: dict[str, object] = {
         "host": config.server.host,
         "port": config.server.port,
         "log_config": None,
+        "http": functools.partial(HttpProtocol, deadlines=deadlines),  # httptools, with read deadlines
         "ws": WebSocketProtocol,  # uvicorn's websockets-sansio, plus one write for several frames
         "ws_max_size": config.server.max_frame_bytes,
         "ws_ping_interval": None,  # keepalive is the protocol's own ping manager

@@ -117,7 +117,7 @@ class Service:
         self.config = config
         self.executor = executor
         self.platforms = tuple(platforms)
-        self.auth = Authenticator(server.auth_tokens)
+        self.auth = Authenticator(server.auth_tokens, server.allowed_origins)
         self.frame_limits = FrameLimits(server.max_images, server.max_image_bytes)
         self.sessions = SessionRegistry(
             SessionLimits(

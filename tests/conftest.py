@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image
 
 from tests.fakefeishu.fixtures import fake_feishu, lark_ws
 
-__all__ = ["fake_feishu", "lark_ws", "make_png"]
+__all__ = ["fake_feishu", "lark_ws", "make_png", "png_declaring"]
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +30,21 @@ def make_png(width: int = 96, height: int = 64, color: tuple[int, int, int] = (2
         image.putpixel((x, (x * 7) % height), (255 - color[0], 255 - color[1], 255 - color[2]))
     image.save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header declares *width* x *height* pixels (a decompression bomb)."""
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from server.inference.api import (
     Done,
     Event,
     Failed,
+    FinishReason,
     InferenceRequest,
     Queued,
     SamplingParams,
@@ -22,6 +23,8 @@ from server.inference.api import (
     Turn,
     Usage,
 )
+from server.inference.echo import EchoEngine
+from server.inference.engine import ReadyTokens, Sequence
 from server.inference.executor import ExecutorLimits, InferenceExecutor, coalesce
 from server.inference.images import ImageLimits
 from server.inference.model.engine import EngineOptions, ModelEngine
@@ -233,3 +236,63 @@ async def test_deadline_and_slot_reuse(executor: InferenceExecutor) -> None:
     idle = engine.prefix.idle_pages if engine.prefix is not None else 0
     assert engine.kv.free_pages + idle == engine.kv.pages - 1  # every page came back (or stays cached)
     assert not any(engine.kv.refs)
+
+
+@pytest.mark.slow
+async def test_an_answer_longer_than_a_sequence_holds_is_clamped_not_poison(
+    executor: InferenceExecutor,
+) -> None:
+    """Asking for more tokens than a row's page table holds once failed every row of the step."""
+    victim = asyncio.ensure_future(collect(executor, InferenceRequest("victim", [Turn.user("hi")], GREEDY)))
+    huge = executor.submit(InferenceRequest("huge", [Turn.user("hi")], SamplingParams(max_new_tokens=10_000)))
+    seen: list[Event] = []
+    async for event in huge:
+        seen.append(event)
+        if isinstance(event, Done | Failed) or (victim.done() and isinstance(event, Delta)):
+            break
+    huge.cancel()  # its clamped answer is thousands of tokens: enough to know it was decoding
+    assert not any(isinstance(e, Failed) for e in seen), seen
+    assert isinstance((await victim)[-1], Done), (await victim)[-1]
+
+
+class PoisonedEcho(EchoEngine):
+    """Fails every decode step that includes the sequence "poison", as a device error would."""
+
+    def decode(self, seqs: list[Sequence]) -> ReadyTokens:
+        if any(seq.id == "poison" for seq in seqs):
+            raise IndexError("could not broadcast input array from shape (1563,) into shape (258,)")
+        return super().decode(seqs)
+
+
+async def test_a_step_failing_for_one_row_fails_that_row_only() -> None:
+    ex = InferenceExecutor(lambda progress: PoisonedEcho(step_delay=0.005), ExecutorLimits(max_batch=4))
+    await ex.start()
+    await ex.wait_ready(10)
+    try:
+        victim = aiter(ex.submit(InferenceRequest("victim", [Turn.user("x" * 200)])))
+        victim_events = [await anext(victim)]
+        while not isinstance(victim_events[-1], Delta):  # the victim is decoding ...
+            victim_events.append(await anext(victim))
+        handle = ex.submit(InferenceRequest("poison", [Turn.user("y" * 200)]))  # ... and gets company
+        poisoned = [event async for event in handle]
+        victim_events += [event async for event in victim]
+    finally:
+        await ex.stop()
+    assert isinstance(poisoned[-1], Failed) and poisoned[-1].code == "internal"
+    assert isinstance(victim_events[-1], Done), victim_events[-1]
+    assert victim_events[-1].text == "echo: " + "x" * 200
+
+
+async def test_max_new_tokens_past_the_sequence_limit_is_clamped() -> None:
+    ex = InferenceExecutor(lambda progress: EchoEngine(capacity=41), ExecutorLimits())
+    await ex.start()
+    await ex.wait_ready(10)
+    try:
+        question = Turn.user("a question much longer than what fits")  # 38 prompt tokens: 2 left
+        events = await collect(ex, InferenceRequest("q", [question], SamplingParams(max_new_tokens=100_000)))
+    finally:
+        await ex.stop()
+    done = events[-1]
+    assert isinstance(done, Done), done
+    assert (done.text, done.finish_reason) == ("ec", FinishReason.LENGTH)
+    assert done.usage.prompt_tokens + done.usage.completion_tokens <= 40

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from server.errors import BadImage, TooLarge
-from server.inference.images import ImageLimits, decode_image
+from server.inference.images import ImageLimits, decode_image, sniff_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
@@ -67,3 +67,25 @@ def test_decompression_bomb_refused_before_decoding() -> None:
     assert len(bomb) < 2_000_000
     with pytest.raises(TooLarge, match="pixels"):
         decode_image(bomb, ImageLimits())
+
+
+def test_decoding_cost_budget_refuses_big_pngs_but_not_big_jpegs() -> None:
+    limits = ImageLimits(max_pixels=256 * 256, max_decode_pixels=1_000_000)
+    big = Image.new("RGB", (1200, 1200), (10, 200, 30))
+    with pytest.raises(TooLarge, match="1200x1200 pixels; a PNG file is accepted up to 1 megapixels"):
+        decode_image(encode(big, "PNG"), limits)
+    with pytest.raises(TooLarge, match="picture 3: the picture is 1200x1200"):
+        sniff_image(encode(big, "PNG"), 3, 1 << 20, limits)  # the header tells: refused before queueing
+    photo = decode_image(encode(big, "JPEG"), limits)  # decoded at a quarter of its size: cheap
+    assert photo.width * photo.height <= 256 * 256
+    sniff_image(encode(big, "JPEG"), 1, 1 << 20, limits)
+    sniff_image(encode(big, "PNG"), 1, 1 << 20)  # without limits: the format check only
+
+
+def test_sniff_refuses_what_is_not_a_picture_by_its_header() -> None:
+    with pytest.raises(BadImage, match="picture 2 is not a picture format"):
+        sniff_image(b"\x89PNG but not really" * 50, 2, 1 << 20, ImageLimits())
+    with pytest.raises(BadImage, match="picture 1 is empty"):
+        sniff_image(b"", 1, 1 << 20)
+    with pytest.raises(TooLarge, match=r"picture 1 is 0\.0 MB; the limit is 0\.0 MB"):
+        sniff_image(b"x" * 20, 1, 10)

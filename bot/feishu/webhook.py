@@ -4,12 +4,15 @@ Contract: the request is answered within milliseconds; the event itself is handl
 (`on_event` schedules work and returns). The SDK's synchronous `handler.do` (decryption,
 token check, dispatch) runs on a worker thread, never on the event loop.
 
-Checks, in order: the body size; the signature (``X-Lark-Signature`` =
-sha256(timestamp + nonce + encrypt_key + body), compared in constant time) whenever an
-encrypt key is configured and the request is signed -> 401 when wrong, nothing done; then the
-SDK (decrypts, checks the verification token, answers ``url_verification`` with its
-challenge, dispatches). ASGI lower-cases header names, the SDK looks them up with exact
-case: they are mapped back (`sdk_headers`).
+Checks, in order: the body size (counted as it arrives, chunked or not) -> 413; the body is a
+JSON object -> 400; whenever an encrypt key is configured and the request is signed, the
+signature (``X-Lark-Signature`` = sha256(timestamp + nonce + encrypt_key + body), compared in
+constant time) and the signed timestamp's age (at most `MAX_CLOCK_SKEW` either way, so a
+captured request cannot be replayed later) -> 401, nothing done; then the SDK (decrypts,
+checks the verification token, answers ``url_verification`` with its challenge, dispatches).
+Callers are anonymous: refusals answer a fixed sentence, the detail goes to the log only.
+ASGI lower-cases header names, the SDK looks them up with exact case: they are mapped back
+(`sdk_headers`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from server.errors import RequestError, TooLarge
+from server.http.body import read_body
+
 log = logging.getLogger("vlbridge.feishu.webhook")
 
 PATH = "/feishu/events"
 MAX_BODY = 1024 * 1024
+MAX_CLOCK_SKEW = 300.0  # seconds a signed request's timestamp may be from now, either way (as Slack's)
 SIGNATURE, TIMESTAMP, NONCE = "X-Lark-Signature", "X-Lark-Request-Timestamp", "X-Lark-Request-Nonce"
 _CANONICAL = {name.lower(): name for name in (SIGNATURE, TIMESTAMP, NONCE, "X-Request-Id", "Content-Type")}
 
@@ -51,6 +58,15 @@ def signature_ok(headers: Mapping[str, str], body: bytes, encrypt_key: str) -> b
         return False
     expected = hashlib.sha256((timestamp + nonce + encrypt_key).encode() + body).hexdigest()
     return hmac.compare_digest(expected, signature)
+
+
+def timestamp_fresh(headers: Mapping[str, str], now: float) -> bool:
+    """True when the signed timestamp (seconds, headers in SDK case) is within `MAX_CLOCK_SKEW` of *now*."""
+    try:
+        timestamp = float(headers.get(TIMESTAMP, ""))
+    except ValueError:
+        return False
+    return abs(now - timestamp) <= MAX_CLOCK_SKEW
 
 
 class Webhook:
@@ -94,16 +110,27 @@ class Webhook:
         self.requests += 1
         self.last_request_at = time.time()
         self._loop = asyncio.get_running_loop()
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return _json(413, "body too large")
+        try:
+            body = await read_body(request, MAX_BODY)
+        except TooLarge:
+            return self._refuse(request, 413, "the body is too large", f"over {MAX_BODY} bytes")
+        except RequestError as exc:
+            return self._refuse(request, 400, "the request could not be read", exc.message)
+        try:
+            shape_ok = isinstance(orjson.loads(body), dict)
+        except orjson.JSONDecodeError:
+            shape_ok = False
+        if not shape_ok:
+            return self._refuse(request, 400, "the body must be a JSON object", "not a JSON object")
         headers = sdk_headers(request.headers)
-        if self.encrypt_key and SIGNATURE in headers and not signature_ok(headers, body, self.encrypt_key):
-            self.rejected += 1
-            log.warning(
-                "webhook: bad signature from %s; ignored", request.client.host if request.client else "?"
-            )
-            return _json(401, "signature verification failed")
+        if self.encrypt_key and SIGNATURE in headers:
+            if not signature_ok(headers, body, self.encrypt_key):
+                return self._refuse(request, 401, "signature verification failed", "bad signature")
+            if not timestamp_fresh(headers, time.time()):
+                reason = f"timestamp {headers.get(TIMESTAMP)!r} is more than {MAX_CLOCK_SKEW:.0f} s from now"
+                return self._refuse(
+                    request, 401, "the request timestamp is outside the accepted window", reason
+                )
         raw = lark.RawRequest()
         raw.uri = request.url.path
         raw.headers = headers
@@ -111,17 +138,24 @@ class Webhook:
         response = await self._loop.run_in_executor(self._pool, self.handler.do, raw)
         status = int(response.status_code or 500)
         if status != 200:
-            self.rejected += 1
             detail = (response.content or b"").decode(errors="replace")[:200]
-            log.warning("webhook: request refused by the SDK: %s", detail)
             # Every SDK refusal is about authenticity or shape (our handlers never raise).
             unauthorized = (bool(self.encrypt_key) and SIGNATURE not in headers) or any(
                 word in detail for word in ("verification", "signature", "encrypt", "decrypt")
             )
-            return _json(401 if unauthorized else 400, detail)
+            if unauthorized:
+                return self._refuse(request, 401, "the request could not be verified", f"SDK: {detail}")
+            return self._refuse(request, 400, "the event could not be read", f"SDK: {detail}")
         return Response(
             response.content or b"", status_code=200, media_type="application/json; charset=utf-8"
         )
+
+    def _refuse(self, request: Request, status: int, answer: str, detail: str) -> Response:
+        """Count and log a refused request; *answer* goes to the anonymous caller, *detail* to the log."""
+        self.rejected += 1
+        peer = request.client.host if request.client else "?"
+        log.warning("webhook: refused a request from %s (%d): %s; %s", peer, status, answer, detail)
+        return _json(status, answer)
 
     def health(self) -> dict[str, Any]:
         return {

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.errors import BadRequest, RequestError, TooLarge, UnsupportedMediaType
+from server.http.body import read_form
 from server.http.common import check_auth, check_images, collect_while_connected, first_event, service_of
 from server.http.errors import error_response, from_request_error
 from server.http.sse import EventStream, sse_event
@@ -65,10 +66,8 @@ async def _read_form(request: Request) -> tuple[str, list[bytes], SamplingParams
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise UnsupportedMediaType("send multipart/form-data with an 'image' file and a 'prompt' field")
-    length = int(request.headers.get("content-length") or 0)
-    if length > server.max_images * server.max_image_bytes + (1 << 20):
-        raise TooLarge(f"the request is {length / 1e6:.1f} MB; too large")
-    async with request.form(max_files=server.max_images + 1, max_fields=16) as form:
+    limit = server.max_images * server.max_image_bytes + (1 << 20)
+    async with read_form(request, limit, max_files=server.max_images + 1, max_fields=16) as form:
         files = [item for item in form.getlist("image") if isinstance(item, UploadFile)]
         if len(files) > server.max_images:
             raise TooLarge(f"{len(files)} pictures; at most {server.max_images} are accepted")

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 from collections.abc import AsyncIterator
 
-from PIL import Image, UnidentifiedImageError
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from server.errors import BadImage, RequestError, TooLarge
-from server.http.errors import unauthorized
+from server.auth import Refusal
+from server.errors import RequestError
+from server.http.errors import forbidden_origin, unauthorized
 from server.inference.api import Done, Event, Failed
+from server.inference.images import sniff_image as _sniff
 from server.service import Service
 
 
@@ -23,24 +23,13 @@ def service_of(request: HTTPConnection) -> Service:
 
 
 def check_auth(request: HTTPConnection) -> Response | None:
-    """None when the request may proceed, else the 401 response to send."""
-    if service_of(request).auth.identify(request.headers, request.query_params) is None:
+    """None when the request may proceed, else the 401 or 403 response to send (server.auth)."""
+    verdict = service_of(request).auth.admit(request.headers, request.query_params)
+    if verdict is Refusal.UNAUTHORIZED:
         return unauthorized()
+    if verdict is Refusal.FORBIDDEN_ORIGIN:
+        return forbidden_origin(request)
     return None
-
-
-def _sniff(data: bytes, number: int, max_bytes: int) -> None:
-    if not data:
-        raise BadImage(f"picture {number} is empty")
-    if len(data) > max_bytes:
-        raise TooLarge(f"picture {number} is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB")
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            image.size  # noqa: B018
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise BadImage(
-            f"picture {number} is not a picture format I can read (PNG, JPEG, WebP, GIF, BMP, TIFF)"
-        ) from None
 
 
 async def check_images(images: list[bytes], max_bytes: int) -> None:

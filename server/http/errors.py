@@ -6,21 +6,26 @@ something sensible. `busy` and `unavailable` carry ``Retry-After``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
 from server import metrics
 from server.errors import RequestError
 
+log = logging.getLogger("vlbridge.http")
+
 STATUS = {
     "bad_request": 400,
     "bad_image": 400,
     "unauthorized": 401,
+    "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "too_large": 413,
     "unsupported_media_type": 415,
     "busy": 429,
@@ -38,8 +43,12 @@ def error_response(
     if route is not None:
         metrics.ERRORS.inc(route, code)
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-    body = {"error": {"code": code, "message": message, "type": code}}
-    return JSONResponse(body, STATUS.get(code, 500), headers=headers)
+    return JSONResponse(error_body(code, message), STATUS.get(code, 500), headers=headers)
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    """The error shape every HTTP error answer has."""
+    return {"error": {"code": code, "message": message, "type": code}}
 
 
 def from_request_error(exc: RequestError, route: str | None = None) -> JSONResponse:
@@ -59,3 +68,17 @@ def unauthorized() -> JSONResponse:
     )
     response.headers["WWW-Authenticate"] = "Bearer"
     return response
+
+
+def forbidden_origin(request: HTTPConnection) -> JSONResponse:
+    """403 for a browser request from a site that is not allowed (server.auth), logged."""
+    origin = request.headers.get("origin", "")[:200]
+    log.warning(
+        "%s %s from origin %r refused (not allowed, no token)",
+        request.scope.get("method"),
+        request.url.path,
+        origin,
+    )
+    return error_response(
+        "forbidden", f"origin {origin!r} is not allowed; see server.allowed_origins", route=request.url.path
+    )

@@ -5,6 +5,10 @@ Remote ``http(s)`` URLs are refused unless `server.allow_remote_images` is on (t
 are fetched with a size and time limit, without following redirects). Supported
 parameters: `stream`, `stream_options.include_usage`, `max_tokens` (or
 `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`; `n` must be 1.
+Unlike OpenAI's API (400 past the context window), `max_tokens` is an upper bound clamped to
+the room the prompt leaves (finish_reason "length" when reached): a client cannot count its
+prompt's tokens, pictures included, to pick an accepted value. More than `server.max_turns`
+messages answer 413 `too_large`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.errors import BadImage, BadRequest, RequestError, TooLarge, UnsupportedMediaType
+from server.http.body import read_body
 from server.http.common import check_auth, check_images, collect_while_connected, first_event, service_of
 from server.http.errors import error_response, from_request_error
 from server.http.sse import EventStream
@@ -76,10 +81,7 @@ async def chat_completions(request: Request) -> Response:
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     if not request.headers.get("content-type", "").startswith("application/json"):
         raise UnsupportedMediaType("send the request as application/json")
-    length = int(request.headers.get("content-length") or 0)
-    if length > limit:
-        raise TooLarge(f"the request is {length / 1e6:.1f} MB; too large")
-    raw = await request.body()
+    raw = await read_body(request, limit)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -80,6 +80,7 @@ class InferenceRequest:
     messages: list[Turn]
     params: SamplingParams = field(default_factory=SamplingParams)
     timeout: float | None = None  # seconds from submission; None: executor.request_timeout
+    client: str = ""  # who asks (e.g. a session): clients take turns at preparing pictures
 
     @property
     def image_count(self) -> int:

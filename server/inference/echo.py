@@ -11,7 +11,7 @@ import time
 
 from server.errors import BadImage
 from server.inference.api import Turn
-from server.inference.engine import PreparedPrompt, ReadyTokens, Sequence
+from server.inference.engine import Check, PreparedPrompt, ReadyTokens, Sequence, keep_going
 from server.inference.images import ImageLimits, decode_image
 
 ECHO_PATH = "builtin:echo"
@@ -29,12 +29,14 @@ class EchoEngine:
         self.limits = limits or ImageLimits()
         self.step_delay = step_delay
         self.capacity = capacity  # tokens of "memory"
+        self.max_sequence_tokens = capacity - 1  # one sequence alone always fits
         self.used = 0
 
-    def prepare(self, messages: list[Turn]) -> PreparedPrompt:
+    def prepare(self, messages: list[Turn], check: Check = keep_going) -> PreparedPrompt:
         sizes = []
         for turn in messages:
             for number, data in enumerate(turn.images, start=1):
+                check()
                 try:
                     image = decode_image(data, self.limits)
                 except BadImage as exc:

@@ -14,6 +14,7 @@ tokens device-resident and counts launched steps itself (`Sequence.launched`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,13 +58,26 @@ class ReadyTokens:
         return self.values
 
 
+Check = Callable[[], None]  # raises RequestError (Cancelled, Timeout) when work should stop
+
+
+def keep_going() -> None:
+    """A `Check` that never stops the work."""
+
+
 class Engine(Protocol):
     name: str
     device: str
     eos_token_ids: frozenset[int]
+    max_sequence_tokens: int  # prompt + answer of one sequence, at most
 
-    def prepare(self, messages: list[Turn]) -> PreparedPrompt:
-        """Build the prompt; thread-safe; raises RequestError subclasses for bad input."""
+    def prepare(self, messages: list[Turn], check: Check = keep_going) -> PreparedPrompt:
+        """Build the prompt; thread-safe; raises RequestError subclasses for bad input.
+
+        *check* is called between the stages of the work (each picture, each attempt at
+        fitting the context) and stops it by raising: a request whose asker left or whose
+        deadline passed does not keep a preparation thread busy.
+        """
 
     def reserve(self, seq: Sequence) -> bool:
         """Claim memory for the whole sequence (prompt + max_new_tokens + 1); False: not now."""
@@ -72,7 +86,10 @@ class Engine(Protocol):
         """Launch the prompts of reserved sequences; the result is each one's first token."""
 
     def decode(self, seqs: list[Sequence]) -> StepResult:
-        """Launch one step for every sequence (each has launched >= 1 step): their next tokens."""
+        """Launch one step for every sequence (each has launched >= 1 step): their next tokens.
+
+        Atomic: when it raises, no sequence has advanced, so the caller may launch the rows
+        again (e.g. one by one, to find the one that fails)."""
 
     def release(self, seq: Sequence) -> None:
         """Free what the sequence holds; idempotent."""

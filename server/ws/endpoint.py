@@ -19,7 +19,12 @@ from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import metrics
+from server.auth import Refusal
+from server.backend import image_limits
+from server.errors import RequestError
 from server.inference.api import FINAL, Done, Events, InferenceRequest, Turn
+from server.inference.images import sniff_image
+from server.logs import short_id
 from server.service import Answer, Service
 from server.wire import error_dict, event_dict
 from server.ws.frames import (
@@ -47,6 +52,7 @@ CLOSE_ABUSE = (CLOSE_POLICY, CLOSE_TOO_BIG)  # also when the server's own frame 
 CLOSE_FULL = 1013  # max_sessions reached: try again later
 CLOSE_SLOW = 4408  # the client does not read its frames
 CLOSE_TAKEN_OVER = 4409  # the session was resumed on another connection
+_DENIAL_CLOSE = {"unauthorized": 4401, "forbidden": 4403}  # where HTTP 403 cannot be sent
 PARSE_IN_THREAD = 256 * 1024  # frames this large are parsed (base64 pictures) off the event loop
 
 
@@ -88,7 +94,7 @@ class Connection:
         self.session = session
         self.keepalive = keepalive
         self.gate = gate
-        self.label = f"session {session.id}"
+        self.label = f"session {session.tag}"
         self.abusive = False
         self._outbox: list[bytes] | None = None
         self._writer: asyncio.Task[None] | asyncio.Handle | None = None  # writing, or about to
@@ -189,9 +195,16 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
     send_many = send if send is not None and FRAMES in ws.scope.get("extensions", {}) else None
     service: Service = ws.app.state.service
     server = service.config.server
-    owner = service.auth.identify(ws.headers, ws.query_params)
-    if owner is None:
-        await _deny(ws, 403, "unauthorized", "a valid token is required (Authorization: Bearer or ?token=)")
+    owner = service.auth.admit(ws.headers, ws.query_params)
+    if owner is Refusal.UNAUTHORIZED:
+        await _deny(ws, 403, owner.value, "a valid token is required (Authorization: Bearer or ?token=)")
+        return
+    if owner is Refusal.FORBIDDEN_ORIGIN:
+        origin = ws.headers.get("origin", "")
+        log.warning("WebSocket handshake from origin %r refused (not allowed, no token)", origin[:200])
+        await _deny(
+            ws, 403, owner.value, f"origin {origin[:200]!r} is not allowed; see server.allowed_origins"
+        )
         return
     resume_id = ws.query_params.get("resume")
     try:
@@ -239,7 +252,7 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
                 service.sessions.discard(session)
             else:
                 service.sessions.park(session, time.monotonic())
-        log.debug("session %s: connection ended (%d)", session.id, code)
+        log.debug("session %s: connection ended (%d)", session.tag, code)
 
 
 def _open_session(
@@ -251,7 +264,7 @@ def _open_session(
         session = service.sessions.resume(resume_id, owner)
         metrics.WS_RESUMED.labels("ok" if session else "unknown").inc()
         if session is None:
-            log.info("resume of %s refused: unknown, expired or another token's", resume_id[:32])
+            log.info("resume of %s refused: unknown, expired or another token's", short_id(resume_id))
     resumed = session is not None
     if session is None:
         session = service.sessions.open(owner)
@@ -277,7 +290,7 @@ def _open_session(
     if resume_id and not resumed:
         hello["resume_error"] = "unknown or expired session"
     if resumed and session is not None:
-        log.info("session %s: resumed after seq %d (now %d)", session.id, last_seq, session.log.seq)
+        log.info("session %s: resumed after seq %d (now %d)", session.tag, last_seq, session.log.seq)
     return session, hello
 
 
@@ -286,7 +299,7 @@ async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
     if "websocket.http.response" in ws.scope.get("extensions", {}):
         await ws.send_denial_response(JSONResponse({"error": {"code": code, "message": message}}, status))
     else:
-        await ws.close(4401 if status == 403 else 4400, message)
+        await ws.close(_DENIAL_CLOSE.get(code, 4400), message)
 
 
 async def _serve(service: Service, conn: Connection) -> int:
@@ -346,7 +359,7 @@ def _admit(service: Service, conn: Connection, text: str | None) -> float | None
     now = time.monotonic()
     conn.keepalive.received(now)
     if not conn.gate.allow(now):
-        log.warning("session %s: more than %.0f frames/s; closing", session.id, server.max_frames_per_second)
+        log.warning("session %s: more than %.0f frames/s; closing", session.tag, server.max_frames_per_second)
         conn.abusive = True
         conn.close(CLOSE_POLICY, f"more than {server.max_frames_per_second:g} frames a second")
         return None
@@ -356,7 +369,7 @@ def _admit(service: Service, conn: Connection, text: str | None) -> float | None
         )
         return None
     if len(text) > server.max_frame_bytes:
-        log.warning("session %s: a %d-byte frame; closing", session.id, len(text))
+        log.warning("session %s: a %d-byte frame; closing", session.tag, len(text))
         conn.abusive = True
         conn.close(CLOSE_TOO_BIG, f"frames are limited to {server.max_frame_bytes} bytes")
         return None
@@ -364,7 +377,7 @@ def _admit(service: Service, conn: Connection, text: str | None) -> float | None
 
 
 def _reject(session: Session, exc: InvalidFrame) -> None:
-    log.info("session %s: %s frame refused: %s", session.id, exc.code, exc.message)
+    log.info("session %s: %s frame refused: %s", session.tag, exc.code, exc.message)
     metrics.ERRORS.inc("ws", exc.code)
     extra: dict[str, Any] = {"id": exc.ask_id} if exc.ask_id else {}
     session.emit(error_dict(exc.code, exc.message, None, **extra))
@@ -392,7 +405,7 @@ def _dispatch(service: Service, conn: Connection, frame: ClientFrame, now: float
                 session, InvalidFrame("bad_request", f"no running question has id {frame.id!r}", frame.id)
             )
         else:
-            log.info("session %s: ask %s cancelled by the client", session.id, frame.id)
+            log.info("session %s: ask %s cancelled by the client", session.tag, frame.id)
             active.cancel()
     else:
         assert isinstance(frame, Reset)
@@ -419,14 +432,24 @@ def _ask(service: Service, session: Session, ask: Ask) -> None:
         session.emit(error_dict("busy", message, 1.0, id=ask.id))
         return
     question = ask.question
-    request = InferenceRequest(f"{session.id}/{ask.id}", session.conversation.messages(question), ask.params)
+    try:  # headers only: garbage is refused now and takes no queue place
+        limits = image_limits(service.config) if question.images else None
+        for number, data in enumerate(question.images, start=1):
+            sniff_image(data, number, server.max_image_bytes, limits)
+    except RequestError as exc:
+        _reject(session, InvalidFrame(exc.code, exc.message, ask.id))
+        return
+    # The request id is a label for log lines (the executor keys nothing on it): no whole session id.
+    request = InferenceRequest(
+        f"{session.tag}/{ask.id}", session.conversation.messages(question), ask.params, client=session.id
+    )
     relay = _Relay(service, session, ask.id, question, service.answer(request, "ws"))
     if asks is None:
         asks = session.asks = {}
     asks[ask.id] = relay
     log.info(
         "session %s: ask %s (%d pictures, %d turns of context)",
-        session.id,
+        session.tag,
         ask.id,
         len(question.images),
         len(session.conversation),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,9 @@ PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
 MAX_TEXT_CHARS = 32_768
 CLIENT_TYPES = ("ask", "cancel", "reset", "ping", "pong")
+# Ids end up in log lines and in the client's display: no control characters (C0, DEL,
+# C1: newlines, ANSI escapes) and no Unicode line or paragraph separators.
+_ID_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,8 @@ def _id(data: dict[str, Any]) -> str:
         raise InvalidFrame("bad_request", 'this frame needs a non-empty string "id"')
     if len(value) > MAX_ID_CHARS:
         raise InvalidFrame("bad_request", f'"id" is longer than {MAX_ID_CHARS} characters')
+    if _ID_FORBIDDEN.search(value):
+        raise InvalidFrame("bad_request", '"id" must not contain control characters (newlines, escapes)')
     return value
 
 

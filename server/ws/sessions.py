@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from server.logs import short_id
 from server.ws.protocol import Conversation, FrameLog
 
 log = logging.getLogger("vlbridge.ws")
@@ -59,6 +60,12 @@ class Session:
             self.link.send(data)
 
     @property
+    def tag(self) -> str:
+        """The session in log lines: a prefix of its id (the whole id would let a log
+        reader resume the conversation)."""
+        return short_id(self.id)
+
+    @property
     def busy(self) -> bool:
         return bool(self.asks)
 
@@ -67,7 +74,7 @@ class Session:
             ask.cancel()
 
     def __repr__(self) -> str:
-        return f"Session({self.id!r}, seq={self.log.seq}, asks={len(self.asks or ())})"
+        return f"Session({self.tag!r}, seq={self.log.seq}, asks={len(self.asks or ())})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +96,7 @@ class SessionRegistry:
         """A new session, or None when `max_sessions` live sessions exist."""
         if len(self._sessions) >= self.limits.max_sessions and self._parked:
             oldest = next(iter(self._parked.values()))
-            log.info("session %s: evicted while parked to make room", oldest.id)
+            log.info("session %s: evicted while parked to make room", oldest.tag)
             self.discard(oldest)
         if len(self._sessions) >= self.limits.max_sessions:
             return None
@@ -136,7 +143,7 @@ class SessionRegistry:
             assert session.parked_at is not None
             if now - session.parked_at < self.limits.resume_ttl:
                 break
-            log.info("session %s: not resumed within %.0f s; discarded", session.id, self.limits.resume_ttl)
+            log.info("session %s: not resumed within %.0f s; discarded", session.tag, self.limits.resume_ttl)
             self.discard(session)
             count += 1
         return count

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from server.inference.api import SamplingParams, Turn
-from server.inference.engine import PreparedPrompt, Sequence
+from server.inference.engine import Check, PreparedPrompt, Sequence, keep_going
 from server.inference.images import ImageLimits
 from server.inference.profile import Profile
 
@@ -143,6 +143,7 @@ class ModelEngine:
         head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
         per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, runner.dtype)
         row_tokens = options.max_context_tokens + options.max_new_tokens
+        self.max_sequence_tokens = row_tokens  # what one row's page table holds (+1 spare token)
         tokens = min(options.max_batch_tokens, options.max_batch * (row_tokens + 1))  # no more than usable
         if runner.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(runner.device)
@@ -204,10 +205,11 @@ class ModelEngine:
 
     # ---- Engine protocol ----------------------------------------------------------------------------
 
-    def prepare(self, messages: list[Turn]) -> PreparedPrompt:
+    def prepare(self, messages: list[Turn], check: Check = keep_going) -> PreparedPrompt:
         """The prompt plus what the worker would otherwise compute on the critical path: the
-        M-RoPE positions, each picture's content hash and tokens, the prefix-cache keys."""
-        prompt = self.runner.prompts.build(messages)
+        M-RoPE positions, each picture's content hash and tokens, the prefix-cache keys. *check* is
+        called between the builder's stages (it raises to stop a cancelled preparation)."""
+        prompt = self.runner.prompts.build(messages, check)
         digests = [
             hashlib.blake2b(data, digest_size=16).digest() for turn in messages for data in turn.images
         ]
@@ -239,7 +241,7 @@ class ModelEngine:
         return PreparedPrompt(len(prompt), prompt.image_tokens, data)
 
     def reserve(self, seq: Sequence) -> bool:
-        if not self._cells:
+        if not self._cells or seq.prompt.length + seq.max_new_tokens > self.max_sequence_tokens:
             return False
         data: _Prompt = seq.prompt.data
         cache = SeqCache()
@@ -385,16 +387,20 @@ class ModelEngine:
         cells, positions, slots, lengths, tables = [], [], [], [], []
         for seq in seqs:
             state: _State = seq.state
+            pages = len(state.cache.pages)
+            if state.cache.length >= pages * PAGE or pages > self.step.table.shape[1]:
+                raise IndexError(f"sequence {seq.id} does not fit its page table ({pages} pages)")
             cells.append(state.cell)
             positions.append(state.next_position)
             slots.append(state.cache.slot(state.cache.length))
-            state.cache.length += 1
-            state.next_position += 1
             tables.append(state.cache.pages)
-            lengths.append(state.cache.length)
+            lengths.append(state.cache.length + 1)
         blocked = self._blocked(seqs)
         rows = len(seqs)
         logits = self.step.run(cells, positions, slots, lengths, blocked, tables)
+        for seq in seqs:  # advanced only once the step is launched: a failed launch changes nothing
+            seq.state.cache.length += 1
+            seq.state.next_position += 1
         with torch.inference_mode():
             tokens = sample(logits, seqs, self._eos, self.step.blocked_rows(rows) if any(blocked) else None)
             return self._publish(tokens, self.step.cells(rows), seqs)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from server.errors import BadImage, TooLarge
 from server.inference.api import Turn
+from server.inference.engine import Check, keep_going
 from server.inference.images import ImageLimits, decode_image
 
 from .loader import LoadedModel
@@ -58,43 +59,87 @@ class PromptBuilder:
             rendered.append({"role": turn.role, "content": parts})
         return rendered
 
-    def _pictures(self, turns: list[Turn]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _pictures(self, turns: list[Turn], check: Check) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every picture of *turns*, decoded and preprocessed once, in order."""
         images: list[Image.Image] = []
         for number, data in enumerate((img for turn in turns for img in turn.images), start=1):
+            check()
             try:
                 images.append(decode_image(data, self.limits))
             except (BadImage, TooLarge) as exc:
                 raise type(exc)(f"picture {number}: {exc.message}") from None
         if not images:
             return None, None
+        check()
         factor = 16 * self.merge
         features = self.image_processor(
             images=images,
             size={"shortest_edge": factor * factor, "longest_edge": self.limits.max_pixels},
             return_tensors="pt",
         )
-        pixels = features["pixel_values"].to(self.dtype)  # half the bytes to move for bf16 models
-        return (pixels.pin_memory() if self.pin else pixels), features["image_grid_thw"]
+        return features["pixel_values"], features["image_grid_thw"]
 
-    def build(self, turns: list[Turn]) -> Prompt:
+    def build(self, turns: list[Turn], check: Check = keep_going) -> Prompt:
         """Inputs for *turns*; the oldest turns are dropped while the whole is over the context limit.
 
-        Raises BadImage / TooLarge for bad pictures or a last turn that alone is too long.
+        Dropping goes one exchange at a time: the oldest user turn with the assistant
+        turns that answer it (turns before the first user turn, e.g. the system prompt,
+        stay; the last turn always stays). The result is the first of those candidates
+        that fits, found by bisection (fewer kept turns never make a longer prompt), with
+        each picture decoded once: O(n log n) in the turns, not O(n^2).
+
+        Raises BadImage / TooLarge for bad pictures or a last turn that alone is too long;
+        whatever *check* raises (it is called between stages).
         """
         turns = list(turns)
-        while True:
-            try:
-                return self._build(turns)
-            except TooLarge:
-                first_user = next((i for i, t in enumerate(turns) if t.role == "user"), len(turns))
-                if len(turns) - first_user <= 1:
-                    raise
-                del turns[first_user]  # forget the oldest exchange first
-                while first_user < len(turns) - 1 and turns[first_user].role == "assistant":
-                    del turns[first_user]
+        pixels, grid = self._pictures(turns, check)
+        plan = _DropPlan(turns)
+        first = self._attempt(plan.kept(0), pixels, grid, check)
+        if isinstance(first, Prompt):
+            return self._finish(first)
+        best, over = None, first
+        low, high = 1, plan.steps  # the fewest drops that fit lie in [low, high], if anywhere
+        while low <= high:
+            middle = (low + high) // 2
+            attempt = self._attempt(plan.kept(middle), pixels, grid, check)
+            if isinstance(attempt, Prompt):
+                best, high = attempt, middle - 1
+            else:
+                over, low = attempt, middle + 1
+        if best is None:
+            raise over  # even the last turn alone is too long
+        return self._finish(best)
 
-    def _build(self, turns: list[Turn]) -> Prompt:
-        pixel_values, grid = self._pictures(turns)
+    def _finish(self, prompt: Prompt) -> Prompt:
+        if prompt.pixel_values is not None:
+            pixels = prompt.pixel_values.to(self.dtype)  # half the bytes to move for bf16 models
+            prompt.pixel_values = pixels.pin_memory() if self.pin else pixels
+        return prompt
+
+    def _attempt(
+        self,
+        kept: list[tuple[Turn, int]],
+        pixels: torch.Tensor | None,
+        grid: torch.Tensor | None,
+        check: Check,
+    ) -> Prompt | TooLarge:
+        """The prompt of the *kept* turns (each with the index of its first picture), or why not."""
+        check()
+        chosen = [first + n for turn, first in kept for n in range(len(turn.images))]
+        if pixels is not None and grid is not None and chosen and len(chosen) < len(grid):
+            sizes = [int(t * h * w) for t, h, w in grid.tolist()]
+            offsets = [0]
+            for size in sizes:
+                offsets.append(offsets[-1] + size)
+            pixels = torch.cat([pixels[offsets[i] : offsets[i + 1]] for i in chosen])
+            grid = grid[chosen]
+        elif not chosen:
+            pixels, grid = None, None
+        return self._build([turn for turn, _ in kept], pixels, grid)
+
+    def _build(
+        self, turns: list[Turn], pixel_values: torch.Tensor | None, grid: torch.Tensor | None
+    ) -> Prompt | TooLarge:
         text: str = self.tokenizer.apply_chat_template(
             self._messages(turns),
             chat_template=self.chat_template,
@@ -110,8 +155,40 @@ class PromptBuilder:
         )
         ids: list[int] = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_context_tokens:
-            raise TooLarge(
+            return TooLarge(
                 f"the conversation is {len(ids)} tokens; the model accepts {self.max_context_tokens}. "
                 "Start a new conversation or send a smaller picture."
             )
         return Prompt(ids, pixel_values, grid, sum(counts))
+
+
+class _DropPlan:
+    """Which turns remain after dropping the oldest *k* exchanges, for every k (plain values).
+
+    Exchange j is the j-th user turn with the assistant turns right after it; it may be
+    dropped while that user turn is not the last turn.
+    """
+
+    def __init__(self, turns: list[Turn]) -> None:
+        self.turns = turns
+        self.firsts: list[int] = []  # index of each turn's first picture among all pictures
+        count = 0
+        for turn in turns:
+            self.firsts.append(count)
+            count += len(turn.images)
+        last = len(turns) - 1
+        self.exchanges: list[tuple[int, int]] = []  # [start, end) of each droppable exchange
+        for index, turn in enumerate(turns):
+            if turn.role == "user" and index < last:
+                end = index + 1
+                while end < last and turns[end].role == "assistant":
+                    end += 1
+                self.exchanges.append((index, end))
+        self.steps = len(self.exchanges)
+
+    def kept(self, k: int) -> list[tuple[Turn, int]]:
+        """The turns left after dropping the oldest *k* exchanges, each with its first picture's index."""
+        dropped = bytearray(len(self.turns))
+        for start, end in self.exchanges[:k]:
+            dropped[start:end] = b"\x01" * (end - start)
+        return [(turn, self.firsts[i]) for i, turn in enumerate(self.turns) if not dropped[i]]

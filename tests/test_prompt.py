@@ -1,0 +1,100 @@
+"""PromptBuilder: dropping the oldest turns to fit the context, in near-linear time."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.errors import Cancelled, TooLarge
+from server.inference.api import Turn
+from server.inference.engine import keep_going
+from server.inference.images import ImageLimits
+from server.inference.model.loader import load_model
+from server.inference.model.prompt import Prompt, PromptBuilder
+from tests.conftest import make_png
+
+
+@pytest.fixture(scope="module")
+def builder(demo_model_dir: Path) -> PromptBuilder:
+    return PromptBuilder(load_model(str(demo_model_dir), "cpu", "float32"), ImageLimits(), 4096)
+
+
+def _quadratic(builder: PromptBuilder, turns: list[Turn]) -> Prompt:
+    """The builder's former algorithm, kept as the reference: drop one exchange, rebuild it all."""
+    turns = list(turns)
+    while True:
+        pixels, grid = builder._pictures(turns, keep_going)
+        attempt = builder._build(turns, pixels, grid)
+        if isinstance(attempt, Prompt):
+            return builder._finish(attempt)
+        first_user = next((i for i, t in enumerate(turns) if t.role == "user"), len(turns))
+        if len(turns) - first_user <= 1:
+            raise attempt
+        del turns[first_user]
+        while first_user < len(turns) - 1 and turns[first_user].role == "assistant":
+            del turns[first_user]
+
+
+def _conversation() -> list[Turn]:
+    turns = [Turn("system", "you look at pictures")]
+    for n in range(12):
+        pictures = [make_png(64 + 32 * (n % 3), 64, (n * 20, 90, 30))] if n % 4 == 1 else []
+        turns.append(Turn.user(f"question {n} " + "word " * (n % 5), pictures))
+        turns.append(Turn.assistant(f"answer {n} " + "more " * n))
+        if n == 6:
+            turns.append(Turn("system", "be brief"))
+    turns.append(Turn.user("and the last one?", [make_png(96, 64)]))
+    return turns
+
+
+@pytest.mark.parametrize("limit", [40, 60, 90, 130, 180, 240, 300, 400, 5000])
+def test_dropping_keeps_the_newest_turns_exactly_as_before(builder: PromptBuilder, limit: int) -> None:
+    builder.max_context_tokens = limit
+    try:
+        expected: Prompt | TooLarge = _quadratic(builder, _conversation())
+    except TooLarge as exc:
+        expected = exc
+    try:
+        got: Prompt | TooLarge = builder.build(_conversation())
+    except TooLarge as exc:
+        got = exc
+    builder.max_context_tokens = 4096
+    if isinstance(expected, TooLarge):
+        assert isinstance(got, TooLarge) and got.message == expected.message
+        return
+    assert isinstance(got, Prompt)
+    assert got.input_ids == expected.input_ids
+    assert got.image_tokens == expected.image_tokens
+    if expected.pixel_values is None:
+        assert got.pixel_values is None and got.image_grid_thw is None
+    else:
+        assert got.pixel_values is not None and got.image_grid_thw is not None
+        assert torch.equal(got.pixel_values, expected.pixel_values)
+        assert torch.equal(got.image_grid_thw, expected.image_grid_thw)
+
+
+def test_ten_thousand_turns_are_cut_down_in_seconds(builder: PromptBuilder) -> None:
+    turns = [Turn.user("hello") if n % 2 == 0 else Turn.assistant("hi") for n in range(10_001)]
+    started = time.monotonic()
+    prompt = builder.build(turns)
+    elapsed = time.monotonic() - started
+    assert len(prompt) <= builder.max_context_tokens
+    assert elapsed < 20, f"{elapsed:.1f} s"  # the former builder took minutes
+
+
+def test_a_check_that_raises_stops_the_work(builder: PromptBuilder) -> None:
+    calls = 0
+
+    def check() -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise Cancelled("cancelled")
+
+    turns = [Turn.user("hello") if n % 2 == 0 else Turn.assistant("hi") for n in range(10_001)]
+    with pytest.raises(Cancelled):
+        builder.build(turns, check)
+    assert calls == 3
