@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image
 
+from protocol.pictures import ImageLimits
 from server.inference.api import Done, InferenceRequest, SamplingParams, Turn
 from server.inference.executor import ExecutorLimits, InferenceExecutor
-from server.inference.images import ImageLimits
 
 QUESTION = "Describe this picture in detail."
 
@@ -343,8 +343,8 @@ def main() -> None:
     if cpu:
         systems = [s for s in systems if s != "static+compile"]  # minutes of compile per shape on 2 cores
 
-    from server.inference.demo_model import build_demo_model
-    from server.inference.model.engine import EngineOptions, ModelEngine
+    from server.inference.model.demo import build_demo_model
+    from server.inference.model.model_engine import EngineOptions, ModelEngine
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vlbridge-bench-"))
     demo = build_demo_model(work / "demo")

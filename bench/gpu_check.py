@@ -113,11 +113,11 @@ def check_fused_kernels() -> None:
 async def check_engine(model: str) -> None:
     from bench.architectures import build_checkpoint
     from bench.executor import noise_jpeg
+    from protocol.pictures import ImageLimits
     from server.inference.api import Done, InferenceRequest, SamplingParams, Turn
-    from server.inference.demo_model import build_demo_model
     from server.inference.executor import ExecutorLimits, InferenceExecutor
-    from server.inference.images import ImageLimits
-    from server.inference.model.engine import EngineOptions, ModelEngine
+    from server.inference.model.demo import build_demo_model
+    from server.inference.model.model_engine import EngineOptions, ModelEngine
 
     work = Path(tempfile.mkdtemp())
     demo = build_demo_model(work / "demo")

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
 from server.inference.engine import Check, PreparedPrompt, Sequence, keep_going
-from server.inference.images import ImageLimits
 
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row
 from .kvcache import PAGE, PagedKVCache, SeqCache
