@@ -25,8 +25,9 @@ run: $(STAMP)
 	$(BIN)/vlbridge serve --config $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bot server tests bench
-	$(BIN)/ruff format --check bot server
+	$(BIN)/ruff check bot client protocol server tests bench
+	$(BIN)/ruff format --check bot client protocol server
+	$(BIN)/lint-imports  # the import rules of docs/architecture.md
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image
 
+from protocol.pictures import ImageLimits
 from server.inference.api import Done, InferenceRequest, SamplingParams, Turn
 from server.inference.executor import ExecutorLimits, InferenceExecutor
-from server.inference.images import ImageLimits
 
 QUESTION = "Describe this picture in detail."
 
@@ -363,8 +363,8 @@ def main() -> None:
     # made before torch is imported, since the pool forks.
     images = distinct_jpegs(size, sum(requests_at(c) + 2 for c in levels))
 
-    from server.inference.demo_model import build_demo_model
-    from server.inference.model.engine import EngineOptions, ModelEngine
+    from server.inference.model.demo import build_demo_model
+    from server.inference.model.model_engine import EngineOptions, ModelEngine
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vlbridge-bench-"))
     demo = None if Path(args.model).is_dir() else build_demo_model(work / "demo")

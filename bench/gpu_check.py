@@ -124,11 +124,11 @@ def check_fused_kernels() -> None:
 async def check_engine(model: str) -> None:
     from bench.architectures import build_checkpoint
     from bench.executor import noise_jpeg
+    from protocol.pictures import ImageLimits
     from server.inference.api import Done, InferenceRequest, SamplingParams, Turn
-    from server.inference.demo_model import build_demo_model
     from server.inference.executor import ExecutorLimits, InferenceExecutor
-    from server.inference.images import ImageLimits
-    from server.inference.model.engine import EngineOptions, ModelEngine
+    from server.inference.model.demo import build_demo_model
+    from server.inference.model.model_engine import EngineOptions, ModelEngine
 
     work = Path(tempfile.mkdtemp())
     demo = build_demo_model(work / "demo")
@@ -190,12 +190,12 @@ def check_teacher_forcing(model: str, steps: int = 32, device: str = "cuda") -> 
 
     from bench.architectures import load_in_memory
     from bench.executor import noise_jpeg
+    from protocol.pictures import ImageLimits
     from server.inference.api import SamplingParams, Turn
-    from server.inference.demo_model import build_demo_model
     from server.inference.engine import Sequence
-    from server.inference.images import ImageLimits
-    from server.inference.model.engine import EngineOptions, ModelEngine
+    from server.inference.model.demo import build_demo_model
     from server.inference.model.loader import load_model
+    from server.inference.model.model_engine import EngineOptions, ModelEngine
     from server.inference.model.runner import ModelRunner
 
     started = time.monotonic()

@@ -17,9 +17,9 @@ import torch
 
 from bench.architectures import build_checkpoint
 from bench.executor import noise_jpeg
+from protocol.pictures import ImageLimits
 from server.inference.api import Turn
-from server.inference.demo_model import build_demo_model
-from server.inference.images import ImageLimits
+from server.inference.model.demo import build_demo_model
 from server.inference.model.runner import ModelRunner
 
 

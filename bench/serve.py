@@ -476,7 +476,7 @@ def requests(c: int, rounds: float) -> int:
 
 
 def build_model(args: argparse.Namespace, work: Path) -> tuple[str, str]:
-    from server.inference.demo_model import build_demo_model
+    from server.inference.model.demo import build_demo_model
 
     if Path(args.model).is_dir():
         return args.model, "checkpoint"

@@ -20,13 +20,13 @@ import orjson
 from server.config import Config
 from server.inference.instant import INSTANT_PATH, InstantExecutor
 from server.service import Service
-from server.ws.endpoint import Connection, _on_text
-from server.ws.protocol import FloodGate
+from server.ws.endpoint import SocketLink, _on_text
+from server.ws.state import FloodGate
 from server.ws.transport import FRAMES
 
 
 class _Socket:
-    """What Connection needs of a WebSocket whose server offers vlbridge's transport."""
+    """What SocketLink needs of a WebSocket whose server offers vlbridge's transport."""
 
     def __init__(self) -> None:
         self.frames = 0
@@ -47,11 +47,11 @@ async def measure(asks: int, blocks: int = 7) -> tuple[float, int]:
     service = Service(config, InstantExecutor())
     await service.start()
     socket = _Socket()
-    session = service.sessions.open(b"bench")
+    session = service.hub.sessions.open(b"bench")
     assert session is not None
     now = time.monotonic()
     gate = FloodGate(1e9, 2e9, now)
-    conn = Connection(socket, socket.send, session, service.pings.keepalive(now), gate)  # type: ignore[arg-type]
+    conn = SocketLink(socket, socket.send, session, service.hub.pings.keepalive(now), gate)  # type: ignore[arg-type]
     session.link = conn
     texts = [orjson.dumps({"type": "ask", "id": f"q{n}", "text": "hi"}).decode() for n in range(asks)]
     per_block = asks // blocks
@@ -59,7 +59,7 @@ async def measure(asks: int, blocks: int = 7) -> tuple[float, int]:
     for block in range(blocks):
         started = time.process_time()
         for text in texts[block * per_block : (block + 1) * per_block]:
-            _on_text(service, conn, text)
+            _on_text(service.hub, conn, text)
         best = min(best, (time.process_time() - started) / per_block)
         await asyncio.sleep(0)
     await service.stop()

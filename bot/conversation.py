@@ -3,7 +3,8 @@
 An adapter parses a platform message into `bot.types.InboundMessage` and calls
 `Conversation.handle(message, channel, arrived_at=...)`; *channel* is the adapter's
 `ReplyChannel` (fetch pictures, plain replies, a streaming answer sink). Everything here is
-independent of Feishu. The model is reached only through `server.inference.api.Executor`.
+independent of Feishu. The model is reached only through the `server.inference.api.AnswerSource` it is given
+(in the service: the answer gateway, so Feishu answers are drained and counted like all others).
 
 Ordering: messages of one conversation (chat, or thread in a chat) are answered one after the
 other, so a question sent right after a picture sees that picture; different conversations
@@ -27,9 +28,9 @@ from bot import texts
 from bot.types import ChatType, InboundMessage, MessageKind
 from server.errors import RequestError, TooLarge
 from server.inference.api import (
+    AnswerSource,
     Delta,
     Done,
-    Executor,
     Failed,
     InferenceRequest,
     Queued,
@@ -216,13 +217,13 @@ class Conversation:
 
     def __init__(
         self,
-        executor: Executor,
+        answers: AnswerSource,
         settings: Settings,
         *,
         clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
     ) -> None:
-        self.executor = executor
+        self.answers = answers
         self.settings = settings
         self.contexts = ContextStore()
         self.rate = RateLimiter(settings.user_rate_per_minute, monotonic)
@@ -293,7 +294,7 @@ class Conversation:
                 handle.cancel()
             reply = self._t("cancelled" if handles else "nothing_to_cancel")
         elif command is Command.STATUS:
-            stats = self.executor.stats()
+            stats = self.answers.stats()
             uptime = int(self._monotonic() - self._started)
             reply = self._t(
                 "status",
@@ -334,7 +335,7 @@ class Conversation:
         request_id = f"feishu-{message.message_id}-{next(self._ids)}"
         sink = channel.answer_sink(message)
         await sink.open(self._t("thinking"))
-        handle = self.executor.submit(InferenceRequest(id=request_id, messages=prompt))
+        handle = self.answers.submit(InferenceRequest(id=request_id, messages=prompt))
         active = self._active.setdefault(message.sender_id, [])
         active.append(handle)
         text = ""

@@ -15,10 +15,13 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from server import metrics, testpage
+from server.answers import AnswerGateway
 from server.config import Config
 from server.http.analyze import analyze
+from server.http.common import HttpContext
 from server.http.errors import http_exception
 from server.http.openai import chat_completions, models
+from server.http.platform import mount
 from server.inference.api import Executor
 from server.platform import PlatformAdapter
 from server.service import Service
@@ -56,9 +59,13 @@ class App(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def create_app(config: Config, executor: Executor, platforms: Sequence[PlatformAdapter] = ()) -> Starlette:
-    """The app; the service (app.state.service) starts and stops with the lifespan."""
-    service = Service(config, executor, platforms)
+def create_app(
+    config: Config, answers: AnswerGateway | Executor, platforms: Sequence[PlatformAdapter] = ()
+) -> Starlette:
+    """The app; the service (app.state.service) starts and stops with the lifespan. Given an
+    executor, the service puts its own answer gateway in front of it; platform adapters must
+    have been given that gateway (`AnswerGateway.route`) to be drained and counted with it."""
+    service = Service(config, answers, platforms)
     routes: list[BaseRoute] = [
         Route("/health", health),
         Route("/metrics", metrics_endpoint),
@@ -69,7 +76,7 @@ def create_app(config: Config, executor: Executor, platforms: Sequence[PlatformA
         *testpage.routes(config),  # the browser test page at /, unless server.test_page = false
     ]
     for adapter in platforms:
-        routes.extend(adapter.routes())
+        routes.extend(mount(route) for route in adapter.routes())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -85,4 +92,7 @@ def create_app(config: Config, executor: Executor, platforms: Sequence[PlatformA
 
     app = App(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_exception})
     app.state.service = service
+    app.state.hub = service.hub  # what /ws connections need
+    # what HTTP routes need
+    app.state.http = HttpContext(service.answers, service.auth, config.server, service.image_limits)
     return app

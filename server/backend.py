@@ -7,12 +7,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from protocol.pictures import ImageLimits
 from server.config import Config
 from server.inference.api import Executor
 from server.inference.echo import ECHO_PATH, EchoEngine
 from server.inference.engine import Engine
 from server.inference.executor import ExecutorLimits, InferenceExecutor
-from server.inference.images import ImageLimits
 from server.inference.instant import INSTANT_PATH, InstantExecutor
 
 log = logging.getLogger("vlbridge.backend")
@@ -50,8 +50,8 @@ def build_executor(config: Config) -> Executor:
     def factory(progress: Callable[[float], None]) -> Engine:
         if path == ECHO_PATH:
             return EchoEngine(limits)
-        from server.inference.demo_model import ensure_demo_model
-        from server.inference.model.engine import EngineOptions, ModelEngine
+        from server.inference.model.demo import ensure_demo_model
+        from server.inference.model.model_engine import EngineOptions, ModelEngine
 
         source = path
         if not source:

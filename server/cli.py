@@ -18,7 +18,7 @@ log = logging.getLogger("vlbridge")
 def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.backend import build_executor
-    from server.runner import Server, uvicorn_config
+    from server.webserver import Server, uvicorn_config
 
     config = load_config(args.config, os.environ)
     if args.host:
@@ -26,10 +26,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
     from bot.feishu import build_adapter
+    from server.answers import AnswerGateway
 
-    executor = build_executor(config)
-    adapter = build_adapter(config, executor)
-    app = create_app(config, executor, [adapter] if adapter is not None else [])
+    answers = AnswerGateway(build_executor(config))
+    adapter = build_adapter(config, answers.route("feishu"))
+    app = create_app(config, answers, [adapter] if adapter is not None else [])
     log.info(
         "vlbridge listening on http://%s:%d (WebSocket ws://%s:%d/ws)",
         config.server.host,
@@ -52,7 +53,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _make_demo_model(args: argparse.Namespace) -> int:
-    from server.inference.demo_model import build_demo_model
+    from server.inference.model.demo import build_demo_model
 
     path = build_demo_model(args.dir, seed=args.seed)
     print(f"demo model written to {path} (random weights: its answers are gibberish)")
@@ -60,7 +61,7 @@ def _make_demo_model(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from server.client.command import ChatOptions, run_chat
+    from client.command import ChatOptions, run_chat
 
     if args.log_level == "info":  # the chat shows connection news itself
         logging.getLogger("vlbridge.client").setLevel(logging.WARNING)

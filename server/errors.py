@@ -3,22 +3,38 @@
     VlbridgeError
     ├── ConfigError            bad configuration file or environment (fails at start-up)
     ├── ModelLoadError         the model or its processor could not be loaded
+    ├── InvalidFrame           (server.ws.frames) a WebSocket frame the server will not act on;
+    │                          carries the wire code; the session stays usable
+    ├── FeishuApiError         (bot.feishu.openapi) a Feishu Open API call failed for good;
+    │                          keeps the platform's code
     └── RequestError           belongs to one request, never to a worker; has a wire `code`
         ├── BadRequest         code "bad_request": malformed or unsupported input
+        │   └── MalformedEvent (bot.feishu.messages) a Feishu event that cannot be read
         ├── BadImage           code "bad_image": undecodable or unsafe picture
         ├── TooLarge           code "too_large": picture, prompt or frame over a limit
         ├── UnsupportedMediaType  code "unsupported_media_type": an HTTP body of the wrong type
         ├── Busy               code "busy": queue full; carries `retry_after` seconds
         ├── Timeout            code "timeout": deadline passed
         ├── Cancelled          code "cancelled": the asker cancelled or went away
-        ├── Unavailable        code "unavailable": model loading or failed
+        ├── Unavailable        code "unavailable": model loading or failed, or shutting down
         └── InternalError      code "internal": a bug or a device failure, logged with a trace
+
+The picture checks that server and client share (`protocol.pictures`) raise a root of their own,
+converted at each side's edge (server: `BadImage` / `TooLarge`; client: `PictureError`)::
+
+    PictureRejected            (protocol.pictures) carries the wire code "bad_image" or "too_large"
+
+The chat client (`client/`) has a tree of its own, rooted at `client.errors.ClientError`: it
+shares only the wire protocol with the server. tests/test_errors.py checks that every
+exception class the project defines is drawn in one of these trees.
 
 Foreign errors (torch, PIL, lark-oapi codes) are translated into these at the boundary
 that meets them, keeping the useful fields.
 """
 
 from __future__ import annotations
+
+from protocol.v1 import ErrorCode
 
 
 class VlbridgeError(Exception):
@@ -36,7 +52,7 @@ class ModelLoadError(VlbridgeError):
 class RequestError(VlbridgeError):
     """An error that belongs to one request; `code` is the stable wire code."""
 
-    code = "internal"
+    code: str = ErrorCode.INTERNAL
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -50,15 +66,15 @@ class RequestError(VlbridgeError):
 
 
 class BadRequest(RequestError):
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class BadImage(RequestError):
-    code = "bad_image"
+    code = ErrorCode.BAD_IMAGE
 
 
 class TooLarge(RequestError):
-    code = "too_large"
+    code = ErrorCode.TOO_LARGE
 
 
 class UnsupportedMediaType(RequestError):
@@ -66,23 +82,32 @@ class UnsupportedMediaType(RequestError):
 
 
 class Busy(RequestError):
-    code = "busy"
+    code = ErrorCode.BUSY
 
 
 class Timeout(RequestError):
-    code = "timeout"
+    code = ErrorCode.TIMEOUT
 
 
 class Cancelled(RequestError):
-    code = "cancelled"
+    code = ErrorCode.CANCELLED
 
 
 class Unavailable(RequestError):
-    code = "unavailable"
+    code = ErrorCode.UNAVAILABLE
 
 
 class InternalError(RequestError):
-    code = "internal"
+    code = ErrorCode.INTERNAL
+
+
+SHUTTING_DOWN = "the service is shutting down; ask again shortly"
+SHUTDOWN_RETRY_AFTER = 5.0
+
+
+def shutting_down() -> Unavailable:
+    """The one error every route and backend gives for work refused or cut by a shutdown."""
+    return Unavailable(SHUTTING_DOWN, retry_after=SHUTDOWN_RETRY_AFTER)
 
 
 ERROR_CODES: dict[str, type[RequestError]] = {

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from starlette.routing import BaseRoute
-
 from bot.feishu.webhook import Webhook
+from server.platform import HttpRoute
 from tests.serving import make_config, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,10 +32,13 @@ class WebhookOnly:
     def __init__(self) -> None:
         self.webhook = Webhook(encrypt_key=ENCRYPT_KEY, verification_token="token", on_event=_drop)
 
-    def routes(self) -> list[BaseRoute]:
+    def routes(self) -> list[HttpRoute]:
         return list(self.webhook.routes())
 
     async def start(self) -> None:
+        return None
+
+    async def drain(self, deadline: float) -> None:
         return None
 
     async def stop(self) -> None:

@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.waiting import DEADLINE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -123,7 +125,7 @@ class Terminal:
     def type(self, line: str) -> None:
         os.write(self.master, line.encode() + b"\r")
 
-    def expect(self, text: str, timeout: float = 15.0) -> str:
+    def expect(self, text: str, timeout: float = DEADLINE) -> str:
         """Read until *text* has appeared (after what earlier expects consumed); return all read."""
         deadline = time.monotonic() + timeout
         while text not in self.screen:

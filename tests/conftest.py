@@ -18,7 +18,7 @@ __all__ = ["fake_feishu", "lark_ws", "make_png", "png_declaring"]
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The offline demo Qwen3-VL checkpoint, built once per test session."""
-    from server.inference.demo_model import build_demo_model
+    from server.inference.model.demo import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("demo-model"))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from bot.feishu.adapter import FeishuAdapter
 from server.config import Config, load_config
 from server.inference.api import Done, Event, Events, Executor, ExecutorStats, InferenceRequest, RequestHandle
 from tests.fakefeishu import FakeFeishu
+from tests.waiting import DEADLINE, until
 
 
 def feishu_config(
@@ -23,7 +23,11 @@ def feishu_config(
     max_new_tokens: int = 16,
     **feishu: Any,
 ) -> Config:
-    """A config pointing the adapter at *fake*, with fast watchdog and streaming intervals."""
+    """A config pointing the adapter at *fake*, with fast streaming and a watchdog that a busy
+    machine does not trip. The worker imports the SDK (10,000 modules, 4 s of CPU): on a 2-core
+    machine at load 10 that took 14-25 s, and the watchdog replaces a worker that has not reported
+    within max(20 s, 3 intervals), or that is silent or unconnected for 3 intervals. An interval
+    of 10 s gives it 30 s; reports then come every 5 s. Tests of the watchdog pass their own."""
     env = {
         "VLBRIDGE_FEISHU_APP_SECRET": fake.app_secret,
         "VLBRIDGE_FEISHU_ENCRYPT_KEY": fake.encrypt_key,
@@ -35,7 +39,7 @@ def feishu_config(
         "app_id": fake.app_id,
         "domain": fake.url,
         "mode": mode,
-        "watchdog_interval": 0.25,
+        "watchdog_interval": 10.0,
         "stream_interval": 0.05,
         **feishu,
     }
@@ -107,18 +111,15 @@ async def started(config: Config, executor: Executor, *, connect: bool = True) -
     adapter = FeishuAdapter(config, executor)
     await adapter.start()
     if connect and config.feishu.mode == "longconn":
-        for _ in range(400):
-            if adapter.healthy():
-                break
-            await asyncio.sleep(0.025)
-        assert adapter.healthy(), adapter.health()
+        # A worker start (up to the watchdog's 30 s start limit here), then its next report.
+        await until(adapter.healthy, "the adapter to connect", 2 * DEADLINE)
     return adapter
 
 
-async def settle(adapter: FeishuAdapter, timeout: float = 10.0) -> None:
+async def settle(adapter: FeishuAdapter, timeout: float = DEADLINE) -> None:
     """Until the adapter has no event being handled."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while any(t.get_name() == "feishu-event" for t in adapter._tasks):
-        assert loop.time() < deadline, "adapter still busy"
-        await asyncio.sleep(0.01)
+
+    def idle() -> bool:
+        return not any(t.get_name() == "feishu-event" for t in adapter._tasks)
+
+    await until(idle, "the adapter to finish its events", timeout)

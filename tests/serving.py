@@ -20,8 +20,8 @@ from server.inference.api import Executor
 from server.inference.echo import ECHO_PATH, EchoEngine
 from server.inference.executor import ExecutorLimits, InferenceExecutor
 from server.platform import PlatformAdapter
-from server.runner import Server, uvicorn_config
 from server.service import Service
+from server.webserver import Server, uvicorn_config
 
 FAST = {"ping_interval": 5.0, "ping_timeout": 5.0, "shutdown_grace": 2.0}
 
@@ -91,7 +91,7 @@ def serve(
     port = server.servers[0].sockets[0].getsockname()[1]
     running = Running(server, thread, port)
     if ready:
-        while app.state.service.executor.stats().state.value == "loading":
+        while app.state.service.answers.stats().state.value == "loading":
             assert time.monotonic() < deadline, "the model did not load in time"
             time.sleep(0.02)
     try:

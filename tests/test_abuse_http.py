@@ -19,6 +19,7 @@ import pytest
 from starlette.applications import Starlette
 
 from bot.feishu.webhook import Webhook
+from server.http.platform import mount
 from tests.abuse_server import ENCRYPT_KEY, Remote, subprocess_server
 from tests.conftest import png_declaring
 from tests.fakefeishu.events import EventFactory
@@ -335,7 +336,7 @@ async def webhook() -> AsyncIterator[tuple[httpx.AsyncClient, list[dict]]]:
     hook = Webhook(
         encrypt_key=ENCRYPT_KEY, verification_token="token", on_event=lambda body, at: received.append(body)
     )
-    app = Starlette(routes=hook.routes())
+    app = Starlette(routes=[mount(route) for route in hook.routes()])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot") as client:
         yield client, received
     hook.close()

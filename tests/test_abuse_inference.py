@@ -52,8 +52,8 @@ def demo(demo_model_dir: Path) -> Iterator[Running]:
 
 async def _wait_idle(running: Running, within: float = 10.0) -> None:
     deadline = time.monotonic() + within
-    while running.service.executor.stats().queue_depth or running.service.executor.stats().active:
-        assert time.monotonic() < deadline, running.service.executor.stats()
+    while running.service.answers.stats().queue_depth or running.service.answers.stats().active:
+        assert time.monotonic() < deadline, running.service.answers.stats()
         await asyncio.sleep(0.02)
 
 
@@ -160,7 +160,7 @@ async def test_a_client_that_leaves_frees_its_preparation() -> None:
         assert (await client.recv())["type"] == "queued"
         await client.close()  # gone while its prompt is being prepared
         started = time.monotonic()
-        while running.service.executor.stats().queue_depth:
+        while running.service.answers.stats().queue_depth:
             assert time.monotonic() - started < 10, "the preparation went on after the client left"
             await asyncio.sleep(0.02)
 
@@ -171,7 +171,7 @@ async def test_preparation_stops_at_the_deadline() -> None:
         await client.ask("long", "a long conversation")
         end = (await client.until_end("long", timeout=20))[-1]
         assert (end["type"], end["code"]) == ("error", "timeout")
-        assert running.service.executor.stats().queue_depth == 0
+        assert running.service.answers.stats().queue_depth == 0
         await client.close()
 
 
@@ -191,7 +191,7 @@ async def test_pictures_costly_to_decode_are_refused_at_once(demo: Running) -> N
     frames = [await client.recv(10) for _ in range(4)]
     assert [(f["type"], f["code"]) for f in frames] == [("error", "too_large")] * 4, frames
     assert "megapixels" in frames[0]["message"]
-    assert demo.service.executor.stats().queue_depth == 0
+    assert demo.service.answers.stats().queue_depth == 0
     await client.close()
 
 
@@ -201,7 +201,7 @@ async def test_text_answers_promptly_while_two_sessions_flood_pictures(demo: Run
     rss_before = process.memory_info().rss
     # 4,000 x 4,000: under the decoding budget, about a second of CPU and 50 MB each.
     abusers = [await _abuse(demo.ws, 4000), await _abuse(demo.ws, 4000)]
-    while demo.service.executor.stats().queue_depth < 8:  # the flood is in
+    while demo.service.answers.stats().queue_depth < 8:  # the flood is in
         await asyncio.sleep(0.01)
     rss_peak = process.memory_info().rss
     user = await Client.open(demo.ws)
@@ -229,9 +229,9 @@ async def test_garbage_pictures_on_ws_take_no_queue_place(demo: Running) -> None
     garbage = base64.b64encode(b"\x89PNG but not really" * 50).decode()
     for n in range(12):
         await client.send({"type": "ask", "id": f"g{n}", "text": "look", "images": [garbage]})
-        assert demo.service.executor.stats().queue_depth == 0
+        assert demo.service.answers.stats().queue_depth == 0
     frames = [await client.recv(10) for _ in range(12)]
     assert {(f["type"], f["code"]) for f in frames} == {("error", "bad_image")}, frames
     assert not any(f["type"] == "queued" for f in client.frames)
-    assert demo.service.executor.stats().queue_depth == 0
+    assert demo.service.answers.stats().queue_depth == 0
     await client.close()

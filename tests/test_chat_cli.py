@@ -19,6 +19,7 @@ import pytest
 from tests.chattools import ROOT, TcpProxy, chat_command, chat_env, run_chat, terminal
 from tests.conftest import make_png
 from tests.serving import Running, make_config, serve, slow_echo
+from tests.waiting import DEADLINE
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,7 @@ def test_a_server_that_forgot_the_session_fails_the_answer_clearly(slow: Running
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=chat_env()
         )
         assert proc.stdout is not None
-        _read_at_least(proc.stdout.fileno(), 10, timeout=15)
+        _read_at_least(proc.stdout.fileno(), 10, timeout=DEADLINE)
         proxy.target = echo.port
         proxy.drop()
         _, err = proc.communicate(timeout=30)

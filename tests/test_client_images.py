@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from server.client.errors import PictureError
-from server.client.images import prepare_picture, read_picture
+from client.errors import PictureError
+from client.images import prepare_picture, read_picture
+from tests.conftest import png_declaring
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -80,3 +81,12 @@ def test_missing_file_and_truncated_file(tmp_path: Path) -> None:
     raw = encode(Image.new("RGB", (200, 200), (1, 2, 3)), "JPEG")
     with pytest.raises(PictureError, match=r"cut\.jpg"):
         prepare_picture("cut.jpg", raw[: len(raw) // 2])
+
+
+@pytest.mark.parametrize(
+    ("side", "shown"), [(12_500, "12500x12500 is too many"), (14_000, "bomb.png: too many")]
+)
+def test_decompression_bombs_are_refused_with_a_sentence(side: int, shown: str) -> None:
+    # 14,000 x 14,000 is past Pillow's own guard (about 179 MP), which raises as it opens the file.
+    with pytest.raises(PictureError, match=shown):
+        prepare_picture("bomb.png", png_declaring(side, side))

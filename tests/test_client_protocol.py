@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from server.client.protocol import (
+from client.protocol import (
     AskDone,
     AskFailed,
     AskState,
@@ -174,7 +174,7 @@ def test_illegal_transitions_name_the_states() -> None:
 
 
 def test_backoff_grows_to_its_cap_with_jitter() -> None:
-    from server.client.connection import Backoff
+    from client.connection import Backoff
 
     backoff = Backoff(initial=0.25, factor=2.0, maximum=5.0, jitter=0.2)
     assert [round(Backoff(jitter=0).delay(n), 2) for n in (1, 2, 3, 6, 9)] == [0.25, 0.5, 1.0, 5.0, 5.0]

@@ -108,5 +108,22 @@ def test_watchdog_verdicts() -> None:
     assert "no connection" in (dog.verdict(16.5) or "")
 
 
+def test_a_worker_still_loading_the_sdk_is_alive_not_down() -> None:
+    limits = WatchdogLimits(startup=5, silence=3, disconnected=3, pong=2, loading=60)
+    dog = Watchdog(limits, spawned_at=0)
+    for at in range(0, 40, 2):  # a slow import on a busy machine: "starting" reports every 2 s
+        dog.observe(WorkerReport(at=at, connected=False, starting=True))
+        assert dog.verdict(at + 1) is None, at  # neither "no report", nor "no connection"
+    assert dog.state is LinkState.STARTING
+    assert "silent" in (dog.verdict(43) or "")  # the reports stopped: hung after all
+    dog.observe(WorkerReport(at=61, connected=False, starting=True))
+    assert "still loading" in (dog.verdict(61.5) or "")
+    dog = Watchdog(limits, spawned_at=0)
+    dog.observe(WorkerReport(at=1, connected=False, starting=True))
+    dog.observe(WorkerReport(at=2, connected=False))  # loaded, trying to connect: now it counts
+    dog.observe(WorkerReport(at=5, connected=False))
+    assert "no connection" in (dog.verdict(5.5) or "")
+
+
 def test_restart_backoff() -> None:
     assert [restart_delay(n, 1.0, cap=5) for n in (1, 2, 3, 4, 5, 6)] == [0, 1, 2, 4, 5, 5]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
-from server.inference.demo_model import is_demo_model
-from server.inference.images import ImageLimits
+from server.inference.model.demo import is_demo_model
 from server.inference.model.runner import ModelRunner
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol.pictures import ImageLimits
 from server.inference.api import (
     Delta,
     Done,
@@ -26,8 +27,7 @@ from server.inference.api import (
 from server.inference.echo import EchoEngine
 from server.inference.engine import ReadyTokens, Sequence
 from server.inference.executor import ExecutorLimits, InferenceExecutor, coalesce
-from server.inference.images import ImageLimits
-from server.inference.model.engine import EngineOptions, ModelEngine
+from server.inference.model.model_engine import EngineOptions, ModelEngine
 from tests.conftest import make_png
 
 GREEDY = SamplingParams(max_new_tokens=24)

@@ -53,6 +53,7 @@ from tests.fakefeishu import (
     post_img,
 )
 from tests.fakefeishu.webhook import build_request
+from tests.waiting import until_blocking
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"fake picture bytes" * 10
 
@@ -526,13 +527,17 @@ def test_ws_retryable_discovery_error_is_retried(
 def test_ws_non_retryable_discovery_error_ends_reconnects(
     fake_feishu: FakeFeishu, lark_ws: Callable[..., LarkWsThread]
 ) -> None:
-    lark_ws(Inbox().handler())
+    thread = lark_ws(Inbox().handler())
     fake_feishu.wait_until(fake_feishu.records.open_connections, what="a connection")
     fake_feishu.fail_discovery(times=1, code=codes.WS_EXCEED_CONN_LIMIT)
 
     fake_feishu.drop_connections()
     fake_feishu.wait_until(lambda: fake_feishu.records.discoveries == 2, what="the refused discovery")
-    time.sleep(0.6)  # three reconnect intervals: the SDK would have retried by now if it were going to
+    # The SDK gave up: the task that reconnects (it keeps sleeping between retries otherwise, and
+    # a successful reconnect starts the next one before it ends) ended with the refusal.
+    until_blocking(
+        lambda: "Client._receive_message_loop" not in thread.coroutines(), "the SDK to stop reconnecting"
+    )
 
     assert fake_feishu.records.discoveries == 2
     assert fake_feishu.records.open_connections() == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,11 +12,13 @@ from starlette.applications import Starlette
 
 from bot.feishu import build_adapter
 from server.backend import build_executor
+from server.http.platform import mount
 from server.inference.api import Executor
 from server.inference.executor import InferenceExecutor
 from tests.conftest import make_png
 from tests.fakefeishu import FakeFeishu, SendKind, User
 from tests.feishu_helpers import RecordingExecutor, feishu_config, settle, started
+from tests.waiting import DEADLINE
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def replies_to(fake: FakeFeishu, message_id: str) -> list:
     return [m for m in fake.records.replies() if m.parent_id == message_id]
 
 
-async def one_closed_card(fake: FakeFeishu, message_id: str, timeout: float = 30.0):
+async def one_closed_card(fake: FakeFeishu, message_id: str, timeout: float = DEADLINE):
     replies = await fake.wait_for(lambda: replies_to(fake, message_id), timeout, f"a reply to {message_id}")
     card_id = replies[0].card_id
     assert card_id, f"expected an interactive card reply, got {replies[0]}"
@@ -115,7 +116,7 @@ async def test_redeliveries_and_restart_answer_once(
     try:
         fake_feishu.push_event(event, resources={"img_1": make_png()})
         await fake_feishu.wait_for_acks(4, event["header"]["event_id"])
-        await fake_feishu.wait_for(lambda: again.counts.get("duplicate"), 5, "the redelivery seen")
+        await fake_feishu.wait_for(lambda: again.counts.get("duplicate"), what="the redelivery seen")
         await settle(again)
         assert len(replies_to(fake_feishu, message_id)) == 1
         assert len(model.requests) == 1
@@ -152,20 +153,19 @@ async def test_follow_up_text_uses_the_previous_picture(
 async def test_dropped_socket_and_failed_reconnect_recovered_by_watchdog(
     fake_feishu: FakeFeishu, model: RecordingExecutor, tmp_path: Path
 ) -> None:
-    adapter = await started(feishu_config(fake_feishu, tmp_path, model="x"), model)
+    adapter = await started(feishu_config(fake_feishu, tmp_path, model="x", watchdog_interval=1.0), model)
     try:
         fake_feishu.fail_discovery(times=1)  # the SDK's reconnect gets a non-retryable answer: it gives up
-        dropped_at = time.monotonic()
         assert fake_feishu.drop_connections() == 1
         event = fake_feishu.events.image("img_d")
         fake_feishu.push_event(event, resources={"img_d": make_png()})
-        await one_closed_card(fake_feishu, event["event"]["message"]["message_id"], timeout=20)
-        recovered = time.monotonic() - dropped_at
+        # Only a fresh worker can answer: the SDK in the old one gave up for good. When the
+        # watchdog acts is tested with plain values (test_watchdog_verdicts); the recovery here
+        # also takes a worker start, which on a busy machine is not the adapter's to bound.
+        await one_closed_card(fake_feishu, event["event"]["message"]["message_id"])
         health = adapter.health()
         assert health["restarts"] >= 1, health
         assert "no connection" in health["last_restart_reason"]
-        # bound: 3 watchdog intervals + one check + a worker start (imports the SDK, ~2-3 s)
-        assert recovered < 12, recovered
     finally:
         await adapter.stop()
 
@@ -173,17 +173,18 @@ async def test_dropped_socket_and_failed_reconnect_recovered_by_watchdog(
 async def test_unanswered_pings_make_the_watchdog_reconnect(
     fake_feishu: FakeFeishu, model: RecordingExecutor, tmp_path: Path
 ) -> None:
-    adapter = await started(feishu_config(fake_feishu, tmp_path, model="x"), model)
+    adapter = await started(feishu_config(fake_feishu, tmp_path, model="x", watchdog_interval=1.0), model)
     try:
         fake_feishu.set_answer_pings(False)  # the socket stays open, pongs stop: a half-dead link
-        await fake_feishu.wait_for(lambda: adapter.health()["restarts"] >= 1, 10, "a watchdog restart")
-        assert "ping unanswered" in adapter.health()["last_restart_reason"]
+        await fake_feishu.wait_for(
+            lambda: "ping unanswered" in adapter.health()["last_restart_reason"], what="a watchdog restart"
+        )
         fake_feishu.set_answer_pings(True)
         await fake_feishu.wait_for_connections(2)
-        await fake_feishu.wait_for(adapter.healthy, 10, "the fresh worker connected")
+        await fake_feishu.wait_for(adapter.healthy, what="the fresh worker connected")
         event = fake_feishu.events.image("img_p")
         fake_feishu.push_event(event, resources={"img_p": make_png()})
-        await one_closed_card(fake_feishu, event["event"]["message"]["message_id"], timeout=20)
+        await one_closed_card(fake_feishu, event["event"]["message"]["message_id"])
     finally:
         await adapter.stop()
 
@@ -198,15 +199,18 @@ async def test_twenty_pictures_in_flight_acked_fast(
             event = fake_feishu.events.image(f"img_{n}", chat_id=f"oc_chat_{n}", sender=User(f"user {n}"))
             fake_feishu.push_event(event, resources={f"img_{n}": make_png(64 + 8 * n, 64)})
             events.append(event)
-        acks = await fake_feishu.wait_for_acks(20, timeout=10)
+        acks = await fake_feishu.wait_for_acks(20)
         latencies = sorted(a.latency_s for a in acks)
         print(
             f"ack latency over 20 in-flight pictures: max {latencies[-1] * 1000:.1f} ms, "
             f"median {latencies[10] * 1000:.1f} ms"
         )
         assert all(a.code == 200 for a in acks)
-        assert latencies[-1] < 0.5
-        await fake_feishu.wait_for_closed_cards(20, timeout=60)
+        # At once (~3 ms on an idle machine), not after answering (seconds); wide for a busy machine.
+        assert latencies[-1] < 2.0
+        pushed = min(a.at - a.latency_s for a in acks)
+        cards = await fake_feishu.wait_for_closed_cards(20, timeout=2 * DEADLINE)
+        print(f"all 20 answered {max(c.history[-1].at for c in cards) - pushed:.1f} s after the first push")
         assert len(model.requests) == 20
     finally:
         await adapter.stop()
@@ -227,13 +231,15 @@ async def test_build_adapter_off_and_on(fake_feishu: FakeFeishu, tmp_path: Path)
 @pytest.fixture
 async def webhook(fake_feishu: FakeFeishu, model: RecordingExecutor, tmp_path: Path) -> AsyncIterator[tuple]:
     adapter = await started(feishu_config(fake_feishu, tmp_path, model="x", mode="webhook"), model)
-    app = Starlette(routes=adapter.routes())
+    app = Starlette(routes=[mount(route) for route in adapter.routes()])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot") as client:
         yield adapter, client
     await adapter.stop()
 
 
-async def test_webhook_signed_encrypted_event_answered(fake_feishu: FakeFeishu, webhook: tuple) -> None:
+async def test_webhook_signed_encrypted_event_answered(
+    fake_feishu: FakeFeishu, webhook: tuple, model: RecordingExecutor
+) -> None:
     _, client = webhook
     event = fake_feishu.events.image("img_w")
     fake_feishu.register_event(event, {"img_w": make_png()})
@@ -242,7 +248,8 @@ async def test_webhook_signed_encrypted_event_answered(fake_feishu: FakeFeishu, 
     response = await client.post("/feishu/events", content=request.body, headers=request.headers)
     elapsed = time.monotonic() - started_at
     assert response.status_code == 200, response.text
-    assert elapsed < 0.5, elapsed
+    assert model.done == []  # acknowledged before the answer, not after it
+    assert elapsed < 2.0, elapsed  # at once (Feishu wants it within 3 s); wide for a busy machine
     await one_closed_card(fake_feishu, event["event"]["message"]["message_id"])
 
 
@@ -259,9 +266,17 @@ async def test_webhook_bad_signature_rejected(
     unsigned = fake_feishu.webhook_request(event, sign=False)
     response = await client.post("/feishu/events", content=unsigned.body, headers=unsigned.headers)
     assert response.status_code == 401
-    await asyncio.sleep(0.2)
-    assert fake_feishu.records.sent() == [] and model.requests == []
-    assert adapter.counts == {}
+    # A signed event after them, answered: by then the rejected ones would have shown an effect.
+    marker = fake_feishu.events.image("img_good")
+    fake_feishu.register_event(marker, {"img_good": make_png()})
+    signed = fake_feishu.webhook_request(marker)
+    response = await client.post("/feishu/events", content=signed.body, headers=signed.headers)
+    assert response.status_code == 200
+    await one_closed_card(fake_feishu, marker["event"]["message"]["message_id"])
+    await settle(adapter)
+    assert [m.parent_id for m in fake_feishu.records.replies()] == [marker["event"]["message"]["message_id"]]
+    assert len(fake_feishu.records.sent()) == 1 and len(model.requests) == 1
+    assert sum(adapter.counts.values()) == 1  # the marker alone was counted
 
 
 async def test_webhook_url_verification(fake_feishu: FakeFeishu, webhook: tuple) -> None:

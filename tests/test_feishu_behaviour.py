@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 
 from bot.feishu.adapter import FeishuAdapter
 from server.backend import build_executor
+from server.http.platform import mount
 from tests.conftest import make_png
 from tests.fakefeishu import RATE_LIMITED, TOKEN_INVALID, FakeFeishu, Fault, Route
 from tests.feishu_helpers import RecordingExecutor, feishu_config, settle, started
@@ -54,7 +55,7 @@ async def bot(fake_feishu: FakeFeishu, tmp_path: Path, request: pytest.FixtureRe
     executor = RecordingExecutor(build_executor(config))
     await executor.start()
     adapter = await started(config, executor)
-    app = Starlette(routes=adapter.routes())
+    app = Starlette(routes=[mount(route) for route in adapter.routes()])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot") as client:
         yield Bot(fake_feishu, adapter, client)
     await adapter.stop()

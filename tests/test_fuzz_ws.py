@@ -23,10 +23,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from protocol.v1 import MAX_ID_CHARS, MAX_TEXT_CHARS, ClientFrameType
 from server.ws.frames import (
-    CLIENT_TYPES,
-    MAX_ID_CHARS,
-    MAX_TEXT_CHARS,
     Ask,
     Cancel,
     FrameLimits,
@@ -87,7 +85,7 @@ image_items = (
 )
 images = junk | st.lists(image_items, max_size=LIMITS.max_images + 1)
 near_valid = st.fixed_dictionaries(
-    {"type": st.sampled_from(CLIENT_TYPES) | junk},
+    {"type": st.sampled_from([str(kind) for kind in ClientFrameType]) | junk},
     optional={
         "id": ids,
         "text": texts,

@@ -12,13 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse
-from starlette.routing import BaseRoute, Route
 
 from server.health import Status, agent_line, assess
 from server.inference.api import ExecutorState, ExecutorStats
+from server.platform import HttpRequest, HttpResponse, HttpRoute
 from tests.serving import make_config, serve, slow_echo
+from tests.waiting import DEADLINE
 from tests.wsclient import Client
 
 
@@ -51,7 +50,7 @@ def test_weight_falls_as_the_executor_fills_and_agent_words_follow() -> None:
 
 
 class FakePlatform:
-    """A PlatformAdapter as the Feishu one will be: routes, start/stop, health."""
+    """A PlatformAdapter as the Feishu one is: routes, start/drain/stop, health."""
 
     name = "fake"
 
@@ -59,14 +58,17 @@ class FakePlatform:
         self.events: list[str] = []
         self.up = True
 
-    def routes(self) -> list[BaseRoute]:
-        async def hook(request: Request) -> PlainTextResponse:
-            return PlainTextResponse("hooked")
+    def routes(self) -> list[HttpRoute]:
+        async def hook(request: HttpRequest) -> HttpResponse:
+            return HttpResponse(200, b"hooked: " + await request.read_body(100), "text/plain")
 
-        return [Route("/fake/events", hook, methods=["POST"])]
+        return [HttpRoute("POST", "/fake/events", hook)]
 
     async def start(self) -> None:
         self.events.append("start")
+
+    async def drain(self, deadline: float) -> None:
+        self.events.append("drain")
 
     async def stop(self) -> None:
         self.events.append("stop")
@@ -82,7 +84,9 @@ def test_health_reports_load_sessions_and_platforms() -> None:
     platform = FakePlatform()
     with serve(make_config(), platforms=[platform]) as running:
         assert platform.events == ["start"]
-        assert httpx.post(running.http + "/fake/events").text == "hooked"
+        assert httpx.post(running.http + "/fake/events", content=b"hi").text == "hooked: hi"
+        too_big = httpx.post(running.http + "/fake/events", content=b"x" * 101)
+        assert too_big.status_code == 413, too_big.text  # the shared body limit holds for platforms too
         response = httpx.get(running.http + "/health")
         body = response.json()
         assert response.status_code == 200 and body["status"] == "healthy" and body["weight"] == 100
@@ -100,7 +104,7 @@ def test_health_reports_load_sessions_and_platforms() -> None:
         platform.up = False
         response = httpx.get(running.http + "/health")
         assert response.status_code == 200 and response.json()["status"] == "degraded"
-    assert platform.events == ["start", "stop"]
+    assert platform.events == ["start", "drain", "stop"]
 
 
 def test_health_is_503_while_the_model_loads(demo_model_dir) -> None:
@@ -111,16 +115,34 @@ def test_health_is_503_while_the_model_loads(demo_model_dir) -> None:
             assert first.json()["weight"] == 0
 
 
+def sample(text: str, name: str) -> float:
+    """The value of the sample *name* (with its labels) in a /metrics page; 0 when absent."""
+    line = next((line for line in text.splitlines() if line.startswith(name + " ")), f"{name} 0")
+    return float(line.rsplit(" ", 1)[1])
+
+
 async def test_metrics_expose_requests_latency_sessions_pings_and_fds() -> None:
     with serve(make_config(ping_interval=0.1, ping_timeout=0.5)) as running:
+        counted = (
+            'vlbridge_requests_total{code="ok",route="ws"}',
+            'vlbridge_errors_total{code="bad_request",route="ws"}',
+            "vlbridge_ws_pings_sent_total",
+            "vlbridge_ws_ping_rtt_seconds_count",
+        )
+        before = (await asyncio.to_thread(httpx.get, running.http + "/metrics")).text
         client = await Client.open(running.ws)
         await client.ask("m", "count me")
         await client.until_end("m")
         await client.send("{broken")
         await client.recv()
-        await asyncio.sleep(0.25)
+        while (await client.recv_any())["type"] != "ping":  # a server ping, answered
+            pass
+        await client.send({"type": "ping"})  # the server reads our pong before this ping
+        assert (await client.recv())["type"] == "pong"
         text = (await asyncio.to_thread(httpx.get, running.http + "/metrics")).text
         await client.close()
+    for name in counted:  # the registry is the process's: earlier tests counted too
+        assert sample(text, name) > sample(before, name), name
     for name in (
         'vlbridge_requests_total{code="ok",route="ws"}',
         'vlbridge_errors_total{code="bad_request",route="ws"}',
@@ -196,7 +218,7 @@ backend vlbridge
 
 
 def wait_weight(stats_socket, accept) -> bool:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
         try:
             with socket.socket(socket.AF_UNIX) as sock:

@@ -5,8 +5,10 @@ import io
 import pytest
 from PIL import Image
 
+from protocol.pictures import ImageLimits, PictureRejected, decode_base64, encode_base64, sniff_image
+from protocol.v1 import ErrorCode
 from server.errors import BadImage, TooLarge
-from server.inference.images import ImageLimits, decode_image, sniff_image
+from server.inference.images import decode_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
@@ -74,18 +76,47 @@ def test_decoding_cost_budget_refuses_big_pngs_but_not_big_jpegs() -> None:
     big = Image.new("RGB", (1200, 1200), (10, 200, 30))
     with pytest.raises(TooLarge, match="1200x1200 pixels; a PNG file is accepted up to 1 megapixels"):
         decode_image(encode(big, "PNG"), limits)
-    with pytest.raises(TooLarge, match="picture 3: the picture is 1200x1200"):
+    with pytest.raises(PictureRejected, match="picture 3: the picture is 1200x1200") as refused:
         sniff_image(encode(big, "PNG"), 3, 1 << 20, limits)  # the header tells: refused before queueing
+    assert refused.value.code is ErrorCode.TOO_LARGE
     photo = decode_image(encode(big, "JPEG"), limits)  # decoded at a quarter of its size: cheap
     assert photo.width * photo.height <= 256 * 256
     sniff_image(encode(big, "JPEG"), 1, 1 << 20, limits)
     sniff_image(encode(big, "PNG"), 1, 1 << 20)  # without limits: the format check only
 
 
-def test_sniff_refuses_what_is_not_a_picture_by_its_header() -> None:
-    with pytest.raises(BadImage, match="picture 2 is not a picture format"):
-        sniff_image(b"\x89PNG but not really" * 50, 2, 1 << 20, ImageLimits())
-    with pytest.raises(BadImage, match="picture 1 is empty"):
-        sniff_image(b"", 1, 1 << 20)
-    with pytest.raises(TooLarge, match=r"picture 1 is 0\.0 MB; the limit is 0\.0 MB"):
-        sniff_image(b"x" * 20, 1, 10)
+@pytest.mark.parametrize(
+    ("data", "max_bytes", "code", "message"),
+    [
+        (b"\x89PNG but not really" * 50, 1 << 20, ErrorCode.BAD_IMAGE, "picture 2 is not a picture format"),
+        (b"", 1 << 20, ErrorCode.BAD_IMAGE, "picture 2 is empty"),
+        (b"x" * 20, 10, ErrorCode.TOO_LARGE, r"picture 2 is 0\.0 MB; the limit is 0\.0 MB"),
+    ],
+)
+def test_sniff_refuses_what_is_not_a_picture_by_its_header(
+    data: bytes, max_bytes: int, code: ErrorCode, message: str
+) -> None:
+    with pytest.raises(PictureRejected, match=message) as refused:
+        sniff_image(data, 2, max_bytes, ImageLimits())
+    assert refused.value.code is code
+
+
+def test_base64_round_trip_bare_and_as_a_data_url() -> None:
+    png = encode(Image.new("RGB", (40, 40)))
+    assert decode_base64(encode_base64(png), 1, 1 << 20) == png
+    assert decode_base64("data:image/png;base64," + encode_base64(png), 1, 1 << 20) == png
+
+
+@pytest.mark.parametrize(
+    ("item", "code", "message"),
+    [
+        ("data:image/png,rawbytes", ErrorCode.BAD_IMAGE, "picture 4: only base64 data: URLs are accepted"),
+        ("not base64!", ErrorCode.BAD_IMAGE, "picture 4 is not valid base64"),
+        ("", ErrorCode.BAD_IMAGE, "picture 4 is empty"),
+        ("A" * 4000, ErrorCode.TOO_LARGE, r"picture 4 is about 0\.0 MB; the limit is 0\.0 MB"),
+    ],
+)
+def test_base64_refusals(item: str, code: ErrorCode, message: str) -> None:
+    with pytest.raises(PictureRejected, match=message) as refused:
+        decode_base64(item, 4, 1000)
+    assert refused.value.code is code

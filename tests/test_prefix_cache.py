@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from protocol.pictures import ImageLimits
 from server.inference.api import Done, InferenceRequest, SamplingParams, Turn
 from server.inference.executor import ExecutorLimits, InferenceExecutor
-from server.inference.images import ImageLimits
-from server.inference.model.engine import EngineOptions, ModelEngine
 from server.inference.model.kvcache import PAGE, PagedKVCache, SeqCache
+from server.inference.model.model_engine import EngineOptions, ModelEngine
 from server.inference.model.prefix import PrefixCache, full_block_keys, identity, picture_start, picture_token
 from tests.conftest import make_png
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from protocol.pictures import ImageLimits
 from server.errors import Cancelled, TooLarge
 from server.inference.api import Turn
 from server.inference.engine import keep_going
-from server.inference.images import ImageLimits
 from server.inference.model.loader import load_model
 from server.inference.model.prompt import Prompt, PromptBuilder
 from tests.conftest import make_png

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from protocol.pictures import ImageLimits
 from server.inference.api import Turn
-from server.inference.images import ImageLimits
-from server.inference.model.engine import EngineOptions, ModelEngine
+from server.inference.model.model_engine import EngineOptions, ModelEngine
 from server.inference.model.vision import VisionEncoder
 from tests.conftest import make_png
 

@@ -9,11 +9,12 @@ import orjson
 import psutil
 import pytest
 
+from protocol.v1 import CloseCode
 from server.inference.api import SamplingParams, Turn
 from server.ws.frames import Ask, FrameLimits, InvalidFrame, Ping, Pong, Reset, parse_client_frame
 from server.ws.keepalive import PingManager
-from server.ws.protocol import Beat, Conversation, FloodGate, FrameLog, Keepalive
 from server.ws.sessions import SessionLimits, SessionRegistry
+from server.ws.state import Beat, FloodGate, FrameLog, History, Keepalive
 
 MS = 0.001
 LIMITS = FrameLimits(max_images=2, max_image_bytes=100)
@@ -117,7 +118,7 @@ def test_flood_gate_allows_bursts_then_the_rate() -> None:
 
 
 def test_conversation_keeps_bounded_turns_and_only_recent_pictures() -> None:
-    talk = Conversation(max_turns=2, max_images=1)
+    talk = History(max_turns=2, max_images=1)
     pic = b"png"
     for n in range(3):
         talk.add(Turn.user(f"q{n}", [pic]), f"a{n}", talk.generation)
@@ -160,7 +161,7 @@ def test_one_sweep_pings_the_due_connections_and_closes_the_dead() -> None:
             alive.keepalive.received(alive.pings[-1] + MS)  # answers each ping within 1 ms
         manager.sweep(now)
     assert alive.closed is None and len(alive.pings) in (4, 5)  # every 0.2 s, to the 10 ms tick
-    assert silent.closed is not None and silent.closed[0] == 1011
+    assert silent.closed is not None and silent.closed[0] == CloseCode.PING_TIMEOUT
     assert silent.pings == [0.2] and manager.watched == 1
 
 

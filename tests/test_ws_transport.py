@@ -3,7 +3,6 @@ fallback under stock uvicorn, and answers consumed by listeners rather than task
 
 from __future__ import annotations
 
-import asyncio
 import gc
 
 import pytest
@@ -12,6 +11,7 @@ from server.inference.api import Delta, Done, Event, Events, Failed, InferenceRe
 from server.inference.instant import INSTANT_PATH, InstantExecutor
 from server.service import Service
 from tests.serving import make_config, serve, slow_echo
+from tests.waiting import until
 from tests.wsclient import Client
 
 # Answers whose frames need RFC 6455's 7-bit, 16-bit and 64-bit lengths (the last one is
@@ -62,13 +62,9 @@ async def test_a_listener_that_raises_cancels_and_untracks_its_answer() -> None:
             if any(isinstance(event, Delta) for event in events):
                 raise RuntimeError("a bug in a listener")
 
-        answer = service.answer(InferenceRequest("r", [Turn.user("a long enough question")]), "ws")
+        answer = service.answers.submit(InferenceRequest("r", [Turn.user("a long enough question")]), "ws")
         answer.listen(broken)
-        for _ in range(200):
-            if not service.running_answers:
-                break
-            await asyncio.sleep(0.01)
-        assert service.running_answers == 0
+        await until(lambda: service.answers.running == 0, "the failed listener's answer to be untracked")
         assert sum(isinstance(e, Delta) for e in seen) == 1  # nothing after the failure
         assert answer.handle.cancelled  # type: ignore[attr-defined]
     finally:
@@ -92,18 +88,16 @@ async def test_finished_answers_leave_no_reference_cycles_for_the_collector(back
     service = Service(make_config(), executor)
     await service.start()
     try:
-        await service.answer(InferenceRequest("warm", [Turn.user("hi")]), "ws").events().__anext__()
-        while service.running_answers:
-            await asyncio.sleep(0.01)
+        await aiter(service.answers.submit(InferenceRequest("warm", [Turn.user("hi")]), "ws")).__anext__()
+        await until(lambda: service.answers.running == 0, "the warm-up answer to finish")
         gc.collect()
         gc.disable()  # what a finished answer leaves must go by reference counting alone
         holders = []
         for n in range(50):  # within the echo executor's queue
-            answer = service.answer(InferenceRequest(f"r{n}", [Turn.user("hi")]), "ws")
+            answer = service.answers.submit(InferenceRequest(f"r{n}", [Turn.user("hi")]), "ws")
             holders.append(_Holder(answer))
             answer.listen(holders[-1].on_events)
-        while service.running_answers:
-            await asyncio.sleep(0.01)
+        await until(lambda: service.answers.running == 0, "50 answers to finish")
         assert all(isinstance(holder.events[-1], Done) for holder in holders)
         del holders, answer
         assert gc.collect() < 50  # a cycle per answer would leave hundreds of objects

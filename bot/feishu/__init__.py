@@ -1,17 +1,17 @@
-"""The Feishu/Lark adapter: `build_adapter(config, executor)` is the one entry point."""
+"""The Feishu/Lark adapter: `build_adapter(config, answers)` is the one entry point."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from server.config import Config
-from server.inference.api import Executor
+from server.inference.api import AnswerSource
 
 if TYPE_CHECKING:
     from server.platform import PlatformAdapter
 
 
-def build_adapter(config: Config, executor: Executor) -> PlatformAdapter | None:
+def build_adapter(config: Config, answers: AnswerSource) -> PlatformAdapter | None:
     """The configured Feishu adapter, or None when ``feishu.enabled`` is false.
 
     Raises `server.errors.ConfigError` when enabled without the credentials the mode needs.
@@ -34,4 +34,4 @@ def build_adapter(config: Config, executor: Executor) -> PlatformAdapter | None:
         )
     from bot.feishu.adapter import FeishuAdapter
 
-    return FeishuAdapter(config, executor)
+    return FeishuAdapter(config, answers)

@@ -17,20 +17,19 @@ import logging
 import time
 from typing import Any
 
-from starlette.routing import BaseRoute
-
 from bot.conversation import AnswerSink, Conversation, Decision, Policy, Settings
 from bot.feishu import metrics
-from bot.feishu.api import FeishuApi, FeishuApiError
 from bot.feishu.cards import CardStream
 from bot.feishu.longconn import LongConnection
 from bot.feishu.messages import MalformedEvent, parse_event
+from bot.feishu.openapi import FeishuApi, FeishuApiError
 from bot.feishu.webhook import Webhook
 from bot.inbox import Inbox, InboxState
 from bot.types import ChatType, InboundMessage
 from server.config import Config
 from server.errors import Unavailable
-from server.inference.api import Executor
+from server.inference.api import AnswerSource
+from server.platform import HttpRoute
 
 log = logging.getLogger("vlbridge.feishu")
 
@@ -78,7 +77,7 @@ class FeishuChannel:
 class FeishuAdapter:
     name = "feishu"
 
-    def __init__(self, config: Config, executor: Executor, *, grace: float = 2.0) -> None:
+    def __init__(self, config: Config, answers: AnswerSource, *, grace: float = 2.0) -> None:
         feishu = config.feishu
         self.config = config
         self.grace = grace
@@ -89,7 +88,7 @@ class FeishuAdapter:
             retention_hours=feishu.dedup_hours,
         )
         self.conversation = Conversation(
-            executor,
+            answers,
             Settings(
                 language=feishu.language,
                 policy=Policy(
@@ -127,7 +126,7 @@ class FeishuAdapter:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def routes(self) -> list[BaseRoute]:
+    def routes(self) -> list[HttpRoute]:
         return list(self.receiver.routes()) if isinstance(self.receiver, Webhook) else []
 
     async def start(self) -> None:
@@ -137,20 +136,27 @@ class FeishuAdapter:
             await self.receiver.start()
         self._spawn(self._own_id(), "bot-info")
 
-    async def stop(self) -> None:
-        # The worker acked what is still in its pipe: read it all before refusing new events, so
-        # an acked message still gets a sentence (e.g. "unavailable") instead of silence.
-        if isinstance(self.receiver, LongConnection):
-            await self.receiver.stop()
-        else:
-            self.receiver.close()
-        self._accepting = False
+    async def drain(self, deadline: float) -> None:
+        """Stop receiving; running handlers (their answers, then the card's last update) get
+        until *deadline*, plus `grace` for the platform calls that close their cards."""
+        if self._accepting:
+            self._accepting = False
+            # The worker acked what is still in its pipe: it is read before the link closes,
+            # so an acked message still gets a sentence ("shutting down") instead of silence.
+            if isinstance(self.receiver, LongConnection):
+                await self.receiver.stop()
+            else:
+                self.receiver.close()
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()) + self.grace)
+
+    async def stop(self) -> None:
+        await self.drain(time.monotonic())
+        pending = set(self._tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
         self.api.close()
         await self.inbox.close()
 

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import Any
 
-from bot.feishu.api import FeishuApi, FeishuApiError
+from bot.feishu.openapi import FeishuApi, FeishuApiError
 
 log = logging.getLogger("vlbridge.feishu.cards")
 

@@ -164,6 +164,7 @@ class LongConnection:
                         at=float(record["at"]),
                         connected=bool(record["connected"]),
                         unanswered_since=float(record.get("unanswered_since") or 0.0),
+                        starting=bool(record.get("starting")),
                     )
                     watchdog.observe(report)
                     if watchdog is self._watchdog:

@@ -30,11 +30,13 @@ class WorkerReport:
     at: float
     connected: bool
     unanswered_since: float = 0.0  # the oldest ping with no pong after it (0: none pending)
+    starting: bool = False  # still importing the SDK: alive, not yet trying to connect
 
 
 @dataclass(frozen=True, slots=True)
 class WatchdogLimits:
-    startup: float = 20.0  # spawn -> first report (the worker imports the SDK: ~2-3 s)
+    startup: float = 20.0  # spawn -> first report (the worker reports before it imports the SDK)
+    loading: float = 180.0  # spawn -> the SDK imported (~4 s of CPU; much longer on a busy machine)
     silence: float = 30.0  # max time between two reports
     disconnected: float = 30.0  # max time without a connection before a fresh worker is tried
     pong: float = 30.0  # max time a ping may stay unanswered
@@ -52,6 +54,8 @@ class Watchdog:
 
     def observe(self, report: WorkerReport) -> None:
         self.report = report
+        if report.starting:
+            return  # not trying to connect yet: not "down"
         if report.connected:
             self.down_since = None
             self.ever_connected = True
@@ -74,6 +78,8 @@ class Watchdog:
             return None
         if now - report.at > limits.silence:
             return f"worker silent for {now - report.at:.1f} s (hung?)"
+        if report.starting and now - self.spawned_at > limits.loading:
+            return f"worker still loading the SDK {now - self.spawned_at:.1f} s after starting"
         if self.down_since is not None and now - self.down_since > limits.disconnected:
             return f"no connection for {now - self.down_since:.1f} s"
         if report.connected and report.unanswered_since and report.at - report.unanswered_since > limits.pong:

@@ -28,12 +28,9 @@ from typing import Any
 
 import lark_oapi as lark
 import orjson
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from server.errors import RequestError, TooLarge
-from server.http.body import read_body
+from server.platform import HttpRequest, HttpResponse, HttpRoute
 
 log = logging.getLogger("vlbridge.feishu.webhook")
 
@@ -70,7 +67,7 @@ def timestamp_fresh(headers: Mapping[str, str], now: float) -> bool:
 
 
 class Webhook:
-    """The webhook endpoint; `routes()` gives the Starlette route to mount."""
+    """The webhook endpoint; `routes()` gives the framework-neutral route the service mounts."""
 
     def __init__(self, *, encrypt_key: str, verification_token: str, on_event: EventCallback) -> None:
         self.encrypt_key = encrypt_key
@@ -93,8 +90,8 @@ class Webhook:
             .build()
         )
 
-    def routes(self) -> list[Route]:
-        return [Route(PATH, self.endpoint, methods=["POST"])]
+    def routes(self) -> list[HttpRoute]:
+        return [HttpRoute("POST", PATH, self.endpoint)]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -106,12 +103,12 @@ class Webhook:
         if loop is not None:
             loop.call_soon_threadsafe(self.on_event, body, time.time())
 
-    async def endpoint(self, request: Request) -> Response:
+    async def endpoint(self, request: HttpRequest) -> HttpResponse:
         self.requests += 1
         self.last_request_at = time.time()
         self._loop = asyncio.get_running_loop()
         try:
-            body = await read_body(request, MAX_BODY)
+            body = await request.read_body(MAX_BODY)
         except TooLarge:
             return self._refuse(request, 413, "the body is too large", f"over {MAX_BODY} bytes")
         except RequestError as exc:
@@ -132,7 +129,7 @@ class Webhook:
                     request, 401, "the request timestamp is outside the accepted window", reason
                 )
         raw = lark.RawRequest()
-        raw.uri = request.url.path
+        raw.uri = request.path
         raw.headers = headers
         raw.body = body
         response = await self._loop.run_in_executor(self._pool, self.handler.do, raw)
@@ -146,15 +143,12 @@ class Webhook:
             if unauthorized:
                 return self._refuse(request, 401, "the request could not be verified", f"SDK: {detail}")
             return self._refuse(request, 400, "the event could not be read", f"SDK: {detail}")
-        return Response(
-            response.content or b"", status_code=200, media_type="application/json; charset=utf-8"
-        )
+        return HttpResponse(200, response.content or b"", "application/json; charset=utf-8")
 
-    def _refuse(self, request: Request, status: int, answer: str, detail: str) -> Response:
+    def _refuse(self, request: HttpRequest, status: int, answer: str, detail: str) -> HttpResponse:
         """Count and log a refused request; *answer* goes to the anonymous caller, *detail* to the log."""
         self.rejected += 1
-        peer = request.client.host if request.client else "?"
-        log.warning("webhook: refused a request from %s (%d): %s; %s", peer, status, answer, detail)
+        log.warning("webhook: refused a request from %s (%d): %s; %s", request.client, status, answer, detail)
         return _json(status, answer)
 
     def health(self) -> dict[str, Any]:
@@ -174,5 +168,5 @@ def _ignore(data: Any) -> None:
     return None
 
 
-def _json(status: int, msg: str) -> Response:
-    return Response(orjson.dumps({"msg": msg}), status_code=status, media_type="application/json")
+def _json(status: int, msg: str) -> HttpResponse:
+    return HttpResponse(status, orjson.dumps({"msg": msg}))

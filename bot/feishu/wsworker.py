@@ -8,7 +8,9 @@ A process can always be stopped (closing its stdin, or a kill), whatever state t
 Protocol (JSON lines; all times are ``time.time()`` seconds):
 - stdin: one line ``{"app_id", "app_secret", "domain", "heartbeat"}``; then EOF means "exit".
 - stdout: ``{"t": "event", "body": "<event JSON>", "at"}`` per received event,
-  ``{"t": "state", "at", "connected", "unanswered_since"}`` every `heartbeat` seconds,
+  ``{"t": "state", "at", "connected", "unanswered_since"}`` every `heartbeat` seconds (with
+  ``"starting": true`` from the first moment until the SDK is imported, which takes seconds of
+  CPU: the watchdog then knows the worker is alive, not hung),
   ``{"t": "log", "level", "msg"}`` for the SDK's info/warning/error lines.
 
 The SDK handler only queues the event for a writer thread and returns, so the SDK acks in
@@ -82,6 +84,15 @@ def _stdin_watch(stdin: IO[bytes]) -> None:
     os._exit(0)
 
 
+def _starting(heartbeat: float, loaded: threading.Event) -> None:
+    """Report "alive, starting" until the SDK is imported (an import is no place for a loop)."""
+    while not loaded.is_set():
+        _emit(
+            {"t": "state", "at": time.time(), "connected": False, "unanswered_since": 0.0, "starting": True}
+        )
+        loaded.wait(heartbeat)
+
+
 def main() -> int:
     # stdout is the protocol; anything else printing to it (the SDK's default handler) goes to stderr.
     protocol = os.fdopen(os.dup(1), "wb")
@@ -90,6 +101,9 @@ def main() -> int:
     settings = json.loads(sys.stdin.buffer.readline() or b"{}")
     threading.Thread(target=_writer, args=(protocol,), name="writer", daemon=True).start()
     threading.Thread(target=_stdin_watch, args=(sys.stdin.buffer,), name="stdin", daemon=True).start()
+    heartbeat = float(settings.get("heartbeat", 2.0))
+    loaded = threading.Event()
+    threading.Thread(target=_starting, args=(heartbeat, loaded), name="starting", daemon=True).start()
 
     import asyncio
 
@@ -129,7 +143,7 @@ def main() -> int:
         domain=settings["domain"],
         log_level=lark.LogLevel.DEBUG,
     )
-    heartbeat = float(settings.get("heartbeat", 2.0))
+    loaded.set()
 
     async def report() -> None:
         while True:

@@ -16,10 +16,10 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.errors import BadRequest, RequestError, TooLarge, UnsupportedMediaType
+from server.errors import BadRequest, RequestError, TooLarge, UnsupportedMediaType, shutting_down
 from server.http.body import read_form
-from server.http.common import check_auth, check_images, collect_while_connected, first_event, service_of
-from server.http.errors import error_response, from_request_error
+from server.http.common import check_auth, check_images, collect_while_connected, context_of, first_event
+from server.http.errors import from_request_error
 from server.http.sse import EventStream, sse_event
 from server.inference.api import Event, InferenceRequest, SamplingParams, Turn
 from server.wire import event_dict
@@ -30,17 +30,16 @@ ROUTE = "/v1/analyze"
 async def analyze(request: Request) -> Response:
     if (denied := check_auth(request)) is not None:
         return denied
-    service = service_of(request)
-    if not service.accepting:
-        return error_response("unavailable", "the service is shutting down", retry_after=5, route=ROUTE)
+    ctx = context_of(request)
+    if not ctx.answers.accepting:
+        return from_request_error(shutting_down(), ROUTE)
     try:
         prompt, images, params = await _read_form(request)
-        await check_images(images, service.config.server.max_image_bytes)
+        await check_images(images, ctx.image_limits)
     except RequestError as exc:
         return from_request_error(exc, ROUTE)
     ask_id = "an-" + secrets.token_hex(8)
-    answer = service.answer(InferenceRequest(ask_id, [Turn.user(prompt, images)], params), ROUTE)
-    events = answer.events()
+    events = aiter(ctx.answers.submit(InferenceRequest(ask_id, [Turn.user(prompt, images)], params), ROUTE))
     stream = request.query_params.get("stream", "true").lower() not in ("false", "0", "no")
     try:
         if not stream:
@@ -62,7 +61,7 @@ async def _sse(ask_id: str, first: Event, events: AsyncIterator[Event]) -> Async
 
 
 async def _read_form(request: Request) -> tuple[str, list[bytes], SamplingParams]:
-    server = service_of(request).config.server
+    server = context_of(request).server
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise UnsupportedMediaType("send multipart/form-data with an 'image' file and a 'prompt' field")

@@ -5,26 +5,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from server.auth import Refusal
+from protocol.pictures import ImageLimits, PictureRejected, sniff_image
+from server.answers import AnswerGateway
+from server.auth import Authenticator, Refusal
+from server.config import ServerConfig
 from server.errors import RequestError
 from server.http.errors import forbidden_origin, unauthorized
 from server.inference.api import Done, Event, Failed
-from server.inference.images import sniff_image as _sniff
-from server.service import Service
 
 
-def service_of(request: HTTPConnection) -> Service:
-    service: Service = request.app.state.service
-    return service
+@dataclass(frozen=True, slots=True)
+class HttpContext:
+    """What the HTTP routes need from the service (``app.state.http``)."""
+
+    answers: AnswerGateway
+    auth: Authenticator
+    server: ServerConfig
+    image_limits: ImageLimits  # what a picture must pass before its request is queued, as on /ws
+
+
+def context_of(request: HTTPConnection) -> HttpContext:
+    context: HttpContext = request.app.state.http
+    return context
 
 
 def check_auth(request: HTTPConnection) -> Response | None:
     """None when the request may proceed, else the 401 or 403 response to send (server.auth)."""
-    verdict = service_of(request).auth.admit(request.headers, request.query_params)
+    verdict = context_of(request).auth.admit(request.headers, request.query_params)
     if verdict is Refusal.UNAUTHORIZED:
         return unauthorized()
     if verdict is Refusal.FORBIDDEN_ORIGIN:
@@ -32,19 +44,23 @@ def check_auth(request: HTTPConnection) -> Response | None:
     return None
 
 
-async def check_images(images: list[bytes], max_bytes: int) -> None:
+async def check_images(images: list[bytes], limits: ImageLimits) -> None:
     """Refuse what is clearly not a usable picture before any queueing (raises RequestError).
 
-    Only headers are read here; the executor decodes fully and reports what is left."""
-    if sum(len(data) for data in images) > 1 << 20:
-        await asyncio.to_thread(_sniff_all, images, max_bytes)
-    else:
-        _sniff_all(images, max_bytes)
+    Only headers are read here (format, bytes, dimensions, decoding budget: what the
+    executor's decoder would refuse); the executor decodes fully and reports what is left."""
+    try:
+        if sum(len(data) for data in images) > 1 << 20:
+            await asyncio.to_thread(_sniff_all, images, limits)
+        else:
+            _sniff_all(images, limits)
+    except PictureRejected as exc:
+        raise RequestError.from_code(exc.code, exc.message) from None
 
 
-def _sniff_all(images: list[bytes], max_bytes: int) -> None:
+def _sniff_all(images: list[bytes], limits: ImageLimits) -> None:
     for number, data in enumerate(images, start=1):
-        _sniff(data, number, max_bytes)
+        sniff_image(data, number, limits.max_bytes, limits)
 
 
 async def first_event(events: AsyncIterator[Event]) -> Event:

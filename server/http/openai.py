@@ -23,13 +23,13 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.errors import BadImage, BadRequest, RequestError, TooLarge, UnsupportedMediaType
+from protocol.pictures import PictureRejected, decode_base64
+from server.errors import BadImage, BadRequest, RequestError, TooLarge, UnsupportedMediaType, shutting_down
 from server.http.body import read_body
-from server.http.common import check_auth, check_images, collect_while_connected, first_event, service_of
-from server.http.errors import error_response, from_request_error
+from server.http.common import check_auth, check_images, collect_while_connected, context_of, first_event
+from server.http.errors import from_request_error
 from server.http.sse import EventStream
 from server.inference.api import Delta, Done, Event, Failed, InferenceRequest, SamplingParams, Turn
-from server.ws.frames import InvalidFrame, decode_base64_image
 
 ROUTE = "/v1/chat/completions"
 MAX_BODY = 1 << 20  # besides the pictures
@@ -38,7 +38,7 @@ MAX_BODY = 1 << 20  # besides the pictures
 async def models(request: Request) -> Response:
     if (denied := check_auth(request)) is not None:
         return denied
-    model = service_of(request).executor.stats().model
+    model = context_of(request).answers.stats().model
     return JSONResponse(
         {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "vlbridge"}]}
     )
@@ -47,23 +47,22 @@ async def models(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     if (denied := check_auth(request)) is not None:
         return denied
-    service = service_of(request)
-    server = service.config.server
-    if not service.accepting:
-        return error_response("unavailable", "the service is shutting down", retry_after=5, route=ROUTE)
+    ctx = context_of(request)
+    server = ctx.server
+    if not ctx.answers.accepting:
+        return from_request_error(shutting_down(), ROUTE)
     try:
         body = await _read_json(request, server.max_images * server.max_image_bytes * 2 + MAX_BODY)
         messages = await _messages(
             body, server.max_images, server.max_image_bytes, server.allow_remote_images
         )
-        await check_images([data for turn in messages for data in turn.images], server.max_image_bytes)
+        await check_images([data for turn in messages for data in turn.images], ctx.image_limits)
         params = _params(body)
     except RequestError as exc:
         return from_request_error(exc, ROUTE)
     completion_id = "chatcmpl-" + secrets.token_hex(12)
-    answer = service.answer(InferenceRequest(completion_id, messages, params), ROUTE)
-    events = answer.events()
-    model = str(body.get("model") or service.executor.stats().model)
+    events = aiter(ctx.answers.submit(InferenceRequest(completion_id, messages, params), ROUTE))
+    model = str(body.get("model") or ctx.answers.stats().model)
     try:
         if not body.get("stream"):
             done = await collect_while_connected(request, events)
@@ -144,8 +143,8 @@ async def _content(
 async def _image(url: str, number: int, max_bytes: int, remote: bool) -> bytes:
     if url.startswith("data:"):
         try:
-            return decode_base64_image(url, number, max_bytes)
-        except InvalidFrame as exc:
+            return decode_base64(url, number, max_bytes)
+        except PictureRejected as exc:
             raise RequestError.from_code(exc.code, exc.message) from None
     if url.startswith(("http://", "https://")):
         if not remote:

@@ -189,7 +189,8 @@ class ExecutorStats:
 class RequestHandle(Protocol):
     """The caller's side of one submitted request."""
 
-    id: str
+    @property
+    def id(self) -> str: ...
 
     def __aiter__(self) -> AsyncIterator[Event]: ...
 
@@ -203,12 +204,17 @@ class RequestHandle(Protocol):
         """Stop the request; its slot is freed at the next step. Idempotent."""
 
 
-class Executor(Protocol):
-    """What the server and the adapters need from an inference backend."""
+class AnswerSource(Protocol):
+    """Where answers come from: what the routes and the IM adapters need (the service's
+    answer gateway implements it over an `Executor`)."""
 
     def submit(self, request: InferenceRequest) -> RequestHandle: ...
 
     def stats(self) -> ExecutorStats: ...
+
+
+class Executor(AnswerSource, Protocol):
+    """An inference backend: an `AnswerSource` that is started and stopped."""
 
     async def start(self) -> None:
         """Begin loading in the background; returns at once (stats().state says when ready)."""

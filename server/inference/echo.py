@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 
+from protocol.pictures import ImageLimits
 from server.errors import BadImage
 from server.inference.api import Turn
 from server.inference.engine import Check, PreparedPrompt, ReadyTokens, Sequence, keep_going
-from server.inference.images import ImageLimits, decode_image
+from server.inference.images import decode_image
 
 ECHO_PATH = "builtin:echo"
 _EOS = 0

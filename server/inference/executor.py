@@ -31,9 +31,20 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TypeVar
 
-from server.errors import Cancelled, InternalError, RequestError, Timeout, TooLarge, Unavailable
+from server.errors import (
+    SHUTDOWN_RETRY_AFTER,
+    SHUTTING_DOWN,
+    Cancelled,
+    InternalError,
+    RequestError,
+    Timeout,
+    TooLarge,
+    Unavailable,
+    shutting_down,
+)
 from server.inference.api import (
     FINAL,
     Delta,
@@ -101,6 +112,18 @@ def _malloc_trim() -> Callable[[], None]:
 
 
 release_memory = _malloc_trim()
+
+
+class Control(Enum):
+    """What the event loop tells the worker besides new jobs (the worker's inbox)."""
+
+    CANCEL = "cancel"  # a handle was cancelled: drop it at the next step
+    WAKE = "wake"  # look again now (e.g. whether the executor is idle, for a drain)
+    STOP = "stop"  # finish the running steps, fail what is left, free the model
+
+
+LOAD_WAIT = 600.0  # seconds a request being prepared waits for the model to load
+MEMORY_SAMPLE_INTERVAL = 1.0  # seconds between the worker's samples of device memory
 
 
 class _Handle:
@@ -228,7 +251,7 @@ class InferenceExecutor:
         self._progress = 0.0
         self._detail = ""
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: queue.SimpleQueue[_Job | str] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Job | Control] = queue.SimpleQueue()
         self._waiting: list[_Job] = []  # worker-owned: prepared, not yet running (FIFO)
         self._running: list[_Job] = []  # worker-owned
         self._pending = 0  # submitted and not yet running; guarded by _lock
@@ -259,6 +282,8 @@ class InferenceExecutor:
         self._last_decode = 0.0
         # worker-owned: time to first token split into its parts, decode cadence, prefill stalls
         self.profile = Profile(logging.getLogger("vlbridge.profile"), "executor", limits.profile_seconds)
+        self._memory: tuple[int, int] | None = None  # (used, total) device bytes, sampled by the worker
+        self._memory_at = -MEMORY_SAMPLE_INTERVAL
 
     # ---- asyncio side -------------------------------------------------------------------------------
 
@@ -283,12 +308,12 @@ class InferenceExecutor:
 
     def submit(self, request: InferenceRequest) -> _Handle:
         loop = self._loop or asyncio.get_running_loop()
-        handle = _Handle(request.id, loop, lambda: self._inbox.put("cancel"))
+        handle = _Handle(request.id, loop, lambda: self._inbox.put(Control.CANCEL))
         now = time.monotonic()
         timeout = request.timeout if request.timeout is not None else self.limits.request_timeout
         job = _Job(request, handle, now, now + timeout)
         if not self._accepting:
-            handle.push(Failed("unavailable", "the service is shutting down; try again shortly", 5.0))
+            handle.push(Failed("unavailable", SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER))
             return handle
         if self._state is ExecutorState.FAILED:
             handle.push(Failed("unavailable", f"the model failed to load: {self._detail}"))
@@ -323,7 +348,7 @@ class InferenceExecutor:
     def stats(self) -> ExecutorStats:
         now = time.monotonic()
         recent = [n for t, n in list(self._token_times) if now - t <= 5.0]
-        memory = self._engine.memory() if self._engine is not None else None
+        memory = self._memory  # sampled by the worker: no device call on the event loop
         return ExecutorStats(
             state=self._state,
             load_progress=self._progress,
@@ -347,9 +372,9 @@ class InferenceExecutor:
         if thread is None:
             return
         if grace > 0:
-            self._inbox.put("wake")  # let the worker see it is idle (or not) right now
+            self._inbox.put(Control.WAKE)  # let the worker see it is idle (or not) right now
             await asyncio.to_thread(self._idle.wait, grace)
-        self._inbox.put("stop")
+        self._inbox.put(Control.STOP)
         await asyncio.to_thread(thread.join, 30.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._picture_pool.shutdown()
@@ -412,11 +437,8 @@ class InferenceExecutor:
         engine = self._engine
         try:
             if engine is None:
-                deadline = time.monotonic() + 600
-                while self._engine is None and self._state is ExecutorState.LOADING:
-                    if time.monotonic() > deadline:
-                        raise Unavailable("the model is still loading")
-                    time.sleep(0.05)
+                if not self._loaded.wait(LOAD_WAIT):
+                    raise Unavailable("the model is still loading")
                 engine = self._engine
                 if engine is None:
                     raise Unavailable(f"the model is not available: {self._detail}")
@@ -450,6 +472,7 @@ class InferenceExecutor:
             self._fail_all_pending()
             return
         self._progress = 1.0
+        self._sample_memory(self._engine)
         self._state = ExecutorState.READY
         self._loaded.set()
         log.info("executor ready: %s on %s", self._model_name, self._engine.device)
@@ -471,6 +494,13 @@ class InferenceExecutor:
                 self._finish(item, Unavailable(f"the model failed to load: {self._detail}"))
         self._flush(force=True)
 
+    def _sample_memory(self, engine: Engine) -> None:
+        """Read device memory at most once a second, between steps (stats() only reads the copy)."""
+        now = time.monotonic()
+        if now - self._memory_at >= MEMORY_SAMPLE_INTERVAL:
+            self._memory_at = now
+            self._memory = engine.memory()
+
     def _loop_forever(self, engine: Engine) -> None:
         stop = False
         inflight: deque[_Launch] = deque()
@@ -488,6 +518,7 @@ class InferenceExecutor:
                 self._collect(inflight.popleft())
             self._publish_positions()
             self._flush()
+            self._sample_memory(engine)
             if self._pending or self._running or inflight:
                 self._idle.clear()
             else:
@@ -496,14 +527,14 @@ class InferenceExecutor:
             with contextlib.suppress(Exception):
                 launch.result.tokens()  # let the device finish before anything is freed
         for job in self._running + self._waiting:
-            self._finish(job, Unavailable("the service is shutting down; try again shortly"))
+            self._finish(job, shutting_down())
         while True:  # jobs still being prepared
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if isinstance(item, _Job):
-                self._finish(item, Unavailable("the service is shutting down; try again shortly"))
+                self._finish(item, shutting_down())
         self._flush(force=True)
         self.profile.flush()
 
@@ -522,9 +553,9 @@ class InferenceExecutor:
             except queue.Empty:
                 return False
             block = False
-            if item == "stop":
+            if item is Control.STOP:
                 return True
-            if isinstance(item, str):  # "cancel"/"wake": flags are already set; just look again
+            if isinstance(item, Control):  # CANCEL/WAKE: the flags are set already; just look again
                 continue
             if item.error is not None:
                 self._finish(item, item.error)

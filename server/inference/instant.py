@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
+from server.errors import SHUTDOWN_RETRY_AFTER, SHUTTING_DOWN
 from server.inference.api import (
     Delta,
     Done,
@@ -66,7 +67,7 @@ class InstantExecutor:
 
     def submit(self, request: InferenceRequest) -> _Answer:
         if self._state is not ExecutorState.READY:
-            failed = Failed("unavailable", "the service is shutting down; try again shortly", 5.0)
+            failed = Failed("unavailable", SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER)
             return _Answer(request.id, [failed])
         question = request.messages[-1] if request.messages else Turn.user("")
         text = f"echo: {question.text}" + (f" [{len(question.images)} pictures]" if question.images else "")

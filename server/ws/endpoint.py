@@ -12,23 +12,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from protocol.pictures import PictureRejected, sniff_image
+from protocol.v1 import PROTOCOL_VERSION, QUERY_LAST_SEQ, QUERY_RESUME, CloseCode
 from server import metrics
+from server.answers import Answer
 from server.auth import Refusal
-from server.backend import image_limits
-from server.errors import RequestError
 from server.inference.api import FINAL, Done, Events, InferenceRequest, Turn
-from server.inference.images import sniff_image
 from server.logs import short_id
-from server.service import Answer, Service
 from server.wire import error_dict, event_dict
 from server.ws.frames import (
-    PROTOCOL_VERSION,
     Ask,
     Cancel,
     ClientFrame,
@@ -39,39 +38,46 @@ from server.ws.frames import (
     encode,
     parse_client_frame,
 )
-from server.ws.protocol import FloodGate, Keepalive
+from server.ws.hub import Hub
 from server.ws.sessions import Session
+from server.ws.state import FloodGate, Keepalive
 from server.ws.transport import FRAMES, SEND_MANY
 
 log = logging.getLogger("vlbridge.ws")
 
-CLOSE_NORMAL = (1000, 1001)  # the client ended the session on purpose: nothing to resume
-CLOSE_POLICY = 1008  # flood
-CLOSE_TOO_BIG = 1009
-CLOSE_ABUSE = (CLOSE_POLICY, CLOSE_TOO_BIG)  # also when the server's own frame limit closed it
-CLOSE_FULL = 1013  # max_sessions reached: try again later
-CLOSE_SLOW = 4408  # the client does not read its frames
-CLOSE_TAKEN_OVER = 4409  # the session was resumed on another connection
-_DENIAL_CLOSE = {"unauthorized": 4401, "forbidden": 4403}  # where HTTP 403 cannot be sent
+# the client ended the session on purpose: nothing to resume
+CLOSE_NORMAL = (CloseCode.NORMAL, CloseCode.GOING_AWAY)
+# also when the server's own frame limit closed it
+CLOSE_ABUSE = (CloseCode.POLICY, CloseCode.TOO_BIG)
+# where an HTTP 403 denial cannot be sent
+_DENIAL_CLOSE = {"unauthorized": CloseCode.UNAUTHORIZED, "forbidden": CloseCode.FORBIDDEN}
 PARSE_IN_THREAD = 256 * 1024  # frames this large are parsed (base64 pictures) off the event loop
 
 
-class Connection:
+class LinkState(Enum):
+    """OPEN -> CLOSING (a close frame is due after the queued frames) -> ENDED (closed, or the
+    peer is gone). Sending is possible only while OPEN."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    ENDED = "ended"
+
+
+class SocketLink:
     """One accepted WebSocket bound to one session; sends in order through a lazy writer."""
 
     __slots__ = (
-        "_closing",
-        "_ended",
+        "_close",
         "_outbox",
         "_reading",
         "_writer",
-        "abusive",
         "gate",
         "keepalive",
         "label",
         "loop",
         "send_many",
         "session",
+        "state",
         "write_now",
         "ws",
     )
@@ -95,19 +101,23 @@ class Connection:
         self.keepalive = keepalive
         self.gate = gate
         self.label = f"session {session.tag}"
-        self.abusive = False
         self._outbox: list[bytes] | None = None
         self._writer: asyncio.Task[None] | asyncio.Handle | None = None  # writing, or about to
-        self._closing: tuple[int, str] | None = None
-        self._ended = False
+        self.state = LinkState.OPEN
+        self._close: tuple[int, str] = (CLOSE_NORMAL[0], "")  # what CLOSING sends
         self._reading = False  # in the read callback: `received` writes what it queued
 
     @property
     def open(self) -> bool:
-        return self._closing is None and not self._ended
+        return self.state is LinkState.OPEN
+
+    @property
+    def abusive(self) -> bool:
+        """Closed by the server for flooding or an oversized frame: nothing is kept for resume."""
+        return self.state is not LinkState.OPEN and self._close[0] in CLOSE_ABUSE
 
     def send(self, data: bytes) -> None:
-        if self._closing is not None or self._ended:
+        if self.state is not LinkState.OPEN:
             return
         outbox = self._outbox
         if outbox is None:
@@ -116,13 +126,13 @@ class Connection:
             return
         outbox.append(data)
         if len(outbox) > self.session.log.limit:
-            self.close(CLOSE_SLOW, "the client is not reading its frames")
+            self.close(CloseCode.SLOW, "the client is not reading its frames")
 
     def close(self, code: int, reason: str) -> None:
         """Close after the frames already queued; idempotent."""
         if not self.open:
             return
-        self._closing = (code, reason)
+        self.state, self._close = LinkState.CLOSING, (code, reason)
         self._wake()
 
     def ping(self, now: float) -> bool:
@@ -131,7 +141,7 @@ class Connection:
         return self.keepalive.ping_sent(ts, self.session.log.seq, now)
 
     def ended(self) -> None:
-        self._ended = True
+        self.state = LinkState.ENDED
         self._outbox = None
 
     def reading(self) -> None:
@@ -141,17 +151,17 @@ class Connection:
 
     def received(self) -> None:
         self._reading = False
-        if self._writer is None and (self._outbox or self._closing is not None):
+        if self._writer is None and (self._outbox or self.state is LinkState.CLOSING):
             self._flush()
 
     def _wake(self) -> None:
-        if self._writer is None and not self._ended and not self._reading:
+        if self._writer is None and self.state is not LinkState.ENDED and not self._reading:
             self._writer = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Write what the loop iteration queued in one go; a task only to wait for room or close."""
         self._writer = None
-        if self._ended:
+        if self.state is LinkState.ENDED:
             return
         if self._outbox and self.session.log.backlog and self.keepalive.outstanding is None:
             # The log keeps every frame until a pong acknowledges it: ask early, in this
@@ -163,9 +173,9 @@ class Connection:
                 if self.write_now(self._outbox):
                     self._outbox = None
             except OSError:
-                self._ended = True  # the peer is gone; the reading side notices and cleans up
+                self.state = LinkState.ENDED  # the peer is gone; the reading side notices and cleans up
                 return
-        if self._outbox or self._closing is not None:
+        if self._outbox or self.state is LinkState.CLOSING:
             self._writer = self.loop.create_task(self._write())
 
     async def _write(self) -> None:
@@ -177,13 +187,13 @@ class Connection:
                 else:
                     for data in batch:
                         await self.ws.send({"type": "websocket.send", "text": data.decode()})
-            if self._closing is not None and not self._ended:
-                code, reason = self._closing
+            if self.state is LinkState.CLOSING:
+                code, reason = self._close
                 metrics.WS_CLOSED.labels(str(code)).inc()
                 await self.ws.send({"type": "websocket.close", "code": code, "reason": reason})
-                self._ended = True
+                self.state = LinkState.ENDED
         except (WebSocketDisconnect, RuntimeError, OSError):
-            self._ended = True  # the peer is gone; the reading side notices and cleans up
+            self.state = LinkState.ENDED  # the peer is gone; the reading side notices and cleans up
         finally:
             self._writer = None
 
@@ -193,9 +203,9 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
     `vlbridge.frames` extension (server.ws.transport), ready frames go out in one write and
     frames come in without a queue."""
     send_many = send if send is not None and FRAMES in ws.scope.get("extensions", {}) else None
-    service: Service = ws.app.state.service
-    server = service.config.server
-    owner = service.auth.admit(ws.headers, ws.query_params)
+    hub: Hub = ws.app.state.hub
+    server = hub.config
+    owner = hub.auth.admit(ws.headers, ws.query_params)
     if owner is Refusal.UNAUTHORIZED:
         await _deny(ws, 403, owner.value, "a valid token is required (Authorization: Bearer or ?token=)")
         return
@@ -206,68 +216,68 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
             ws, 403, owner.value, f"origin {origin[:200]!r} is not allowed; see server.allowed_origins"
         )
         return
-    resume_id = ws.query_params.get("resume")
+    resume_id = ws.query_params.get(QUERY_RESUME)
     try:
-        last_seq = int(ws.query_params.get("last_seq", "0"))
+        last_seq = int(ws.query_params.get(QUERY_LAST_SEQ, "0"))
     except ValueError:
         await _deny(ws, 400, "bad_request", "last_seq must be an integer")
         return
     await ws.accept()
-    if not service.accepting:
-        metrics.WS_CLOSED.labels("1012").inc()
-        await ws.close(1012, "server shutting down")
+    if not hub.accepting:
+        metrics.WS_CLOSED.labels(str(CloseCode.RESTART)).inc()
+        await ws.close(CloseCode.RESTART, "server shutting down")
         return
-    session, hello = _open_session(service, owner, resume_id, last_seq)
+    session, hello = _open_session(hub, owner, resume_id, last_seq)
     if session is None:
         log.warning("refusing a WebSocket session: %d sessions is the limit", server.max_sessions)
-        metrics.WS_CLOSED.labels(str(CLOSE_FULL)).inc()
-        await ws.close(CLOSE_FULL, f"server full ({server.max_sessions} sessions); retry later")
+        metrics.WS_CLOSED.labels(str(CloseCode.FULL)).inc()
+        await ws.close(CloseCode.FULL, f"server full ({server.max_sessions} sessions); retry later")
         return
     now = time.monotonic()
-    conn = Connection(
+    conn = SocketLink(
         ws,
         send_many,
         session,
-        service.pings.keepalive(now),
+        hub.pings.keepalive(now),
         FloodGate(server.max_frames_per_second, 2 * server.max_frames_per_second, now),
     )
     previous, session.link = session.link, conn
     if previous is not None:
-        previous.close(CLOSE_TAKEN_OVER, "session resumed on another connection")
-    service.connected += 1
+        previous.close(CloseCode.TAKEN_OVER, "session resumed on another connection")
+    hub.attach()
     metrics.WS_OPENED.inc()
     replay, lost = session.log.since(last_seq) if hello["resumed"] else ([], 0)
     conn.send(encode({**hello, "replayed": len(replay), "lost": lost}))
     for data in replay:
         conn.send(data)
-    service.pings.watch(conn)
-    code = 1006
+    hub.pings.watch(conn)
+    code: int = CloseCode.ABNORMAL
     try:
-        code = await _serve(service, conn)
+        code = await _serve(hub, conn)
     finally:
         conn.ended()
-        service.connected -= 1
+        hub.detach()
         if session.link is conn:  # not taken over by a resume
-            if code in CLOSE_NORMAL or code in CLOSE_ABUSE or conn.abusive or not service.accepting:
-                service.sessions.discard(session)
+            if code in CLOSE_NORMAL or code in CLOSE_ABUSE or conn.abusive or not hub.accepting:
+                hub.sessions.discard(session)
             else:
-                service.sessions.park(session, time.monotonic())
+                hub.sessions.park(session, time.monotonic())
         log.debug("session %s: connection ended (%d)", session.tag, code)
 
 
 def _open_session(
-    service: Service, owner: bytes, resume_id: str | None, last_seq: int
+    hub: Hub, owner: bytes, resume_id: str | None, last_seq: int
 ) -> tuple[Session | None, dict[str, Any]]:
-    server = service.config.server
+    server = hub.config
     session = None
     if resume_id:
-        session = service.sessions.resume(resume_id, owner)
+        session = hub.sessions.resume(resume_id, owner)
         metrics.WS_RESUMED.labels("ok" if session else "unknown").inc()
         if session is None:
             log.info("resume of %s refused: unknown, expired or another token's", short_id(resume_id))
     resumed = session is not None
     if session is None:
-        session = service.sessions.open(owner)
+        session = hub.sessions.open(owner)
     hello: dict[str, Any] = {
         "type": "hello",
         "seq": 0,
@@ -277,7 +287,7 @@ def _open_session(
         "last_seq": session.log.seq if session else 0,
         "ping_interval": server.ping_interval,
         "ping_timeout": server.ping_timeout,
-        "model": service.executor.stats().model,
+        "model": hub.answers.stats().model,
         "limits": {
             "max_images": server.max_images,
             "max_image_bytes": server.max_image_bytes,
@@ -299,10 +309,10 @@ async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
     if "websocket.http.response" in ws.scope.get("extensions", {}):
         await ws.send_denial_response(JSONResponse({"error": {"code": code, "message": message}}, status))
     else:
-        await ws.close(_DENIAL_CLOSE.get(code, 4400), message)
+        await ws.close(_DENIAL_CLOSE.get(code, CloseCode.BAD_REQUEST), message)
 
 
-async def _serve(service: Service, conn: Connection) -> int:
+async def _serve(hub: Hub, conn: SocketLink) -> int:
     """Read frames until the connection ends; return its close code.
 
     With vlbridge's transport, text frames of ordinary size are handed to `_on_text`
@@ -311,57 +321,56 @@ async def _serve(service: Service, conn: Connection) -> int:
     large enough to be parsed on a thread (the fast path stays off until they are done).
     """
     if conn.send_many is not None:  # vlbridge's transport
-        conn.ws.scope["extensions"][FRAMES]["listen"](lambda text: _on_text(service, conn, text))
+        conn.ws.scope["extensions"][FRAMES]["listen"](lambda text: _on_text(hub, conn, text))
     while True:
         message = await conn.ws.receive()
         if message["type"] == "websocket.disconnect":
-            return int(message.get("code") or 1005)
+            return int(message.get("code") or CloseCode.NO_STATUS)
         text = message.get("text")
-        now = _admit(service, conn, text)
+        now = _admit(hub, conn, text)
         if now is None or text is None:
             continue
         try:
             if len(text) > PARSE_IN_THREAD:
-                frame = await asyncio.to_thread(parse_client_frame, text, service.frame_limits)
+                frame = await asyncio.to_thread(parse_client_frame, text, hub.frame_limits)
             else:
-                frame = parse_client_frame(text, service.frame_limits)
+                frame = parse_client_frame(text, hub.frame_limits)
         except InvalidFrame as exc:
             _reject(conn.session, exc)
             continue
-        _dispatch(service, conn, frame, now)
+        _dispatch(hub, conn, frame, now)
 
 
-def _on_text(service: Service, conn: Connection, text: str) -> bool:
+def _on_text(hub: Hub, conn: SocketLink, text: str) -> bool:
     """Handle one text frame now; False leaves a large one to `_serve` (parsed on a thread)."""
     if len(text) > PARSE_IN_THREAD:
         return False
     conn.reading()
     try:
-        now = _admit(service, conn, text)
+        now = _admit(hub, conn, text)
         if now is not None:
             try:
-                frame = parse_client_frame(text, service.frame_limits)
+                frame = parse_client_frame(text, hub.frame_limits)
             except InvalidFrame as exc:
                 _reject(conn.session, exc)
             else:
-                _dispatch(service, conn, frame, now)
+                _dispatch(hub, conn, frame, now)
     finally:
         conn.received()
     return True
 
 
-def _admit(service: Service, conn: Connection, text: str | None) -> float | None:
+def _admit(hub: Hub, conn: SocketLink, text: str | None) -> float | None:
     """The checks every frame passes before it is parsed; the time, or None when refused."""
     if not conn.open:
         return None  # closing: ignore what is still in flight
-    server = service.config.server
+    server = hub.config
     session = conn.session
     now = time.monotonic()
     conn.keepalive.received(now)
     if not conn.gate.allow(now):
         log.warning("session %s: more than %.0f frames/s; closing", session.tag, server.max_frames_per_second)
-        conn.abusive = True
-        conn.close(CLOSE_POLICY, f"more than {server.max_frames_per_second:g} frames a second")
+        conn.close(CloseCode.POLICY, f"more than {server.max_frames_per_second:g} frames a second")
         return None
     if text is None:
         _reject(
@@ -370,8 +379,7 @@ def _admit(service: Service, conn: Connection, text: str | None) -> float | None
         return None
     if len(text) > server.max_frame_bytes:
         log.warning("session %s: a %d-byte frame; closing", session.tag, len(text))
-        conn.abusive = True
-        conn.close(CLOSE_TOO_BIG, f"frames are limited to {server.max_frame_bytes} bytes")
+        conn.close(CloseCode.TOO_BIG, f"frames are limited to {server.max_frame_bytes} bytes")
         return None
     return now
 
@@ -383,10 +391,10 @@ def _reject(session: Session, exc: InvalidFrame) -> None:
     session.emit(error_dict(exc.code, exc.message, None, **extra))
 
 
-def _dispatch(service: Service, conn: Connection, frame: ClientFrame, now: float) -> None:
+def _dispatch(hub: Hub, conn: SocketLink, frame: ClientFrame, now: float) -> None:
     session = conn.session
     if isinstance(frame, Ask):
-        _ask(service, session, frame)
+        _ask(hub, session, frame)
     elif isinstance(frame, Pong):
         answered = conn.keepalive.pong(frame.ts, now)
         if answered is not None:
@@ -409,18 +417,13 @@ def _dispatch(service: Service, conn: Connection, frame: ClientFrame, now: float
             active.cancel()
     else:
         assert isinstance(frame, Reset)
-        session.conversation.reset()
+        session.history.reset()
         session.emit({"type": "reset"})
 
 
-def _ask(service: Service, session: Session, ask: Ask) -> None:
-    server = service.config.server
+def _ask(hub: Hub, session: Session, ask: Ask) -> None:
+    server = hub.config
     asks = session.asks
-    if not service.accepting:
-        session.emit(
-            error_dict("unavailable", "the service is shutting down; ask again shortly", 5.0, id=ask.id)
-        )
-        return
     if asks and ask.id in asks:
         _reject(
             session, InvalidFrame("bad_request", f"a question with id {ask.id!r} is still running", ask.id)
@@ -433,17 +436,16 @@ def _ask(service: Service, session: Session, ask: Ask) -> None:
         return
     question = ask.question
     try:  # headers only: garbage is refused now and takes no queue place
-        limits = image_limits(service.config) if question.images else None
         for number, data in enumerate(question.images, start=1):
-            sniff_image(data, number, server.max_image_bytes, limits)
-    except RequestError as exc:
+            sniff_image(data, number, server.max_image_bytes, hub.image_limits)
+    except PictureRejected as exc:
         _reject(session, InvalidFrame(exc.code, exc.message, ask.id))
         return
     # The request id is a label for log lines (the executor keys nothing on it): no whole session id.
     request = InferenceRequest(
-        f"{session.tag}/{ask.id}", session.conversation.messages(question), ask.params, client=session.id
+        f"{session.tag}/{ask.id}", session.history.messages(question), ask.params, client=session.id
     )
-    relay = _Relay(service, session, ask.id, question, service.answer(request, "ws"))
+    relay = _Relay(hub, session, ask.id, question, hub.answers.submit(request, "ws"))
     if asks is None:
         asks = session.asks = {}
     asks[ask.id] = relay
@@ -452,7 +454,7 @@ def _ask(service: Service, session: Session, ask: Ask) -> None:
         session.tag,
         ask.id,
         len(question.images),
-        len(session.conversation),
+        len(session.history),
     )
     relay.answer.listen(relay.on_events)
 
@@ -463,16 +465,14 @@ class _Relay:
     callbacks on the event loop, and each becomes one frame (the executor joins the
     deltas that pile up while the loop is busy)."""
 
-    __slots__ = ("answer", "generation", "id", "question", "service", "session")
+    __slots__ = ("answer", "generation", "hub", "id", "question", "session")
 
-    def __init__(
-        self, service: Service, session: Session, ask_id: str, question: Turn, answer: Answer
-    ) -> None:
-        self.service = service
+    def __init__(self, hub: Hub, session: Session, ask_id: str, question: Turn, answer: Answer) -> None:
+        self.hub = hub
         self.session = session
         self.id = ask_id
         self.question = question
-        self.generation = session.conversation.generation  # a reset since then keeps it out
+        self.generation = session.history.generation  # a reset since then keeps it out
         self.answer = answer
 
     def cancel(self) -> None:
@@ -483,7 +483,7 @@ class _Relay:
         try:
             for event in events:
                 if isinstance(event, Done):
-                    session.conversation.add(self.question, event.text, self.generation)
+                    session.history.add(self.question, event.text, self.generation)
                 session.emit(event_dict(self.id, event))
         except Exception:
             session.emit(error_dict("internal", "the answer could not be relayed", id=self.id))
@@ -495,4 +495,4 @@ class _Relay:
     def end(self) -> None:
         if self.session.asks is not None:
             self.session.asks.pop(self.id, None)
-        self.service.session_idle(self.session)
+        self.hub.session_idle(self.session)

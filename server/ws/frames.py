@@ -9,20 +9,17 @@ contract this module implements.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from protocol.pictures import PictureRejected, decode_base64
+from protocol.v1 import MAX_ID_CHARS, MAX_TEXT_CHARS, ClientFrameType
+from server.errors import VlbridgeError
 from server.inference.api import SamplingParams, Turn, value
 
-PROTOCOL_VERSION = 1
-MAX_ID_CHARS = 128
-MAX_TEXT_CHARS = 32_768
-CLIENT_TYPES = ("ask", "cancel", "reset", "ping", "pong")
 # Ids end up in log lines and in the client's display: no control characters (C0, DEL,
 # C1: newlines, ANSI escapes) and no Unicode line or paragraph separators.
 _ID_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -67,7 +64,7 @@ class Pong:
 ClientFrame = Ask | Cancel | Reset | Ping | Pong
 
 
-class InvalidFrame(Exception):
+class InvalidFrame(VlbridgeError):
     """A client frame the server will not act on; the session stays usable."""
 
     def __init__(self, code: str, message: str, ask_id: str | None = None) -> None:
@@ -103,7 +100,7 @@ def parse_client_frame(raw: str | bytes, limits: FrameLimits) -> ClientFrame:
     if kind == "pong":
         return Pong(_number(data, "ts", None))
     raise InvalidFrame(
-        "bad_request", f"unknown frame type {kind[:40]!r}; expected one of {', '.join(CLIENT_TYPES)}"
+        "bad_request", f"unknown frame type {kind[:40]!r}; expected one of {', '.join(ClientFrameType)}"
     )
 
 
@@ -145,16 +142,18 @@ def _ask(data: dict[str, Any], limits: FrameLimits) -> Ask:
         )
     if not text.strip() and not raw_images:
         raise InvalidFrame("bad_request", "an ask needs a question, a picture or both", ask_id)
-    images = (
-        tuple(
-            decode_base64_image(item, number, limits.max_image_bytes, ask_id)
-            for number, item in enumerate(raw_images, start=1)
-        )
-        if raw_images
-        else ()
-    )
+    images = _pictures(raw_images, limits.max_image_bytes, ask_id) if raw_images else ()
     tuned = "max_tokens" in data or "temperature" in data  # most asks set neither
     return Ask(ask_id, Turn("user", text, images), _params(data, ask_id) if tuned else DEFAULT_PARAMS)
+
+
+def _pictures(raw_images: list[str], max_bytes: int, ask_id: str) -> tuple[bytes, ...]:
+    try:
+        return tuple(
+            decode_base64(item, number, max_bytes) for number, item in enumerate(raw_images, start=1)
+        )
+    except PictureRejected as exc:
+        raise InvalidFrame(exc.code, exc.message, ask_id) from None
 
 
 def _params(data: dict[str, Any], ask_id: str) -> SamplingParams:
@@ -167,33 +166,3 @@ def _params(data: dict[str, Any], ask_id: str) -> SamplingParams:
     if max_tokens is None and temperature is None:
         return DEFAULT_PARAMS
     return SamplingParams(None if max_tokens is None else int(max_tokens), temperature or 0.0)
-
-
-def decode_base64_image(item: str, number: int, max_bytes: int, ask_id: str | None = None) -> bytes:
-    """Bytes of a base64 picture (a bare string or a ``data:image/...;base64,`` URL).
-
-    The size is checked from the encoded length before anything is decoded.
-    """
-    if item.startswith("data:"):
-        header, sep, item = item.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise InvalidFrame("bad_image", f"picture {number}: only base64 data: URLs are accepted", ask_id)
-    if len(item) // 4 * 3 > max_bytes + 3:
-        raise InvalidFrame(
-            "too_large",
-            f"picture {number} is about {len(item) * 3 / 4e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB",
-            ask_id,
-        )
-    try:
-        data = base64.b64decode(item, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidFrame("bad_image", f"picture {number} is not valid base64", ask_id) from None
-    if len(data) > max_bytes:
-        raise InvalidFrame(
-            "too_large",
-            f"picture {number} is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB",
-            ask_id,
-        )
-    if not data:
-        raise InvalidFrame("bad_image", f"picture {number} is empty", ask_id)
-    return data

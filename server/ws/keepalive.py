@@ -23,13 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from protocol.v1 import CloseCode
 from server import metrics
-from server.ws.protocol import Beat, Keepalive
 from server.ws.sessions import SessionRegistry
+from server.ws.state import Beat, Keepalive
 
 log = logging.getLogger("vlbridge.ws.keepalive")
-
-DEAD_CLOSE_CODE = 1011
 
 
 class Watched(Protocol):
@@ -82,7 +81,7 @@ class PingManager:
                 silent = now - connection.keepalive.last_received
                 log.info("%s: silent for %.1f s; closing it as dead", connection.label, silent)
                 metrics.PINGS_MISSED.inc()
-                connection.close(DEAD_CLOSE_CODE, f"no frame for {silent:.0f} s (ping timeout)")
+                connection.close(CloseCode.PING_TIMEOUT, f"no frame for {silent:.0f} s (ping timeout)")
                 continue
             if beat is Beat.PING:
                 metrics.PINGS_SENT.inc()

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from server.logs import short_id
-from server.ws.protocol import Conversation, FrameLog
+from server.ws.state import FrameLog, History
 
 log = logging.getLogger("vlbridge.ws")
 
 
 class Link(Protocol):
-    """The connection side a session talks to (server.ws.endpoint.Connection)."""
+    """The connection side a session talks to (server.ws.endpoint.SocketLink)."""
 
     def send(self, data: bytes) -> None: ...
 
@@ -42,13 +42,13 @@ class ActiveAsk(Protocol):
 class Session:
     """One conversation over one or more successive connections."""
 
-    __slots__ = ("asks", "conversation", "id", "link", "log", "owner", "parked_at")
+    __slots__ = ("asks", "history", "id", "link", "log", "owner", "parked_at")
 
-    def __init__(self, session_id: str, owner: bytes, log_limit: int, conversation: Conversation) -> None:
+    def __init__(self, session_id: str, owner: bytes, log_limit: int, history: History) -> None:
         self.id = session_id
         self.owner = owner  # digest of the token that opened it; resume needs the same one
         self.log = FrameLog(log_limit)
-        self.conversation = conversation
+        self.history = history
         self.link: Link | None = None
         self.asks: dict[str, ActiveAsk] | None = None  # created on the first ask
         self.parked_at: float | None = None
@@ -104,7 +104,7 @@ class SessionRegistry:
             secrets.token_urlsafe(16),
             owner,
             self.limits.log_frames,
-            Conversation(self.limits.history_turns, self.limits.max_images),
+            History(self.limits.history_turns, self.limits.max_images),
         )
         self._sessions[session.id] = session
         return session

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..waiting import DEADLINE
 from . import codes, ids
 from .cardkit import CardKit
 from .events import EventFactory, User
@@ -206,7 +207,7 @@ class FakeFeishu:
     # -- waiting ----------------------------------------------------------------------------------
 
     async def wait_for(
-        self, predicate: Callable[[], T | None], timeout: float = 5.0, what: str = "condition"
+        self, predicate: Callable[[], T | None], timeout: float = DEADLINE, what: str = "condition"
     ) -> T:
         """Poll ``predicate`` (every 5 ms) until truthy and return its value; ``TimeoutError`` after
         ``timeout`` s, naming ``what`` and summarising the records."""
@@ -220,22 +221,24 @@ class FakeFeishu:
             await asyncio.sleep(0.005)
 
     def wait_until(
-        self, predicate: Callable[[], T | None], timeout: float = 5.0, what: str = "condition"
+        self, predicate: Callable[[], T | None], timeout: float = DEADLINE, what: str = "condition"
     ) -> T:
         """Blocking twin of ``wait_for`` for sync tests and threads (woken by record changes)."""
         return self.records.wait_until(predicate, timeout, what)
 
-    async def wait_for_replies(self, n: int = 1, timeout: float = 5.0) -> list[SentMessage]:
+    async def wait_for_replies(self, n: int = 1, timeout: float = DEADLINE) -> list[SentMessage]:
         return await self.wait_for(_at_least(n, self.records.replies), timeout, f"{n} replies")
 
-    async def wait_for_acks(self, n: int = 1, event_id: str | None = None, timeout: float = 5.0) -> list[Ack]:
+    async def wait_for_acks(
+        self, n: int = 1, event_id: str | None = None, timeout: float = DEADLINE
+    ) -> list[Ack]:
         return await self.wait_for(
             _at_least(n, lambda: self.records.acks(event_id)),
             timeout,
             f"{n} acks for {event_id or 'any event'}",
         )
 
-    async def wait_for_connections(self, n: int = 1, timeout: float = 5.0) -> list[ConnectionRecord]:
+    async def wait_for_connections(self, n: int = 1, timeout: float = DEADLINE) -> list[ConnectionRecord]:
         """Until ``n`` connections were opened in total and one is open now."""
 
         def ready() -> list[ConnectionRecord] | None:
@@ -244,7 +247,7 @@ class FakeFeishu:
 
         return await self.wait_for(ready, timeout, f"{n} connections (one open)")
 
-    async def wait_for_closed_cards(self, n: int = 1, timeout: float = 5.0) -> list[CardRecord]:
+    async def wait_for_closed_cards(self, n: int = 1, timeout: float = DEADLINE) -> list[CardRecord]:
         closed = _at_least(n, lambda: [c for c in self.records.cards() if c.closed])
         return await self.wait_for(closed, timeout, f"{n} closed cards")
 

@@ -12,6 +12,7 @@ Only one such thread at a time per process: the SDK's loop is a module global.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -20,6 +21,8 @@ from typing import Any
 
 import lark_oapi as lark
 import lark_oapi.ws.client as ws_client_module
+
+from ..waiting import DEADLINE
 
 log = logging.getLogger("fakefeishu.sdkthread")
 
@@ -57,7 +60,7 @@ class LarkWsThread:
         self.client: lark.ws.Client | None = None
         self.error: BaseException | None = None
 
-    def start(self, timeout: float = 5.0) -> LarkWsThread:
+    def start(self, timeout: float = DEADLINE) -> LarkWsThread:
         """Start the thread; returns once the client is constructed (not yet connected)."""
         if self._thread is not None:
             raise RuntimeError("expected a fresh LarkWsThread, got one already started")
@@ -70,6 +73,25 @@ class LarkWsThread:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def coroutines(self, timeout: float = DEADLINE) -> list[str]:
+        """Qualified names of the coroutines still running on the SDK's loop, read on that loop
+        (e.g. ``Client._receive_message_loop``: the task that reconnects after a drop, and that
+        ends when the SDK gives up). Empty once the loop is gone. Not to be called while holding
+        a lock that the fake's server thread needs: the SDK's loop may be waiting on that server."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return []
+        names: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
+
+        def collect() -> None:
+            names.set_result(sorted(task.get_coro().__qualname__ for task in asyncio.all_tasks(loop)))
+
+        try:
+            loop.call_soon_threadsafe(collect)
+        except RuntimeError:  # closed meanwhile
+            return []
+        return names.result(timeout)
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from protocol.pictures import ImageLimits
 from server.errors import BadImage, TooLarge
 from server.inference.api import Turn
 from server.inference.engine import Check, keep_going
-from server.inference.images import ImageLimits, decode_image
+from server.inference.images import decode_image
 
 from .loader import LoadedModel
 

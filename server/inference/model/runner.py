@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
-from server.inference.images import ImageLimits
 
 from .loader import LoadedModel, load_model
 from .prompt import Prompt, PromptBuilder

@@ -24,9 +24,9 @@ import torch
 from transformers import DynamicCache
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
+from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
 from server.inference.engine import Check, PreparedPrompt, Sequence, keep_going
-from server.inference.images import ImageLimits
 from server.inference.profile import Profile
 
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row

@@ -8,11 +8,11 @@ import signal
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from server.client.connection import Backoff, Connection
-from server.client.errors import ClientError, PictureError
-from server.client.images import Picture, read_picture
-from server.client.screen import Screen
-from server.client.terminal import EXIT_CONNECTION, HELP, Chat, Inputs, ScriptedInputs, StdinLines
+from client.connection import Backoff, Connection
+from client.errors import ClientError, PictureError
+from client.images import Picture, read_picture
+from client.screen import Screen
+from client.terminal import EXIT_CONNECTION, HELP, Chat, Inputs, ScriptedInputs, StdinLines
 
 EXIT_USAGE = 2
 

@@ -19,12 +19,16 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from server.client.errors import PictureError
+from client.errors import PictureError
+from protocol.pictures import UNREADABLE
 
 MAX_PIXELS = 2048 * 2048  # the model sees at most ~1.3 MP by default; more is wasted upload
 MAX_BYTES = 8 * 1024 * 1024
-MAX_SOURCE_PIXELS = 200_000_000  # refuse decompression bombs before decoding pixels
+# Refuse decompression bombs before decoding pixels (below the 179 MP past which Pillow's
+# own DecompressionBombError comes first; that one gets the same sentence).
+MAX_SOURCE_PIXELS = 150_000_000
 _PASS_THROUGH = {"PNG", "JPEG", "WEBP"}
+_TOO_MANY_PIXELS = "too many pixels to be a sensible picture"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +82,7 @@ def prepare_picture(
             image = Image.open(io.BytesIO(raw))
             width, height = image.size
             if width * height > MAX_SOURCE_PIXELS:
-                raise PictureError(f"{name}: {width}x{height} is too many pixels to be a sensible picture")
+                raise PictureError(f"{name}: {width}x{height} is {_TOO_MANY_PIXELS}")
             animated = bool(getattr(image, "is_animated", False))
             fmt = (image.format or "").upper()
             oriented = image.getexif().get(0x0112, 1) not in (0, 1)
@@ -94,7 +98,9 @@ def prepare_picture(
             frame = ImageOps.exif_transpose(image) if oriented else image.copy()
     except PictureError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError:
+        raise PictureError(f"{name}: {_TOO_MANY_PIXELS}") from None
+    except UNREADABLE as exc:
         detail = "not a picture Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise PictureError(f"{name}: {detail}") from None
     return _reencode(name, frame, max_pixels, max_bytes)

@@ -6,7 +6,7 @@
 - `Keepalive`: one connection's ping bookkeeping: when to ping, when the peer is dead,
   round-trip time from the pong.
 - `FloodGate`: a token bucket of frames per second.
-- `Conversation`: earlier turns as context, bounded, with a generation so that an
+- `History`: earlier turns as context, bounded, with a generation so that an
   answer started before a reset does not land in the new conversation.
 
 None of these awaits, sleeps or reads a clock; callers pass `now` (monotonic seconds).
@@ -159,7 +159,7 @@ class FloodGate:
         return True
 
 
-class Conversation:
+class History:
     """Earlier turns of one session: at most *max_turns* question/answer pairs, and the
     pictures of only the newest *max_images* pictures (older turns keep their text)."""
 

@@ -26,20 +26,20 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from server.client.errors import AuthFailed, ConnectFailed
-from server.client.protocol import ClientProtocol, Event, Hello, ProtocolError
+from client.errors import AuthFailed, ConnectFailed
+from client.protocol import ClientProtocol, Event, Hello, ProtocolError
+from protocol.v1 import CloseCode
 
 log = logging.getLogger("vlbridge.client")
 
 # Close codes after which reconnecting would only repeat the failure.
-_FATAL_CLOSE = {
-    1002: "protocol error",
-    1003: "unsupported data",
-    1008: "policy violation",
-    1009: "too big",
-    4409: "the session was resumed by another connection",
+_FATAL_CLOSE: dict[int, str] = {
+    CloseCode.PROTOCOL_ERROR: "protocol error",
+    CloseCode.UNSUPPORTED_DATA: "unsupported data",
+    CloseCode.POLICY: "policy violation",
+    CloseCode.TOO_BIG: "too big",
+    CloseCode.TAKEN_OVER: "the session was resumed by another connection",
 }
-_AUTH_CLOSE = 4401
 _EVENT_BACKLOG = 4096
 
 
@@ -140,7 +140,7 @@ class Connection:
         return item
 
     async def close(self) -> None:
-        """Close the socket politely (1000) and stop reconnecting."""
+        """Close the socket politely (`CloseCode.NORMAL`) and stop reconnecting."""
         self._closing = True
         if self._task is not None:
             self._task.cancel()
@@ -211,7 +211,7 @@ class Connection:
                     async with asyncio.timeout(silence):
                         data = await ws.recv()
                 except TimeoutError:
-                    await ws.close(1011, "no frame from the server")
+                    await ws.close(CloseCode.PING_TIMEOUT, "no frame from the server")
                     return f"the server was silent for {silence:.0f} s"
                 for event in self.core.receive(data):
                     if isinstance(event, Hello):
@@ -226,8 +226,10 @@ class Connection:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+            # Not closed on purpose: a code that keeps the session on the server for a resume.
+            code = CloseCode.NORMAL if self._closing else CloseCode.PING_TIMEOUT
             with contextlib.suppress(Exception):  # a no-op when the socket is already closed
-                await ws.close(1000 if self._closing else 1011)
+                await ws.close(code)
 
     async def _writer(self, ws: ClientConnection) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -241,7 +243,7 @@ class Connection:
         rcvd = exc.rcvd
         if rcvd is None:
             return "the connection dropped"
-        if rcvd.code == _AUTH_CLOSE:
+        if rcvd.code == CloseCode.UNAUTHORIZED:
             raise AuthFailed(f"the server refused the token (close {rcvd.code} {rcvd.reason})".strip())
         if rcvd.code in _FATAL_CLOSE:
             why = f"{rcvd.code} {_FATAL_CLOSE[rcvd.code]} {rcvd.reason}".strip()

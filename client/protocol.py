@@ -24,7 +24,6 @@ and sends `take_outgoing()` whenever it is non-empty. What the core guarantees:
 
 from __future__ import annotations
 
-import base64
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -32,12 +31,23 @@ from typing import Any
 
 import orjson
 
+from client.errors import ClientError
+from protocol.pictures import encode_base64
+from protocol.v1 import (
+    PROTOCOL_VERSION,
+    QUERY_LAST_SEQ,
+    QUERY_RESUME,
+    ClientFrameType,
+    ErrorCode,
+    ServerFrameType,
+)
+
 log = logging.getLogger("vlbridge.client")
 
-PROTOCOL = 1
+SESSION_LOST = "session_lost"  # an AskFailed code of the client's own: the server forgot the session
 
 
-class ProtocolError(Exception):
+class ProtocolError(ClientError):
     """The server sent something protocol v1 does not allow, or the core was misused."""
 
 
@@ -70,7 +80,7 @@ class Ask:
     answer: str = ""  # the deltas received so far
 
     def frame(self) -> dict[str, Any]:
-        frame: dict[str, Any] = {"type": "ask", "id": self.id, "text": self.text}
+        frame: dict[str, Any] = {"type": ClientFrameType.ASK, "id": self.id, "text": self.text}
         if self.images:
             frame["images"] = self.images
         return frame
@@ -186,7 +196,7 @@ class ClientProtocol:
         """Query parameters for the next handshake: resume the session we have, if any."""
         if self.session is None:
             return {}
-        return {"resume": self.session, "last_seq": str(self.last_seq)}
+        return {QUERY_RESUME: self.session, QUERY_LAST_SEQ: str(self.last_seq)}
 
     def connecting(self) -> None:
         self._expect(Link.IDLE, Link.DOWN, Link.HANDSHAKE)
@@ -197,7 +207,9 @@ class ClientProtocol:
         self.link = Link.DOWN
         # Unwritten asks are found again after the next hello (still unacknowledged); unwritten
         # cancels and resets are kept; pings and pongs belong to the dead connection.
-        unwritten = [f for f in self._outgoing if f["type"] in ("cancel", "reset")]
+        unwritten = [
+            f for f in self._outgoing if f["type"] in (ClientFrameType.CANCEL, ClientFrameType.RESET)
+        ]
         self._deferred[:0] = unwritten
         self._outgoing.clear()
 
@@ -206,7 +218,7 @@ class ClientProtocol:
     def ask(self, text: str, images: list[bytes] | tuple[bytes, ...] = ()) -> str:
         self._counter += 1
         ask_id = f"{self._prefix}{self._counter}"
-        encoded = [base64.b64encode(data).decode("ascii") for data in images]
+        encoded = [encode_base64(data) for data in images]
         ask = Ask(ask_id, text, encoded)
         self.asks[ask_id] = ask
         if self.link is Link.READY:
@@ -220,17 +232,17 @@ class ClientProtocol:
             return []
         if ask.state is AskState.PENDING:
             ask.state = AskState.FAILED
-            return [AskFailed(ask_id, "cancelled", "cancelled before it was sent")]
-        self._control({"type": "cancel", "id": ask_id})
+            return [AskFailed(ask_id, ErrorCode.CANCELLED, "cancelled before it was sent")]
+        self._control({"type": ClientFrameType.CANCEL, "id": ask_id})
         return []
 
     def reset(self) -> None:
         """Forget the conversation context (earlier turns) on the server."""
-        self._control({"type": "reset"})
+        self._control({"type": ClientFrameType.RESET})
 
     def ping(self, ts: int) -> None:
         if self.link is Link.READY:
-            self._outgoing.append({"type": "ping", "ts": ts})
+            self._outgoing.append({"type": ClientFrameType.PING, "ts": ts})
 
     def open_asks(self) -> list[str]:
         return [a.id for a in self.asks.values() if a.state in _OPEN]
@@ -250,14 +262,14 @@ class ClientProtocol:
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             raise ProtocolError(f"expected a JSON object with a type, got {str(data)[:80]!r}")
         kind: str = frame["type"]
-        if kind == "hello":
+        if kind == ServerFrameType.HELLO:
             return self._hello(frame)
         if self.link is Link.HANDSHAKE:
             raise ProtocolError(f"expected hello first, got {kind}")
         events = self._sequence(frame)
         if events is None:
             return []  # a duplicate from a replay
-        handler = getattr(self, f"_on_{kind}", None)
+        handler = getattr(self, f"_on_{kind}", None)  # _on_<ServerFrameType value>
         if handler is None:
             log.warning("session %s: ignoring unknown frame type %r", self.session, kind)
             return events
@@ -283,8 +295,8 @@ class ClientProtocol:
         session = frame.get("session")
         if not isinstance(session, str) or not session:
             raise ProtocolError("hello without a session id")
-        if frame.get("protocol", PROTOCOL) != PROTOCOL:
-            raise ProtocolError(f"expected protocol {PROTOCOL}, got {frame.get('protocol')!r}")
+        if frame.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+            raise ProtocolError(f"expected protocol {PROTOCOL_VERSION}, got {frame.get('protocol')!r}")
         interval = frame.get("ping_interval")
         self.ping_interval = float(interval) if isinstance(interval, int | float) else None
         events: list[Event] = []
@@ -303,7 +315,7 @@ class ClientProtocol:
         events.insert(0, Hello(session, resumed, self.ping_interval or 0.0, info))
         if resumed and any(a.state is AskState.SENT for a in self.asks.values()):
             self.link = Link.SYNCING
-            self._outgoing.append({"type": "ping", "ts": 0})
+            self._outgoing.append({"type": ClientFrameType.PING, "ts": 0})
         else:
             self._synced()
         return events
@@ -314,10 +326,10 @@ class ClientProtocol:
             if ask.state in (AskState.QUEUED, AskState.STARTED):
                 ask.state = AskState.FAILED
                 message = "the server lost the session while answering"
-                events.append(AskFailed(ask.id, "session_lost", message))
+                events.append(AskFailed(ask.id, SESSION_LOST, message))
             elif ask.state is AskState.SENT:
                 ask.state = AskState.PENDING  # never acknowledged: ask the new session
-        self._deferred = [f for f in self._deferred if f["type"] != "cancel"]
+        self._deferred = [f for f in self._deferred if f["type"] != ClientFrameType.CANCEL]
         return events
 
     def _synced(self) -> None:
@@ -331,7 +343,7 @@ class ClientProtocol:
         self._outgoing.extend(deferred)
 
     def _on_ping(self, frame: dict[str, Any]) -> list[Event]:
-        self._outgoing.append({"type": "pong", "ts": frame.get("ts")})
+        self._outgoing.append({"type": ClientFrameType.PONG, "ts": frame.get("ts")})
         return []
 
     def _on_pong(self, frame: dict[str, Any]) -> list[Event]:
@@ -377,7 +389,7 @@ class ClientProtocol:
         return [AskDone(ask.id, text if isinstance(text, str) else ask.answer, usage or {})]
 
     def _on_error(self, frame: dict[str, Any]) -> list[Event]:
-        code = str(frame.get("code", "internal"))
+        code = str(frame.get("code", ErrorCode.INTERNAL))
         message = str(frame.get("message", ""))
         retry = frame.get("retry_after")
         if frame.get("id") is None or str(frame["id"]) not in self.asks:

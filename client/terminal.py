@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, TextIO
 
-from server.client.connection import Connection, Disconnected, LinkEvent
-from server.client.errors import ClientError, PictureError
-from server.client.images import Picture, read_picture
-from server.client.protocol import (
+from client.connection import Connection, Disconnected, LinkEvent
+from client.errors import ClientError, PictureError
+from client.images import Picture, read_picture
+from client.protocol import (
     AskDone,
     AskFailed,
     Delta,
@@ -38,7 +38,8 @@ from server.client.protocol import (
     SessionLost,
     Started,
 )
-from server.client.screen import Screen
+from client.screen import Screen
+from protocol.v1 import ErrorCode
 
 HELP = "commands: /image PATH  /reset  /cancel  /history  /help  /quit   (Ctrl-C cancels an answer)"
 EXIT_FAILED, EXIT_CONNECTION, EXIT_INTERRUPTED = 1, 3, 130
@@ -302,7 +303,7 @@ class Chat:
                 self.screen.end_answer()
                 detail = f": {message}" if message and message != code else ""
                 retry = f" (retry in {retry_after:g} s)" if retry_after else ""
-                self.screen.status(f"✗ {code}{detail}{retry}", dim=code == "cancelled")
+                self.screen.status(f"✗ {code}{detail}{retry}", dim=code == ErrorCode.CANCELLED)
                 if not self.interactive and self.exit_code != EXIT_INTERRUPTED:
                     self.exit_code = EXIT_FAILED
                 self._next()
