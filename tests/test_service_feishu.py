@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_png
@@ -112,10 +113,11 @@ def test_serve_with_feishu_answers_a_picture_and_counts_it(
         assert process.wait(DEADLINE) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
 
 
+@pytest.mark.timeout(600)  # a generous grace: the answer must end by itself, however busy the machine
 def test_sigterm_lets_a_streaming_card_finish(
     fake_feishu: FakeFeishu, demo_model_dir: Path, tmp_path: Path
 ) -> None:
-    with serving(fake_feishu, demo_model_dir, tmp_path, max_new_tokens=1500, grace=120.0) as (process, _):
+    with serving(fake_feishu, demo_model_dir, tmp_path, max_new_tokens=300, grace=500.0) as (process, _):
         fake_feishu.push_event(fake_feishu.events.image("img_long"), resources={"img_long": make_png()})
         card = fake_feishu.wait_until(
             lambda: next((c for c in fake_feishu.records.cards() if c.content_updates), None),
@@ -125,7 +127,7 @@ def test_sigterm_lets_a_streaming_card_finish(
         assert not card.closed, "the answer ended before the signal: the test proves nothing"
         updates_before = len(card.content_updates)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(150) in (0, -signal.SIGTERM)
+        assert process.wait(550) in (0, -signal.SIGTERM)
         [card] = [c for c in fake_feishu.records.cards() if c.card_id == card.card_id]  # records are copies
         assert card.closed_by == "settings", card.closed_by  # closed by the bot, not by a timeout
         assert len(card.content_updates) > updates_before, "nothing was written after the signal"
