@@ -1,9 +1,10 @@
 """Real Qwen3-VL architectures (from the published configs) for random-weight benchmarks.
 
 No weights are downloaded: `build_checkpoint` instantiates the architecture with random
-weights and saves it with the demo model's tokenizer and image processor, so the service
-loads it through its normal path. Answers are meaningless; shapes, memory traffic and
-kernels are the real ones.
+weights and saves it with the demo model's image processor and a tokenizer widened to the
+model's whole vocabulary (`full_vocab_tokenizer`), so the service loads it through its
+normal path. Answers are meaningless; shapes, memory traffic and kernels are the real ones,
+and every sampled id decodes to a word, so answers stream as a real model's do.
 """
 
 from __future__ import annotations
@@ -92,6 +93,40 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
+def _filler_words(count: int) -> list[str]:
+    """*count* distinct pronounceable words ("ba", "keto", ...), shortest first."""
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    syllables = [c + v for c in consonants for v in vowels]  # 70
+    words: list[str] = []
+    layer = [""]
+    while len(words) < count:
+        layer = [w + s for w in layer for s in syllables]
+        words.extend(layer[: count - len(words)])
+    return words
+
+
+def full_vocab_tokenizer(demo_dir: Path, target: Path, vocab_size: int) -> None:
+    """Write the demo tokenizer into *target*, its vocabulary filled up to *vocab_size* ids.
+
+    The demo tokenizer has a few hundred ids; a random-weight model samples from all of
+    `vocab_size`, and ids the tokenizer does not know decode to nothing, so an answer would
+    arrive as one piece at the end. Each added id is a BPE vocabulary entry " word" (byte-level
+    "Ġword") without merges: encoding text never produces it, decoding gives the word. The
+    special tokens keep their ids, so prompts tokenize exactly as with the demo tokenizer.
+    """
+    for file in demo_dir.iterdir():
+        if file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(file, target / file.name)
+    data = json.loads((demo_dir / "tokenizer.json").read_text())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    known = set(vocab)
+    start = max(vocab.values()) + 1
+    fillers = (f"\u0120{w}" for w in _filler_words(2 * vocab_size) if f"\u0120{w}" not in known)
+    for token_id, word in zip(range(start, vocab_size), fillers, strict=False):
+        vocab[word] = token_id
+    (target / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+
+
 def build_model(name: str, demo_dir: Path, dtype: str = "bfloat16") -> Any:
     """Architecture *name* with random weights, on the GPU, using the demo tokenizer's special ids."""
     import torch
@@ -124,9 +159,8 @@ def build_checkpoint(name: str, target: Path, demo_dir: Path, dtype: str = "bflo
     started = time.monotonic()
     model = build_model(name, demo_dir, dtype)
     model.save_pretrained(target)
-    for file in demo_dir.iterdir():
-        if file.name.startswith(("tokenizer", "preprocessor", "chat_template", "special_tokens")):
-            shutil.copy(file, target / file.name)
+    shutil.copy(demo_dir / "preprocessor_config.json", target / "preprocessor_config.json")
+    full_vocab_tokenizer(demo_dir, target, model.config.text_config.vocab_size)
     (target / "vlbridge-bench.json").write_text(json.dumps({"architecture": name, "weights": "random"}))
     del model
     torch.cuda.empty_cache()
@@ -140,8 +174,11 @@ def load_in_memory(name: str, demo_dir: Path, dtype: str = "bfloat16") -> Any:
 
     from server.inference.model.loader import LoadedModel
 
-    tokenizer = AutoTokenizer.from_pretrained(demo_dir)
     model = build_model(name, demo_dir, dtype)
+    words = demo_dir.parent / f"{demo_dir.name}-full-vocab"
+    words.mkdir(exist_ok=True)
+    full_vocab_tokenizer(demo_dir, words, model.config.text_config.vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(words)
     return LoadedModel(
         model,
         tokenizer,

@@ -52,6 +52,18 @@ def noise_jpeg(size: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def distinct_jpegs(size: int, count: int, first_seed: int = 0) -> list[bytes]:
+    """*count* different noise JPEGs, made on all cores (call before CUDA is initialised: forks)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    seeds = range(first_seed, first_seed + count)
+    workers = min(16, os.cpu_count() or 1)
+    if workers == 1 or count <= 8:
+        return [noise_jpeg(size, seed) for seed in seeds]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(noise_jpeg, [size] * count, seeds, chunksize=8))
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -96,8 +108,9 @@ class GpuBusy:
 
 
 async def run_vlbridge(
-    engine: Any, images: list[bytes], concurrency: int, requests: int, tokens: int
+    engine: Any, images: list[bytes], concurrency: int, requests: int, tokens: int, offset: int = 0
 ) -> dict:
+    """Closed loop of *concurrency* clients; request n sends images[(offset + n) % len(images)]."""
     limits = ExecutorLimits(
         max_batch=max(concurrency, 1), queue_size=4 * requests, request_timeout=600, max_new_tokens=tokens
     )
@@ -118,7 +131,7 @@ async def run_vlbridge(
         while issued < requests:
             number = issued
             issued += 1
-            turns = [Turn.user(QUESTION, [images[number % len(images)]])]
+            turns = [Turn.user(QUESTION, [images[(offset + number) % len(images)]])]
             async for event in executor.submit(InferenceRequest(f"c{index}-{number}", turns, params)):
                 if isinstance(event, Done):
                     assert event.usage.completion_tokens == tokens, event.usage
@@ -343,11 +356,18 @@ def main() -> None:
     if cpu:
         systems = [s for s in systems if s != "static+compile"]  # minutes of compile per shape on 2 cores
 
+    def requests_at(c: int) -> int:
+        return max(c, int(c * args.rounds)) if c > 1 else max(3, int(args.rounds * 2))
+
+    # A picture is never sent twice to the executor (a vision-encoder cache would flatter it);
+    # made before torch is imported, since the pool forks.
+    images = distinct_jpegs(size, sum(requests_at(c) + 2 for c in levels))
+
     from server.inference.model.demo import build_demo_model
     from server.inference.model.model_engine import EngineOptions, ModelEngine
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vlbridge-bench-"))
-    demo = build_demo_model(work / "demo")
+    demo = None if Path(args.model).is_dir() else build_demo_model(work / "demo")
     info: dict[str, Any] = {
         "model": args.model,
         "device": args.device,
@@ -359,6 +379,7 @@ def main() -> None:
         "python": platform.python_version(),
     }
     if args.model == "demo":
+        assert demo is not None
         model_dir = str(demo)
         info["weights"] = "demo (random)"
     elif Path(args.model).is_dir():
@@ -383,7 +404,6 @@ def main() -> None:
         info["cold_start"] = cold_start(model_dir, args.device, max(levels))
         print(json.dumps(info["cold_start"]), flush=True)
 
-    images = [noise_jpeg(size, seed) for seed in range(8)]
     results: dict[str, dict[int, dict]] = {s: {} for s in systems}
 
     def save() -> None:  # after every measurement: a run cut short still leaves its numbers
@@ -414,10 +434,14 @@ def main() -> None:
         info["engine_load_s"] = round(time.monotonic() - load_started, 1)
         info["graph_capture_s"] = round(engine.capture_seconds, 1)
         shared = _KeepEngine(engine)
+        offset = 0
         for c in levels:
-            requests = max(c, int(c * args.rounds)) if c > 1 else max(3, int(args.rounds * 2))
-            asyncio.run(run_vlbridge(shared, images, min(c, 2), 2, tokens))  # warm this bucket's path
-            results["vlbridge"][c] = asyncio.run(run_vlbridge(shared, images, c, requests, tokens))
+            requests = requests_at(c)
+            asyncio.run(run_vlbridge(shared, images, min(c, 2), 2, tokens, offset))  # warm this bucket's path
+            results["vlbridge"][c] = asyncio.run(
+                run_vlbridge(shared, images, c, requests, tokens, offset + 2)
+            )
+            offset += requests + 2
             print("vlbridge", c, json.dumps(results["vlbridge"][c]), flush=True)
             save()
         engine.close()
@@ -500,8 +524,8 @@ def print_table(info: dict, results: dict[str, dict[int, dict]], levels: list[in
             r = by_level.get(c)
             if not r:
                 continue
-            if "error" in r:
-                print(f"| {system} | {c} | {r['error']} |")
+            if "error" in r or "rps" not in r:
+                print(f"| {system} | {c} | {r.get('error', 'no request finished after the first wave')} |")
                 continue
             ratio = f"{r['rps'] / base:.1f}x" if base else ""
             busy = f"{r['gpu_busy']:.0%}" if r.get("gpu_busy") is not None else "-"

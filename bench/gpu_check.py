@@ -1,12 +1,23 @@
-"""Correctness checks that need a GPU: the Triton paged-attention kernel and the engine in bf16.
+"""Correctness checks that need a GPU: the Triton kernels and the engine in bf16.
 
-python bench/gpu_check.py [--model 2b]
+    python bench/gpu_check.py [--model 2b] [--teacher-forcing-only] [--out results.json]
+
+Teacher forcing (`check_teacher_forcing`): a batch of prompts with pictures of mixed sizes,
+each followed by 32 fixed tokens. Stock transformers runs the whole of it in one forward;
+the engine runs its prefill (every prompt position's logits kept) and then 32 decode steps
+whose input token is forced to the fixed one. Logits are compared at every position: relative
+error (L2 over the vocabulary) and top-1 agreement. A second round runs the same prompts again,
+now through the prefix cache (only the last prompt token is computed) and the vision cache.
+Unlike comparing greedy answers, this separates bf16 rounding (small errors, rare top-1 flips
+between near-ties) from bugs (large errors from the position where they occur).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import statistics
 import sys
 import tempfile
 import time
@@ -162,10 +173,135 @@ async def check_engine(model: str) -> None:
     await ex.stop()
 
 
+def _compare(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float, float]:
+    """(max, median) relative L2 error per position and the top-1 agreement of (positions, vocab)."""
+    ours, reference = ours.float(), reference.float().to(ours.device)
+    err = (ours - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-6)
+    top1 = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return err.max().item(), err.median().item(), top1
+
+
+def check_teacher_forcing(model: str, steps: int = 32, device: str = "cuda") -> dict[str, object]:
+    """Engine vs stock transformers by teacher forcing, bf16, a batch of mixed picture sizes.
+
+    `model="demo", device="cpu"` runs the same check on the demo model in float32 (a dry run
+    of this code: errors ~1e-6, top-1 agreement 1.0)."""
+    from dataclasses import replace
+
+    from bench.architectures import load_in_memory
+    from bench.executor import noise_jpeg
+    from protocol.pictures import ImageLimits
+    from server.inference.api import SamplingParams, Turn
+    from server.inference.engine import Sequence
+    from server.inference.model.demo import build_demo_model
+    from server.inference.model.loader import load_model
+    from server.inference.model.model_engine import EngineOptions, ModelEngine
+    from server.inference.model.runner import ModelRunner
+
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp())
+    demo = build_demo_model(work / "demo")
+    if model == "demo":
+        loaded = load_model(str(demo), device, "float32" if device == "cpu" else "bfloat16")
+    else:
+        loaded = load_in_memory(model, demo)
+    runner = ModelRunner(loaded, ImageLimits(), 4096)
+    sizes = [224, 352, 480, 640, 800, 1024] if device != "cpu" else [64, 96, 160]
+    convs = [
+        [Turn.user(f"Question {i}: what is in it?", [noise_jpeg(size, 50 + i)])]
+        for i, size in enumerate(sizes)
+    ]
+    vocab = int(runner.model.config.text_config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    low = min(1000, vocab // 2)  # past the special tokens
+    forced = [torch.randint(low, vocab, (steps,), generator=generator).tolist() for _ in convs]
+    prompts = [runner.prompts.build(turns) for turns in convs]
+    lengths = [len(p) for p in prompts]
+    extended = [replace(p, input_ids=p.input_ids + f) for p, f in zip(prompts, forced, strict=True)]
+    if device != "cpu":
+        from server.inference.model.kernels import restore_stock_functions
+
+        restore_stock_functions()
+    with torch.inference_mode():
+        inputs = runner.model_inputs(extended)
+        logits = runner.model(**inputs).logits
+        width = inputs["input_ids"].shape[1]
+        reference = [logits[row, width - len(e) :].cpu() for row, e in enumerate(extended)]
+    del logits, inputs
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    print(f"teacher forcing {model}: stock forward over {sum(map(len, extended))} tokens done")
+
+    engine = ModelEngine(
+        runner,
+        EngineOptions(max_batch=8, max_context_tokens=4096, max_new_tokens=steps + 8, memory_fraction=0.4),
+    )
+    engine.warm_up()
+    engine.keep_logits = True
+    report: dict[str, object] = {"sizes": sizes, "prompt_tokens": lengths, "steps": steps}
+    for name in ("cold", "prefix cache", "vision cache"):
+        if name == "vision cache":
+            engine.prefix = None  # pictures now come from the vision-encoder cache
+        seqs = [
+            Sequence(f"tf{i}", engine.prepare(turns), SamplingParams(max_new_tokens=steps + 1), steps + 2)
+            for i, turns in enumerate(convs)
+        ]
+        for seq in seqs:
+            assert engine.reserve(seq)
+        prefill, decode = [], []
+        with torch.inference_mode():
+            engine.prefill(seqs)
+            full = engine.prefill_logits
+            assert full is not None
+            columns = full.shape[1]
+            reused = [seq.state.reused for seq in seqs]
+            for row, (n, r) in enumerate(zip(lengths, reused, strict=True)):
+                prefill.append(_compare(full[row, columns - (n - r) :], reference[row][r:n]))
+            cells = torch.tensor([seq.state.cell for seq in seqs], device=device)
+            for k in range(steps):
+                engine.step.tokens[cells] = torch.tensor([f[k] for f in forced], device=device)
+                engine.decode(seqs)
+                step_logits = engine.step.logits[: len(seqs)].clone()
+                for row, n in enumerate(lengths):
+                    decode.append(_compare(step_logits[row : row + 1], reference[row][n + k : n + k + 1]))
+        for seq in seqs:
+            engine.release(seq)
+        result = {
+            "reused_tokens": reused,
+            "prefill_max_rel_err": max(e[0] for e in prefill),
+            "prefill_median_rel_err": statistics.median(e[1] for e in prefill),
+            "prefill_top1": statistics.mean(e[2] for e in prefill),
+            "decode_max_rel_err": max(e[0] for e in decode),
+            "decode_median_rel_err": statistics.median(e[1] for e in decode),
+            "decode_top1": statistics.mean(e[2] for e in decode),
+        }
+        report[name] = result
+        print(f"teacher forcing {model} [{name}]: {json.dumps(result)}", flush=True)
+    report["vision_cache_hits"] = engine.vision.hits
+    report["seconds"] = round(time.monotonic() - started, 1)
+    engine.close()
+    del engine, runner, loaded, reference
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    return report
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="demo")
+    parser.add_argument("--teacher-forcing-only", action="store_true")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the teacher-forcing check")
     args = parser.parse_args()
-    check_kernel()
-    check_fused_kernels()
-    asyncio.run(check_engine(args.model))
+    if args.device == "cpu":
+        print(json.dumps(check_teacher_forcing("demo", 8, "cpu"), indent=1))
+        sys.exit(0)
+    results: dict[str, object] = {"model": args.model}
+    if not args.teacher_forcing_only:
+        check_kernel()
+        check_fused_kernels()
+        asyncio.run(check_engine(args.model))
+    if args.model != "demo":
+        results["teacher_forcing"] = check_teacher_forcing(args.model)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))

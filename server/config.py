@@ -96,7 +96,12 @@ class ExecutorConfig(_Section):
     request_timeout: float = Field(300.0, gt=0)
     max_batch_tokens: int = Field(262_144, ge=256)
     prefill_chunk_tokens: int = Field(16_384, ge=256)
+    prefill_decoding_tokens: int = Field(8_192, ge=256)  # the same while answers stream
     prepare_workers: int = Field(0, ge=0, le=64)  # picture decoding threads; 0 = min(8, CPU cores)
+    prefix_cache: bool = True  # reuse the KV pages of earlier turns (and equal prompt starts)
+    vision_cache_mb: int = Field(512, ge=0)  # vision-encoder outputs kept by picture hash; 0 = off
+    stream_interval: float = Field(0.02, ge=0, le=1)  # seconds between text hand-offs of an answer
+    profile_seconds: float = Field(10.0, ge=0)  # a log line of step/prefill timings this often; 0 = off
 
 
 class FeishuConfig(_Section):

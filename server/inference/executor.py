@@ -64,6 +64,7 @@ from server.inference.api import (
 from server.inference.detok import IncrementalDetokenizer
 from server.inference.engine import Engine, PreparedPrompt, Sequence, StepResult
 from server.inference.fairpool import FairPool
+from server.inference.profile import Profile
 
 log = logging.getLogger("vlbridge.executor")
 _K = TypeVar("_K", bound=Hashable)  # a stream of events: a request handle
@@ -77,8 +78,16 @@ class ExecutorLimits:
     queue_size: int = 256
     request_timeout: float = 300.0
     max_new_tokens: int = 512
-    prefill_tokens: int = 16384  # prompt tokens admitted into one prefill
+    prefill_tokens: int = 16384  # prefill work (prefill_cost units) admitted into one prefill
+    # ... while other rows are decoding: a wave of new pictures then runs as several small
+    # prefills between decode steps, so it stalls the running answers for a bounded time
+    prefill_tokens_decoding: int = 8192
     prefill_wait: float = 0.03  # while decoding, wait up to this long for more prompts to batch
+    profile_seconds: float = 10.0  # log where the time goes this often while busy (profile.py); 0: off
+    # Text of running answers goes to the event loop at most this often (first text, ends and
+    # errors at once): at 64 rows and a 4 ms step, every step's deltas would be 16,000 frames a
+    # second for the event loop, whose work competes with this thread's for the GIL.
+    stream_interval: float = 0.02
     max_turns: int = 1024  # messages of one request; more are refused at once
 
 
@@ -176,6 +185,12 @@ class _Handle:
                 self.cancel()  # the caller stopped listening: free the slot
 
 
+def prefill_cost(prompt: PreparedPrompt) -> int:
+    """A prompt's prefill work in token units: its picture tokens count twice, because the
+    vision encoder runs over them (4 patches each) before the language model does."""
+    return prompt.length + prompt.image_tokens
+
+
 def coalesce(batch: list[tuple[_K, Event]]) -> dict[_K, list[Event]]:
     """Each stream's events in order, with runs of deltas joined into one delta: an event
     loop that fell behind the worker catches up with fewer, larger frames."""
@@ -203,6 +218,7 @@ class _Job:
     started: float = 0.0
     first_token: float = 0.0
     last_position: int = 0
+    streamed: bool = False  # some text was emitted
     finished: bool = False
     order: int = field(default_factory=itertools.count().__next__)
 
@@ -250,6 +266,8 @@ class InferenceExecutor:
         self._loaded = threading.Event()  # set once loading ended, well or not
         self._idle = threading.Event()  # set while nothing is waiting or running
         self._outbox: list[tuple[_Handle, Event]] = []  # worker-owned: this step's events
+        self._urgent = False  # worker-owned: the outbox holds more than later text of an answer
+        self._handoff = 0.0  # worker-owned: when the outbox was last handed to the event loop
         self._handed: list[tuple[_Handle, Event]] = []  # for the event loop; guarded by _lock
         self._delivery_due = False  # a _deliver is scheduled on the loop; guarded by _lock
         # counters
@@ -261,6 +279,9 @@ class InferenceExecutor:
         self.batch_sizes: deque[int] = deque(maxlen=256)
         self._last_kind = ""
         self._last_collect = 0.0
+        self._last_decode = 0.0
+        # worker-owned: time to first token split into its parts, decode cadence, prefill stalls
+        self.profile = Profile(logging.getLogger("vlbridge.profile"), "executor", limits.profile_seconds)
         self._memory: tuple[int, int] | None = None  # (used, total) device bytes, sampled by the worker
         self._memory_at = -MEMORY_SAMPLE_INTERVAL
 
@@ -378,13 +399,23 @@ class InferenceExecutor:
         return float(min(60.0, max(1.0, eta or 5.0)))
 
     def _emit(self, job: _Job, event: Event) -> None:
+        if not isinstance(event, Delta) or not job.streamed:
+            self._urgent = True  # a first delta is the client's time to first token: never held
+        if isinstance(event, Delta):
+            job.streamed = True
         self._outbox.append((job.handle, event))
 
-    def _flush(self) -> None:
-        """Hand this step's events to the event loop: one wake-up for all the steps that end
-        before the loop gets to them."""
+    def _flush(self, force: bool = False) -> None:
+        """Hand the events of the steps since the last hand-off to the event loop: at once when
+        some are more than an answer's further text, else once `stream_interval` has passed
+        (the worker flushes after every step, so text waits at most that long plus a step);
+        one wake-up for all the hand-offs that come before the loop gets to them."""
         if not self._outbox or self._loop is None:
             return
+        now = time.monotonic()
+        if not (force or self._urgent or now - self._handoff >= self.limits.stream_interval):
+            return
+        self._urgent, self._handoff = False, now
         with self._lock:
             self._handed.extend(self._outbox)
             wake, self._delivery_due = not self._delivery_due, True
@@ -461,7 +492,7 @@ class InferenceExecutor:
                 break
             if isinstance(item, _Job):
                 self._finish(item, Unavailable(f"the model failed to load: {self._detail}"))
-        self._flush()
+        self._flush(force=True)
 
     def _sample_memory(self, engine: Engine) -> None:
         """Read device memory at most once a second, between steps (stats() only reads the copy)."""
@@ -504,7 +535,8 @@ class InferenceExecutor:
                 break
             if isinstance(item, _Job):
                 self._finish(item, shutting_down())
-        self._flush()
+        self._flush(force=True)
+        self.profile.flush()
 
     def _timeout(self, job: _Job) -> Timeout:
         limit = job.deadline - job.submitted
@@ -542,19 +574,26 @@ class InferenceExecutor:
         if not self._running or not self._waiting:
             return False
         preparing = self._pending - len(self._waiting)
-        ready = sum(j.prompt.length for j in self._waiting if j.prompt is not None)
+        ready = sum(prefill_cost(j.prompt) for j in self._waiting if j.prompt is not None)
         young = time.monotonic() - self._waiting[0].prepared < self.limits.prefill_wait
-        return preparing > 0 and ready < self.limits.prefill_tokens // 2 and young
+        return preparing > 0 and ready < self._prefill_budget() // 2 and young
+
+    def _prefill_budget(self) -> int:
+        """Prefill work for the next prefill: all a prefill may take when nothing decodes, less
+        while answers are streaming (every decode step waits for the prefill launched before it)."""
+        if self._running:
+            return min(self.limits.prefill_tokens, self.limits.prefill_tokens_decoding)
+        return self.limits.prefill_tokens
 
     def _admit(self, engine: Engine, inflight: deque[_Launch]) -> None:
         if self._worth_waiting():
             return
         chosen: list[_Job] = []
-        budget = self.limits.prefill_tokens
+        budget = self._prefill_budget()
         while self._waiting and len(self._running) + len(chosen) < self.limits.max_batch:
             job = self._waiting[0]
             assert job.prompt is not None
-            if chosen and job.prompt.length > budget:
+            if chosen and prefill_cost(job.prompt) > budget:
                 break
             wanted = job.request.params.max_new_tokens or self.limits.max_new_tokens
             max_new = min(wanted, engine.max_sequence_tokens - job.prompt.length)
@@ -573,7 +612,7 @@ class InferenceExecutor:
                 break
             self._waiting.pop(0)
             job.seq = seq
-            budget -= job.prompt.length
+            budget -= prefill_cost(job.prompt)
             chosen.append(job)
         if not chosen:
             return
@@ -634,6 +673,20 @@ class InferenceExecutor:
         now = time.monotonic()
         if launch.kind == "decode" and self._last_kind == "decode" and now - self._last_collect < 1.0:
             self.step_times.append(now - self._last_collect)  # decode cadence, no prefill between
+            self.profile.record("decode_step", now - self._last_collect)
+        elif launch.kind == "decode" and now - self._last_decode < 5.0:
+            self.profile.record("decode_stall", now - self._last_decode)  # a prefill (or a pause) in between
+        if launch.kind == "decode":
+            self._last_decode = now
+            self.profile.count("decode_rows", len(launch.jobs))
+        else:
+            self.profile.count("prefill_rows", len(launch.jobs))
+            self.profile.count("prefill_cost", sum(prefill_cost(j.prompt) for j in launch.jobs if j.prompt))
+            for job in launch.jobs:
+                # submit -> prepared -> admitted -> first token on the host: the parts of TTFT
+                self.profile.record("prepare", job.prepared - job.submitted)
+                self.profile.record("queue", job.started - job.prepared)
+                self.profile.record("prefill", now - job.started)
         self._last_kind, self._last_collect = launch.kind, now
         for job, token in zip(launch.jobs, tokens, strict=True):
             if job.finished:

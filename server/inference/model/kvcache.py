@@ -5,11 +5,17 @@ admission, so decoding never allocates and a finished sequence gives its pages b
 once. Page 0 is scratch: padded rows of a CUDA-graph batch write there. Decode attention
 reads each row only up to its own length (see attention.py), so its cost follows the
 rows' real lengths, not the longest row or the pool size.
+
+Pages are reference counted: a page holding a cached prefix (prefix.py) can be in several
+sequences' page tables at once, read-only. When a page loses its last user, `on_unused`
+may keep it (a cached prefix, still indexed) instead of freeing it; `evict` frees one such
+page when an allocation finds the free list short.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +55,9 @@ class PagedKVCache:
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self._free = list(range(pages - 1, 0, -1))  # page 0 is scratch
+        self.refs = [0] * pages
+        self.evict: Callable[[], bool] = lambda: False  # frees one idle cached page, if any
+        self.on_unused: Callable[[int], bool] = lambda page: False  # True: kept (cached), not freed
 
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -59,18 +68,35 @@ class PagedKVCache:
         return len(self._free)
 
     def allocate(self, seq: SeqCache, tokens: int) -> bool:
-        """Give *seq* pages for *tokens* tokens in all; False (and nothing taken) if full."""
+        """Give *seq* pages for *tokens* tokens in all (its pages so far count); False (and
+        nothing taken) if full. Idle cached pages are evicted as needed."""
         need = -(-tokens // PAGE) - len(seq.pages)
-        if need > len(self._free):
-            return False
+        while need > len(self._free):
+            if not self.evict():
+                return False
         for _ in range(max(0, need)):
-            seq.pages.append(self._free.pop())
+            page = self._free.pop()
+            self.refs[page] = 1
+            seq.pages.append(page)
         return True
 
     def free(self, seq: SeqCache) -> None:
-        self._free.extend(reversed(seq.pages))
+        """Drop *seq*'s references; a page nobody uses is kept by `on_unused` or freed. The last
+        pages go first, so a cache evicting its oldest idle pages evicts a prefix's tail first."""
+        for page in reversed(seq.pages):
+            self.drop(page)
         seq.pages = []
         seq.length = 0
+
+    def drop(self, page: int) -> None:
+        """Drop one reference to *page*; without users it is kept by `on_unused` or freed."""
+        self.refs[page] -= 1
+        if self.refs[page] == 0 and not self.on_unused(page):
+            self._free.append(page)
+
+    def release_page(self, page: int) -> None:
+        """An idle cached page that was evicted: free again."""
+        self._free.append(page)
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values (tokens, kv_heads, head_dim) at flat *slots* (tokens,)."""

@@ -12,23 +12,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
 from server.inference.engine import Check, PreparedPrompt, Sequence, keep_going
+from server.inference.profile import Profile
 
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row
 from .kvcache import PAGE, PagedKVCache, SeqCache
+from .prefix import PrefixCache, full_block_keys, identity, picture_token
+from .prompt import Prompt
 from .runner import ModelRunner
 from .sampling import sample
+from .vision import Picture, VisionEncoder
 
 log = logging.getLogger("vlbridge.model")
 
@@ -41,6 +48,27 @@ class EngineOptions:
     max_new_tokens: int = 512
     cuda_graphs: bool = True
     memory_fraction: float = 0.7  # of the GPU memory left after loading, for the KV cache (rest: prefill)
+    prefix_cache: bool = True  # keep finished sequences' KV pages for prompts that start alike
+    vision_cache_bytes: int = 512 * 2**20  # encoder outputs kept by picture hash; 0: off
+    profile_seconds: float = 10.0  # log prefill phase timings this often while busy; 0: off
+
+
+@dataclass
+class _PromptPicture:
+    start: int  # index of its first token in the prompt
+    picture: Picture
+
+
+@dataclass
+class _Prompt:
+    """The engine's prepared prompt (PreparedPrompt.data)."""
+
+    prompt: Prompt
+    ident: list[int]  # token ids, picture tokens replaced by the picture's identity (prefix.py)
+    keys: list[bytes]  # prefix-cache keys of its full blocks
+    positions: torch.Tensor  # (3, tokens) M-RoPE positions, on the CPU
+    next_position: int  # M-RoPE position of the first generated token
+    pictures: list[_PromptPicture]
 
 
 @dataclass
@@ -48,6 +76,52 @@ class _State:
     cache: SeqCache
     cell: int  # the sequence's token cell in DecodeStep.tokens
     next_position: int = 0  # M-RoPE position of the next token
+    reused: int = 0  # prompt tokens taken from the prefix cache
+    shared: list[int] = field(default_factory=list)  # pages shared with the cache (the first ones)
+    source: int | None = None  # cached page whose first tokens are copied at prefill (pinned)
+    prefix_pages: list[int] = field(default_factory=list)  # where the reused tokens are, in order
+
+
+class _PrefillTimer:
+    """Host and device time of a prefill's phases. Device times come from CUDA events, read
+    at a later prefill once they have completed (never waited for)."""
+
+    def __init__(self, profile: Profile, cuda: bool) -> None:
+        self.profile = profile
+        self.cuda = cuda
+        self._pending: list[list[tuple[str, float, Any]]] = []
+        self._marks: list[tuple[str, float, Any]] = []
+
+    def start(self) -> None:
+        self._collect()
+        self._marks = []
+        self.mark("start")
+
+    def mark(self, phase: str) -> None:
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self._marks.append((phase, time.perf_counter(), event))
+
+    def end(self) -> None:
+        marks = self._marks
+        for (_, before, _), (phase, after, _) in pairwise(marks):
+            self.profile.record(f"host_{phase}", after - before)
+        if self.cuda:
+            self._pending.append(marks)
+
+    def _collect(self) -> None:
+        while self._pending and self._pending[0][-1][2].query():
+            marks = self._pending.pop(0)
+            for (_, _, before), (phase, _, after) in pairwise(marks):
+                self.profile.record(f"gpu_{phase}", before.elapsed_time(after) / 1e3)
+
+
+def _slots(pages: list[int] | torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Flat cache slots of token positions start..end-1 of a sequence with page table *pages*."""
+    at = torch.arange(start, end)
+    return torch.as_tensor(pages, dtype=torch.long)[at // PAGE] * PAGE + at % PAGE
 
 
 class ModelEngine:
@@ -77,10 +151,19 @@ class ModelEngine:
         pages = max(2, tokens // 64 + 1)
         self.kv = PagedKVCache(layers, kv_heads, head_dim, pages, runner.dtype, runner.device)
         log.info("KV cache: %d tokens (%.2f GiB)", pages * 64, pages * 64 * per_token / 2**30)
+        self.prefix = PrefixCache(self.kv) if options.prefix_cache else None
+        self.vision = VisionEncoder(runner.model, options.vision_cache_bytes)
         self.step = DecodeStep(runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens + 1))
         self._cells = list(range(options.max_batch - 1, -1, -1))
         self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=runner.device)
         self.capture_seconds = 0.0
+        self.keep_logits = False  # prefill keeps the logits of every position in `prefill_logits`
+        # host and device time of each prefill phase, logged every 10 s (server/inference/profile.py)
+        self.prefill_timer = _PrefillTimer(
+            Profile(logging.getLogger("vlbridge.profile"), "prefill phases", options.profile_seconds),
+            runner.device.type == "cuda",
+        )
+        self.prefill_logits: torch.Tensor | None = None
 
     @classmethod
     def load(
@@ -123,18 +206,67 @@ class ModelEngine:
     # ---- Engine protocol ----------------------------------------------------------------------------
 
     def prepare(self, messages: list[Turn], check: Check = keep_going) -> PreparedPrompt:
+        """The prompt plus what the worker would otherwise compute on the critical path: the
+        M-RoPE positions, each picture's content hash and tokens, the prefix-cache keys. *check* is
+        called between the builder's stages (it raises to stop a cancelled preparation)."""
         prompt = self.runner.prompts.build(messages, check)
-        return PreparedPrompt(len(prompt), prompt.image_tokens, prompt)
+        digests = [
+            hashlib.blake2b(data, digest_size=16).digest() for turn in messages for data in turn.images
+        ]
+        count = 0 if prompt.image_grid_thw is None else int(prompt.image_grid_thw.shape[0])
+        digests = digests[len(digests) - count :]  # the builder drops the oldest turns first
+        ident = identity(prompt.input_ids, self.runner.prompts.image_token_id, digests)
+        ids = torch.tensor([prompt.input_ids])
+        if count:
+            positions, deltas = self.runner.model.model.get_rope_index(
+                ids,
+                mm_token_type_ids=(ids == self.runner.prompts.image_token_id).int(),
+                image_grid_thw=prompt.image_grid_thw,
+            )
+            positions, next_position = positions[:, 0], len(prompt) + int(deltas[0, 0])
+        else:
+            positions = torch.arange(len(prompt)).expand(3, -1)
+            next_position = len(prompt)
+        pictures: list[_PromptPicture] = []
+        patches = 0
+        for number, digest in enumerate(digests):
+            assert prompt.image_grid_thw is not None and prompt.pixel_values is not None
+            grid = prompt.image_grid_thw[number : number + 1]
+            size = int(grid.prod())
+            start = ident.index(picture_token(digest))
+            pixels = prompt.pixel_values[patches : patches + size]
+            pictures.append(_PromptPicture(start, Picture(digest, pixels, grid)))
+            patches += size
+        data = _Prompt(prompt, ident, full_block_keys(ident), positions, next_position, pictures)
+        return PreparedPrompt(len(prompt), prompt.image_tokens, data)
 
     def reserve(self, seq: Sequence) -> bool:
         if not self._cells or seq.prompt.length + seq.max_new_tokens > self.max_sequence_tokens:
             return False
+        data: _Prompt = seq.prompt.data
         cache = SeqCache()
+        hit = self.prefix.match(data.ident, data.keys) if self.prefix is not None else None
+        if hit is not None and self.prefix is not None:
+            self.prefix.use(hit)  # pinned first: the allocation below may evict idle cached pages
+            cache.pages = list(hit.shared)
         # +1: a step may be launched for a sequence before the host has seen that it finished
         if not self.kv.allocate(cache, seq.prompt.length + seq.max_new_tokens + 1):
+            self.kv.free(cache)
+            if hit is not None and hit.source is not None:
+                self.kv.drop(hit.source)
             return False
         seq.state = _State(cache, self._cells.pop())
+        if hit is not None:
+            seq.state.reused = hit.length
+            seq.state.shared = hit.shared
+            seq.state.source = hit.source
+            seq.state.prefix_pages = [*hit.shared, *([hit.source] if hit.source is not None else [])]
         return True
+
+    def _unpin_source(self, state: _State) -> None:
+        if state.source is not None:
+            self.kv.drop(state.source)
+            state.source = None
 
     def _blocked(self, seqs: list[Sequence]) -> list[int]:
         return [int(seq.launched < seq.params.min_new_tokens) for seq in seqs]
@@ -145,37 +277,111 @@ class ModelEngine:
             seq.launched += 1
         return DeviceTokens(tokens, self.step.output_buffer(), len(seqs))
 
-    @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> DeviceTokens:
-        prompts = [seq.prompt.data for seq in seqs]
-        inputs = self.runner.model_inputs(prompts)
+    def _gather_prefix(self, seqs: list[Sequence], width: int) -> DynamicCache:
+        """A dense cache holding each row's reused prefix, right-aligned in *width* columns."""
         dense = DynamicCache(config=self._model.config)
-        self._model.model.rope_deltas = None  # transformers keeps the last prompt's deltas on the module
-        out = self._model(**inputs, cache=dense, use_cache=True, logits_to_keep=1)
-        deltas = self._model.model.rope_deltas
-        width = inputs["input_ids"].shape[1]
-        slots: list[int] = []
-        rows: list[int] = []  # flat (row, position) index of every real (unpadded) prompt token
+        if not width:
+            return dense
+        slots = torch.zeros(len(seqs), width, dtype=torch.long)  # padding reads scratch slot 0
         for row, seq in enumerate(seqs):
             state: _State = seq.state
-            length = seq.prompt.length
-            slots.extend(state.cache.slot(i) for i in range(length))
-            rows.extend(range(row * width + width - length, row * width + width))
-            state.cache.length = length
-            state.next_position = length + (0 if deltas is None else int(deltas[row, 0]))
+            if state.reused:
+                slots[row, width - state.reused :] = _slots(state.prefix_pages, 0, state.reused)
+        index = slots.flatten().to(self.runner.device, non_blocking=True)
+        shape = (len(seqs), width, self.kv.kv_heads, self.kv.head_dim)
+        for layer in range(len(self.kv.keys)):
+            flat = (-1, self.kv.kv_heads, self.kv.head_dim)
+            keys = self.kv.keys[layer].view(flat).index_select(0, index).view(shape).transpose(1, 2)
+            values = self.kv.values[layer].view(flat).index_select(0, index).view(shape).transpose(1, 2)
+            dense.update(keys, values, layer)
+        return dense
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> DeviceTokens:
+        """Prefill what each row does not reuse from the prefix cache, in one batch.
+
+        Layout of row r (prefix reused: L tokens, prompt: n tokens), P and S the widest prefix
+        and suffix: [padding | L cached tokens][padding | n - L new tokens], P + S columns, the
+        attention mask marking the padding. Positions are the prompt's own M-RoPE positions
+        (computed at preparation), so a reused prefix and its continuation line up exactly.
+        """
         device = self.runner.device
-        slot_tensor = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
-        row_tensor = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+        timer = self.prefill_timer
+        timer.start()
+        prompts: list[_Prompt] = [seq.prompt.data for seq in seqs]
+        reused = [seq.state.reused for seq in seqs]
+        lengths = [len(p.prompt) for p in prompts]
+        width = max(reused)
+        suffix = max(n - r for n, r in zip(lengths, reused, strict=True))
+        ids = torch.full((len(seqs), suffix), self.runner.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width + suffix), dtype=torch.long)
+        positions = torch.zeros((3, len(seqs), suffix), dtype=torch.long)
+        pictures: list[_PromptPicture] = []
+        for row, (prompt, n, r) in enumerate(zip(prompts, lengths, reused, strict=True)):
+            ids[row, suffix - (n - r) :] = torch.tensor(prompt.prompt.input_ids[r:])
+            positions[:, row, suffix - (n - r) :] = prompt.positions[:, r:]
+            mask[row, width - r : width] = 1
+            mask[row, width + suffix - (n - r) :] = 1
+            pictures.extend(p for p in prompt.pictures if p.start >= r)
+        dense = self._gather_prefix(seqs, width)
+        timer.profile.count("rows", len(seqs))
+        timer.profile.count("new_tokens", sum(lengths) - sum(reused))
+        timer.profile.count("reused_tokens", sum(reused))
+        timer.profile.count("pictures", len(pictures))
+        timer.mark("inputs")  # host tensors, reused prefixes gathered
+        inputs: dict[str, Any] = {
+            "input_ids": ids.to(device, non_blocking=True),
+            "attention_mask": mask.to(device, non_blocking=True),
+            "position_ids": positions.to(device, non_blocking=True),
+        }
+        if pictures:
+            encoded = self.vision.encode([p.picture for p in pictures], device, self.runner.dtype)
+            inputs["mm_encoder_outputs"] = {
+                "image": BaseModelOutputWithDeepstackFeatures(
+                    pooler_output=tuple(e.embeds for e in encoded),
+                    deepstack_features=[
+                        tuple(level) for level in zip(*(e.deepstack for e in encoded), strict=True)
+                    ],
+                )
+            }
+        timer.mark("vision")
+        self._model.model.rope_deltas = None  # transformers keeps the last prompt's deltas on the module
+        out = self._model(**inputs, cache=dense, use_cache=True, logits_to_keep=0 if self.keep_logits else 1)
+        if self.keep_logits:  # correctness checks compare every prompt position (bench/gpu_check.py)
+            self.prefill_logits = out.logits
+        timer.mark("forward")
+        # Store what each row did not share: from its first own page (a copied partial page
+        # starts there) to the end of its prompt.
+        columns = width + suffix
+        flat: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        for row, (seq, n, r) in enumerate(zip(seqs, lengths, reused, strict=True)):
+            state: _State = seq.state
+            first = len(state.shared) * PAGE
+            at = torch.arange(first, n)
+            column = torch.where(at < r, width - r + at, width + suffix - n + at)
+            flat.append(row * columns + column)
+            slots.append(_slots(state.cache.pages, first, n))
+        row_index = torch.cat(flat).to(device, non_blocking=True)
+        slot_index = torch.cat(slots).to(device, non_blocking=True)
         for index, layer in enumerate(dense.layers):
-            # (rows, kv_heads, width, dim) -> the real tokens, row after row (no host sync)
-            keys = layer.keys.transpose(1, 2).flatten(0, 1).index_select(0, row_tensor)
-            values = layer.values.transpose(1, 2).flatten(0, 1).index_select(0, row_tensor)
-            self.kv.write(index, slot_tensor, keys, values)
+            # (rows, kv_heads, columns, dim) -> the stored tokens, row after row (no host sync)
+            keys = layer.keys.transpose(1, 2).flatten(0, 1).index_select(0, row_index)
+            values = layer.values.transpose(1, 2).flatten(0, 1).index_select(0, row_index)
+            self.kv.write(index, slot_index, keys, values)
+        for seq, n, prompt in zip(seqs, lengths, prompts, strict=True):
+            state = seq.state
+            state.cache.length = n
+            state.next_position = prompt.next_position
+            self._unpin_source(state)  # the copy above is queued before any later reuse of the page
         blocked = self._blocked(seqs)
         blocked_dev = torch.tensor(blocked, dtype=torch.bool).to(device) if any(blocked) else None
         tokens = sample(out.logits[:, -1, :], seqs, self._eos, blocked_dev)
         cells = torch.tensor([s.state.cell for s in seqs], dtype=torch.long).to(device, non_blocking=True)
-        return self._publish(tokens, cells, seqs)
+        published = self._publish(tokens, cells, seqs)
+        timer.mark("store")  # pages written, first tokens sampled
+        timer.end()
+        return published
 
     def decode(self, seqs: list[Sequence]) -> DeviceTokens:
         cells, positions, slots, lengths, tables = [], [], [], [], []
@@ -202,9 +408,16 @@ class ModelEngine:
     def release(self, seq: Sequence) -> None:
         # Work already launched for this sequence runs before anything launched later on the same
         # stream, so its pages and token cell can be handed out again at once.
-        if isinstance(seq.state, _State):
-            self.kv.free(seq.state.cache)
-            self._cells.append(seq.state.cell)
+        state = seq.state
+        if isinstance(state, _State):
+            if self.prefix is not None and state.cache.length:
+                # What it wrote and the host has seen: prompt, then the generated tokens fed back.
+                data: _Prompt = seq.prompt.data
+                written = min(state.cache.length, len(data.ident) + len(seq.tokens))
+                self.prefix.register(state.cache.pages, (data.ident + seq.tokens)[:written])
+            self._unpin_source(state)
+            self.kv.free(state.cache)
+            self._cells.append(state.cell)
         seq.state = None
 
     def detokenize(self, token_ids: list[int]) -> str:

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Everything the GPU machine has to run, in one go (at most 9 minutes on one H200), results under $OUT:
+#   1. bench/serve.py, 2B: the whole service (WebSocket + OpenAI clients) at c=32/64 beside the
+#      in-process executor, the follow-up (c=1 with the server's own TTFT per ask, c=16) and the
+#      arriving-pictures scenarios; the server's timing lines (server/inference/profile.py)
+#   2. bench/serve.py, 8B then 30B-A3B at c=64, random weights built in GPU memory (30B-A3B's
+#      58 GiB would not fit on the disk): executor in process, then the service over WebSocket
+#   3. teacher forcing for 2B (bench/gpu_check.py): the vision encoder now gets its grid tensors
+#      precomputed on the CPU; this checks its output on the GPU against stock transformers
+# The kernel checks and the 8B/30B-A3B teacher forcing passed on 2026-11-30 and are not rerun:
+# `GPU_CHECK=1 bash bench/gpu_run.sh` runs the whole 2B check instead of step 3.
+# The project's pinned transformers (and the service's own dependencies the machine lacks) travel
+# as wheels in .whl/ (git-ignored; bench/gpu_wheels.sh makes them). Each step has its
+# own time limit, so one that hangs cannot take the others' time; the order is by importance.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheel install failed"; exit 1; }
+fi
+LOG="$OUT/run.log"
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+  python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+} 2>&1 | tee "$LOG"
+
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, everything into the log
+  local limit=$1 name=$2; shift 2
+  echo "=== $name ($(date -u +%T), limit ${limit}s)" | tee -a "$LOG"
+  local started=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -v -E '^\s*$' | tail -n 60
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s" | tee -a "$LOG"
+}
+
+keep_logs() {  # keep_logs NAME: the server's log (its timing lines whole, the rest's tail) and the executor's figures
+  local work=$WORK/$1
+  cp "$work/executor.json" "$OUT/executor-$1.json" 2>/dev/null
+  grep -h "vlbridge.profile\|WARNING\|Traceback\|Error\|error" "$work/serve.log" >"$OUT/serve-$1-profile.log" 2>/dev/null
+  tail -c 200000 "$work/serve.log" >"$OUT/serve-$1-server-tail.log" 2>/dev/null
+}
+
+WORK=/tmp/vlbridge-gpu
+mkdir -p $WORK
+# Timing lines every 2 s, to match them with the scenarios' start times printed by serve.py.
+PROFILE=(--server-env EXECUTOR_PROFILE_SECONDS=2)
+step 190 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --rounds 3 \
+  --followup-concurrency 1,16 --followup-rounds 4 --arrive 32,16,1.0,4 "${PROFILE[@]}" \
+  --workdir $WORK/2b --out "$OUT/serve-2b.json"
+keep_logs 2b
+step 140 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
+  --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"
+keep_logs 8b
+step 160 "serve 30b-a3b" python3 bench/serve.py --model 30b-a3b --weights memory --concurrency 64 --rounds 3 \
+  --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/30b-a3b --out "$OUT/serve-30b-a3b.json"
+keep_logs 30b-a3b
+if [ "${GPU_CHECK:-0}" = 1 ]; then
+  step 100 "gpu_check 2b" python3 bench/gpu_check.py --model 2b --out "$OUT/gpu_check-2b.json"
+else
+  step 50 "teacher forcing 2b" python3 bench/gpu_check.py --model 2b --teacher-forcing-only \
+    --out "$OUT/gpu_check-2b.json"
+fi
+date -u | tee -a "$LOG"

@@ -1,0 +1,132 @@
+"""Pacing of the executor: while answers stream, a wave of new prompts is prefilled a bounded
+slice at a time; an answer's text reaches the event loop at a bounded rate; timings are logged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from server.inference.api import Delta, Done, Events, InferenceRequest, SamplingParams, Turn
+from server.inference.echo import EchoEngine
+from server.inference.engine import PreparedPrompt, ReadyTokens, Sequence
+from server.inference.executor import ExecutorLimits, InferenceExecutor, prefill_cost
+from server.inference.profile import Profile
+
+
+class RecordingEcho(EchoEngine):
+    """The echo engine, noting for each prefill its work and how many rows were decoding then."""
+
+    def __init__(self) -> None:
+        super().__init__(step_delay=0.002)
+        self.active = 0
+        self.prefills: list[tuple[int, int]] = []  # (prefill_cost of the batch, rows decoding)
+
+    def reserve(self, seq: Sequence) -> bool:
+        reserved = super().reserve(seq)
+        self.active += reserved
+        return reserved
+
+    def prefill(self, seqs: list[Sequence]) -> ReadyTokens:
+        self.prefills.append((sum(prefill_cost(s.prompt) for s in seqs), self.active - len(seqs)))
+        return super().prefill(seqs)
+
+    def release(self, seq: Sequence) -> None:
+        if seq.state:
+            self.active -= 1
+        super().release(seq)
+
+
+async def answer(ex: InferenceExecutor, request: InferenceRequest) -> Done:
+    [*_, done] = [event async for event in ex.submit(request)]
+    assert isinstance(done, Done), done
+    return done
+
+
+async def drain(ex: InferenceExecutor, request: InferenceRequest) -> None:
+    async for _ in ex.submit(request):
+        pass
+
+
+def test_prefill_cost_counts_picture_tokens_twice() -> None:
+    assert prefill_cost(PreparedPrompt(length=1100, image_tokens=1024, data=None)) == 2124
+    assert prefill_cost(PreparedPrompt(length=30, image_tokens=0, data=None)) == 30
+
+
+async def test_a_wave_of_prompts_is_prefilled_in_slices_while_others_decode() -> None:
+    engine = RecordingEcho()
+    limits = ExecutorLimits(
+        max_batch=16, queue_size=32, max_new_tokens=4096, prefill_tokens=4000, prefill_tokens_decoding=100
+    )
+    ex = InferenceExecutor(lambda progress: engine, limits, model_name="recording-echo")
+    await ex.start()
+    await ex.wait_ready(30)
+    try:
+        # One long answer keeps decoding (forced to 3000 tokens: several seconds of 2 ms steps) ...
+        long = SamplingParams(max_new_tokens=3000, min_new_tokens=3000)
+        streaming = asyncio.create_task(drain(ex, InferenceRequest("long", [Turn.user("go")], long)))
+        while not engine.prefills:  # its prefill ran: it is decoding from now on
+            await asyncio.sleep(0.01)
+        # ... while 8 prompts of cost 41 each arrive at once: 328 in all, 2 fit in a slice of 100.
+        wave = [
+            asyncio.create_task(
+                answer(ex, InferenceRequest(f"w{i}", [Turn.user(f"{i}" * 40)], SamplingParams(4)))
+            )
+            for i in range(8)
+        ]
+        for done in await asyncio.wait_for(asyncio.gather(*wave), 60):
+            assert done.text == "echo"  # 4 tokens
+        assert not streaming.done(), "the long answer ended before the wave was prefilled: no overlap tested"
+        while_decoding = [(cost, rows) for cost, rows in engine.prefills[1:] if rows]
+        assert sum(cost for cost, _ in while_decoding) == 8 * 41, engine.prefills
+        assert max(cost for cost, _ in while_decoding) <= 100, engine.prefills
+        streaming.cancel()  # the caller stops listening: the executor drops the long answer
+        await asyncio.gather(streaming, return_exceptions=True)
+    finally:
+        await ex.stop()
+
+
+def test_profile_logs_percentiles_and_sizes_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    profile = Profile(logging.getLogger("vlbridge.profile"), "executor", interval=3600)
+    with caplog.at_level(logging.INFO, logger="vlbridge.profile"):
+        for ms in range(1, 101):
+            profile.record("decode_step", ms / 1000)
+        profile.count("rows", 4)
+        profile.count("rows", 8)
+        assert not caplog.records  # the interval has not passed
+        profile.flush()
+        profile.flush()  # nothing recorded since: no second line
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "decode_step n=100 p50=51.0 p95=96.0 max=100.0" in line, line
+    assert "rows mean=6.0 max=8" in line, line
+
+
+async def test_text_reaches_the_event_loop_at_most_once_per_stream_interval() -> None:
+    # 1 ms steps, text handed over every 50 ms: without pacing, about one hand-off per step.
+    limits = ExecutorLimits(max_batch=4, queue_size=8, max_new_tokens=400, stream_interval=0.05)
+    ex = InferenceExecutor(lambda progress: EchoEngine(step_delay=0.001), limits, model_name="echo")
+    await ex.start()
+    await ex.wait_ready(30)
+    try:
+        batches: list[tuple[float, Events]] = []
+        ended = asyncio.Event()
+
+        def listener(events: Events) -> None:
+            batches.append((time.monotonic(), events))
+            if any(isinstance(e, Done) for e in events):
+                ended.set()
+
+        forced = SamplingParams(max_new_tokens=300, min_new_tokens=300)
+        ex.submit(InferenceRequest("paced", [Turn.user("hi")], forced)).listen(listener)
+        await asyncio.wait_for(ended.wait(), 60)
+        text = [e for _, events in batches for e in events if isinstance(e, Delta)]
+        [done] = [e for _, events in batches for e in events if isinstance(e, Done)]
+        assert "".join(d.text for d in text) == done.text and len(done.token_ids) == 300
+        with_text = [at for at, events in batches if any(isinstance(e, Delta) for e in events)]
+        elapsed = with_text[-1] - with_text[0]
+        # the first text at once, then at most one hand-off per interval (the last with `done`)
+        assert len(with_text) <= 2 + elapsed / 0.05, (len(with_text), elapsed)
+    finally:
+        await ex.stop()
