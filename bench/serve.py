@@ -463,8 +463,14 @@ def executor_figures(model_dir: str, args: argparse.Namespace, levels: list[int]
     ]  # fmt: skip
     if args.weights == "memory":
         command.append("--in-memory")
-    subprocess.run(command, check=True, cwd=ROOT)
-    return {int(c): r for c, r in json.loads(out.read_text())["results"]["vlbridge"].items()}
+    done = subprocess.run(command, check=False, cwd=ROOT)
+    # bench/executor.py saves after every level: figures it wrote before a bad exit still hold.
+    figures = json.loads(out.read_text())["results"]["vlbridge"] if out.exists() else {}
+    if done.returncode != 0:
+        print(f"bench/executor.py exited with {done.returncode} after {len(figures)} levels", flush=True)
+        if not figures:
+            raise subprocess.CalledProcessError(done.returncode, command)
+    return {int(c): r for c, r in figures.items()}
 
 
 # ---- main -------------------------------------------------------------------------------------------
