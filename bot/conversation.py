@@ -26,6 +26,7 @@ from typing import Protocol
 
 from bot import texts
 from bot.types import ChatType, InboundMessage, MessageKind
+from protocol.v1 import ErrorCode
 from server.errors import RequestError, TooLarge
 from server.inference.api import (
     AnswerSource,
@@ -45,6 +46,11 @@ Clock = Callable[[], float]
 
 
 # -- commands -------------------------------------------------------------------------------------
+
+
+class NotNow(Exception):
+    """The answer source is not answering now (stopping, loading): the message is kept for later
+    (raised by `Conversation.handle`; the user's card says so)."""
 
 
 class Command(StrEnum):
@@ -238,10 +244,18 @@ class Conversation:
         return texts.text(key, self.settings.language, **values)
 
     async def handle(
-        self, message: InboundMessage, channel: ReplyChannel, *, bot_id: str, arrived_at: float
+        self,
+        message: InboundMessage,
+        channel: ReplyChannel,
+        *,
+        bot_id: str,
+        arrived_at: float,
+        again: bool = False,
     ) -> Decision:
         """Answer *message* (or deliberately not); returns what was decided. Never raises for
-        anything the user caused: they get a sentence instead."""
+        anything the user caused: they get a sentence instead (`NotNow` is no one's fault).
+        *again*: the message was admitted before (its answer was cut by a restart), so the
+        user's rate limit is not charged twice."""
         decision = self.settings.policy.decide(message, bot_id=bot_id, arrived_at=arrived_at)
         log.info(
             "message %s in %s from %s (%s): %s",
@@ -267,7 +281,7 @@ class Conversation:
         if message.kind is MessageKind.UNSUPPORTED:
             await channel.reply_text(message, self._t("unsupported", kind=message.raw_type or "?"))
             return decision
-        retry = self.rate.check(message.sender_id)
+        retry = None if again else self.rate.check(message.sender_id)
         if retry is not None:
             await channel.reply_text(message, self._t("rate_limited", seconds=max(1, round(retry))))
             return Decision.RATE_LIMITED
@@ -332,9 +346,16 @@ class Conversation:
             await channel.reply_text(message, self._t("help"))
             return
         prompt = self.contexts.prompt(message.context_key, question, images)
-        request_id = f"feishu-{message.message_id}-{next(self._ids)}"
         sink = channel.answer_sink(message)
         await sink.open(self._t("thinking"))
+        while not await self._stream(message, prompt, sink):
+            pass
+
+    async def _stream(self, message: InboundMessage, prompt: list[Turn], sink: AnswerSink) -> bool:
+        """Ask once and stream the answer into *sink*; False when the executor was full (the
+        caller asks again); raises `NotNow` when it is not answering at all (stopping, loading)."""
+        language = self.settings.language
+        request_id = f"feishu-{message.message_id}-{next(self._ids)}"
         handle = self.answers.submit(InferenceRequest(id=request_id, messages=prompt))
         active = self._active.setdefault(message.sender_id, [])
         active.append(handle)
@@ -361,13 +382,23 @@ class Conversation:
                     await sink.close(text or "…")
                 elif isinstance(event, Failed):
                     log.info("request %s failed: %s %s", request_id, event.code, event.message)
-                    if event.code == "cancelled":
+                    if not text and event.code == ErrorCode.BUSY:
+                        # Full for now: wait here (the card says so); at most as many messages
+                        # wait like this as the inbox lets run, the others wait on disk.
+                        sink.update(self._t("queued", ahead=self.answers.stats().queue_depth))
+                        await asyncio.sleep(min(max(event.retry_after or 1.0, 0.2), 5.0))
+                        return False
+                    if not text and event.code == ErrorCode.UNAVAILABLE:
+                        await sink.close(self._t("kept"))
+                        raise NotNow(event.message)
+                    if event.code == ErrorCode.CANCELLED:
                         await sink.close(f"{text}\n\n{self._t('cancelled_suffix')}".strip())
                     else:
                         sentence = texts.error_text(
                             event.code, language, message=event.message, retry_after=event.retry_after
                         )
                         await sink.close(f"{text}\n\n{sentence}".strip() if text else sentence)
+            return True
         except BaseException:
             handle.cancel()
             raise

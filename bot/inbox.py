@@ -1,131 +1,525 @@
-"""A durable inbox: which platform messages were already accepted, kept across restarts.
+"""The durable inbox: every accepted platform message, what became of it, and its reply.
 
-Feishu redelivers an event it thinks was not acknowledged (after ~15 s, 5 min, 1 h, 6 h) and
-may deliver one event to a client twice; `claim(message_id)` answers True exactly once per
-message id within `retention` (>= 12 h), also across process restarts, so every message is
-answered at most once. The accepted row records what became of it (`mark`).
+A message is acknowledged to the platform only after `InboxDb.receive` committed it: from then
+on the inbox, not the platform, is responsible for it. Each row holds everything needed to
+answer without the platform's help (chat, thread, sender, text, picture keys, the raw event)
+and moves through a checked state machine::
 
-Storage is one SQLite file (stdlib ``sqlite3``) owned by one worker thread: every call is
-handed to that thread, so the event loop never waits on the disk.
+    received -> running -> answered | failed(reason) | ignored
+        ^          |                   |
+        +----------+ (requeue)         +-- (admin retry) -> received
+
+`attempts` counts the starts of a message; a message found `running` at start-up was being
+answered when the process died. The reply it produced (card id, reply message id, the highest
+CardKit `sequence` reserved) is recorded as it happens, so a recovered message finishes the
+same card instead of sending a second one.
+
+Storage: one SQLite file in WAL mode with ``synchronous=FULL``: in WAL mode NORMAL survives a
+killed process but may lose the last commits to a power cut or kernel crash; FULL syncs the
+log at every commit, so an acknowledged message survives those too. A commit costs one fsync
+(well under a millisecond to a few ms on SSDs; measured in docs/feishu.md), and there are
+only a handful per message. Several processes may use the file at once (the long-connection
+worker inserts, the service moves states, `vlbridge inbox retry` re-queues), each with a
+generous busy timeout; one *service* per file is enforced with a lock file (`Inbox.open`).
+
+`InboxDb` is the synchronous store (one connection, one thread). `Inbox` is the service's
+asynchronous face: every call runs on its own thread, so the event loop never waits on the disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
+
+import orjson
+
+from bot.types import InboundMessage
+from server.errors import VlbridgeError
 
 log = logging.getLogger("vlbridge.inbox")
 
 T = TypeVar("T")
 
+SCHEMA_VERSION = 2
+BUSY_TIMEOUT_MS = 10_000
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS inbox (
-    platform    TEXT NOT NULL,
-    message_id  TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    state       TEXT NOT NULL,
-    PRIMARY KEY (platform, message_id)
-)"""
+CREATE TABLE IF NOT EXISTS messages (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order
+    platform     TEXT NOT NULL,
+    message_id   TEXT NOT NULL,
+    chat_id      TEXT NOT NULL DEFAULT '',
+    context_key  TEXT NOT NULL DEFAULT '',           -- chat, or chat/thread
+    sender_id    TEXT NOT NULL DEFAULT '',
+    text         TEXT NOT NULL DEFAULT '',
+    image_keys   TEXT NOT NULL DEFAULT '[]',         -- JSON list
+    created_at   REAL NOT NULL DEFAULT 0,            -- when the user sent it (platform clock)
+    received_at  REAL NOT NULL,                      -- when it was persisted (and then acked)
+    body         BLOB,                               -- the platform's event, as received
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    reason       TEXT NOT NULL DEFAULT '',
+    updated_at   REAL NOT NULL,
+    card_id      TEXT NOT NULL DEFAULT '',
+    reply_id     TEXT NOT NULL DEFAULT '',
+    sequence     INTEGER NOT NULL DEFAULT 0,         -- highest CardKit sequence reserved
+    UNIQUE (platform, message_id)
+);
+CREATE INDEX IF NOT EXISTS messages_state ON messages (platform, state, seq);
+CREATE INDEX IF NOT EXISTS messages_chat ON messages (platform, chat_id, seq);
+CREATE INDEX IF NOT EXISTS messages_context ON messages (platform, context_key, seq);
+"""
+
+_COLUMNS = (
+    "seq, message_id, chat_id, context_key, sender_id, text, image_keys, created_at, received_at,"
+    " body, state, attempts, reason, updated_at, card_id, reply_id, sequence"
+)
 
 
 class InboxState(StrEnum):
-    ACCEPTED = "accepted"  # claimed, being handled
+    RECEIVED = "received"  # persisted and acked; waiting to be answered
+    RUNNING = "running"  # being answered (found so at start-up: the process died meanwhile)
     ANSWERED = "answered"
-    IGNORED = "ignored"  # deliberately not answered (not for us, stale, ...)
-    FAILED = "failed"  # handling raised; the user got an error sentence if at all possible
+    FAILED = "failed"  # not answered; `reason` says why, the user was told
+    IGNORED = "ignored"  # deliberately not answered (not for us, stale, a command, ...)
+
+
+PENDING = (InboxState.RECEIVED, InboxState.RUNNING)
+FINAL = (InboxState.ANSWERED, InboxState.FAILED, InboxState.IGNORED)
+
+
+class StorageError(VlbridgeError):
+    """The inbox file cannot be used (corrupt, locked, unwritable, in use by another service)."""
+
+
+class TransitionError(VlbridgeError):
+    """A state change that does not fit the message's current state (a bug, or a race)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    seq: int
+    message_id: str
+    chat_id: str
+    context_key: str
+    sender_id: str
+    text: str
+    image_keys: tuple[str, ...]
+    created_at: float
+    received_at: float
+    body: bytes
+    state: InboxState
+    attempts: int
+    reason: str
+    updated_at: float
+    card_id: str
+    reply_id: str
+    sequence: int
+
+    @classmethod
+    def from_row(cls, row: tuple[object, ...]) -> StoredMessage:
+        (seq, mid, chat, key, sender, text, keys, created, received, body, state, attempts) = row[:12]
+        reason, updated, card, reply, sequence = row[12:]
+        return cls(
+            seq=int(str(seq)),
+            message_id=str(mid),
+            chat_id=str(chat),
+            context_key=str(key),
+            sender_id=str(sender),
+            text=str(text),
+            image_keys=tuple(orjson.loads(str(keys))),
+            created_at=float(str(created)),
+            received_at=float(str(received)),
+            body=bytes(body) if isinstance(body, (bytes, bytearray, memoryview)) else b"",
+            state=InboxState(str(state)),
+            attempts=int(str(attempts)),
+            reason=str(reason),
+            updated_at=float(str(updated)),
+            card_id=str(card),
+            reply_id=str(reply),
+            sequence=int(str(sequence)),
+        )
+
+    def as_json(self) -> dict[str, object]:
+        """The admin view of a row (no raw event)."""
+        return {
+            "message_id": self.message_id,
+            "chat_id": self.chat_id,
+            "sender_id": self.sender_id,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "reason": self.reason,
+            "text": self.text,
+            "pictures": len(self.image_keys),
+            "created_at": self.created_at,
+            "received_at": self.received_at,
+            "updated_at": self.updated_at,
+            "card_id": self.card_id,
+            "reply_id": self.reply_id,
+        }
+
+
+def _describe(path: Path, exc: BaseException) -> StorageError:
+    """One line naming the file, what is wrong and what to do."""
+    text = str(exc)
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        advice = (
+            "the file is damaged; stop the service, move the file aside (keep it for inspection) "
+            "and start again with a fresh one"
+        )
+    elif "locked" in text or "busy" in text:
+        advice = "another process holds a lock on it; stop that process or wait, then start again"
+    elif "readonly" in text or "unable to open" in text or isinstance(exc, OSError):
+        advice = (
+            "the service cannot write there; fix the permissions or set [storage] path to a writable folder"
+        )
+    else:
+        advice = "check the file and the folder it is in"
+    return StorageError(f"inbox {path}: {text}; {advice}")
+
+
+class InboxDb:
+    """The synchronous store; one connection, to be used from one thread at a time."""
+
+    def __init__(self, path: Path, *, platform: str, retention_hours: float = 24.0) -> None:
+        self.path = path
+        self.platform = platform
+        self.retention = retention_hours * 3600.0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Opened on one thread and used on another (the service's inbox thread), never two at once.
+            self._db = sqlite3.connect(
+                path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            raise _describe(path, exc) from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self) -> None:
+        db = self._db
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version >= SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            old = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'inbox'").fetchone()
+            if old:
+                # Version 1 kept message ids only (dedup). Their messages cannot be answered now: an
+                # id still "accepted" was lost by the old version; it is recorded as failed.
+                db.execute(
+                    "INSERT OR IGNORE INTO messages (platform, message_id, received_at, state, reason,"
+                    " updated_at) SELECT platform, message_id, received_at,"
+                    " CASE state WHEN 'accepted' THEN 'failed' ELSE state END,"
+                    " CASE state WHEN 'accepted' THEN 'accepted before an upgrade' ELSE '' END,"
+                    " received_at FROM inbox"
+                )
+                db.execute("DROP TABLE inbox")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def check(self) -> None:
+        """Raise `StorageError` unless the file is whole and writable."""
+        try:
+            result = str(self._db.execute("PRAGMA quick_check").fetchone()[0])
+            if result != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({result})")
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise _describe(self.path, exc) from None
+
+    # -- arrivals ---------------------------------------------------------------------------------
+
+    def receive(self, message: InboundMessage, body: bytes, received_at: float) -> bool:
+        """Persist a newly delivered message; False when it was already there (a redelivery)."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO messages (platform, message_id, chat_id, context_key, sender_id,"
+            " text, image_keys, created_at, received_at, body, state, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                self.platform,
+                message.message_id,
+                message.chat_id,
+                message.context_key,
+                message.sender_id,
+                message.text,
+                orjson.dumps(list(message.image_keys)).decode(),
+                message.created_at,
+                received_at,
+                body,
+                InboxState.RECEIVED.value,
+                received_at,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    # -- the state machine ------------------------------------------------------------------------
+
+    def _move(
+        self,
+        message_id: str,
+        expected: Iterable[InboxState],
+        new: InboxState,
+        *,
+        sets: str = "",
+        values: tuple[object, ...] = (),
+    ) -> StoredMessage:
+        expected = tuple(expected)
+        marks = ", ".join("?" for _ in expected)
+        cursor = self._db.execute(
+            f"UPDATE messages SET state = ?, updated_at = ?{sets} WHERE platform = ? AND message_id = ?"
+            f" AND state IN ({marks}) RETURNING {_COLUMNS}",
+            (new.value, time.time(), *values, self.platform, message_id, *(s.value for s in expected)),
+        )
+        row = cursor.fetchone()
+        if row is None:
+            current = self.get(message_id)
+            wanted = " or ".join(s.value for s in expected)
+            found = current.state.value if current else "nothing"
+            raise TransitionError(
+                f"message {message_id}: expected {wanted}, got {found} (moving to {new.value})"
+            )
+        return StoredMessage.from_row(row)
+
+    def start(self, message_id: str) -> StoredMessage:
+        """received -> running; counts an attempt."""
+        return self._move(
+            message_id, [InboxState.RECEIVED], InboxState.RUNNING, sets=", attempts = attempts + 1"
+        )
+
+    def finish(self, message_id: str, state: InboxState, reason: str = "") -> StoredMessage:
+        """running -> answered | failed(reason) | ignored."""
+        if state not in FINAL:
+            raise TransitionError(f"message {message_id}: {state.value} is not a final state")
+        return self._move(message_id, [InboxState.RUNNING], state, sets=", reason = ?", values=(reason,))
+
+    def requeue(self, message_id: str) -> StoredMessage:
+        """running -> received, not counted as an attempt (the executor was full, or the service
+        stopped before the answer could finish)."""
+        return self._move(
+            message_id, [InboxState.RUNNING], InboxState.RECEIVED, sets=", attempts = MAX(0, attempts - 1)"
+        )
+
+    def recover(self, message_id: str) -> StoredMessage:
+        """running -> received at start-up: the process died while answering (the attempt counts)."""
+        return self._move(message_id, [InboxState.RUNNING], InboxState.RECEIVED)
+
+    def retry(self, message_id: str) -> StoredMessage:
+        """failed -> received, attempts reset: an admin asks for another try."""
+        return self._move(
+            message_id, [InboxState.FAILED], InboxState.RECEIVED, sets=", attempts = 0, reason = ''"
+        )
+
+    # -- the reply --------------------------------------------------------------------------------
+
+    def note_reply(self, message_id: str, *, card_id: str | None = None, reply_id: str | None = None) -> None:
+        if card_id is not None:
+            self._set(message_id, "card_id = ?", card_id)
+        if reply_id is not None:
+            self._set(message_id, "reply_id = ?", reply_id)
+
+    def reserve_sequence(self, message_id: str, upto: int) -> None:
+        """Record that CardKit sequences up to *upto* may have been used on this message's card."""
+        self._set(message_id, "sequence = MAX(sequence, ?)", upto)
+
+    def _set(self, message_id: str, assignment: str, value: object) -> None:
+        self._db.execute(
+            f"UPDATE messages SET {assignment} WHERE platform = ? AND message_id = ?",
+            (value, self.platform, message_id),
+        )
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def get(self, message_id: str) -> StoredMessage | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE platform = ? AND message_id = ?",
+            (self.platform, message_id),
+        ).fetchone()
+        return StoredMessage.from_row(row) if row else None
+
+    def in_state(self, state: InboxState, limit: int = 1000, after_seq: int = 0) -> list[StoredMessage]:
+        """Messages in *state*, in arrival order."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE platform = ? AND state = ? AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (self.platform, state.value, after_seq, limit),
+        ).fetchall()
+        return [StoredMessage.from_row(row) for row in rows]
+
+    def heads(self, busy: tuple[str, ...], limit: int) -> list[StoredMessage]:
+        """The oldest received message of each conversation that has nothing earlier pending and
+        is not in *busy*, in arrival order: what may start now."""
+        marks = ", ".join("?" for _ in busy)
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM messages m WHERE platform = ? AND state = ?"
+            f" AND context_key NOT IN ({marks}) AND NOT EXISTS (SELECT 1 FROM messages e"
+            " WHERE e.platform = m.platform AND e.context_key = m.context_key AND e.seq < m.seq"
+            " AND e.state IN (?, ?)) ORDER BY seq LIMIT ?",
+            (self.platform, InboxState.RECEIVED.value, *busy, *(s.value for s in PENDING), limit),
+        ).fetchall()
+        return [StoredMessage.from_row(row) for row in rows]
+
+    def ahead_of(self, seq: int) -> int:
+        """How many received messages arrived before the one with *seq*."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM messages WHERE platform = ? AND state = ? AND seq < ?",
+            (self.platform, InboxState.RECEIVED.value, seq),
+        ).fetchone()
+        return int(row[0])
+
+    def counts(self) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT state, COUNT(*) FROM messages WHERE platform = ? GROUP BY state", (self.platform,)
+        ).fetchall()
+        found = {str(state): int(n) for state, n in rows}
+        return {state.value: found.get(state.value, 0) for state in InboxState}
+
+    def listing(
+        self,
+        *,
+        states: Iterable[InboxState] = (),
+        chat_id: str = "",
+        since: float = 0.0,
+        limit: int = 200,
+    ) -> list[StoredMessage]:
+        """The admin view: newest first, filtered by state, chat and arrival time."""
+        where, values = ["platform = ?", "received_at >= ?"], [self.platform, since]
+        chosen = [s.value for s in states]
+        if chosen:
+            where.append(f"state IN ({', '.join('?' for _ in chosen)})")
+            values.extend(chosen)
+        if chat_id:
+            where.append("chat_id = ?")
+            values.append(chat_id)
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
+            (*values, limit),
+        ).fetchall()
+        return [StoredMessage.from_row(row) for row in rows]
+
+    def prune(self, now: float) -> int:
+        """Forget finished messages older than the retention (pending ones are kept, however old)."""
+        cursor = self._db.execute(
+            "DELETE FROM messages WHERE platform = ? AND received_at < ? AND state IN (?, ?, ?)",
+            (self.platform, now - self.retention, *(s.value for s in FINAL)),
+        )
+        return cursor.rowcount
 
 
 class Inbox:
-    """Call `open()` before use and `close()` at the end; safe to share across tasks."""
+    """The service's inbox: `open()` before use, `close()` at the end; safe to share across tasks.
+
+    `open()` takes an exclusive lock on ``<file>.lock`` for the life of the service: two services
+    answering from one inbox would answer every message twice.
+    """
 
     def __init__(self, path: Path, *, platform: str, retention_hours: float) -> None:
         self.path = path
         self.platform = platform
-        self.retention = retention_hours * 3600.0
+        self.retention_hours = retention_hours
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox")
-        self._db: sqlite3.Connection | None = None
+        self._db: InboxDb | None = None
+        self._lock: IO[str] | None = None
         self._last_prune = 0.0
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
 
-    async def open(self) -> None:
-        await self._run(self._open)
-
-    async def close(self) -> None:
-        await self._run(self._close)
-        self._pool.shutdown(wait=True)
-
-    async def claim(self, message_id: str) -> bool:
-        """True the first time *message_id* is seen (it is then recorded as accepted)."""
-        result: bool = await self._run(self._claim, message_id, time.time())
-        return result
-
-    async def mark(self, message_id: str, state: InboxState) -> None:
-        await self._run(self._mark, message_id, state.value)
-
-    async def state(self, message_id: str) -> InboxState | None:
-        value: str | None = await self._run(self._state, message_id)
-        return InboxState(value) if value else None
-
-    # -- on the inbox thread ----------------------------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
+    @property
+    def db(self) -> InboxDb:
         if self._db is None:
             raise RuntimeError("expected an open inbox, got a closed one")
         return self._db
 
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(_SCHEMA)
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` on the inbox thread (for `InboxDb` methods: ``inbox.run(inbox.db.get, id)``)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def open(self) -> None:
+        await self.run(self.open_now)
+
+    def open_now(self) -> None:
+        """Open synchronously (start-up, before anything else runs); raises `StorageError`."""
+        self._lock = _lock_file(self.path)
+        try:
+            db = InboxDb(self.path, platform=self.platform, retention_hours=self.retention_hours)
+            try:
+                db.check()
+            except StorageError:
+                db.close()
+                raise
+        except BaseException:
+            self._lock.close()
+            self._lock = None
+            raise
         self._db = db
-        self._prune(time.time())
-        log.info("inbox %s open", self.path)
+        log.info("inbox %s open: %s", self.path, db.counts())
+
+    async def close(self) -> None:
+        await self.run(self._close)
+        self._pool.shutdown(wait=True)
 
     def _close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
-    def _prune(self, now: float) -> None:
-        self._last_prune = now
-        cursor = self._conn().execute(
-            "DELETE FROM inbox WHERE platform = ? AND received_at < ?", (self.platform, now - self.retention)
-        )
-        if cursor.rowcount:
-            log.info("inbox: forgot %d message ids older than %.0f h", cursor.rowcount, self.retention / 3600)
+    async def receive(self, message: InboundMessage, body: bytes, received_at: float) -> bool:
+        return await self.run(self.db.receive, message, body, received_at)
 
-    def _claim(self, message_id: str, now: float) -> bool:
+    async def prune_now_and_then(self, now: float) -> None:
         if now - self._last_prune > 600:
-            self._prune(now)
-        cursor = self._conn().execute(
-            "INSERT OR IGNORE INTO inbox (platform, message_id, received_at, state) VALUES (?, ?, ?, ?)",
-            (self.platform, message_id, now, InboxState.ACCEPTED.value),
-        )
-        return cursor.rowcount == 1
+            self._last_prune = now
+            forgotten = await self.run(self.db.prune, now)
+            if forgotten:
+                log.info(
+                    "inbox: forgot %d answered messages older than %.0f h", forgotten, self.retention_hours
+                )
 
-    def _mark(self, message_id: str, state: str) -> None:
-        self._conn().execute(
-            "UPDATE inbox SET state = ? WHERE platform = ? AND message_id = ?",
-            (state, self.platform, message_id),
-        )
 
-    def _state(self, message_id: str) -> str | None:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT state FROM inbox WHERE platform = ? AND message_id = ?", (self.platform, message_id)
-            )
-            .fetchone()
-        )
-        return str(row[0]) if row else None
+def _lock_file(path: Path) -> IO[str]:
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the life of the service
+    except OSError as exc:
+        raise _describe(path, exc) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise StorageError(
+            f"inbox {path}: in use by another vlbridge service (pid {holder}); one inbox serves one "
+            "service: stop the other one or give this one its own [storage] path"
+        ) from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

@@ -71,6 +71,25 @@ _TEXTS: dict[str, dict[Language, str]] = {
         "zh": "抱歉，我没能取到这张图片，请重新发送。",
         "en": "Sorry, I couldn't fetch that picture; please send it again.",
     },
+    "kept": {
+        "zh": "服务正在重启。你的问题已保存，恢复后会在这里回答。",
+        "en": "The service is restarting. Your question is kept and will be answered here when it is back.",
+    },
+    "restarted_too_old": {
+        "zh": "抱歉，我刚才在重启，这条消息等得太久了；如果还需要，请重新提问。",
+        "en": (
+            "Sorry, I was restarting and this message waited too long; please ask again if you still "
+            "need an answer."
+        ),
+    },
+    "gave_up": {
+        "zh": "抱歉，回答这个问题时服务已经中断了 {attempts} 次，我先不再尝试了。请换个问法，或稍后再试。",
+        "en": (
+            "Sorry, the service stopped {attempts} times while answering this, so I've set it aside. "
+            "Please rephrase it or try again later."
+        ),
+    },
+    "failed": {"zh": "抱歉，出了点问题。", "en": "Sorry, something went wrong."},
     "cancelled_suffix": {"zh": "（已停止）", "en": "(stopped)"},
     "error_busy": {
         "zh": "现在请求太多，我忙不过来了，请 {seconds} 秒后再试。",

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from bot.inbox import StorageError
 from server.config import load_config
 from server.errors import ConfigError
 from server.logs import configure_logging
@@ -52,6 +53,29 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inbox(args: argparse.Namespace) -> int:
+    from bot.inbox_admin import retry, show
+
+    config = load_config(args.config, os.environ)
+    if args.words[:1] == ["retry"] and len(args.words) == 2:
+        return retry(config, args.words[1], sys.stdout)
+    if args.words:
+        print(
+            "vlbridge inbox: usage: vlbridge inbox [options] | vlbridge inbox retry MESSAGE_ID",
+            file=sys.stderr,
+        )
+        return 2
+    return show(
+        config,
+        sys.stdout,
+        states=args.state,
+        chat_id=args.chat or "",
+        since=args.since,
+        limit=args.limit,
+        as_json=args.json,
+    )
+
+
 def _make_demo_model(args: argparse.Namespace) -> int:
     from server.inference.model.demo import build_demo_model
 
@@ -92,6 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=_check_config)
 
+    inbox = sub.add_parser(
+        "inbox",
+        help="list the Feishu messages the service accepted (state, age, attempts, reason); retry one",
+        description="List accepted messages, newest first; `vlbridge inbox retry MESSAGE_ID` queues a "
+        "failed one again for the running service.",
+    )
+    inbox.add_argument("words", nargs="*", metavar="retry MESSAGE_ID", help="re-queue a failed message")
+    inbox.add_argument("--config", default=None, help="TOML config file (for [storage] path)")
+    inbox.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=("received", "running", "answered", "failed", "ignored"),
+        help="only messages in this state (repeatable)",
+    )
+    inbox.add_argument("--chat", default=None, metavar="ID", help="only this chat")
+    inbox.add_argument(
+        "--since", default=None, metavar="AGE", help="only messages received within AGE (90s, 15m, 1h, 2d)"
+    )
+    inbox.add_argument("--limit", type=int, default=200, help="at most this many (default: %(default)s)")
+    inbox.add_argument("--json", action="store_true", help="one JSON object per line")
+    inbox.set_defaults(func=_inbox)
+
     demo = sub.add_parser("make-demo-model", help="build the tiny offline demo checkpoint")
     demo.add_argument("dir")
     demo.add_argument("--seed", type=int, default=0)
@@ -129,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vlbridge: config error: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:
+        print(f"vlbridge: storage error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

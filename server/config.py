@@ -120,6 +120,7 @@ class FeishuConfig(_Section):
     dedup_hours: float = Field(24.0, ge=12.0)
     watchdog_interval: float = Field(10.0, gt=0)
     stream_interval: float = Field(0.3, gt=0)
+    max_attempts: int = Field(3, ge=1)  # a message whose answer ended the process this often: failed
 
 
 class StorageConfig(_Section):

@@ -117,9 +117,5 @@ async def started(config: Config, executor: Executor, *, connect: bool = True) -
 
 
 async def settle(adapter: FeishuAdapter, timeout: float = DEADLINE) -> None:
-    """Until the adapter has no event being handled."""
-
-    def idle() -> bool:
-        return not any(t.get_name() == "feishu-event" for t in adapter._tasks)
-
-    await until(idle, "the adapter to finish its events", timeout)
+    """Until the adapter has answered everything in its inbox."""
+    await until(lambda: adapter.dispatcher.idle, "the adapter to answer everything in its inbox", timeout)

@@ -32,11 +32,14 @@ async def until(predicate: Callable[[], T], what: str, timeout: float = DEADLINE
     return value
 
 
-def until_blocking(predicate: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
-    """`until` for synchronous tests: blocks this thread between looks."""
+def until_blocking(
+    predicate: Callable[[], T], what: str, timeout: float = DEADLINE, *, poll: float = _POLL
+) -> T:
+    """`until` for synchronous tests: blocks this thread between looks (*poll* seconds apart:
+    longer for a look that is costly)."""
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
-        time.sleep(_POLL)
+        time.sleep(poll)
     return value

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 def build_adapter(config: Config, answers: AnswerSource) -> PlatformAdapter | None:
     """The configured Feishu adapter, or None when ``feishu.enabled`` is false.
 
-    Raises `server.errors.ConfigError` when enabled without the credentials the mode needs.
+    Raises `server.errors.ConfigError` when enabled without the credentials the mode needs, and
+    `bot.inbox.StorageError` when its inbox cannot be used (checked now, before a model loads).
     """
     if not config.feishu.enabled:
         return None
@@ -34,4 +35,6 @@ def build_adapter(config: Config, answers: AnswerSource) -> PlatformAdapter | No
         )
     from bot.feishu.adapter import FeishuAdapter
 
-    return FeishuAdapter(config, answers)
+    adapter = FeishuAdapter(config, answers)
+    adapter.open_storage()
+    return adapter

@@ -1,13 +1,22 @@
 """The Feishu adapter: the `server.platform.PlatformAdapter` the service starts and stops.
 
-Flow of one event: receiver (long connection worker or webhook) -> `_on_event` (on the loop,
-returns at once) -> a task: parse (`messages.parse_event`) -> claim in the durable `Inbox`
-(a duplicate or redelivered message stops here) -> `Conversation.handle` with a
-`FeishuChannel` (downloads, plain replies, streaming cards) -> the inbox row is marked.
+Flow of one message ("nothing lost, nothing twice"):
 
-Shutdown (`stop`, called after the executor stopped): stop receiving -> give running handlers
-`grace` seconds (their answers already got a final Failed/Done) -> cancel the rest -> close
-the API pool and the inbox.
+1. a receiver (the long-connection worker, or the webhook) commits the message to the durable
+   `bot.inbox.Inbox` and only then acknowledges it to Feishu; a redelivery finds it there;
+2. the `bot.dispatch.Dispatcher` takes received messages in arrival order, one at a time per
+   chat (or thread), as many as the executor has room for: overload waits on disk, and while
+   messages wait, their cards show their place in the queue (`_show_queue`);
+3. `_answer` parses the stored event and calls `Conversation.handle` with a `FeishuChannel`
+   whose cards record their id, reply and CardKit sequences in the inbox as they go;
+4. the inbox row ends answered, ignored or failed(reason).
+
+At start-up (`start`) messages left `running` by a process that died are recovered: answered
+again into the same card (or set aside, and the user told, after `feishu.max_attempts` such
+deaths); messages that waited past `feishu.max_message_age` over a restart get a short note.
+
+Shutdown: stop receiving -> running answers get until the deadline (plus `grace` for the
+calls that close their cards) -> what still runs is cancelled and kept for the next start.
 """
 
 from __future__ import annotations
@@ -15,30 +24,66 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
-from bot.conversation import AnswerSink, Conversation, Decision, Policy, Settings
+import orjson
+
+from bot import texts
+from bot.conversation import Conversation, Decision, NotNow, Policy, Settings
+from bot.dispatch import Dispatcher, Outcome, Requeue
 from bot.feishu import metrics
 from bot.feishu.cards import CardStream
 from bot.feishu.longconn import LongConnection
 from bot.feishu.messages import MalformedEvent, parse_event
 from bot.feishu.openapi import FeishuApi, FeishuApiError
 from bot.feishu.webhook import Webhook
-from bot.inbox import Inbox, InboxState
+from bot.inbox import Inbox, InboxState, StoredMessage
 from bot.types import ChatType, InboundMessage
 from server.config import Config
 from server.errors import Unavailable
-from server.inference.api import AnswerSource
+from server.inference.api import AnswerSource, ExecutorState
 from server.platform import HttpRoute
 
 log = logging.getLogger("vlbridge.feishu")
 
+QUEUE_CARDS = 200  # waiting messages (the oldest) whose card shows their place in the queue
+QUEUE_CARDS_PER_PASS = 8  # new queue cards per dispatcher pass (bounds the burst of API calls)
+
+
+class InboxJournal:
+    """`bot.feishu.cards.CardJournal` writing into one message's inbox row."""
+
+    def __init__(self, inbox: Inbox, message_id: str) -> None:
+        self.inbox = inbox
+        self.message_id = message_id
+
+    async def card_created(self, card_id: str) -> None:
+        await self.inbox.run(lambda: self.inbox.db.note_reply(self.message_id, card_id=card_id))
+
+    async def card_sent(self, reply_id: str) -> None:
+        await self.inbox.run(lambda: self.inbox.db.note_reply(self.message_id, reply_id=reply_id))
+
+    async def sequences_reserved(self, upto: int) -> None:
+        await self.inbox.run(self.inbox.db.reserve_sequence, self.message_id, upto)
+
 
 class FeishuChannel:
-    """`bot.conversation.ReplyChannel` over the Feishu Open API."""
+    """`bot.conversation.ReplyChannel` over the Feishu Open API for one stored message: its
+    card continues the one recorded in the inbox, if any, and records its own progress there."""
 
-    def __init__(self, api: FeishuApi, *, max_image_bytes: int, stream_interval: float) -> None:
+    def __init__(
+        self,
+        api: FeishuApi,
+        inbox: Inbox,
+        stored: StoredMessage,
+        *,
+        max_image_bytes: int,
+        stream_interval: float,
+    ) -> None:
         self.api = api
+        self.inbox = inbox
+        self.stored = stored
         self.max_image_bytes = max_image_bytes
         self.stream_interval = stream_interval
 
@@ -68,10 +113,26 @@ class FeishuChannel:
             metrics.API_ERRORS.inc()
             log.error("message %s: reply failed: %s", message.message_id, exc)
 
-    def answer_sink(self, message: InboundMessage) -> AnswerSink:
+    def answer_sink(self, message: InboundMessage) -> CardStream:
         return CardStream(
-            self.api, message.message_id, in_thread=message.in_thread, interval=self.stream_interval
+            self.api,
+            message.message_id,
+            in_thread=message.in_thread,
+            interval=self.stream_interval,
+            journal=InboxJournal(self.inbox, message.message_id),
+            card_id=self.stored.card_id,
+            reply_id=self.stored.reply_id,
+            sequence=self.stored.sequence,
         )
+
+    async def tell(self, message: InboundMessage, text: str) -> None:
+        """One sentence instead of an answer: on the message's card when it has one, else a reply."""
+        if self.stored.card_id:
+            card = self.answer_sink(message)
+            await card.open(text)
+            await card.close(text)
+        else:
+            await self.reply_text(message, text)
 
 
 class FeishuAdapter:
@@ -80,13 +141,10 @@ class FeishuAdapter:
     def __init__(self, config: Config, answers: AnswerSource, *, grace: float = 2.0) -> None:
         feishu = config.feishu
         self.config = config
+        self.answers = answers
         self.grace = grace
         self.api = FeishuApi(feishu.app_id, feishu.app_secret.get_secret_value(), feishu.domain)
-        self.inbox = Inbox(
-            config.storage_path / "feishu-inbox.sqlite3",
-            platform="feishu",
-            retention_hours=feishu.dedup_hours,
-        )
+        self.inbox = Inbox(inbox_path(config), platform="feishu", retention_hours=feishu.dedup_hours)
         self.conversation = Conversation(
             answers,
             Settings(
@@ -100,28 +158,35 @@ class FeishuAdapter:
                 max_images=config.server.max_images,
             ),
         )
-        self.channel = FeishuChannel(
-            self.api, max_image_bytes=config.server.max_image_bytes, stream_interval=feishu.stream_interval
+        self.dispatcher = Dispatcher(
+            self.inbox,
+            self._answer,
+            room=self._room,
+            max_running=config.executor.max_batch + config.executor.queue_size,
+            on_idle=self._show_queue,
         )
         self.receiver: LongConnection | Webhook
         if feishu.mode == "webhook":
             self.receiver = Webhook(
                 encrypt_key=feishu.encrypt_key.get_secret_value(),
                 verification_token=feishu.verification_token.get_secret_value(),
-                on_event=self._on_event,
+                persist=self._persist,
             )
         else:
             self.receiver = LongConnection(
                 app_id=feishu.app_id,
                 app_secret=feishu.app_secret.get_secret_value(),
                 domain=feishu.domain,
-                on_event=self._on_event,
+                inbox=self.inbox.path,
+                on_event=self._arrived,
                 watchdog_interval=feishu.watchdog_interval,
             )
         self.bot_id = ""
         self._bot_id_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._accepting = False
+        self._started_at = 0.0
+        self._queue_shown: dict[str, int] = {}  # waiting message -> the place its card shows
         self.counts: dict[str, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -129,29 +194,37 @@ class FeishuAdapter:
     def routes(self) -> list[HttpRoute]:
         return list(self.receiver.routes()) if isinstance(self.receiver, Webhook) else []
 
+    def open_storage(self) -> None:
+        """Open the inbox now (before the model loads): raises `bot.inbox.StorageError`."""
+        self.inbox.open_now()
+
     async def start(self) -> None:
-        await self.inbox.open()
+        if not self.inbox.is_open:
+            await self.inbox.open()
+        self._started_at = time.time()
+        await self._recover()
         self._accepting = True
+        self.dispatcher.start()
         if isinstance(self.receiver, LongConnection):
             await self.receiver.start()
         self._spawn(self._own_id(), "bot-info")
 
     async def drain(self, deadline: float) -> None:
-        """Stop receiving; running handlers (their answers, then the card's last update) get
-        until *deadline*, plus `grace` for the platform calls that close their cards."""
+        """Stop receiving; running answers get until *deadline*, plus `grace` for the platform
+        calls that close their cards. Received messages stay in the inbox for the next start."""
         if self._accepting:
             self._accepting = False
-            # The worker acked what is still in its pipe: it is read before the link closes,
-            # so an acked message still gets a sentence ("shutting down") instead of silence.
             if isinstance(self.receiver, LongConnection):
                 await self.receiver.stop()
             else:
                 self.receiver.close()
+        await self.dispatcher.drain(max(0.0, deadline - time.monotonic()) + self.grace)
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()) + self.grace)
+            await asyncio.wait(set(self._tasks), timeout=self.grace)
 
     async def stop(self) -> None:
         await self.drain(time.monotonic())
+        await self.dispatcher.stop()
         pending = set(self._tasks)
         for task in pending:
             task.cancel()
@@ -164,14 +237,15 @@ class FeishuAdapter:
         return {
             **self.receiver.health(),
             "bot_open_id": self.bot_id,
-            "in_flight": len(self._tasks),
+            "in_flight": self.dispatcher.running,
+            "inbox": dict(self.dispatcher.counts),
             "counts": dict(self.counts),
         }
 
     def healthy(self) -> bool:
         return not isinstance(self.receiver, LongConnection) or self.receiver.connected
 
-    # -- events -----------------------------------------------------------------------------------
+    # -- arrivals ---------------------------------------------------------------------------------
 
     def _count(self, outcome: str) -> None:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
@@ -182,11 +256,26 @@ class FeishuAdapter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _on_event(self, body: dict[str, Any], received_at: float) -> None:
-        """Called on the event loop for every delivery; must return at once."""
-        if not self._accepting:
-            return
-        self._spawn(self._process(body, received_at), "feishu-event")
+    def _arrived(self, message_id: str, new: bool) -> None:
+        """A receiver put a message into the inbox (on the event loop; returns at once)."""
+        if new:
+            self.dispatcher.wake()
+        else:
+            self._count("duplicate")
+            log.info("message %s: already in the inbox, redelivery ignored", message_id)
+
+    async def _persist(self, bodies: list[dict[str, Any]]) -> None:
+        """The webhook's events into the inbox (before the webhook answers 200)."""
+        for body in bodies:
+            metrics.EVENTS.labels("received").inc()
+            try:
+                message = parse_event(body)
+            except MalformedEvent as exc:
+                self._count("malformed")
+                log.warning("event %s ignored: %s", (body.get("header") or {}).get("event_id"), exc)
+                continue
+            new = await self.inbox.receive(message, orjson.dumps(body), time.time())
+            self._arrived(message.message_id, new)
 
     async def _own_id(self) -> str:
         async with self._bot_id_lock:
@@ -198,38 +287,141 @@ class FeishuAdapter:
                     log.error("cannot learn the bot's open_id (group @-mentions unrecognised): %s", exc)
             return self.bot_id
 
-    async def _process(self, body: dict[str, Any], received_at: float) -> None:
+    # -- answering --------------------------------------------------------------------------------
+
+    def _t(self, key: str, **values: object) -> str:
+        return texts.text(key, self.config.feishu.language, **values)
+
+    def _room(self) -> int:
+        """How many more messages the executor can take now (0 while it loads or stops)."""
+        stats = self.answers.stats()
+        if stats.state is not ExecutorState.READY:
+            return 0
+        return max(0, stats.queue_capacity - stats.queue_depth)
+
+    def _channel(self, stored: StoredMessage) -> FeishuChannel:
+        return FeishuChannel(
+            self.api,
+            self.inbox,
+            stored,
+            max_image_bytes=self.config.server.max_image_bytes,
+            stream_interval=self.config.feishu.stream_interval,
+        )
+
+    async def _message(self, stored: StoredMessage) -> InboundMessage:
+        body = orjson.loads(stored.body)
+        message = parse_event(body)
+        if message.chat_type is ChatType.GROUP:
+            bot_id = await self._own_id()
+            if bot_id:
+                message = parse_event(body, bot_id=bot_id)  # the bot's own @ leaves the text
+        return message
+
+    async def _answer(self, stored: StoredMessage) -> Outcome:
+        """The dispatcher's handler: answer one stored message (now `running`)."""
+        self._queue_shown.pop(stored.message_id, None)
         try:
-            message = parse_event(body)
-        except MalformedEvent as exc:
+            message = await self._message(stored)
+        except (MalformedEvent, orjson.JSONDecodeError) as exc:
             self._count("malformed")
-            log.warning("event %s ignored: %s", (body.get("header") or {}).get("event_id"), exc)
-            return
-        if not await self.inbox.claim(message.message_id):
-            self._count("duplicate")
-            log.info("message %s: already accepted, redelivery ignored", message.message_id)
-            return
-        bot_id = await self._own_id() if message.chat_type is ChatType.GROUP else self.bot_id
-        if bot_id:
-            message = parse_event(body, bot_id=bot_id)  # the bot's own @ leaves the text
-        state = InboxState.FAILED
+            return Outcome(InboxState.FAILED, f"unreadable event: {exc}")
+        channel = self._channel(stored)
+        kept_since = stored.created_at or stored.received_at
+        if (
+            stored.received_at < self._started_at
+            and time.time() - kept_since > self.config.feishu.max_message_age
+        ):
+            await channel.tell(message, self._t("restarted_too_old"))
+            self._count("stale")
+            return Outcome(InboxState.IGNORED, "waited too long over a restart")
         started = time.monotonic()
         try:
             decision = await self.conversation.handle(
-                message, self.channel, bot_id=bot_id, arrived_at=received_at
+                message, channel, bot_id=self.bot_id, arrived_at=stored.received_at, again=stored.attempts > 1
             )
-            state = InboxState.ANSWERED if decision is Decision.ANSWER else InboxState.IGNORED
-            self._count(decision.value)
-            if decision is Decision.ANSWER:
-                metrics.ANSWER_SECONDS.observe(time.monotonic() - started)
-        except Exception:
+        except NotNow:
+            raise Requeue from None
+        except Exception as exc:
             self._count("failed")
             log.exception("message %s: handling failed", message.message_id)
-            await self.channel.reply_text(
-                message,
-                "抱歉，出了点问题。"
-                if self.config.feishu.language == "zh"
-                else "Sorry, something went wrong.",
+            await channel.reply_text(message, self._t("failed"))
+            return Outcome(InboxState.FAILED, f"{type(exc).__name__}: {exc}"[:500])
+        self._count(decision.value)
+        if decision is Decision.ANSWER:
+            metrics.ANSWER_SECONDS.observe(time.monotonic() - started)
+            return Outcome(InboxState.ANSWERED)
+        return Outcome(InboxState.IGNORED, decision.value)
+
+    async def _recover(self) -> None:
+        """Messages a dead process left `running`: back to the queue, or set aside after
+        `max_attempts` deaths (the user is told; the card, if any, says so)."""
+        left = await self.inbox.run(self.inbox.db.in_state, InboxState.RUNNING, 100_000)
+        limit = self.config.feishu.max_attempts
+        for stored in left:
+            if stored.attempts < limit:
+                await self.inbox.run(self.inbox.db.recover, stored.message_id)
+                log.warning(
+                    "message %s: its answer was cut by a restart (attempt %d of %d); answering it again",
+                    stored.message_id,
+                    stored.attempts,
+                    limit,
+                )
+                continue
+            log.error(
+                "message %s: the service ended %d times while answering it; set aside",
+                stored.message_id,
+                limit,
             )
-        finally:
-            await asyncio.shield(self.inbox.mark(message.message_id, state))
+            try:
+                message = await self._message(stored)
+                await self._channel(stored).tell(message, self._t("gave_up", attempts=stored.attempts))
+            except Exception as exc:  # an unreadable row must not stop the start-up
+                log.error("message %s: the user could not be told: %s", stored.message_id, exc)
+            await self.inbox.run(
+                self.inbox.db.finish,
+                stored.message_id,
+                InboxState.FAILED,
+                f"the service ended {stored.attempts} times while answering it",
+            )
+            self._count("failed")
+
+    async def _show_queue(self) -> None:
+        """Messages wait for room: their cards show their place (opened in arrival order, a few
+        per pass; a place is rewritten when it has at least halved, so a wait costs a handful of
+        calls, not one per finished answer)."""
+        waiting = await self.inbox.run(self.inbox.db.in_state, InboxState.RECEIVED, QUEUE_CARDS)
+        opened = 0
+        jobs = []
+        for ahead, stored in enumerate(waiting):
+            shown = self._queue_shown.get(stored.message_id)
+            if shown is not None and not (ahead < shown and ahead <= shown // 2):
+                continue
+            if not stored.card_id:
+                if opened >= QUEUE_CARDS_PER_PASS:
+                    continue
+                opened += 1
+            self._queue_shown[stored.message_id] = ahead
+            jobs.append(self._show_place(stored, ahead, first=shown is None))
+        if jobs:
+            await asyncio.gather(*jobs)
+        current = {stored.message_id for stored in waiting}
+        for message_id in [m for m in self._queue_shown if m not in current]:
+            del self._queue_shown[message_id]
+
+    async def _show_place(self, stored: StoredMessage, ahead: int, *, first: bool) -> None:
+        try:
+            message = await self._message(stored)
+        except (MalformedEvent, orjson.JSONDecodeError):
+            return
+        card = self._channel(stored).answer_sink(message)
+        text = self._t("queued", ahead=ahead)
+        if stored.card_id:
+            # The first time in this process the card may be closed (kept over a restart).
+            await card.show(text, streaming=first)
+        else:
+            await card.open(text)
+            await card.detach()
+
+
+def inbox_path(config: Config) -> Path:
+    return config.storage_path / "feishu-inbox.sqlite3"

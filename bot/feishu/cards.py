@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from bot.feishu.openapi import FeishuApi, FeishuApiError
 
@@ -59,21 +58,56 @@ def clip(text: str, limit: int = MAX_CARD_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+class CardJournal(Protocol):
+    """Where a card's progress is recorded as it happens, so that after a crash the same card is
+    finished (`bot.inbox`); every method returns only once the record is durable."""
+
+    async def card_created(self, card_id: str) -> None: ...
+
+    async def card_sent(self, reply_id: str) -> None: ...
+
+    async def sequences_reserved(self, upto: int) -> None:
+        """CardKit sequences up to *upto* may be used from now on."""
+
+
+SEQUENCE_BLOCK = 64  # sequences reserved per journal write
+SEQUENCE_MARGIN = 8  # more than one call's attempts (FeishuApi: 5, plus a token retry)
+
+
 class CardStream:
-    """One streaming answer to one message; use open -> update* -> close, once."""
+    """One streaming answer to one message; use open -> update* -> close, once.
+
+    With a *journal*, the card id, the reply's message id and the sequences are recorded before
+    they are used; a stream made with the recorded *card_id*, *reply_id* and *sequence* (after a
+    restart, or for a card first opened to show a queue place) takes the same card over: `open`
+    turns streaming on again and shows the status, and the sequence keeps increasing.
+    """
 
     def __init__(
-        self, api: FeishuApi, message_id: str, *, in_thread: bool, interval: float, request_id: str = ""
+        self,
+        api: FeishuApi,
+        message_id: str,
+        *,
+        in_thread: bool,
+        interval: float,
+        request_id: str = "",
+        journal: CardJournal | None = None,
+        card_id: str = "",
+        reply_id: str = "",
+        sequence: int = 0,
     ) -> None:
         self.api = api
         self.message_id = message_id
         self.in_thread = in_thread
         self.interval = interval
         self.request_id = request_id or message_id
-        self.card_id = ""
+        self.journal = journal
+        self.card_id = card_id
+        self.reply_id = reply_id
         self.fallback = False  # CardKit failed: the answer goes out as a plain reply
         self.updates = 0
-        self._sequence = itertools.count(1)
+        self._last_sequence = sequence
+        self._reserved = sequence
         self._latest = ""
         self._sent = ""
         self._last_send = 0.0
@@ -82,19 +116,37 @@ class CardStream:
         self._pump_task: asyncio.Task[None] | None = None
 
     def _next_sequence(self) -> int:
-        return next(self._sequence)
+        self._last_sequence += 1
+        return self._last_sequence
+
+    async def _reserve(self) -> None:
+        """Make sure the next call's sequences are recorded (a restart continues above them)."""
+        if self.journal is not None and self._last_sequence + SEQUENCE_MARGIN > self._reserved:
+            upto = self._last_sequence + SEQUENCE_BLOCK
+            await self.journal.sequences_reserved(upto)
+            self._reserved = upto
 
     async def open(self, status: str) -> None:
         self._latest = self._sent = status
         try:
-            self.card_id = await self.api.create_card(streaming_card(status))
-            await self.api.reply(
-                self.message_id,
-                "interactive",
-                {"type": "card", "data": {"card_id": self.card_id}},
-                in_thread=self.in_thread,
-                uuid=f"{self.message_id}:card",
-            )
+            if not self.card_id:
+                self.card_id = await self.api.create_card(streaming_card(status))
+                if self.journal is not None:
+                    await self.journal.card_created(self.card_id)
+            else:
+                await self.show(status, streaming=True, raising=True)
+            if not self.reply_id:
+                # Idempotent by uuid: after a crash between the send and its record, the
+                # platform answers with the first message instead of sending a second.
+                self.reply_id = await self.api.reply(
+                    self.message_id,
+                    "interactive",
+                    {"type": "card", "data": {"card_id": self.card_id}},
+                    in_thread=self.in_thread,
+                    uuid=f"{self.message_id}:card",
+                )
+                if self.journal is not None:
+                    await self.journal.card_sent(self.reply_id)
         except FeishuApiError as exc:
             log.warning(
                 "%s: streaming card unavailable (%s); will answer with one plain reply", self.request_id, exc
@@ -103,6 +155,34 @@ class CardStream:
             return
         self._last_send = time.monotonic()
         self._pump_task = asyncio.create_task(self._pump(), name=f"card-{self.card_id}")
+
+    async def detach(self) -> None:
+        """Leave the card as it is, still streaming: its message's answer takes it over later."""
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
+            self._pump_task = None
+
+    async def show(self, text: str, *, streaming: bool = False, raising: bool = False) -> bool:
+        """Set the card's text now (e.g. a queue place), outside the stream; with *streaming*,
+        turn streaming mode on first (a card taken over may have been closed, or timed out).
+        False (or `FeishuApiError` when *raising*) when it failed."""
+        try:
+            if streaming:
+                await self._reserve()
+                await self.api.card_settings(
+                    self.card_id, {"config": {"streaming_mode": True}}, self._next_sequence
+                )
+            await self._reserve()
+            await self.api.card_content(self.card_id, ELEMENT_ID, clip(text), self._next_sequence)
+        except FeishuApiError as exc:
+            if raising:
+                raise
+            log.info("%s: card %s not updated: %s", self.request_id, self.card_id, exc)
+            return False
+        self._sent = clip(text)
+        return True
 
     def update(self, text: str) -> None:
         if self._closing:
@@ -121,6 +201,7 @@ class CardStream:
                 await self._pump_task
         if not self.fallback and self._sent == self._latest:
             try:
+                await self._reserve()
                 await self.api.card_settings(self.card_id, closing_settings(text), self._next_sequence)
                 return
             except FeishuApiError as exc:
@@ -158,6 +239,7 @@ class CardStream:
                 continue
             text = self._latest
             try:
+                await self._reserve()
                 await self.api.card_content(self.card_id, ELEMENT_ID, text, self._next_sequence)
             except FeishuApiError as exc:
                 log.warning("%s: card %s update failed: %s; falling back", self.request_id, self.card_id, exc)

@@ -1,14 +1,15 @@
 """Receiving events over Feishu's long connection, supervised by a watchdog.
 
 `LongConnection` runs the SDK's `ws.Client` in a worker process (`bot.feishu.wsworker`), reads
-its JSON-line reports on the event loop and hands each event to `on_event(body, received_at)`.
+its JSON-line reports on the event loop and tells `on_event(message_id, new)` of each message
+the worker put into the inbox (it acks only after that).
 The watchdog (`bot.feishu.monitor.Watchdog`, checked every `watchdog_interval`) replaces the
 worker with a fresh one when it died, hung, stayed without a connection, or its pings went
 unanswered; consecutive failed restarts back off (first one immediate). Replacing a worker
 is always possible: close its stdin, then kill it.
 
-The event loop never blocks on the SDK and the SDK never waits for the event loop: acks are
-sent by the worker as soon as the event is queued for the pipe.
+The event loop never blocks on the SDK and the SDK never waits for the event loop: the worker
+acks as soon as the message is committed to the inbox file.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ log = logging.getLogger("vlbridge.feishu.ws")
 
 _ROOT = str(Path(__file__).resolve().parents[2])  # so the worker imports this very bot package
 
-EventCallback = Callable[[dict[str, Any], float], None]
+EventCallback = Callable[[str, bool], None]  # (message_id, new): the message is in the inbox
 
 _LOG_LEVELS = {
     "DEBUG": logging.DEBUG,
@@ -58,11 +59,17 @@ class LongConnection:
         app_id: str,
         app_secret: str,
         domain: str,
+        inbox: Path,
         on_event: EventCallback,
         watchdog_interval: float = 10.0,
         limits: WatchdogLimits | None = None,
     ) -> None:
-        self._settings = {"app_id": app_id, "app_secret": app_secret, "domain": domain.rstrip("/")}
+        self._settings = {
+            "app_id": app_id,
+            "app_secret": app_secret,
+            "domain": domain.rstrip("/"),
+            "inbox": str(inbox),
+        }
         self.on_event = on_event
         self.interval = watchdog_interval
         self.limits = limits or limits_for(watchdog_interval)
@@ -143,7 +150,6 @@ class LongConnection:
                     proc.kill()
                 await proc.wait()
         if reader is not None:
-            # Events the worker already acked are still in the pipe: read them to the end.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(reader, grace)
         log.info("long-connection worker %d ended (exit %s)", proc.pid, proc.returncode)
@@ -158,7 +164,10 @@ class LongConnection:
                     self.events += 1
                     self.last_event_at = time.time()
                     metrics.EVENTS.labels("received").inc()
-                    self.on_event(orjson.loads(record["body"]), float(record["at"]))
+                    self.on_event(str(record["message_id"]), bool(record["new"]))
+                elif kind == "malformed":
+                    metrics.EVENTS.labels("malformed").inc()
+                    log.warning("event %s ignored: %s", record.get("event_id"), record.get("why"))
                 elif kind == "state":
                     report = WorkerReport(
                         at=float(record["at"]),

@@ -1,8 +1,10 @@
 """Receiving events by webhook: ``POST /feishu/events`` through `lark.EventDispatcherHandler`.
 
-Contract: the request is answered within milliseconds; the event itself is handled afterwards
-(`on_event` schedules work and returns). The SDK's synchronous `handler.do` (decryption,
-token check, dispatch) runs on a worker thread, never on the event loop.
+Contract: persist before ack. The SDK's synchronous `handler.do` (decryption, token check,
+dispatch) runs on a worker thread, never on the event loop; the events it dispatches are
+collected for this one request, and `persist(events)` (the adapter: into the inbox, off the
+loop) must succeed before the 200 goes out. If it fails the platform gets a 503 and delivers
+the event again later; nothing is half-accepted.
 
 Checks, in order: the body size (counted as it arrives, chunked or not) -> 413; the body is a
 JSON object -> 400; whenever an encrypt key is configured and the request is signed, the
@@ -18,12 +20,14 @@ ASGI lower-cases header names, the SDK looks them up with exact case: they are m
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any
 
 import lark_oapi as lark
@@ -40,7 +44,10 @@ MAX_CLOCK_SKEW = 300.0  # seconds a signed request's timestamp may be from now, 
 SIGNATURE, TIMESTAMP, NONCE = "X-Lark-Signature", "X-Lark-Request-Timestamp", "X-Lark-Request-Nonce"
 _CANONICAL = {name.lower(): name for name in (SIGNATURE, TIMESTAMP, NONCE, "X-Request-Id", "Content-Type")}
 
-EventCallback = Callable[[dict[str, Any], float], None]
+Persist = Callable[[list[dict[str, Any]]], Awaitable[None]]
+
+# The events the SDK dispatched while handling the current request (set per request).
+_collected: ContextVar[list[dict[str, Any]] | None] = ContextVar("feishu_webhook_events", default=None)
 
 
 def sdk_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -69,11 +76,10 @@ def timestamp_fresh(headers: Mapping[str, str], now: float) -> bool:
 class Webhook:
     """The webhook endpoint; `routes()` gives the framework-neutral route the service mounts."""
 
-    def __init__(self, *, encrypt_key: str, verification_token: str, on_event: EventCallback) -> None:
+    def __init__(self, *, encrypt_key: str, verification_token: str, persist: Persist) -> None:
         self.encrypt_key = encrypt_key
-        self.on_event = on_event
+        self.persist = persist
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="feishu-webhook")
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0
         self.rejected = 0
         self.last_request_at = 0.0
@@ -97,16 +103,14 @@ class Webhook:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _hand_over(self, data: Any) -> None:
-        """Called by the SDK on a pool thread: pass the event to the loop and return."""
-        body = orjson.loads(lark.JSON.marshal(data))
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self.on_event, body, time.time())
+        """Called by the SDK on a pool thread: collect the event for the request being handled."""
+        events = _collected.get()
+        if events is not None:
+            events.append(orjson.loads(lark.JSON.marshal(data)))
 
     async def endpoint(self, request: HttpRequest) -> HttpResponse:
         self.requests += 1
         self.last_request_at = time.time()
-        self._loop = asyncio.get_running_loop()
         try:
             body = await request.read_body(MAX_BODY)
         except TooLarge:
@@ -132,7 +136,12 @@ class Webhook:
         raw.uri = request.path
         raw.headers = headers
         raw.body = body
-        response = await self._loop.run_in_executor(self._pool, self.handler.do, raw)
+        events: list[dict[str, Any]] = []
+        context = contextvars.copy_context()
+        context.run(_collected.set, events)
+        response = await asyncio.get_running_loop().run_in_executor(
+            self._pool, context.run, self.handler.do, raw
+        )
         status = int(response.status_code or 500)
         if status != 200:
             detail = (response.content or b"").decode(errors="replace")[:200]
@@ -143,6 +152,16 @@ class Webhook:
             if unauthorized:
                 return self._refuse(request, 401, "the request could not be verified", f"SDK: {detail}")
             return self._refuse(request, 400, "the event could not be read", f"SDK: {detail}")
+        if events:
+            try:
+                await self.persist(events)
+            except Exception as exc:
+                log.error(
+                    "webhook: %d event(s) not stored, answering 503 so that they come again: %s",
+                    len(events),
+                    exc,
+                )
+                return _json(503, "the event could not be stored; deliver it again later")
         return HttpResponse(200, response.content or b"", "application/json; charset=utf-8")
 
     def _refuse(self, request: HttpRequest, status: int, answer: str, detail: str) -> HttpResponse:

@@ -6,16 +6,24 @@ discovery uses `requests.post` without a timeout, and two clients in one process
 A process can always be stopped (closing its stdin, or a kill), whatever state the SDK is in.
 
 Protocol (JSON lines; all times are ``time.time()`` seconds):
-- stdin: one line ``{"app_id", "app_secret", "domain", "heartbeat"}``; then EOF means "exit".
-- stdout: ``{"t": "event", "body": "<event JSON>", "at"}`` per received event,
+- stdin: one line ``{"app_id", "app_secret", "domain", "heartbeat", "inbox"}``; then EOF means
+  "exit".
+- stdout: ``{"t": "event", "message_id", "new", "at"}`` per received message, once it is in the
+  inbox (``new`` is false for a redelivery); ``{"t": "malformed", "event_id", "why"}`` for an
+  event that is not a message this bot can read (acknowledged: a redelivery would not fix it);
   ``{"t": "state", "at", "connected", "unanswered_since"}`` every `heartbeat` seconds (with
   ``"starting": true`` from the first moment until the SDK is imported, which takes seconds of
   CPU: the watchdog then knows the worker is alive, not hung),
   ``{"t": "log", "level", "msg"}`` for the SDK's info/warning/error lines.
 
-The SDK handler only queues the event for a writer thread and returns, so the SDK acks in
-milliseconds whatever the parent is doing. Pongs are observed through the SDK's own log
-lines (it receives them but ignores them): no SDK code is patched.
+Persist before ack: the SDK acknowledges an event when its handler returns, so the handler
+commits the message to the inbox (`bot.inbox.InboxDb`, SQLite, a few ms) before it returns; the
+parent only hears "message X is in the inbox". If the commit fails the handler raises, the SDK
+answers the platform with an error and the platform delivers the event again later. Nothing
+waits for the parent, so acks stay fast whatever the service is doing.
+
+Pongs are observed through the SDK's own log lines (it receives them but ignores them): no SDK
+code is patched.
 """
 
 from __future__ import annotations
@@ -27,7 +35,11 @@ import queue
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO, Any
+
+from bot.feishu.messages import MalformedEvent, parse_event
+from bot.inbox import InboxDb, StorageError
 
 _out: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
 
@@ -102,6 +114,13 @@ def main() -> int:
     threading.Thread(target=_writer, args=(protocol,), name="writer", daemon=True).start()
     threading.Thread(target=_stdin_watch, args=(sys.stdin.buffer,), name="stdin", daemon=True).start()
     heartbeat = float(settings.get("heartbeat", 2.0))
+    try:
+        inbox = InboxDb(Path(settings["inbox"]), platform="feishu")
+    except StorageError as exc:
+        _emit({"t": "log", "level": "ERROR", "msg": f"cannot receive: {exc}"})
+        _out.put(None)
+        time.sleep(0.2)
+        return 1
     loaded = threading.Event()
     threading.Thread(target=_starting, args=(heartbeat, loaded), name="starting", daemon=True).start()
 
@@ -118,7 +137,17 @@ def main() -> int:
     sdk_logger.propagate = False
 
     def hand_over(data: Any) -> None:
-        _emit({"t": "event", "body": lark.JSON.marshal(data), "at": time.time()})
+        raw = lark.JSON.marshal(data)
+        body = json.loads(raw)
+        try:
+            message = parse_event(body)
+        except MalformedEvent as exc:
+            event_id = (body.get("header") or {}).get("event_id")
+            _emit({"t": "malformed", "event_id": event_id, "why": str(exc)})
+            return
+        at = time.time()
+        new = inbox.receive(message, raw.encode(), at)  # raises: no ack, the platform retries
+        _emit({"t": "event", "message_id": message.message_id, "new": new, "at": at})
 
     def ignore(data: Any) -> None:
         return None

@@ -1,0 +1,178 @@
+"""From the inbox to the answers: arrival order per conversation, overload waiting on disk.
+
+`Dispatcher` takes received messages from the `bot.inbox.Inbox` to a handler (the adapter's
+"answer this message"), with three rules:
+
+- per conversation (chat, or thread in a chat) one message at a time, in arrival order: the
+  head of each idle conversation is chosen by the database, so a long queue in one chat never
+  hides the other chats' messages;
+- only while the answer source has room (`room()`, e.g. a free place in the executor's queue):
+  when it is full, messages stay on disk, not in memory; at most `max_running` handlers at once;
+- a handler that raises `Requeue` (the executor refused: full, or stopping) puts its message
+  back, unchanged in order, and the dispatcher waits for room before starting anything.
+
+The dispatcher moves each message received -> running before the handler and running ->
+(the handler's `Outcome`) after it; a handler that raises is a failure with the exception as
+reason; a handler cancelled by `stop()` puts its message back (answered after the restart).
+New arrivals call `wake()`; anything else that adds work (an admin's `vlbridge inbox retry`)
+is found by polling every `poll` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from bot.inbox import Inbox, InboxState, StoredMessage
+
+log = logging.getLogger("vlbridge.dispatch")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: InboxState  # answered, failed or ignored
+    reason: str = ""
+
+
+class Requeue(Exception):
+    """Raised by a handler: the message cannot be answered now; keep it for later."""
+
+
+Handler = Callable[[StoredMessage], Awaitable[Outcome]]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        inbox: Inbox,
+        handler: Handler,
+        *,
+        room: Callable[[], int],
+        max_running: int,
+        poll: float = 2.0,
+        on_idle: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.inbox = inbox
+        self.handler = handler
+        self.room = room
+        self.max_running = max(1, max_running)
+        self.poll = poll
+        self.on_idle = on_idle  # called when messages wait for room (e.g. to show queue places)
+        self.counts: dict[str, int] = {state.value: 0 for state in InboxState}
+        self._running: dict[str, asyncio.Task[None]] = {}  # context_key -> its handler
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._accepting = False
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running, nothing pending, nothing new to look at (as of the last pass)."""
+        pending = self.counts[InboxState.RECEIVED] + self.counts[InboxState.RUNNING]
+        return not self._running and not pending and not self._wake.is_set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._accepting = True
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="inbox-dispatch")
+
+    async def drain(self, within: float) -> None:
+        """Start nothing new; give the running handlers *within* seconds."""
+        self._accepting = False
+        self._wake.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        running = set(self._running.values())
+        if running:
+            await asyncio.wait(running, timeout=max(0.0, within))
+
+    async def stop(self) -> None:
+        """Cancel what still runs; their messages go back to `received` (answered next start)."""
+        await self.drain(0.0)
+        running = set(self._running.values())
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=2.0)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while self._accepting:
+            self._wake.clear()
+            waiting = False
+            try:
+                waiting = await self._fill()
+                self.counts = await self.inbox.run(self.inbox.db.counts)
+                if waiting and self.on_idle is not None:
+                    await self.on_idle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("inbox dispatch failed; trying again in %.0f s", self.poll)
+            with contextlib.suppress(TimeoutError):
+                # Messages waiting for room: look again soon (room is not an event we are told of).
+                await asyncio.wait_for(self._wake.wait(), 0.25 if waiting else self.poll)
+
+    async def _fill(self) -> bool:
+        """Start what may start now; True when received messages are left waiting for room."""
+        free = min(self.room(), self.max_running - len(self._running))
+        busy = tuple(self._running)
+        heads = await self.inbox.run(self.inbox.db.heads, busy, max(free, 1))
+        if not heads:
+            return False
+        if free <= 0:
+            return True
+        for message in heads[:free]:
+            if not self._accepting:
+                return True
+            try:
+                started = await self.inbox.run(self.inbox.db.start, message.message_id)
+            except Exception:
+                log.exception("message %s could not be started", message.message_id)
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._handle(started), name=f"message-{message.message_id}"
+            )
+            self._running[message.context_key] = task
+            task.add_done_callback(functools.partial(self._done, message.context_key))
+        return len(heads) > free
+
+    def _done(self, key: str, _: object) -> None:
+        self._running.pop(key, None)
+        self._wake.set()
+
+    async def _handle(self, message: StoredMessage) -> None:
+        try:
+            outcome = await self.handler(message)
+        except Requeue:
+            log.info("message %s: no room for it now; back to the inbox", message.message_id)
+            await asyncio.shield(self.inbox.run(self.inbox.db.requeue, message.message_id))
+            return
+        except asyncio.CancelledError:
+            log.info(
+                "message %s: stopped before its answer ended; kept for the next start", message.message_id
+            )
+            await asyncio.shield(self.inbox.run(self.inbox.db.requeue, message.message_id))
+            raise
+        except Exception as exc:
+            log.exception("message %s: handling failed", message.message_id)
+            outcome = Outcome(InboxState.FAILED, f"{type(exc).__name__}: {exc}"[:500])
+        try:
+            await asyncio.shield(
+                self.inbox.run(self.inbox.db.finish, message.message_id, outcome.state, outcome.reason)
+            )
+        except Exception:
+            log.exception("message %s: its outcome could not be recorded", message.message_id)
