@@ -67,6 +67,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._accepting = False
+        self._quiet = False  # the last pass found nothing to do
 
     @property
     def running(self) -> int:
@@ -75,8 +76,7 @@ class Dispatcher:
     @property
     def idle(self) -> bool:
         """Nothing running, nothing pending, nothing new to look at (as of the last pass)."""
-        pending = self.counts[InboxState.RECEIVED] + self.counts[InboxState.RUNNING]
-        return not self._running and not pending and not self._wake.is_set()
+        return self._quiet and not self._running and not self._wake.is_set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -116,6 +116,8 @@ class Dispatcher:
             try:
                 waiting = await self._fill()
                 self.counts = await self.inbox.run(self.inbox.db.counts)
+                pending = self.counts[InboxState.RECEIVED] + self.counts[InboxState.RUNNING]
+                self._quiet = not pending and not self._running
                 if waiting and self.on_idle is not None:
                     await self.on_idle()
             except asyncio.CancelledError:

@@ -380,14 +380,6 @@ class InboxDb:
         ).fetchall()
         return [StoredMessage.from_row(row) for row in rows]
 
-    def ahead_of(self, seq: int) -> int:
-        """How many received messages arrived before the one with *seq*."""
-        row = self._db.execute(
-            "SELECT COUNT(*) FROM messages WHERE platform = ? AND state = ? AND seq < ?",
-            (self.platform, InboxState.RECEIVED.value, seq),
-        ).fetchone()
-        return int(row[0])
-
     def counts(self) -> dict[str, int]:
         rows = self._db.execute(
             "SELECT state, COUNT(*) FROM messages WHERE platform = ? GROUP BY state", (self.platform,)

@@ -5,16 +5,22 @@ The fake platform records what the bot did; the real SDK decrypts and dispatches
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from starlette.applications import Starlette
 
+from bot import texts
 from bot.feishu.adapter import FeishuAdapter
+from bot.feishu.messages import parse_event
+from bot.inbox import InboxDb
 from server.backend import build_executor
 from server.http.platform import mount
 from tests.conftest import make_png
@@ -46,20 +52,25 @@ class Bot:
         return str(reply.text)
 
 
-@pytest.fixture
-async def bot(fake_feishu: FakeFeishu, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Bot]:
-    overrides = getattr(request, "param", {})
+@asynccontextmanager
+async def running_bot(fake: FakeFeishu, tmp_path: Path, **overrides: Any) -> AsyncIterator[Bot]:
     config = feishu_config(
-        fake_feishu, tmp_path, model="builtin:echo", mode="webhook", max_new_tokens=256, **overrides
+        fake, tmp_path, model="builtin:echo", mode="webhook", max_new_tokens=256, **overrides
     )
     executor = RecordingExecutor(build_executor(config))
     await executor.start()
     adapter = await started(config, executor)
     app = Starlette(routes=[mount(route) for route in adapter.routes()])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot") as client:
-        yield Bot(fake_feishu, adapter, client)
+        yield Bot(fake, adapter, client)
     await adapter.stop()
     await executor.stop()
+
+
+@pytest.fixture
+async def bot(fake_feishu: FakeFeishu, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Bot]:
+    async with running_bot(fake_feishu, tmp_path, **getattr(request, "param", {})) as bot:
+        yield bot
 
 
 async def test_commands(bot: Bot) -> None:
@@ -130,3 +141,53 @@ async def test_per_user_rate_limit(bot: Bot) -> None:
 @pytest.mark.parametrize("bot", [{"allowed_users": ("ou_someone_else",), "language": "en"}], indirect=True)
 async def test_allowed_users(bot: Bot) -> None:
     assert "not enabled" in bot.answer(await bot.send(bot.fake.events.text("let me in")))
+
+
+async def test_a_webhook_event_that_cannot_be_stored_is_refused_then_answered_when_it_comes_again(
+    fake_feishu: FakeFeishu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bot.inbox.BUSY_TIMEOUT_MS", 200)  # a locked inbox fails fast
+    async with running_bot(fake_feishu, tmp_path) as bot:
+        event = bot.fake.events.text("are you there?")
+        bot.fake.register_event(event, {})
+        request = bot.fake.webhook_request(event)
+        holder = sqlite3.connect(bot.adapter.inbox.path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # e.g. an admin's long transaction
+        try:
+            refused = await bot.client.post("/feishu/events", content=request.body, headers=request.headers)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert refused.status_code == 503, refused.text  # not 200: the platform will deliver it again
+        assert "deliver it again" in refused.json()["msg"]
+        await settle(bot.adapter)
+        assert bot.replies(str(event["event"]["message"]["message_id"])) == []
+        again = bot.fake.webhook_request(event)  # the platform's retry
+        response = await bot.client.post("/feishu/events", content=again.body, headers=again.headers)
+        assert response.status_code == 200, response.text
+        await settle(bot.adapter)
+        assert bot.answer(str(event["event"]["message"]["message_id"])) == "echo: are you there?"
+
+
+async def test_messages_kept_over_a_restart_are_answered_or_get_a_note_when_too_old(
+    fake_feishu: FakeFeishu, tmp_path: Path
+) -> None:
+    """What a dead process left in the inbox: a fresh question is answered at the next start; one
+    older than `max_message_age` gets one short note; one whose answer was cut is answered again."""
+    now_ms = int(time.time() * 1000)
+    fresh = fake_feishu.events.text("still wanted", create_time_ms=now_ms - 5_000)
+    old = fake_feishu.events.text("from long ago", create_time_ms=now_ms - 3_600_000)
+    cut = fake_feishu.events.text("cut by the crash", create_time_ms=now_ms - 10_000)
+    db = InboxDb(tmp_path / "feishu-inbox.sqlite3", platform="feishu")
+    for event in (old, fresh, cut):
+        fake_feishu.register_event(event, {})
+        db.receive(parse_event(event), orjson.dumps(event), time.time() - 3)
+    db.start(str(cut["event"]["message"]["message_id"]))  # it was running when the process died
+    db.close()
+    async with running_bot(fake_feishu, tmp_path, max_message_age=600.0) as bot:
+        await settle(bot.adapter)
+        assert bot.answer(str(fresh["event"]["message"]["message_id"])) == "echo: still wanted"
+        assert bot.answer(str(cut["event"]["message"]["message_id"])) == "echo: cut by the crash"
+        assert bot.answer(str(old["event"]["message"]["message_id"])) == texts.text("restarted_too_old", "zh")
+        counts = bot.adapter.dispatcher.counts
+        assert (counts["answered"], counts["ignored"], counts["received"], counts["running"]) == (2, 1, 0, 0)
