@@ -27,7 +27,7 @@ from typing import Protocol
 from bot import texts
 from bot.types import ChatType, InboundMessage, MessageKind
 from protocol.v1 import ErrorCode
-from server.errors import RequestError, TooLarge
+from server.errors import RequestError, TooLarge, VlbridgeError
 from server.inference.api import (
     AnswerSource,
     Delta,
@@ -48,9 +48,9 @@ Clock = Callable[[], float]
 # -- commands -------------------------------------------------------------------------------------
 
 
-class NotNow(Exception):
+class NotNow(VlbridgeError):
     """The answer source is not answering now (stopping, loading): the message is kept for later
-    (raised by `Conversation.handle`; the user's card says so)."""
+    (raised by `Conversation.handle`, the user's card says so; `bot.dispatch` puts it back)."""
 
 
 class Command(StrEnum):
@@ -388,8 +388,8 @@ class Conversation:
                         sink.update(self._t("queued", ahead=self.answers.stats().queue_depth))
                         await asyncio.sleep(min(max(event.retry_after or 1.0, 0.2), 5.0))
                         return False
-                    if not text and event.code == ErrorCode.UNAVAILABLE:
-                        await sink.close(self._t("kept"))
+                    if event.code == ErrorCode.UNAVAILABLE:  # stopping (or not loaded): ask again later
+                        await sink.close(f"{text}\n\n{self._t('kept')}".strip())
                         raise NotNow(event.message)
                     if event.code == ErrorCode.CANCELLED:
                         await sink.close(f"{text}\n\n{self._t('cancelled_suffix')}".strip())

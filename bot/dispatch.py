@@ -8,8 +8,8 @@
   hides the other chats' messages;
 - only while the answer source has room (`room()`, e.g. a free place in the executor's queue):
   when it is full, messages stay on disk, not in memory; at most `max_running` handlers at once;
-- a handler that raises `Requeue` (the executor refused: full, or stopping) puts its message
-  back, unchanged in order, and the dispatcher waits for room before starting anything.
+- a handler that raises `bot.conversation.NotNow` (the answer source is stopping or not
+  loaded) puts its message back, unchanged in order, for later (or the next start).
 
 The dispatcher moves each message received -> running before the handler and running ->
 (the handler's `Outcome`) after it; a handler that raises is a failure with the exception as
@@ -27,6 +27,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from bot.conversation import NotNow
 from bot.inbox import Inbox, InboxState, StoredMessage
 
 log = logging.getLogger("vlbridge.dispatch")
@@ -36,10 +37,6 @@ log = logging.getLogger("vlbridge.dispatch")
 class Outcome:
     state: InboxState  # answered, failed or ignored
     reason: str = ""
-
-
-class Requeue(Exception):
-    """Raised by a handler: the message cannot be answered now; keep it for later."""
 
 
 Handler = Callable[[StoredMessage], Awaitable[Outcome]]
@@ -159,8 +156,8 @@ class Dispatcher:
     async def _handle(self, message: StoredMessage) -> None:
         try:
             outcome = await self.handler(message)
-        except Requeue:
-            log.info("message %s: no room for it now; back to the inbox", message.message_id)
+        except NotNow:
+            log.info("message %s: not answerable now; back to the inbox", message.message_id)
             await asyncio.shield(self.inbox.run(self.inbox.db.requeue, message.message_id))
             return
         except asyncio.CancelledError:

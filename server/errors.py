@@ -7,6 +7,11 @@
     │                          carries the wire code; the session stays usable
     ├── FeishuApiError         (bot.feishu.openapi) a Feishu Open API call failed for good;
     │                          keeps the platform's code
+    ├── StorageError           (bot.inbox) the inbox file cannot be used: damaged, locked,
+    │                          unwritable, or in use by another service (fails at start-up)
+    ├── TransitionError        (bot.inbox) a message state change that does not fit its state
+    ├── NotNow                 (bot.conversation) the model is not answering now (stopping,
+    │                          loading): the message is kept in the inbox for later
     └── RequestError           belongs to one request, never to a worker; has a wire `code`
         ├── BadRequest         code "bad_request": malformed or unsupported input
         │   └── MalformedEvent (bot.feishu.messages) a Feishu event that cannot be read

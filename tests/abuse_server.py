@@ -30,7 +30,7 @@ class WebhookOnly:
     name = "webhook"
 
     def __init__(self) -> None:
-        self.webhook = Webhook(encrypt_key=ENCRYPT_KEY, verification_token="token", on_event=_drop)
+        self.webhook = Webhook(encrypt_key=ENCRYPT_KEY, verification_token="token", persist=_drop)
 
     def routes(self) -> list[HttpRoute]:
         return list(self.webhook.routes())
@@ -51,7 +51,7 @@ class WebhookOnly:
         return True
 
 
-def _drop(body: dict[str, Any], received_at: float) -> None:
+async def _drop(bodies: list[dict[str, Any]]) -> None:
     return None
 
 

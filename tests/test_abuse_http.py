@@ -333,9 +333,11 @@ WINDOW = 300  # seconds either way a signed request may be from now
 @pytest.fixture
 async def webhook() -> AsyncIterator[tuple[httpx.AsyncClient, list[dict]]]:
     received: list[dict] = []
-    hook = Webhook(
-        encrypt_key=ENCRYPT_KEY, verification_token="token", on_event=lambda body, at: received.append(body)
-    )
+
+    async def persist(bodies: list[dict]) -> None:
+        received.extend(bodies)
+
+    hook = Webhook(encrypt_key=ENCRYPT_KEY, verification_token="token", persist=persist)
     app = Starlette(routes=[mount(route) for route in hook.routes()])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot") as client:
         yield client, received

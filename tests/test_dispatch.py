@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.dispatch import Dispatcher, Outcome, Requeue
+from bot.conversation import NotNow
+from bot.dispatch import Dispatcher, Outcome
 from bot.inbox import Inbox, InboxState, StoredMessage
 from tests.test_inbox import message
 from tests.waiting import until
@@ -104,7 +105,7 @@ async def test_requeue_failure_and_stop_each_leave_the_right_state(inbox: Inbox)
     dispatcher.start()
     await until(lambda: len(handler.started) == 3, "three starts")
     room = 0  # a requeued message waits for room again
-    handler.finish("a1", Requeue())
+    handler.finish("a1", NotNow("stopping"))
     handler.finish("b1", RuntimeError("a bug"))
     await until(lambda: dispatcher.running == 1, "two handlers ended")
     stored = await inbox.run(inbox.db.get, "a1")

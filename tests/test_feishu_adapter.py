@@ -10,6 +10,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from bot import texts
 from bot.feishu import build_adapter
 from server.backend import build_executor
 from server.http.platform import mount
@@ -286,3 +287,49 @@ async def test_webhook_url_verification(fake_feishu: FakeFeishu, webhook: tuple)
     assert response.status_code == 200
     assert response.json() == {"challenge": "c-123"}
     assert all(m.kind is not SendKind.CREATE for m in fake_feishu.records.sent())
+
+
+async def test_cancel_is_not_queued_behind_the_answer_it_stops(
+    demo_model_dir: Path, fake_feishu: FakeFeishu, tmp_path: Path
+) -> None:
+    """Messages of one chat are answered one at a time, but a command goes first: a /cancel sent
+    while the chat's answer streams stops it instead of waiting for it to end."""
+    config = feishu_config(
+        fake_feishu, tmp_path, model=str(demo_model_dir), mode="webhook", max_new_tokens=2000
+    )
+    executor = build_executor(config)
+    assert isinstance(executor, InferenceExecutor)
+    await executor.start()
+    await executor.wait_ready(120)
+    adapter = await started(config, executor)
+    app = Starlette(routes=[mount(route) for route in adapter.routes()])
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot") as client:
+
+            async def send(event: dict, resources: dict[str, bytes]) -> str:
+                fake_feishu.register_event(event, resources)
+                request = fake_feishu.webhook_request(event)
+                response = await client.post("/feishu/events", content=request.body, headers=request.headers)
+                assert response.status_code == 200, response.text
+                return str(event["event"]["message"]["message_id"])
+
+            picture = fake_feishu.events.image("img_long")
+            asked = await send(picture, {"img_long": make_png()})
+            replies = await fake_feishu.wait_for(lambda: replies_to(fake_feishu, asked), DEADLINE, "the card")
+            await fake_feishu.wait_for(
+                lambda: len(fake_feishu.records.card(replies[0].card_id).content_updates) >= 2,
+                4 * DEADLINE,
+                "the answer streaming",
+            )
+            chat = picture["event"]["message"]["chat_id"]
+            cancel = await send(fake_feishu.events.text("/cancel", chat_id=chat), {})
+            card = await one_closed_card(fake_feishu, asked, 4 * DEADLINE)
+            assert card.final_text.endswith(texts.text("cancelled_suffix", "zh")), card.final_text
+            [reply] = await fake_feishu.wait_for(
+                lambda: replies_to(fake_feishu, cancel), DEADLINE, "the reply"
+            )
+            assert reply.text == texts.text("cancelled", "zh")
+            await settle(adapter)
+    finally:
+        await adapter.stop()
+        await executor.stop()

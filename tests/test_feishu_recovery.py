@@ -188,7 +188,7 @@ def test_a_burst_of_500_waits_on_disk_and_is_answered_in_order(
         demo_model_dir,
         tmp_path / "data",
         max_new_tokens=3,
-        executor="max_batch = 4\nqueue_size = 2",
+        executor="max_batch = 16\nqueue_size = 2",
         feishu="user_rate_per_minute = 1000",
     )
     chats = [f"oc_burst_{c:02d}" for c in range(25)]
@@ -220,6 +220,7 @@ def test_a_burst_of_500_waits_on_disk_and_is_answered_in_order(
             latencies[int(len(latencies) * 0.99)],
             latencies[-1],
         )
+        print(f"ACKS p50 {p50:.3f} p99 {p99:.3f} max {slowest:.3f}")
         assert slowest < 0.5, f"an ack took {slowest:.3f} s (p50 {p50:.3f} s, p99 {p99:.3f} s)"
         growth = service.peak_rss() - memory_before
         assert growth < 150 * 2**20, f"the burst grew the service by {growth / 2**20:.0f} MB"

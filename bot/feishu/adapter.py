@@ -31,11 +31,11 @@ import orjson
 
 from bot import texts
 from bot.conversation import Conversation, Decision, NotNow, Policy, Settings
-from bot.dispatch import Dispatcher, Outcome, Requeue
+from bot.dispatch import Dispatcher, Outcome
 from bot.feishu import metrics
 from bot.feishu.cards import CardStream
 from bot.feishu.longconn import LongConnection
-from bot.feishu.messages import MalformedEvent, parse_event
+from bot.feishu.messages import MalformedEvent, is_command, parse_event
 from bot.feishu.openapi import FeishuApi, FeishuApiError
 from bot.feishu.webhook import Webhook
 from bot.inbox import Inbox, InboxState, StoredMessage
@@ -274,7 +274,9 @@ class FeishuAdapter:
                 self._count("malformed")
                 log.warning("event %s ignored: %s", (body.get("header") or {}).get("event_id"), exc)
                 continue
-            new = await self.inbox.receive(message, orjson.dumps(body), time.time())
+            new = await self.inbox.receive(
+                message, orjson.dumps(body), time.time(), ordered=not is_command(body)
+            )
             self._arrived(message.message_id, new)
 
     async def _own_id(self) -> str:
@@ -293,11 +295,12 @@ class FeishuAdapter:
         return texts.text(key, self.config.feishu.language, **values)
 
     def _room(self) -> int:
-        """How many more messages the executor can take now (0 while it loads or stops)."""
+        """How many more messages the executor can take now: free batch rows and queue places
+        (0 while it loads or stops)."""
         stats = self.answers.stats()
         if stats.state is not ExecutorState.READY:
             return 0
-        return max(0, stats.queue_capacity - stats.queue_depth)
+        return max(0, stats.max_batch + stats.queue_capacity - stats.active - stats.queue_depth)
 
     def _channel(self, stored: StoredMessage) -> FeishuChannel:
         return FeishuChannel(
@@ -340,7 +343,7 @@ class FeishuAdapter:
                 message, channel, bot_id=self.bot_id, arrived_at=stored.received_at, again=stored.attempts > 1
             )
         except NotNow:
-            raise Requeue from None
+            raise
         except Exception as exc:
             self._count("failed")
             log.exception("message %s: handling failed", message.message_id)

@@ -68,6 +68,22 @@ def parse_event(event: Mapping[str, Any], *, bot_id: str = "") -> InboundMessage
     )
 
 
+_LEADING_MENTIONS = re.compile(r"^(?:\s*@_user_\d+)*\s*")
+
+
+def is_command(event: Mapping[str, Any]) -> bool:
+    """A text message whose first word after any @-mentions starts with ``/``: a command
+    (``/cancel`` must not wait in its chat's queue behind the answer it stops)."""
+    message = (event.get("event") or {}).get("message") or {}
+    if message.get("message_type") != "text":
+        return False
+    try:
+        text = str(_content(message.get("content")).get("text") or "")
+    except MalformedEvent:
+        return False
+    return _LEADING_MENTIONS.sub("", text, count=1).startswith("/")
+
+
 def _mentions(raw: Any) -> dict[str, tuple[str, str]]:
     """``{"@_user_1": (open_id, name)}`` from ``message.mentions``."""
     found: dict[str, tuple[str, str]] = {}

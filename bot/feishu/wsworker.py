@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from bot.feishu.messages import MalformedEvent, parse_event
+from bot.feishu.messages import MalformedEvent, is_command, parse_event
 from bot.inbox import InboxDb, StorageError
 
 _out: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
@@ -146,7 +146,8 @@ def main() -> int:
             _emit({"t": "malformed", "event_id": event_id, "why": str(exc)})
             return
         at = time.time()
-        new = inbox.receive(message, raw.encode(), at)  # raises: no ack, the platform retries
+        # A raise here means no ack: the platform delivers the event again.
+        new = inbox.receive(message, raw.encode(), at, ordered=not is_command(body))
         _emit({"t": "event", "message_id": message.message_id, "new": new, "at": at})
 
     def ignore(data: Any) -> None:
