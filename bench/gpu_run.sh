@@ -9,6 +9,12 @@
 #      precomputed on the CPU; this checks its output on the GPU against stock transformers
 # The kernel checks and the 8B/30B-A3B teacher forcing passed on 2026-11-30 and are not rerun:
 # `GPU_CHECK=1 bash bench/gpu_run.sh` runs the whole 2B check instead of step 3.
+# `PROBE=1` first runs bench/prefill_probe.py (masked attention at new shapes, follow-up prefill,
+# preparation on 8 threads); `ONLY_2B=1` stops after the 2B service benchmark.
+# The commit measured is read from the file COMMIT at the top of the tree when there is one (write
+# it when copying a branch's tree: a copy's git metadata may name another checkout's head).
+# Files back in $OUT: run.log, the serve-*.json and gpu_check/probe json, and logs.tar.gz (the
+# executor json and the servers' logs of each step), at most 8 files.
 # The project's pinned transformers (and the service's own dependencies the machine lacks) travel
 # as wheels in .whl/ (git-ignored; bench/gpu_wheels.sh makes them). Each step has its
 # own time limit, so one that hangs cannot take the others' time; the order is by importance.
@@ -23,7 +29,7 @@ fi
 LOG="$OUT/run.log"
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
-  git log -1 --format='commit %h %s' 2>/dev/null || true
+  if [ -f COMMIT ]; then echo "commit $(cat COMMIT)"; else git log -1 --format='commit %h %s' 2>/dev/null || true; fi
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 } 2>&1 | tee "$LOG"
 
@@ -37,19 +43,25 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, everything into
 
 keep_logs() {  # keep_logs NAME: the server's log (its timing lines whole, the rest's tail) and the executor's figures
   local work=$WORK/$1
-  cp "$work/executor.json" "$OUT/executor-$1.json" 2>/dev/null
-  grep -h "vlbridge.profile\|WARNING\|Traceback\|Error\|error" "$work/serve.log" >"$OUT/serve-$1-profile.log" 2>/dev/null
-  tail -c 200000 "$work/serve.log" >"$OUT/serve-$1-server-tail.log" 2>/dev/null
+  cp "$work/executor.json" "$KEEP/executor-$1.json" 2>/dev/null
+  grep -h "vlbridge.profile\|WARNING\|Traceback\|Error\|error" "$work/serve.log" >"$KEEP/serve-$1-profile.log" 2>/dev/null
+  tail -c 200000 "$work/serve.log" >"$KEEP/serve-$1-server-tail.log" 2>/dev/null
+  tar -czf "$OUT/logs.tar.gz" -C "$KEEP" . 2>/dev/null
 }
 
 WORK=/tmp/vlbridge-gpu
-mkdir -p $WORK
+KEEP=$WORK/keep
+mkdir -p $WORK $KEEP
+if [ "${PROBE:-0}" = 1 ]; then
+  step 150 "prefill probe 2b" python3 bench/prefill_probe.py --model 2b --out "$OUT/probe-2b.json"
+fi
 # Timing lines every 2 s, to match them with the scenarios' start times printed by serve.py.
 PROFILE=(--server-env EXECUTOR_PROFILE_SECONDS=2)
 step 190 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --rounds 3 \
   --followup-concurrency 1,16 --followup-rounds 4 --arrive 32,16,1.0,4 "${PROFILE[@]}" \
   --workdir $WORK/2b --out "$OUT/serve-2b.json"
 keep_logs 2b
+if [ "${ONLY_2B:-0}" = 1 ]; then date -u | tee -a "$LOG"; exit 0; fi
 step 140 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
   --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"
 keep_logs 8b

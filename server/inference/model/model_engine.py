@@ -16,11 +16,13 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
@@ -38,6 +40,25 @@ from .sampling import sample
 from .vision import Picture, VisionEncoder
 
 log = logging.getLogger("vlbridge.model")
+
+# Attention kernels the prefill may use on CUDA (vision encoder and prompt). cuDNN's is left out:
+# for a call with an explicit mask (every prefill that reuses a cached prefix, and left-padded
+# batches) it builds an execution plan for each new (query, key) shape, and a follow-up's shape
+# is nearly always new: 650-950 ms for a ~150-token prefill on an H200 (torch 2.11), against
+# ~25 ms for a 1047-token one. Flash and memory-efficient attention need no plan. None: torch's
+# own choice (bench/prefill_probe.py compares both).
+PREFILL_ATTENTION: list[SDPBackend] | None = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+# Intra-op CPU threads of torch when the model is on a GPU. The CPU-side torch work is then
+# small tensors (positions, slot indices) and the pictures' preprocessing, which runs on several
+# preparation threads at once: with torch's default (one thread per core for each calling
+# thread), eight preparing threads on 16 cores start eight OpenMP teams of 16 spinning threads,
+# and the worker thread that launches the decode steps gets a fraction of a core.
+CUDA_CPU_THREADS = 1
 
 
 @dataclass
@@ -138,6 +159,7 @@ class ModelEngine:
             from .kernels import fuse_projections
 
             fuse_projections(runner.model)
+            torch.set_num_threads(CUDA_CPU_THREADS)
         text = runner.model.config.text_config
         layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
         head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
@@ -335,7 +357,8 @@ class ModelEngine:
             "position_ids": positions.to(device, non_blocking=True),
         }
         if pictures:
-            encoded = self.vision.encode([p.picture for p in pictures], device, self.runner.dtype)
+            with self._attention():
+                encoded = self.vision.encode([p.picture for p in pictures], device, self.runner.dtype)
             inputs["mm_encoder_outputs"] = {
                 "image": BaseModelOutputWithDeepstackFeatures(
                     pooler_output=tuple(e.embeds for e in encoded),
@@ -346,7 +369,10 @@ class ModelEngine:
             }
         timer.mark("vision")
         self._model.model.rope_deltas = None  # transformers keeps the last prompt's deltas on the module
-        out = self._model(**inputs, cache=dense, use_cache=True, logits_to_keep=0 if self.keep_logits else 1)
+        with self._attention():
+            out = self._model(
+                **inputs, cache=dense, use_cache=True, logits_to_keep=0 if self.keep_logits else 1
+            )
         if self.keep_logits:  # correctness checks compare every prompt position (bench/gpu_check.py)
             self.prefill_logits = out.logits
         timer.mark("forward")
@@ -382,6 +408,11 @@ class ModelEngine:
         timer.mark("store")  # pages written, first tokens sampled
         timer.end()
         return published
+
+    def _attention(self) -> AbstractContextManager[None]:
+        if self.runner.device.type == "cuda" and PREFILL_ATTENTION is not None:
+            return sdpa_kernel(PREFILL_ATTENTION)
+        return nullcontext()
 
     def decode(self, seqs: list[Sequence]) -> DeviceTokens:
         cells, positions, slots, lengths, tables = [], [], [], [], []
