@@ -91,22 +91,36 @@ class ExecutorLimits:
     max_turns: int = 1024  # messages of one request; more are refused at once
 
 
+TRIM_INTERVAL = 5.0  # seconds between two malloc_trim calls at least
+
+
 def _malloc_trim() -> Callable[[], None]:
-    """glibc's `malloc_trim(0)`, or a no-op elsewhere.
+    """glibc's `malloc_trim(0)`, at most every `TRIM_INTERVAL` seconds, or a no-op elsewhere.
 
     Decoding a big picture takes tens of MB in the decoding thread's malloc arena, and glibc
     keeps them: eight 16-megapixel pictures on two threads left the process 84 MB larger,
     malloc_trim gave all of it back (measured 2026-11-30). Called when a burst of picture
-    work ends, it costs a millisecond per burst instead of memory held for good.
+    work ends. Not more often: while it walks the arenas it holds their locks, and a thread
+    that allocates meanwhile (the worker, holding the GIL) waits; in a steady stream of
+    pictures every few requests end a burst. A trim over 10 ms is logged (`vlbridge.profile`).
     """
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return lambda: None
     trim.argtypes = [ctypes.c_size_t]
+    last = -TRIM_INTERVAL
 
     def release() -> None:
+        nonlocal last
+        started = time.monotonic()
+        if started - last < TRIM_INTERVAL:
+            return
+        last = started
         trim(0)
+        took = time.monotonic() - started
+        if took > 0.01:
+            logging.getLogger("vlbridge.profile").info("malloc_trim took %.0f ms", took * 1000)
 
     return release
 
@@ -580,8 +594,15 @@ class InferenceExecutor:
 
     def _prefill_budget(self) -> int:
         """Prefill work for the next prefill: all a prefill may take when nothing decodes, less
-        while answers are streaming (every decode step waits for the prefill launched before it)."""
-        if self._running:
+        while answers are streaming (every decode step waits for the prefill launched before it).
+
+        The smaller slice holds while the streaming answers are at least as many as the prompts
+        waiting: a slice's stall is borne by every streaming answer, its benefit (an earlier
+        first token) goes to the waiting ones. When a wave of new prompts outnumbers the few
+        answers still streaming (a closed loop's next round, a burst after a quiet spell), the
+        wave gets whole prefills: fewer, larger batches, each cheaper per prompt.
+        """
+        if self._running and len(self._running) >= len(self._waiting):
             return min(self.limits.prefill_tokens, self.limits.prefill_tokens_decoding)
         return self.limits.prefill_tokens
 
