@@ -3,14 +3,13 @@
 #   1. bench/serve.py, 2B: the whole service (WebSocket + OpenAI clients) at c=32/64 beside the
 #      in-process executor, the follow-up (c=1 with the server's own TTFT per ask, c=16) and the
 #      arriving-pictures scenarios; the server's timing lines (server/inference/profile.py)
-#   2. bench/serve.py, 8B then 30B-A3B at c=64, random weights built in GPU memory (30B-A3B's
+#   2. teacher forcing for 2B (bench/gpu_check.py): the engine's logits against stock
+#      transformers on the GPU; `GPU_CHECK=1` runs the whole 2B check (kernels, engine vs generate)
+#   3. bench/serve.py, 8B then 30B-A3B at c=64, random weights built in GPU memory (30B-A3B's
 #      58 GiB would not fit on the disk): executor in process, then the service over WebSocket
-#   3. teacher forcing for 2B (bench/gpu_check.py): the vision encoder now gets its grid tensors
-#      precomputed on the CPU; this checks its output on the GPU against stock transformers
-# The kernel checks and the 8B/30B-A3B teacher forcing passed on 2026-11-30 and are not rerun:
-# `GPU_CHECK=1 bash bench/gpu_run.sh` runs the whole 2B check instead of step 3.
-# `PROBE=1` first runs bench/prefill_probe.py (masked attention at new shapes, follow-up prefill,
-# preparation on 8 threads); `ONLY_2B=1` stops after the 2B service benchmark.
+# The 8B/30B-A3B teacher forcing passed on 2026-11-30 and is not rerun.
+# `PROBE=1` ends with bench/prefill_probe.py (masked attention at new shapes, follow-up prefill,
+# preparation on 8 threads); `ONLY_2B=1` leaves out 8B and 30B-A3B.
 # The commit measured is read from the file COMMIT at the top of the tree when there is one (write
 # it when copying a branch's tree: a copy's git metadata may name another checkout's head).
 # Files back in $OUT: run.log, the serve-*.json and gpu_check/probe json, and logs.tar.gz (the
@@ -52,26 +51,29 @@ keep_logs() {  # keep_logs NAME: the server's log (its timing lines whole, the r
 WORK=/tmp/vlbridge-gpu
 KEEP=$WORK/keep
 mkdir -p $WORK $KEEP
-if [ "${PROBE:-0}" = 1 ]; then
-  step 150 "prefill probe 2b" python3 bench/prefill_probe.py --model 2b --out "$OUT/probe-2b.json"
-fi
 # Timing lines every 2 s, to match them with the scenarios' start times printed by serve.py.
 PROFILE=(--server-env EXECUTOR_PROFILE_SECONDS=2)
 step 190 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --rounds 3 \
   --followup-concurrency 1,16 --followup-rounds 4 --arrive 32,16,1.0,4 "${PROFILE[@]}" \
   --workdir $WORK/2b --out "$OUT/serve-2b.json"
 keep_logs 2b
-if [ "${ONLY_2B:-0}" = 1 ]; then date -u | tee -a "$LOG"; exit 0; fi
-step 140 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
-  --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"
-keep_logs 8b
-step 160 "serve 30b-a3b" python3 bench/serve.py --model 30b-a3b --weights memory --concurrency 64 --rounds 3 \
-  --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/30b-a3b --out "$OUT/serve-30b-a3b.json"
-keep_logs 30b-a3b
+step 30 "plot 2b" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
+  2026-11-30=bench/results/h200-2026-11-30-run2/serve-2b.json now="$OUT/serve-2b.json"
 if [ "${GPU_CHECK:-0}" = 1 ]; then
   step 100 "gpu_check 2b" python3 bench/gpu_check.py --model 2b --out "$OUT/gpu_check-2b.json"
 else
   step 50 "teacher forcing 2b" python3 bench/gpu_check.py --model 2b --teacher-forcing-only \
     --out "$OUT/gpu_check-2b.json"
+fi
+if [ "${ONLY_2B:-0}" != 1 ]; then
+  step 140 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
+    --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"
+  keep_logs 8b
+  step 160 "serve 30b-a3b" python3 bench/serve.py --model 30b-a3b --weights memory --concurrency 64 --rounds 3 \
+    --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/30b-a3b --out "$OUT/serve-30b-a3b.json"
+  keep_logs 30b-a3b
+fi
+if [ "${PROBE:-0}" = 1 ]; then
+  step 90 "prefill probe 2b" python3 bench/prefill_probe.py --model 2b --out "$OUT/probe-2b.json"
 fi
 date -u | tee -a "$LOG"
