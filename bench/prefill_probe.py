@@ -8,8 +8,8 @@
    (`model_engine.PREFILL_ATTENTION`), plus the kernel each one ran. Then the engine's own
    prefill of text follow-ups about a cached 1024x1024 picture, each of a new length, both ways.
 2. Picture preparation (`ModelEngine.prepare`: decode, image processor, positions) of 1024x1024
-   JPEGs on 8 threads at once, with torch's default CPU threads and with the engine's
-   (`model_engine.CUDA_CPU_THREADS`), against one picture alone.
+   JPEGs on 8 threads at once, with torch's default CPU threads (one per core) and with one,
+   against one picture alone.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def probe_prepare(engine: ModelEngine, pictures: list[bytes]) -> dict[str, Any]:
         engine.prepare([Turn.user("Describe.", [data])])
         alone.append((time.perf_counter() - started) * 1000)
     report["alone_ms"] = round(statistics.median(alone), 1)
-    for threads in sorted({16, model_engine.CUDA_CPU_THREADS}, reverse=True):
+    for threads in sorted({cores, 1}, reverse=True):
         torch.set_num_threads(threads)
 
         def one(data: bytes) -> float:

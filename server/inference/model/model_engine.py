@@ -54,13 +54,6 @@ PREFILL_ATTENTION: list[SDPBackend] | None = [
     SDPBackend.MATH,
 ]
 
-# Intra-op CPU threads of torch when the model is on a GPU. The CPU-side torch work is then
-# small tensors (positions, slot indices) and the pictures' preprocessing, which runs on several
-# preparation threads at once: with torch's default (one thread per core for each calling
-# thread), eight preparing threads on 16 cores start eight OpenMP teams of 16 spinning threads,
-# and the worker thread that launches the decode steps gets a fraction of a core.
-CUDA_CPU_THREADS = 1
-
 
 @dataclass
 class EngineOptions:
@@ -160,7 +153,6 @@ class ModelEngine:
             from .kernels import fuse_projections
 
             fuse_projections(runner.model)
-            torch.set_num_threads(CUDA_CPU_THREADS)
         text = runner.model.config.text_config
         layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
         head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
