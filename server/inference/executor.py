@@ -604,15 +604,8 @@ class InferenceExecutor:
 
     def _prefill_budget(self) -> int:
         """Prefill work for the next prefill: all a prefill may take when nothing decodes, less
-        while answers are streaming (every decode step waits for the prefill launched before it).
-
-        The smaller slice holds while the streaming answers are at least as many as the prompts
-        waiting: a slice's stall is borne by every streaming answer, its benefit (an earlier
-        first token) goes to the waiting ones. When a wave of new prompts outnumbers the few
-        answers still streaming (a closed loop's next round, a burst after a quiet spell), the
-        wave gets whole prefills: fewer, larger batches, each cheaper per prompt.
-        """
-        if self._running and len(self._running) >= len(self._waiting):
+        while answers are streaming (every decode step waits for the prefill launched before it)."""
+        if self._running:
             return min(self.limits.prefill_tokens, self.limits.prefill_tokens_decoding)
         return self.limits.prefill_tokens
 
