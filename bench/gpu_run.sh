@@ -3,12 +3,17 @@
 #   1. bench/serve.py, 2B: the whole service (WebSocket + OpenAI clients) at c=32/64 beside the
 #      in-process executor, the follow-up (c=1 with the server's own TTFT per ask, c=16) and the
 #      arriving-pictures scenarios; the server's timing lines (server/inference/profile.py)
-#   2. bench/serve.py, 8B then 30B-A3B at c=64, random weights built in GPU memory (30B-A3B's
+#   2. teacher forcing for 2B (bench/gpu_check.py): the engine's logits against stock
+#      transformers on the GPU; `GPU_CHECK=1` runs the whole 2B check (kernels, engine vs generate)
+#   3. bench/serve.py, 8B then 30B-A3B at c=64, random weights built in GPU memory (30B-A3B's
 #      58 GiB would not fit on the disk): executor in process, then the service over WebSocket
-#   3. teacher forcing for 2B (bench/gpu_check.py): the vision encoder now gets its grid tensors
-#      precomputed on the CPU; this checks its output on the GPU against stock transformers
-# The kernel checks and the 8B/30B-A3B teacher forcing passed on 2026-11-30 and are not rerun:
-# `GPU_CHECK=1 bash bench/gpu_run.sh` runs the whole 2B check instead of step 3.
+# The 8B/30B-A3B teacher forcing passed on 2026-11-30 and is not rerun.
+# `PROBE=1` ends with bench/prefill_probe.py (masked attention at new shapes, follow-up prefill,
+# preparation on 8 threads); `ONLY_2B=1` leaves out 8B and 30B-A3B.
+# The commit measured is read from the file COMMIT at the top of the tree when there is one (write
+# it when copying a branch's tree: a copy's git metadata may name another checkout's head).
+# Files back in $OUT: run.log, the serve-*.json and gpu_check/probe json, and logs.tar.gz (the
+# executor json and the servers' logs of each step), at most 8 files.
 # The project's pinned transformers (and the service's own dependencies the machine lacks) travel
 # as wheels in .whl/ (git-ignored; bench/gpu_wheels.sh makes them). Each step has its
 # own time limit, so one that hangs cannot take the others' time; the order is by importance.
@@ -23,7 +28,7 @@ fi
 LOG="$OUT/run.log"
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
-  git log -1 --format='commit %h %s' 2>/dev/null || true
+  if [ -f COMMIT ]; then echo "commit $(cat COMMIT)"; else git log -1 --format='commit %h %s' 2>/dev/null || true; fi
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 } 2>&1 | tee "$LOG"
 
@@ -37,29 +42,38 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, everything into
 
 keep_logs() {  # keep_logs NAME: the server's log (its timing lines whole, the rest's tail) and the executor's figures
   local work=$WORK/$1
-  cp "$work/executor.json" "$OUT/executor-$1.json" 2>/dev/null
-  grep -h "vlbridge.profile\|WARNING\|Traceback\|Error\|error" "$work/serve.log" >"$OUT/serve-$1-profile.log" 2>/dev/null
-  tail -c 200000 "$work/serve.log" >"$OUT/serve-$1-server-tail.log" 2>/dev/null
+  cp "$work/executor.json" "$KEEP/executor-$1.json" 2>/dev/null
+  grep -h "vlbridge.profile\|WARNING\|Traceback\|Error\|error" "$work/serve.log" >"$KEEP/serve-$1-profile.log" 2>/dev/null
+  tail -c 200000 "$work/serve.log" >"$KEEP/serve-$1-server-tail.log" 2>/dev/null
+  tar -czf "$OUT/logs.tar.gz" -C "$KEEP" . 2>/dev/null
 }
 
 WORK=/tmp/vlbridge-gpu
-mkdir -p $WORK
+KEEP=$WORK/keep
+mkdir -p $WORK $KEEP
 # Timing lines every 2 s, to match them with the scenarios' start times printed by serve.py.
 PROFILE=(--server-env EXECUTOR_PROFILE_SECONDS=2)
 step 190 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --rounds 3 \
   --followup-concurrency 1,16 --followup-rounds 4 --arrive 32,16,1.0,4 "${PROFILE[@]}" \
   --workdir $WORK/2b --out "$OUT/serve-2b.json"
 keep_logs 2b
-step 140 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
-  --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"
-keep_logs 8b
-step 160 "serve 30b-a3b" python3 bench/serve.py --model 30b-a3b --weights memory --concurrency 64 --rounds 3 \
-  --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/30b-a3b --out "$OUT/serve-30b-a3b.json"
-keep_logs 30b-a3b
+step 30 "plot 2b" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
+  2026-11-30=bench/results/h200-2026-11-30-run2/serve-2b.json now="$OUT/serve-2b.json"
 if [ "${GPU_CHECK:-0}" = 1 ]; then
   step 100 "gpu_check 2b" python3 bench/gpu_check.py --model 2b --out "$OUT/gpu_check-2b.json"
 else
   step 50 "teacher forcing 2b" python3 bench/gpu_check.py --model 2b --teacher-forcing-only \
     --out "$OUT/gpu_check-2b.json"
+fi
+if [ "${ONLY_2B:-0}" != 1 ]; then
+  step 140 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
+    --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"
+  keep_logs 8b
+  step 160 "serve 30b-a3b" python3 bench/serve.py --model 30b-a3b --weights memory --concurrency 64 --rounds 3 \
+    --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/30b-a3b --out "$OUT/serve-30b-a3b.json"
+  keep_logs 30b-a3b
+fi
+if [ "${PROBE:-0}" = 1 ]; then
+  step 90 "prefill probe 2b" python3 bench/prefill_probe.py --model 2b --out "$OUT/probe-2b.json"
 fi
 date -u | tee -a "$LOG"

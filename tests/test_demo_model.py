@@ -39,3 +39,19 @@ def test_demo_model_generates_from_a_pil_image(demo_model_dir: Path) -> None:
     )
     assert 1 <= len(tokens) <= 12
     assert isinstance(runner.tokenizer.decode(tokens), str)
+
+
+def test_the_engines_detokenizer_gives_the_tokenizers_text(demo_model_dir: Path) -> None:
+    from server.inference.model.model_engine import EngineOptions, ModelEngine
+
+    runner = ModelRunner.load(
+        str(demo_model_dir), device="cpu", dtype="float32", limits=ImageLimits(), max_context_tokens=4096
+    )
+    engine = ModelEngine(runner, EngineOptions(max_batch=2, max_context_tokens=512, max_new_tokens=16))
+    tokenizer = runner.tokenizer
+    special = sorted(tokenizer.all_special_ids)
+    text_ids = tokenizer("Ünïcode 文字 and plain words, 12.5%!")["input_ids"]
+    windows = [text_ids, special + text_ids[:3], [text_ids[0], *special, *text_ids[1:]], [], text_ids[2:5]]
+    windows += [list(range(n, n + 6)) for n in range(0, len(tokenizer), 37)]
+    for ids in windows:
+        assert engine.detokenize(ids) == tokenizer.decode(ids, skip_special_tokens=True), ids

@@ -4,6 +4,7 @@ slice at a time; an answer's text reaches the event loop at a bounded rate; timi
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -130,3 +131,14 @@ async def test_text_reaches_the_event_loop_at_most_once_per_stream_interval() ->
         assert len(with_text) <= 2 + elapsed / 0.05, (len(with_text), elapsed)
     finally:
         await ex.stop()
+
+
+async def test_the_engines_objects_are_kept_out_of_the_collectors_full_passes() -> None:
+    ex = InferenceExecutor(lambda progress: EchoEngine(), ExecutorLimits(), model_name="echo")
+    await ex.start()
+    await ex.wait_ready(30)
+    try:
+        assert gc.get_freeze_count() > 1000  # the modules imported so far, at least
+    finally:
+        await ex.stop()
+    assert gc.get_freeze_count() == 0  # collectable again once the executor stopped

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import io
+import os
 
 import httpx
 import orjson
 import pytest
+from PIL import Image
 
+from server.http.common import OFF_LOOP_BYTES
 from server.inference.instant import INSTANT_PATH
 from tests.conftest import make_png, png_declaring
 from tests.serving import make_config, serve, slow_echo
@@ -235,3 +239,27 @@ def test_a_picture_over_the_decoding_budget_is_refused_before_queueing(route: st
         assert "picture 1: the picture is 9400x9400 pixels" in error["message"]
         assert "megapixels" in error["message"]
         assert running.service.answers.stats().requests_total == 0
+
+
+def test_chat_completions_parse_large_pictures_off_the_event_loop_alike() -> None:
+    noise = Image.frombytes("RGB", (400, 300), os.urandom(400 * 300 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    picture = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    assert len(picture) > OFF_LOOP_BYTES  # parsed, decoded and checked on a thread
+
+    def ask(url: str) -> httpx.Response:
+        content = [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}]
+        return httpx.post(
+            running.http + "/v1/chat/completions",
+            headers=AUTH,
+            json={"messages": [{"role": "user", "content": content}]},
+            timeout=60,
+        )
+
+    with serve(make_config(auth_tokens=("tok",), max_image_bytes=2 * 2**20)) as running:
+        answer = ask(picture)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == "echo: what? [400x300]"
+        refused = ask("data:image/png;base64," + "@" * (OFF_LOOP_BYTES + 1))
+        assert refused.status_code == 400 and "base64" in refused.json()["error"]["message"], refused.text

@@ -98,3 +98,37 @@ def test_a_check_that_raises_stops_the_work(builder: PromptBuilder) -> None:
     with pytest.raises(Cancelled):
         builder.build(turns, check)
     assert calls == 3
+
+
+def test_a_follow_up_takes_its_pictures_from_the_cache_with_the_same_values(demo_model_dir: Path) -> None:
+    loaded = load_model(str(demo_model_dir), "cpu", "float32")
+    cached = PromptBuilder(loaded, ImageLimits(), 4096)
+    uncached = PromptBuilder(loaded, ImageLimits(), 4096, picture_cache_bytes=0)
+    red, blue = make_png(96, 64, (200, 40, 40)), make_png(64, 128, (40, 40, 200))
+    first = [Turn.user("What is this?", [red, blue])]
+    follow_up = [*first, Turn.assistant("Two boxes."), Turn.user("And this?", [red]), Turn.user("Why?")]
+    cached.build(first)
+    assert cached.picture_hits == 0
+    for turns in (first, follow_up):
+        ours, reference = cached.build(turns), uncached.build(turns)
+        assert ours.input_ids == reference.input_ids
+        assert ours.image_grid_thw is not None and reference.image_grid_thw is not None
+        assert ours.pixel_values is not None and reference.pixel_values is not None
+        assert torch.equal(ours.image_grid_thw, reference.image_grid_thw)
+        assert torch.equal(ours.pixel_values, reference.pixel_values)
+    assert cached.picture_hits == 2 + 3  # the first question again, then the follow-up's three
+    assert uncached.picture_hits == 0
+
+
+def test_the_picture_cache_keeps_the_most_recent_within_its_budget(demo_model_dir: Path) -> None:
+    loaded = load_model(str(demo_model_dir), "cpu", "float32")
+    one = PromptBuilder(loaded, ImageLimits(), 4096)
+    red, blue = make_png(96, 64, (200, 40, 40)), make_png(96, 64, (40, 40, 200))
+    pixels = one.build([Turn.user("?", [red])]).pixel_values
+    assert pixels is not None
+    one.picture_cache_bytes = pixels.nbytes  # room for one picture of this size
+    one.build([Turn.user("?", [blue])])  # evicts red
+    one.build([Turn.user("?", [blue])])
+    assert one.picture_hits == 1
+    one.build([Turn.user("?", [red])])
+    assert one.picture_hits == 1

@@ -26,7 +26,14 @@ from starlette.responses import JSONResponse, Response
 from protocol.pictures import PictureRejected, decode_base64
 from server.errors import BadImage, BadRequest, RequestError, TooLarge, UnsupportedMediaType, shutting_down
 from server.http.body import read_body
-from server.http.common import check_auth, check_images, collect_while_connected, context_of, first_event
+from server.http.common import (
+    check_auth,
+    check_images,
+    collect_while_connected,
+    context_of,
+    first_event,
+    off_loop,
+)
 from server.http.errors import from_request_error
 from server.http.sse import EventStream
 from server.inference.api import Delta, Done, Event, Failed, InferenceRequest, SamplingParams, Turn
@@ -82,7 +89,7 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         raise UnsupportedMediaType("send the request as application/json")
     raw = await read_body(request, limit)
     try:
-        body = orjson.loads(raw)
+        body = await off_loop(len(raw), orjson.loads, raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
@@ -143,7 +150,7 @@ async def _content(
 async def _image(url: str, number: int, max_bytes: int, remote: bool) -> bytes:
     if url.startswith("data:"):
         try:
-            return decode_base64(url, number, max_bytes)
+            return await off_loop(len(url), decode_base64, url, number, max_bytes)
         except PictureRejected as exc:
             raise RequestError.from_code(exc.code, exc.message) from None
     if url.startswith(("http://", "https://")):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import itertools
 import logging
 import queue
@@ -91,22 +92,37 @@ class ExecutorLimits:
     max_turns: int = 1024  # messages of one request; more are refused at once
 
 
+TRIM_INTERVAL = 30.0  # seconds between two malloc_trim calls at least
+
+
 def _malloc_trim() -> Callable[[], None]:
-    """glibc's `malloc_trim(0)`, or a no-op elsewhere.
+    """glibc's `malloc_trim(0)`, at most every `TRIM_INTERVAL` seconds, or a no-op elsewhere.
 
     Decoding a big picture takes tens of MB in the decoding thread's malloc arena, and glibc
     keeps them: eight 16-megapixel pictures on two threads left the process 84 MB larger,
     malloc_trim gave all of it back (measured 2026-11-30). Called when a burst of picture
-    work ends, it costs a millisecond per burst instead of memory held for good.
+    work ends. Not more often: while it walks the arenas it holds their locks, and a thread
+    that allocates meanwhile (the worker, holding the GIL) waits; in a steady stream of
+    pictures every few requests end a burst (on an H200 host under load a trim took 18-57 ms).
+    A trim over 10 ms is logged (`vlbridge.profile`).
     """
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return lambda: None
     trim.argtypes = [ctypes.c_size_t]
+    last = -TRIM_INTERVAL
 
     def release() -> None:
+        nonlocal last
+        started = time.monotonic()
+        if started - last < TRIM_INTERVAL:
+            return
+        last = started
         trim(0)
+        took = time.monotonic() - started
+        if took > 0.01:
+            logging.getLogger("vlbridge.profile").info("malloc_trim took %.0f ms", took * 1000)
 
     return release
 
@@ -473,6 +489,13 @@ class InferenceExecutor:
             return
         self._progress = 1.0
         self._sample_memory(self._engine)
+        # The model, its tokenizer and every module imported so far live as long as the engine.
+        # Frozen, they stay out of the cyclic collector's full passes, which otherwise walk them
+        # all while holding the GIL (~0.4 M objects with the demo model: 200+ ms on a slow core)
+        # every few seconds under load, stopping the worker, the event loop and the preparation
+        # threads at once. Garbage first, so none of it is frozen.
+        gc.collect()
+        gc.freeze()
         self._state = ExecutorState.READY
         self._loaded.set()
         log.info("executor ready: %s on %s", self._model_name, self._engine.device)
@@ -480,6 +503,7 @@ class InferenceExecutor:
             self._loop_forever(self._engine)
         finally:
             self._engine.close()
+            gc.unfreeze()  # what the engine held can be collected again
 
     def _set_progress(self, value: float) -> None:
         self._progress = max(0.0, min(1.0, value))

@@ -12,15 +12,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
@@ -38,6 +41,18 @@ from .sampling import sample
 from .vision import Picture, VisionEncoder
 
 log = logging.getLogger("vlbridge.model")
+
+# Attention kernels the prefill may use on CUDA (vision encoder and prompt). cuDNN's is left out:
+# for a call with an explicit mask (every prefill that reuses a cached prefix, and left-padded
+# batches) it builds an execution plan for each new (query, key) shape, and a follow-up's shape
+# is nearly always new: 650-950 ms for a ~150-token prefill on an H200 (torch 2.11), against
+# ~25 ms for a 1047-token one. Flash and memory-efficient attention need no plan. None: torch's
+# own choice (bench/prefill_probe.py compares both).
+PREFILL_ATTENTION: list[SDPBackend] | None = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 @dataclass
@@ -164,6 +179,17 @@ class ModelEngine:
             runner.device.type == "cuda",
         )
         self.prefill_logits: torch.Tensor | None = None
+        # Detokenizing runs on the worker thread twice per row and step (detok.py): the Rust
+        # tokenizer directly costs ~2 us a call, transformers' wrapper around it ~12 us, which at
+        # 64 rows is a millisecond of every ~4 ms decode step. Same text, unless the tokenizer
+        # cleans up spaces after decoding (its wrapper does that step).
+        tokenizer = runner.tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._decode: Callable[[list[int]], str] = (
+            functools.partial(backend.decode, skip_special_tokens=True)
+            if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+            else functools.partial(tokenizer.decode, skip_special_tokens=True)
+        )
 
     @classmethod
     def load(
@@ -335,7 +361,8 @@ class ModelEngine:
             "position_ids": positions.to(device, non_blocking=True),
         }
         if pictures:
-            encoded = self.vision.encode([p.picture for p in pictures], device, self.runner.dtype)
+            with self._attention():
+                encoded = self.vision.encode([p.picture for p in pictures], device, self.runner.dtype)
             inputs["mm_encoder_outputs"] = {
                 "image": BaseModelOutputWithDeepstackFeatures(
                     pooler_output=tuple(e.embeds for e in encoded),
@@ -346,7 +373,10 @@ class ModelEngine:
             }
         timer.mark("vision")
         self._model.model.rope_deltas = None  # transformers keeps the last prompt's deltas on the module
-        out = self._model(**inputs, cache=dense, use_cache=True, logits_to_keep=0 if self.keep_logits else 1)
+        with self._attention():
+            out = self._model(
+                **inputs, cache=dense, use_cache=True, logits_to_keep=0 if self.keep_logits else 1
+            )
         if self.keep_logits:  # correctness checks compare every prompt position (bench/gpu_check.py)
             self.prefill_logits = out.logits
         timer.mark("forward")
@@ -382,6 +412,11 @@ class ModelEngine:
         timer.mark("store")  # pages written, first tokens sampled
         timer.end()
         return published
+
+    def _attention(self) -> AbstractContextManager[None]:
+        if self.runner.device.type == "cuda" and PREFILL_ATTENTION is not None:
+            return sdpa_kernel(PREFILL_ATTENTION)
+        return nullcontext()
 
     def decode(self, seqs: list[Sequence]) -> DeviceTokens:
         cells, positions, slots, lengths, tables = [], [], [], [], []
@@ -421,7 +456,7 @@ class ModelEngine:
         seq.state = None
 
     def detokenize(self, token_ids: list[int]) -> str:
-        return str(self.runner.tokenizer.decode(token_ids, skip_special_tokens=True))
+        return str(self._decode(token_ids))
 
     def memory(self) -> tuple[int, int] | None:
         if self.runner.device.type != "cuda":
