@@ -101,6 +101,13 @@ class FeishuChannel:
             raise Unavailable(str(exc)) from None
 
     async def reply_text(self, message: InboundMessage, text: str) -> None:
+        """One sentence as the reply: on the message's card when it already has one (a queue
+        place, or an answer cut by a restart), so that a message never gets two replies."""
+        if self.stored.card_id:
+            card = self.answer_sink(message)
+            await card.open(text)
+            await card.close(text)
+            return
         try:
             await self.api.reply(
                 message.message_id,
@@ -124,15 +131,6 @@ class FeishuChannel:
             reply_id=self.stored.reply_id,
             sequence=self.stored.sequence,
         )
-
-    async def tell(self, message: InboundMessage, text: str) -> None:
-        """One sentence instead of an answer: on the message's card when it has one, else a reply."""
-        if self.stored.card_id:
-            card = self.answer_sink(message)
-            await card.open(text)
-            await card.close(text)
-        else:
-            await self.reply_text(message, text)
 
 
 class FeishuAdapter:
@@ -334,7 +332,7 @@ class FeishuAdapter:
             stored.received_at < self._started_at
             and time.time() - kept_since > self.config.feishu.max_message_age
         ):
-            await channel.tell(message, self._t("restarted_too_old"))
+            await channel.reply_text(message, self._t("restarted_too_old"))
             self._count("stale")
             return Outcome(InboxState.IGNORED, "waited too long over a restart")
         started = time.monotonic()
@@ -377,7 +375,7 @@ class FeishuAdapter:
             )
             try:
                 message = await self._message(stored)
-                await self._channel(stored).tell(message, self._t("gave_up", attempts=stored.attempts))
+                await self._channel(stored).reply_text(message, self._t("gave_up", attempts=stored.attempts))
             except Exception as exc:  # an unreadable row must not stop the start-up
                 log.error("message %s: the user could not be told: %s", stored.message_id, exc)
             await self.inbox.run(
