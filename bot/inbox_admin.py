@@ -105,13 +105,15 @@ def _table(rows: list[StoredMessage], now: float) -> Table:
     return table
 
 
-def retry(config: Config, message_id: str, out: TextIO) -> int:
+def retry(config: Config, message_id: str, out: TextIO, err: TextIO) -> int:
     db = _open(config)
     try:
         before = db.get(message_id)
         db.retry(message_id)
-    except TransitionError as exc:
-        raise StorageError(f"{exc}: only a failed message can be retried") from None
+    except TransitionError:
+        state = f"is {before.state.value}" if before else "is not in the inbox"
+        err.write(f"vlbridge inbox: message {message_id} {state}; only a failed message can be retried\n")
+        return 1
     finally:
         db.close()
     reason = before.reason if before else ""

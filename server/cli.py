@@ -58,7 +58,7 @@ def _inbox(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, os.environ)
     if args.words[:1] == ["retry"] and len(args.words) == 2:
-        return retry(config, args.words[1], sys.stdout)
+        return retry(config, args.words[1], sys.stdout, sys.stderr)
     if args.words:
         print(
             "vlbridge inbox: usage: vlbridge inbox [options] | vlbridge inbox retry MESSAGE_ID",
