@@ -151,7 +151,7 @@ async def test_a_webhook_event_that_cannot_be_stored_is_refused_then_answered_wh
         event = bot.fake.events.text("are you there?")
         bot.fake.register_event(event, {})
         request = bot.fake.webhook_request(event)
-        holder = sqlite3.connect(bot.adapter.inbox.path, isolation_level=None)
+        holder = sqlite3.connect(bot.adapter.store.where, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")  # e.g. an admin's long transaction
         try:
             refused = await bot.client.post("/feishu/events", content=request.body, headers=request.headers)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,6 +38,7 @@ from bot.feishu.messages import MalformedEvent, is_command, parse_event
 from bot.feishu.openapi import FeishuApi, FeishuApiError
 from bot.feishu.webhook import Webhook
 from bot.inbox import Inbox, InboxState, StoredMessage
+from bot.inbox_factory import StoreSpec
 from bot.types import ChatType, InboundMessage
 from server.config import Config
 from server.errors import Unavailable
@@ -144,7 +144,8 @@ class FeishuAdapter:
         self.answers = answers
         self.grace = grace
         self.api = FeishuApi(feishu.app_id, feishu.app_secret.get_secret_value(), feishu.domain)
-        self.inbox = Inbox(inbox_path(config), platform="feishu", retention_hours=feishu.dedup_hours)
+        self.store = StoreSpec.from_config(config, "feishu")  # [storage] backend: SQLite or Redis
+        self.inbox = self.store.inbox()
         self.conversation = Conversation(
             answers,
             Settings(
@@ -177,7 +178,7 @@ class FeishuAdapter:
                 app_id=feishu.app_id,
                 app_secret=feishu.app_secret.get_secret_value(),
                 domain=feishu.domain,
-                inbox=self.inbox.path,
+                inbox=self.store,
                 on_event=self._arrived,
                 watchdog_interval=feishu.watchdog_interval,
             )
@@ -424,7 +425,3 @@ class FeishuAdapter:
         else:
             await card.open(text)
             await card.detach()
-
-
-def inbox_path(config: Config) -> Path:
-    return config.storage_path / "feishu-inbox.sqlite3"
