@@ -49,11 +49,12 @@ import asyncio
 import fcntl
 import functools
 import logging
+import math
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TypeVar
@@ -77,7 +78,7 @@ log = logging.getLogger("vlbridge.inbox")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 10_000
 SYNC_WITHIN = 1.0  # seconds from a commit to its fsync (durable against a power cut from then on)
 
@@ -101,6 +102,7 @@ CREATE TABLE IF NOT EXISTS messages (
     card_id      TEXT NOT NULL DEFAULT '',
     reply_id     TEXT NOT NULL DEFAULT '',
     sequence     INTEGER NOT NULL DEFAULT 0,         -- highest CardKit sequence reserved
+    lease_until  REAL NOT NULL DEFAULT 0,            -- running: held by its process until then
     UNIQUE (platform, message_id)
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages (platform, state, seq);
@@ -202,6 +204,9 @@ class InboxDb:
             return
         db.execute("BEGIN IMMEDIATE")
         try:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(messages)").fetchall()}
+            if columns and "lease_until" not in columns:  # version 2: leases came with version 3
+                db.execute("ALTER TABLE messages ADD COLUMN lease_until REAL NOT NULL DEFAULT 0")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -290,11 +295,32 @@ class InboxDb:
             raise transition_error(message_id, expected, current.state if current else None, new)
         return StoredMessage.from_row(row)
 
-    def start(self, message_id: str) -> StoredMessage:
-        """received -> running; counts an attempt."""
+    def start(self, message_id: str, lease_until: float = math.inf) -> StoredMessage:
+        """received -> running; counts an attempt; leased until *lease_until*."""
         return self._move(
-            message_id, [InboxState.RECEIVED], InboxState.RUNNING, sets=", attempts = attempts + 1"
+            message_id,
+            [InboxState.RECEIVED],
+            InboxState.RUNNING,
+            sets=", attempts = attempts + 1, lease_until = ?",
+            values=(lease_until,),
         )
+
+    def renew(self, message_ids: Sequence[str], lease_until: float) -> None:
+        self._db.executemany(
+            "UPDATE messages SET lease_until = ? WHERE platform = ? AND message_id = ? AND state = ?",
+            [(lease_until, self.platform, mid, InboxState.RUNNING.value) for mid in message_ids],
+        )
+        self._sync.touch()
+
+    def claim(self, now: float, lease_until: float) -> list[StoredMessage]:
+        ended = "1" if math.isinf(now) else "lease_until < ?"  # inf < inf is false
+        rows = self._db.execute(
+            f"UPDATE messages SET lease_until = ? WHERE platform = ? AND state = ? AND {ended}"
+            f" RETURNING {_COLUMNS}",
+            (lease_until, self.platform, InboxState.RUNNING.value, *(() if math.isinf(now) else (now,))),
+        ).fetchall()
+        self._sync.touch()
+        return sorted((StoredMessage.from_row(row) for row in rows), key=lambda m: m.seq)
 
     def finish(self, message_id: str, state: InboxState, reason: str = "") -> StoredMessage:
         """running -> answered | failed(reason) | ignored."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from bot.inbox import Inbox, InboxDb
 from bot.store import InboxStore
-from server.config import Config
+
+if TYPE_CHECKING:  # the worker process opens a store without loading the config machinery
+    from server.config import Config
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ inbox lives in one slot, so the Lua scripts may touch them all):
 - ``ctx:<context_key>``: the *pending* (received or running) ids of one conversation by ``seq``;
 - ``heads``: every conversation with something pending, scored by the ``seq`` of its oldest
   pending message, so `heads` reads one entry per conversation, in arrival order;
-- ``times``: every id by ``received_at`` (`listing` by age, `prune`).
+- ``times``: every id by ``received_at`` (`listing` by age, `prune`);
+- ``leases``: the running ids by the end of their lease (`claim` takes over the ended ones).
 
 Every change of state is one Lua script (atomic on the server): the state is read, checked
 against the expected ones and moved with the sets in one step, so two processes (the worker,
@@ -28,8 +29,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -79,23 +81,28 @@ redis.call('ZADD', p .. 'times', at, id)
 return 1
 """
 
-# ARGV: prefix, message_id, new state, now, operation, reason, expected states...
+# ARGV: prefix, message_id, new state, now, operation, reason, lease, expected states...
 # Returns {1, row} or {0, the state found ('' for no such message)}.
 _MOVE = (
     _FIX_HEAD
     + """
-local p, id, new, now, op, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local p, id, new, now, op, reason, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local key = p .. 'm:' .. id
 local state = redis.call('HGET', key, 'state')
 if not state then return {0, ''} end
 local allowed = false
-for i = 7, #ARGV do if ARGV[i] == state then allowed = true end end
+for i = 8, #ARGV do if ARGV[i] == state then allowed = true end end
 if not allowed then return {0, state} end
 local seq = redis.call('HGET', key, 'seq')
 local ctx = redis.call('HGET', key, 'context_key')
 redis.call('ZREM', p .. 'state:' .. state, id)
 redis.call('ZADD', p .. 'state:' .. new, seq, id)
 redis.call('HSET', key, 'state', new, 'updated_at', now)
+if new == 'running' then
+  redis.call('ZADD', p .. 'leases', lease, id)
+else
+  redis.call('ZREM', p .. 'leases', id)
+end
 if op == 'start' then
   redis.call('HINCRBY', key, 'attempts', 1)
 elseif op == 'requeue' then
@@ -126,6 +133,32 @@ _RAISE_SEQUENCE = """
 local key = ARGV[1] .. 'm:' .. ARGV[2]
 local current = redis.call('HGET', key, 'sequence')
 if current and tonumber(current) < tonumber(ARGV[3]) then redis.call('HSET', key, 'sequence', ARGV[3]) end
+"""
+
+# ARGV: prefix, lease_until, message ids... (running ones only).
+_RENEW = """
+local p = ARGV[1]
+for i = 3, #ARGV do
+  if redis.call('HGET', p .. 'm:' .. ARGV[i], 'state') == 'running' then
+    redis.call('ZADD', p .. 'leases', 'XX', ARGV[2], ARGV[i])
+  end
+end
+"""
+
+# ARGV: prefix, ended before ('(now' or '+inf'), lease_until. The running messages taken over.
+_CLAIM = """
+local p = ARGV[1]
+local rows = {}
+for _, id in ipairs(redis.call('ZRANGE', p .. 'leases', '-inf', ARGV[2], 'BYSCORE')) do
+  local key = p .. 'm:' .. id
+  if redis.call('HGET', key, 'state') == 'running' then
+    redis.call('ZADD', p .. 'leases', ARGV[3], id)
+    rows[#rows + 1] = redis.call('HGETALL', key)
+  else
+    redis.call('ZREM', p .. 'leases', id)
+  end
+end
+return rows
 """
 
 # ARGV: prefix, state, after_seq, limit. Rows in arrival order.
@@ -225,6 +258,11 @@ def _storage_errors(method: Callable[P, T]) -> Callable[P, T]:
     return wrapper
 
 
+def _score(value: float) -> str:
+    """A sorted-set score as Redis reads it (``inf`` is spelled ``+inf``)."""
+    return "+inf" if math.isinf(value) and value > 0 else repr(float(value))
+
+
 def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode()
@@ -287,6 +325,8 @@ class RedisInboxDb:
         self._set_script = script(_SET)
         self._raise_sequence = script(_RAISE_SEQUENCE)
         self._in_state = script(_IN_STATE)
+        self._renew = script(_RENEW)
+        self._claim = script(_CLAIM)
         self._heads = script(_HEADS)
         self._prune = script(_PRUNE)
 
@@ -358,6 +398,7 @@ class RedisInboxDb:
         new: InboxState,
         op: str,
         reason: str = "",
+        lease_until: float = math.inf,
     ) -> StoredMessage:
         expected = tuple(expected)
         done, result = self._move_script(
@@ -368,6 +409,7 @@ class RedisInboxDb:
                 repr(time.time()),
                 op,
                 reason,
+                _score(lease_until),
                 *(s.value for s in expected),
             ]
         )
@@ -376,8 +418,21 @@ class RedisInboxDb:
             raise transition_error(message_id, expected, found, new)
         return _flat_row(result)
 
-    def start(self, message_id: str) -> StoredMessage:
-        return self._move(message_id, [InboxState.RECEIVED], InboxState.RUNNING, "start")
+    def start(self, message_id: str, lease_until: float = math.inf) -> StoredMessage:
+        return self._move(
+            message_id, [InboxState.RECEIVED], InboxState.RUNNING, "start", lease_until=lease_until
+        )
+
+    @_storage_errors
+    def renew(self, message_ids: Sequence[str], lease_until: float) -> None:
+        if message_ids:
+            self._renew(args=[self.prefix, _score(lease_until), *message_ids])
+
+    @_storage_errors
+    def claim(self, now: float, lease_until: float) -> list[StoredMessage]:
+        ended = "+inf" if math.isinf(now) else f"({now!r}"
+        rows = self._claim(args=[self.prefix, ended, _score(lease_until)])
+        return sorted((_flat_row(row) for row in rows), key=lambda m: m.seq)
 
     def finish(self, message_id: str, state: InboxState, reason: str = "") -> StoredMessage:
         check_final(message_id, state)

@@ -6,6 +6,10 @@ and pass the same contract tests (tests/test_inbox_contract.py). A store is sync
 used from one thread at a time; `bot.inbox.Inbox` runs its calls on a thread of its own so the
 event loop never waits on storage.
 
+A running message is *leased* to the process answering it (`start`, `renew`); when the lease
+ends without a renewal (the process died), another one `claim`s it and answers it again, the
+attempt counted.
+
 The state machine (every move is checked atomically: "expected running, got answered")::
 
     received -> running -> answered | failed(reason) | ignored
@@ -15,7 +19,8 @@ The state machine (every move is checked atomically: "expected running, got answ
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -141,8 +146,19 @@ class InboxStore(Protocol):
         it was already there (a redelivery). An *ordered* message waits for the earlier ones of
         its conversation; one that is not (a command such as /cancel) is a conversation of its own."""
 
-    def start(self, message_id: str) -> StoredMessage:
-        """received -> running; counts an attempt."""
+    def start(self, message_id: str, lease_until: float = math.inf) -> StoredMessage:
+        """received -> running; counts an attempt. The caller holds the message until
+        *lease_until* (``time.time()`` seconds), extended with `renew`; after it, `claim` lets
+        another process take it over (the holder is taken for dead)."""
+
+    def renew(self, message_ids: Sequence[str], lease_until: float) -> None:
+        """Extend the leases of those of *message_ids* that are still running."""
+
+    def claim(self, now: float, lease_until: float) -> list[StoredMessage]:
+        """Take over the running messages whose lease ended before *now*: each is returned (still
+        running, its lease now *lease_until*) to exactly one caller, which then recovers it (or
+        gives up on it). ``now = math.inf`` takes every running message (a store that one
+        service holds alone, at its start)."""
 
     def finish(self, message_id: str, state: InboxState, reason: str = "") -> StoredMessage:
         """running -> answered | failed(reason) | ignored."""

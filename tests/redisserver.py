@@ -38,35 +38,55 @@ def _answers(url: str) -> bool:
         return False
 
 
+class RedisServer:
+    """One redis-server process on a unix socket in *folder*; `stop()` and `start()` again keep
+    its data (append-only file in *folder*), as a restarted production server would."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.url = f"unix://{folder / 'redis.sock'}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        needs_redis()
+        assert REDIS_SERVER is not None
+        settings = {
+            "port": "0",  # no TCP at all: the unix socket only
+            "unixsocket": str(self.folder / "redis.sock"),
+            "unixsocketperm": "700",
+            "dir": str(self.folder),
+            "logfile": str(self.folder / "redis.log"),
+            "save": "",
+            "appendonly": "yes",  # as production should run it (durable acks)
+        }
+        args = [part for name, value in settings.items() for part in (f"--{name}", value)]
+        proc = self.proc = subprocess.Popen([REDIS_SERVER, *args], stdin=subprocess.DEVNULL)
+        until_blocking(
+            lambda: proc.poll() is not None or _answers(self.url), "redis-server to answer", poll=0.05
+        )
+        if proc.poll() is not None:
+            log = self.folder / "redis.log"
+            raise AssertionError(f"redis-server exited: {log.read_text() if log.exists() else '?'}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a running Redis (``unix://...``), stopped at the end of the session."""
     needs_redis()
-    assert REDIS_SERVER is not None
-    folder = tmp_path_factory.mktemp("redis")
-    sock = folder / "redis.sock"
-    settings = {
-        "port": "0",  # no TCP at all: the unix socket only
-        "unixsocket": str(sock),
-        "unixsocketperm": "700",
-        "dir": str(folder),
-        "logfile": str(folder / "redis.log"),
-        "save": "",
-        "appendonly": "yes",  # as production should run it (durable acks)
-    }
-    args = [part for name, value in settings.items() for part in (f"--{name}", value)]
-    proc = subprocess.Popen([REDIS_SERVER, *args], stdin=subprocess.DEVNULL)
-    url = f"unix://{sock}"
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
     try:
-        until_blocking(lambda: proc.poll() is not None or _answers(url), "redis-server to answer", poll=0.05)
-        if proc.poll() is not None:
-            log = Path(folder / "redis.log")
-            raise AssertionError(f"redis-server exited: {log.read_text() if log.exists() else '?'}")
-        yield url
+        server.start()
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()

@@ -82,3 +82,20 @@ def test_admin_ages_read_and_print_as_people_write_them() -> None:
         with pytest.raises(ConfigError, match="expected a number with s, m, h or d"):
             parse_age(bad)
     assert [age(s) for s in (5, 90, 3600 * 5, 86400 * 30)] == ["5s", "1.5m", "5.0h", "30d"]
+
+
+def test_a_version_2_inbox_gets_leases(tmp_path: Path) -> None:
+    path = tmp_path / "inbox.sqlite3"
+    db = InboxDb(path, platform="feishu")
+    db.receive(message("om_running"), b"{}", 1.0)
+    db.start("om_running")
+    db.close()
+    old = sqlite3.connect(path)  # as version 2 left it: no lease column
+    old.execute("ALTER TABLE messages DROP COLUMN lease_until")
+    old.execute("PRAGMA user_version = 2")
+    old.commit()
+    old.close()
+    db = InboxDb(path, platform="feishu")
+    [taken] = db.claim(now=2.0, lease_until=100.0)  # a version 2 lease: ended long ago
+    assert (taken.message_id, taken.state, taken.attempts) == ("om_running", InboxState.RUNNING, 1)
+    db.close()

@@ -7,6 +7,7 @@ test_inbox_redis.py.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -248,3 +249,31 @@ def test_racing_starts_from_two_connections_start_each_message_once(opener: Open
     assert sorted(won[0] + won[1]) == sorted(ids)
     assert all(m.attempts == 1 for m in seed.in_state(InboxState.RUNNING))
     assert seed.counts()["running"] == len(ids)
+
+
+def test_a_running_message_whose_lease_ended_is_claimed_by_one_taker(opener: Opener) -> None:
+    """A process that died holds its running messages only until their leases end; then exactly
+    one other process takes each over (and recovers it, the attempt counted)."""
+    mine, other = opener(), opener()
+    for mid, chat in [("a1", "A"), ("b1", "B"), ("c1", "C")]:
+        mine.receive(message(mid, chat), b"{}", 1.0)
+    mine.start("a1", lease_until=100.0)
+    mine.start("b1", lease_until=200.0)
+    mine.start("c1")  # no end given: held until someone takes everything (math.inf)
+    assert [m.message_id for m in other.claim(now=150.0, lease_until=1000.0)] == ["a1"]
+    assert mine.claim(now=150.0, lease_until=1000.0) == []  # already taken, and renewed
+    mine.renew(["b1", "om_unknown"], 500.0)  # b1's holder is alive
+    assert other.claim(now=300.0, lease_until=1000.0) == []
+    taken = other.claim(now=math.inf, lease_until=2000.0)  # a store held alone, at its start
+    assert [(m.message_id, m.state, m.attempts) for m in taken] == [
+        ("a1", InboxState.RUNNING, 1),
+        ("b1", InboxState.RUNNING, 1),
+        ("c1", InboxState.RUNNING, 1),
+    ]
+    recovered = other.recover("a1")
+    assert (recovered.state, recovered.attempts) == (InboxState.RECEIVED, 1)
+    other.renew(["a1"], 5000.0)  # no longer running: no lease to extend
+    assert "a1" not in [m.message_id for m in other.claim(now=math.inf, lease_until=1.0)]
+    other.start("a1", lease_until=10.0)
+    other.finish("a1", InboxState.ANSWERED)
+    assert "a1" not in [m.message_id for m in mine.claim(now=math.inf, lease_until=1.0)]
