@@ -16,6 +16,10 @@ The dispatcher moves each message received -> running before the handler and run
 reason; a handler cancelled by `stop()` puts its message back (answered after the restart).
 New arrivals call `wake()`; anything else that adds work (an admin's `vlbridge inbox retry`)
 is found by polling every `poll` seconds.
+
+Several processes may dispatch from one shared inbox: a start is leased for `lease` seconds
+(the owner renews the leases of `running_ids`, and takes over ended ones: the adapter's job),
+and a message another process started first is simply skipped.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bot.conversation import NotNow
-from bot.inbox import Inbox, InboxState, StoredMessage
+from bot.inbox import Inbox, InboxState, StoredMessage, TransitionError
 
 log = logging.getLogger("vlbridge.dispatch")
 
@@ -52,6 +58,7 @@ class Dispatcher:
         max_running: int,
         poll: float = 2.0,
         on_idle: Callable[[], Awaitable[None]] | None = None,
+        lease: float = math.inf,
     ) -> None:
         self.inbox = inbox
         self.handler = handler
@@ -59,8 +66,10 @@ class Dispatcher:
         self.max_running = max(1, max_running)
         self.poll = poll
         self.on_idle = on_idle  # called when messages wait for room (e.g. to show queue places)
+        self.lease = lease  # seconds a started message is held before others may take it over
         self.counts: dict[str, int] = {state.value: 0 for state in InboxState}
         self._running: dict[str, asyncio.Task[None]] = {}  # context_key -> its handler
+        self._ids: dict[str, str] = {}  # context_key -> the message its handler answers
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._accepting = False
@@ -69,6 +78,11 @@ class Dispatcher:
     @property
     def running(self) -> int:
         return len(self._running)
+
+    @property
+    def running_ids(self) -> list[str]:
+        """The messages being answered here (their leases are this process's to renew)."""
+        return list(self._ids.values())
 
     @property
     def idle(self) -> bool:
@@ -138,7 +152,12 @@ class Dispatcher:
             if not self._accepting:
                 return True
             try:
-                started = await self.inbox.run(self.inbox.db.start, message.message_id)
+                started = await self.inbox.run(
+                    self.inbox.db.start, message.message_id, time.time() + self.lease
+                )
+            except TransitionError as exc:  # another process sharing the inbox started it first
+                log.debug("message %s not started here: %s", message.message_id, exc)
+                continue
             except Exception:
                 log.exception("message %s could not be started", message.message_id)
                 continue
@@ -146,11 +165,13 @@ class Dispatcher:
                 self._handle(started), name=f"message-{message.message_id}"
             )
             self._running[message.context_key] = task
+            self._ids[message.context_key] = message.message_id
             task.add_done_callback(functools.partial(self._done, message.context_key))
         return len(heads) > free
 
     def _done(self, key: str, _: object) -> None:
         self._running.pop(key, None)
+        self._ids.pop(key, None)
         self._wake.set()
 
     async def _handle(self, message: StoredMessage) -> None:

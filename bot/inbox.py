@@ -26,37 +26,59 @@ long-connection worker inserts, the service moves states, `vlbridge inbox retry`
 each with a generous busy timeout; one *service* per file is enforced with a lock file
 (`Inbox.open`).
 
-`InboxDb` is the synchronous store (one connection, one thread). `Inbox` is the service's
-asynchronous face: every call runs on its own thread, so the event loop never waits on the disk.
+`InboxDb` is the SQLite store (one connection, one thread); the contract it shares with the
+Redis store (`bot.inbox_redis`) is `bot.store.InboxStore`. `Inbox` is the service's asynchronous
+face over either: every call runs on its own thread, so the event loop never waits on storage.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "FINAL",
+    "PENDING",
+    "Inbox",
+    "InboxDb",
+    "InboxState",
+    "InboxStore",
+    "StorageError",
+    "StoredMessage",
+    "TransitionError",
+]
 
 import asyncio
 import fcntl
 import functools
 import logging
+import math
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import IO, TypeVar
 
 import orjson
 
+from bot.store import (
+    FINAL,
+    PENDING,
+    InboxState,
+    InboxStore,
+    StorageError,
+    StoredMessage,
+    TransitionError,
+    check_final,
+    transition_error,
+)
 from bot.types import InboundMessage
-from server.errors import VlbridgeError
 
 log = logging.getLogger("vlbridge.inbox")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 10_000
 SYNC_WITHIN = 1.0  # seconds from a commit to its fsync (durable against a power cut from then on)
 
@@ -80,6 +102,7 @@ CREATE TABLE IF NOT EXISTS messages (
     card_id      TEXT NOT NULL DEFAULT '',
     reply_id     TEXT NOT NULL DEFAULT '',
     sequence     INTEGER NOT NULL DEFAULT 0,         -- highest CardKit sequence reserved
+    lease_until  REAL NOT NULL DEFAULT 0,            -- running: held by its process until then
     UNIQUE (platform, message_id)
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages (platform, state, seq);
@@ -91,89 +114,6 @@ _COLUMNS = (
     "seq, message_id, chat_id, context_key, sender_id, text, image_keys, created_at, received_at,"
     " body, state, attempts, reason, updated_at, card_id, reply_id, sequence"
 )
-
-
-class InboxState(StrEnum):
-    RECEIVED = "received"  # persisted and acked; waiting to be answered
-    RUNNING = "running"  # being answered (found so at start-up: the process died meanwhile)
-    ANSWERED = "answered"
-    FAILED = "failed"  # not answered; `reason` says why, the user was told
-    IGNORED = "ignored"  # deliberately not answered (not for us, stale, a command, ...)
-
-
-PENDING = (InboxState.RECEIVED, InboxState.RUNNING)
-FINAL = (InboxState.ANSWERED, InboxState.FAILED, InboxState.IGNORED)
-
-
-class StorageError(VlbridgeError):
-    """The inbox file cannot be used (corrupt, locked, unwritable, in use by another service)."""
-
-
-class TransitionError(VlbridgeError):
-    """A state change that does not fit the message's current state (a bug, or a race)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    seq: int
-    message_id: str
-    chat_id: str
-    context_key: str
-    sender_id: str
-    text: str
-    image_keys: tuple[str, ...]
-    created_at: float
-    received_at: float
-    body: bytes
-    state: InboxState
-    attempts: int
-    reason: str
-    updated_at: float
-    card_id: str
-    reply_id: str
-    sequence: int
-
-    @classmethod
-    def from_row(cls, row: tuple[object, ...]) -> StoredMessage:
-        (seq, mid, chat, key, sender, text, keys, created, received, body, state, attempts) = row[:12]
-        reason, updated, card, reply, sequence = row[12:]
-        return cls(
-            seq=int(str(seq)),
-            message_id=str(mid),
-            chat_id=str(chat),
-            context_key=str(key),
-            sender_id=str(sender),
-            text=str(text),
-            image_keys=tuple(orjson.loads(str(keys))),
-            created_at=float(str(created)),
-            received_at=float(str(received)),
-            body=bytes(body) if isinstance(body, (bytes, bytearray, memoryview)) else b"",
-            state=InboxState(str(state)),
-            attempts=int(str(attempts)),
-            reason=str(reason),
-            updated_at=float(str(updated)),
-            card_id=str(card),
-            reply_id=str(reply),
-            sequence=int(str(sequence)),
-        )
-
-    def as_json(self) -> dict[str, object]:
-        """The admin view of a row (no raw event)."""
-        return {
-            "message_id": self.message_id,
-            "chat_id": self.chat_id,
-            "sender_id": self.sender_id,
-            "state": self.state.value,
-            "attempts": self.attempts,
-            "reason": self.reason,
-            "text": self.text,
-            "pictures": len(self.image_keys),
-            "created_at": self.created_at,
-            "received_at": self.received_at,
-            "updated_at": self.updated_at,
-            "card_id": self.card_id,
-            "reply_id": self.reply_id,
-        }
 
 
 def _describe(path: Path, exc: BaseException) -> StorageError:
@@ -233,7 +173,7 @@ class WalSync:
 
 
 class InboxDb:
-    """The synchronous store; one connection, to be used from one thread at a time."""
+    """The SQLite store (`bot.store.InboxStore`); one connection, used from one thread at a time."""
 
     def __init__(self, path: Path, *, platform: str, retention_hours: float = 24.0) -> None:
         self.path = path
@@ -264,6 +204,9 @@ class InboxDb:
             return
         db.execute("BEGIN IMMEDIATE")
         try:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(messages)").fetchall()}
+            if columns and "lease_until" not in columns:  # version 2: leases came with version 3
+                db.execute("ALTER TABLE messages ADD COLUMN lease_until REAL NOT NULL DEFAULT 0")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -349,23 +292,39 @@ class InboxDb:
         self._sync.touch()
         if row is None:
             current = self.get(message_id)
-            wanted = " or ".join(s.value for s in expected)
-            found = current.state.value if current else "nothing"
-            raise TransitionError(
-                f"message {message_id}: expected {wanted}, got {found} (moving to {new.value})"
-            )
+            raise transition_error(message_id, expected, current.state if current else None, new)
         return StoredMessage.from_row(row)
 
-    def start(self, message_id: str) -> StoredMessage:
-        """received -> running; counts an attempt."""
+    def start(self, message_id: str, lease_until: float = math.inf) -> StoredMessage:
+        """received -> running; counts an attempt; leased until *lease_until*."""
         return self._move(
-            message_id, [InboxState.RECEIVED], InboxState.RUNNING, sets=", attempts = attempts + 1"
+            message_id,
+            [InboxState.RECEIVED],
+            InboxState.RUNNING,
+            sets=", attempts = attempts + 1, lease_until = ?",
+            values=(lease_until,),
         )
+
+    def renew(self, message_ids: Sequence[str], lease_until: float) -> None:
+        self._db.executemany(
+            "UPDATE messages SET lease_until = ? WHERE platform = ? AND message_id = ? AND state = ?",
+            [(lease_until, self.platform, mid, InboxState.RUNNING.value) for mid in message_ids],
+        )
+        self._sync.touch()
+
+    def claim(self, now: float, lease_until: float) -> list[StoredMessage]:
+        ended = "1" if math.isinf(now) else "lease_until < ?"  # inf < inf is false
+        rows = self._db.execute(
+            f"UPDATE messages SET lease_until = ? WHERE platform = ? AND state = ? AND {ended}"
+            f" RETURNING {_COLUMNS}",
+            (lease_until, self.platform, InboxState.RUNNING.value, *(() if math.isinf(now) else (now,))),
+        ).fetchall()
+        self._sync.touch()
+        return sorted((StoredMessage.from_row(row) for row in rows), key=lambda m: m.seq)
 
     def finish(self, message_id: str, state: InboxState, reason: str = "") -> StoredMessage:
         """running -> answered | failed(reason) | ignored."""
-        if state not in FINAL:
-            raise TransitionError(f"message {message_id}: {state.value} is not a final state")
+        check_final(message_id, state)
         return self._move(message_id, [InboxState.RUNNING], state, sets=", reason = ?", values=(reason,))
 
     def requeue(self, message_id: str) -> StoredMessage:
@@ -475,33 +434,53 @@ class InboxDb:
 
 
 class Inbox:
-    """The service's inbox: `open()` before use, `close()` at the end; safe to share across tasks.
+    """The service's inbox over a store backend: `open()` before use, `close()` at the end; safe
+    to share across tasks. Every store call runs on the inbox's own thread.
 
-    `open()` takes an exclusive lock on ``<file>.lock`` for the life of the service: two services
-    answering from one inbox would answer every message twice.
+    *opener* makes the store (`bot.inbox_factory` picks the backend); *name* says where it is in
+    log lines (the file, or the Redis address without its password). With *lock_beside* (the
+    SQLite file), `open()` takes an exclusive lock on ``<file>.lock`` for the life of the service:
+    two services answering from one file would answer every message twice.
     """
 
-    def __init__(self, path: Path, *, platform: str, retention_hours: float) -> None:
-        self.path = path
-        self.platform = platform
+    def __init__(
+        self,
+        opener: Callable[[], InboxStore],
+        *,
+        name: str,
+        retention_hours: float,
+        lock_beside: Path | None = None,
+    ) -> None:
+        self.opener = opener
+        self.name = name
         self.retention_hours = retention_hours
+        self.lock_beside = lock_beside
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox")
-        self._db: InboxDb | None = None
+        self._db: InboxStore | None = None
         self._lock: IO[str] | None = None
         self._last_prune = 0.0
+
+    @classmethod
+    def sqlite(cls, path: Path, *, platform: str, retention_hours: float) -> Inbox:
+        return cls(
+            lambda: InboxDb(path, platform=platform, retention_hours=retention_hours),
+            name=str(path),
+            retention_hours=retention_hours,
+            lock_beside=path,
+        )
 
     @property
     def is_open(self) -> bool:
         return self._db is not None
 
     @property
-    def db(self) -> InboxDb:
+    def db(self) -> InboxStore:
         if self._db is None:
             raise RuntimeError("expected an open inbox, got a closed one")
         return self._db
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn(*args)` on the inbox thread (for `InboxDb` methods: ``inbox.run(inbox.db.get, id)``)."""
+        """Run `fn(*args)` on the inbox thread (for store methods: ``inbox.run(inbox.db.get, id)``)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def open(self) -> None:
@@ -509,20 +488,22 @@ class Inbox:
 
     def open_now(self) -> None:
         """Open synchronously (start-up, before anything else runs); raises `StorageError`."""
-        self._lock = _lock_file(self.path)
+        if self.lock_beside is not None:
+            self._lock = _lock_file(self.lock_beside)
         try:
-            db = InboxDb(self.path, platform=self.platform, retention_hours=self.retention_hours)
+            db = self.opener()
             try:
                 db.check()
             except StorageError:
                 db.close()
                 raise
         except BaseException:
-            self._lock.close()
-            self._lock = None
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
             raise
         self._db = db
-        log.info("inbox %s open: %s", self.path, db.counts())
+        log.info("inbox %s open: %s", self.name, db.counts())
 
     async def close(self) -> None:
         await self.run(self._close)

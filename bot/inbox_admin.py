@@ -1,6 +1,7 @@
 """`vlbridge inbox`: the admin's view of the Feishu inbox, and re-queuing a failed message.
 
-Works beside a running service (SQLite allows other processes to read, and to write briefly):
+Works beside a running service (SQLite allows other processes to read, and to write briefly;
+Redis serves them all):
 `retry` moves a failed message back to `received`; the service finds it within its poll
 interval (2 s) and answers it into the same card, if it had one. The table is drawn with
 `rich` (column widths, wrapping and colour when stdout is a terminal, plain text otherwise).
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import TextIO
 
 import orjson
 from rich.console import Console
 from rich.table import Table
 
-from bot.inbox import InboxDb, InboxState, StorageError, StoredMessage, TransitionError
+from bot.inbox_factory import StoreSpec
+from bot.store import InboxState, InboxStore, StorageError, StoredMessage, TransitionError
 from server.config import Config
 from server.errors import ConfigError
 
@@ -40,16 +43,20 @@ def age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _open(config: Config) -> InboxDb:
-    from bot.feishu.adapter import inbox_path
-
-    path = inbox_path(config)
-    if not path.exists():
+def _open(config: Config) -> InboxStore:
+    spec = StoreSpec.from_config(config, "feishu")
+    if spec.backend == "sqlite" and not Path(spec.where).exists():
         raise StorageError(
-            f"no inbox at {path}: the service has not run with Feishu enabled here, or [storage] path "
-            "differs (pass the service's --config)"
+            f"no inbox at {spec.where}: the service has not run with Feishu enabled here, or [storage] "
+            "path differs (pass the service's --config)"
         )
-    return InboxDb(path, platform="feishu", retention_hours=config.feishu.dedup_hours)
+    db = spec.open()
+    try:
+        db.check()
+    except StorageError:
+        db.close()
+        raise
+    return db
 
 
 def show(

@@ -125,6 +125,12 @@ class FeishuConfig(_Section):
 
 class StorageConfig(_Section):
     path: str = "data"
+    backend: Literal["sqlite", "redis"] = "sqlite"  # where the Feishu inbox lives
+    redis_url: str = "redis://127.0.0.1:6379/0"  # backend "redis": redis://, rediss:// or unix://
+    redis_prefix: str = Field("vlbridge", min_length=1)  # keys <prefix>:{feishu}:...; one per deployment
+    lease_seconds: float = Field(
+        30.0, ge=1.0
+    )  # a running message of a silent process is taken over after this
 
 
 class Config(BaseModel):

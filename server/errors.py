@@ -7,9 +7,10 @@
     │                          carries the wire code; the session stays usable
     ├── FeishuApiError         (bot.feishu.openapi) a Feishu Open API call failed for good;
     │                          keeps the platform's code
-    ├── StorageError           (bot.inbox) the inbox file cannot be used: damaged, locked,
-    │                          unwritable, or in use by another service (fails at start-up)
-    ├── TransitionError        (bot.inbox) a message state change that does not fit its state
+    ├── StorageError           (bot.store) the inbox cannot be used: a file damaged, locked,
+    │                          unwritable or in use by another service, or a Redis server
+    │                          unreachable or refusing writes (fails at start-up)
+    ├── TransitionError        (bot.store) a message state change that does not fit its state
     ├── NotNow                 (bot.conversation) the model is not answering now (stopping,
     │                          loading): the message is kept in the inbox for later
     └── RequestError           belongs to one request, never to a worker; has a wire `code`

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from tests.fakefeishu.fixtures import fake_feishu, lark_ws
+from tests.redisserver import redis_server
 
-__all__ = ["fake_feishu", "lark_ws", "make_png", "png_declaring"]
+__all__ = ["fake_feishu", "lark_ws", "make_png", "png_declaring", "redis_server"]
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,16 +39,23 @@ def write_config(
     grace: float = 2.0,
     executor: str = "",
     feishu: str = "",
+    redis_url: str = "",
 ) -> Path:
     """A config file for the demo model on the CPU and *fake* as the platform; *executor* and
-    *feishu* are extra TOML lines for those sections."""
+    *feishu* are extra TOML lines for those sections; with *redis_url* the inbox is on Redis
+    (under a key prefix of its own, so several services' tests never share one)."""
+    backend = (
+        f'backend = "redis"\nredis_url = "{redis_url}"\nredis_prefix = "test-{uuid.uuid4().hex[:12]}"\n'
+        if redis_url
+        else ""
+    )
     path.write_text(
         f"[server]\nport = 0\nshutdown_grace = {grace}\n"
         f'[model]\npath = "{demo_model_dir}"\ndevice = "cpu"\nmax_new_tokens = {max_new_tokens}\n'
         f"[executor]\n{executor}\n"
         f'[feishu]\nenabled = true\napp_id = "{fake.app_id}"\ndomain = "{fake.url}"\n'
         f"watchdog_interval = 10.0\nstream_interval = 0.05\n{feishu}\n"
-        f'[storage]\npath = "{storage}"\n'
+        f'[storage]\npath = "{storage}"\n{backend}'
     )
     return path
 

@@ -37,7 +37,7 @@ class Handler:
 
 @pytest.fixture
 async def inbox(tmp_path: Path) -> AsyncIterator[Inbox]:
-    inbox = Inbox(tmp_path / "inbox.sqlite3", platform="feishu", retention_hours=12)
+    inbox = Inbox.sqlite(tmp_path / "inbox.sqlite3", platform="feishu", retention_hours=12)
     await inbox.open()
     yield inbox
     await inbox.close()

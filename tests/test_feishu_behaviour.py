@@ -26,6 +26,8 @@ from server.http.platform import mount
 from tests.conftest import make_png
 from tests.fakefeishu import RATE_LIMITED, TOKEN_INVALID, FakeFeishu, Fault, Route
 from tests.feishu_helpers import RecordingExecutor, feishu_config, settle, started
+from tests.redisserver import RedisServer
+from tests.waiting import until
 
 
 class Bot:
@@ -53,10 +55,14 @@ class Bot:
 
 
 @asynccontextmanager
-async def running_bot(fake: FakeFeishu, tmp_path: Path, **overrides: Any) -> AsyncIterator[Bot]:
+async def running_bot(
+    fake: FakeFeishu, tmp_path: Path, *, storage: dict[str, Any] | None = None, **overrides: Any
+) -> AsyncIterator[Bot]:
     config = feishu_config(
         fake, tmp_path, model="builtin:echo", mode="webhook", max_new_tokens=256, **overrides
     )
+    if storage:
+        config = config.model_copy(update={"storage": config.storage.model_copy(update=storage)})
     executor = RecordingExecutor(build_executor(config))
     await executor.start()
     adapter = await started(config, executor)
@@ -151,7 +157,7 @@ async def test_a_webhook_event_that_cannot_be_stored_is_refused_then_answered_wh
         event = bot.fake.events.text("are you there?")
         bot.fake.register_event(event, {})
         request = bot.fake.webhook_request(event)
-        holder = sqlite3.connect(bot.adapter.inbox.path, isolation_level=None)
+        holder = sqlite3.connect(bot.adapter.store.where, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")  # e.g. an admin's long transaction
         try:
             refused = await bot.client.post("/feishu/events", content=request.body, headers=request.headers)
@@ -167,6 +173,37 @@ async def test_a_webhook_event_that_cannot_be_stored_is_refused_then_answered_wh
         assert response.status_code == 200, response.text
         await settle(bot.adapter)
         assert bot.answer(str(event["event"]["message"]["message_id"])) == "echo: are you there?"
+
+
+async def test_while_redis_is_down_the_service_is_unhealthy_and_refuses_events_then_recovers(
+    fake_feishu: FakeFeishu, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.folder.mkdir()
+    server.start()
+    try:
+        storage = {"backend": "redis", "redis_url": server.url, "lease_seconds": 1.0}
+        async with running_bot(fake_feishu, tmp_path, storage=storage) as bot:
+            first = await bot.send(bot.fake.events.text("before"))
+            assert bot.answer(first) == "echo: before"
+            assert bot.adapter.healthy()
+            server.stop()
+            await until(lambda: not bot.adapter.healthy(), "the service to see Redis gone")
+            event = bot.fake.events.text("while it is down")
+            bot.fake.register_event(event, {})
+            request = bot.fake.webhook_request(event)
+            refused = await bot.client.post("/feishu/events", content=request.body, headers=request.headers)
+            assert refused.status_code == 503, refused.text  # not acked: the platform delivers it again
+            server.start()  # with its data: the append-only file
+            await until(bot.adapter.healthy, "the service to see Redis back")
+            again = bot.fake.webhook_request(event)
+            response = await bot.client.post("/feishu/events", content=again.body, headers=again.headers)
+            assert response.status_code == 200, response.text
+            await settle(bot.adapter)
+            assert bot.answer(str(event["event"]["message"]["message_id"])) == "echo: while it is down"
+            assert len(bot.replies(first)) == 1  # the earlier answer was kept, not repeated
+    finally:
+        server.stop()
 
 
 async def test_messages_kept_over_a_restart_are_answered_or_get_a_note_when_too_old(

@@ -14,7 +14,8 @@ group, the unmodified lark-oapi SDK, the fake Feishu platform in this process. C
 - an answer that ends the process `max_attempts` times is set aside and the user told on its
   card; `vlbridge inbox` lists it and `vlbridge inbox retry` has the running service answer it
   into the same card;
-- a damaged or already used inbox stops `vlbridge serve` at once with one clear line.
+- a damaged or already used inbox, or an unreachable Redis, stops `vlbridge serve` at once with
+  one clear line.
 """
 
 from __future__ import annotations
@@ -88,9 +89,16 @@ def message_id(event: dict[str, Any]) -> str:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_kill_9_while_answers_stream_then_each_message_is_answered_once(
-    fake_feishu: FakeFeishu, demo_model_dir: Path, tmp_path: Path
+    fake_feishu: FakeFeishu,
+    demo_model_dir: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    backend: str,
 ) -> None:
+    """With either inbox backend: the worker commits arrivals to it (a file, or Redis), the
+    restarted service finds there what the killed one accepted and finishes the same cards."""
     config = write_config(
         tmp_path / "vlbridge.toml",
         fake_feishu,
@@ -98,6 +106,7 @@ def test_kill_9_while_answers_stream_then_each_message_is_answered_once(
         tmp_path / "data",
         max_new_tokens=160,
         executor="max_batch = 32\nqueue_size = 32",
+        redis_url=request.getfixturevalue("redis_server") if backend == "redis" else "",
     )
     events = [fake_feishu.events.image(f"img_{i}", sender=User(name=f"user {i}")) for i in range(20)]
     ids = [message_id(event) for event in events]
@@ -330,6 +339,27 @@ def test_a_damaged_inbox_stops_the_service_with_one_clear_line(
     assert "Traceback" not in result.stderr, result.stderr
     [line] = [line for line in result.stderr.splitlines() if "storage error" in line]
     assert str(inbox) in line and "damaged" in line and "move the file aside" in line, line
+    assert "Uvicorn running" not in result.stderr and "executor ready" not in result.stderr
+
+
+def test_an_unreachable_redis_stops_the_service_with_one_clear_line(
+    fake_feishu: FakeFeishu, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    nothing = tmp_path / "no-redis-here.sock"
+    config = write_config(
+        tmp_path / "vlbridge.toml",
+        fake_feishu,
+        demo_model_dir,
+        tmp_path / "data",
+        max_new_tokens=8,
+        redis_url=f"unix://:s3cret@{nothing}",
+    )
+    result = serve_once(fake_feishu, config)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "storage error" in line]
+    assert f"inbox redis unix://:***@{nothing}" in line and "is Redis running" in line, line
+    assert "s3cret" not in result.stderr
     assert "Uvicorn running" not in result.stderr and "executor ready" not in result.stderr
 
 

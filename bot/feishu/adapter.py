@@ -22,9 +22,10 @@ calls that close their cards) -> what still runs is cancelled and kept for the n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,6 +40,7 @@ from bot.feishu.messages import MalformedEvent, is_command, parse_event
 from bot.feishu.openapi import FeishuApi, FeishuApiError
 from bot.feishu.webhook import Webhook
 from bot.inbox import Inbox, InboxState, StoredMessage
+from bot.inbox_factory import StoreSpec
 from bot.types import ChatType, InboundMessage
 from server.config import Config
 from server.errors import Unavailable
@@ -142,7 +144,8 @@ class FeishuAdapter:
         self.answers = answers
         self.grace = grace
         self.api = FeishuApi(feishu.app_id, feishu.app_secret.get_secret_value(), feishu.domain)
-        self.inbox = Inbox(inbox_path(config), platform="feishu", retention_hours=feishu.dedup_hours)
+        self.store = StoreSpec.from_config(config, "feishu")  # [storage] backend: SQLite or Redis
+        self.inbox = self.store.inbox()
         self.conversation = Conversation(
             answers,
             Settings(
@@ -162,6 +165,7 @@ class FeishuAdapter:
             room=self._room,
             max_running=config.executor.max_batch + config.executor.queue_size,
             on_idle=self._show_queue,
+            lease=config.storage.lease_seconds,
         )
         self.receiver: LongConnection | Webhook
         if feishu.mode == "webhook":
@@ -175,7 +179,7 @@ class FeishuAdapter:
                 app_id=feishu.app_id,
                 app_secret=feishu.app_secret.get_secret_value(),
                 domain=feishu.domain,
-                inbox=self.inbox.path,
+                inbox=self.store,
                 on_event=self._arrived,
                 watchdog_interval=feishu.watchdog_interval,
             )
@@ -185,6 +189,8 @@ class FeishuAdapter:
         self._accepting = False
         self._started_at = 0.0
         self._queue_shown: dict[str, int] = {}  # waiting message -> the place its card shows
+        self._leases: asyncio.Task[None] | None = None
+        self._storage_ok = True  # the last lease renewal reached the store
         self.counts: dict[str, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -200,9 +206,12 @@ class FeishuAdapter:
         if not self.inbox.is_open:
             await self.inbox.open()
         self._started_at = time.time()
-        await self._recover()
+        # A SQLite inbox is this service's alone (its lock file): whatever runs there is a dead
+        # predecessor's. A shared one (Redis) may hold live services' messages: only ended leases.
+        await self._recover(math.inf if self.store.backend == "sqlite" else self._started_at)
         self._accepting = True
         self.dispatcher.start()
+        self._leases = asyncio.get_running_loop().create_task(self._keep_leases(), name="inbox-leases")
         if isinstance(self.receiver, LongConnection):
             await self.receiver.start()
         self._spawn(self._own_id(), "bot-info")
@@ -223,6 +232,11 @@ class FeishuAdapter:
     async def stop(self) -> None:
         await self.drain(time.monotonic())
         await self.dispatcher.stop()
+        if self._leases is not None:  # renewed until every answer ended or was put back
+            self._leases.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._leases
+            self._leases = None
         pending = set(self._tasks)
         for task in pending:
             task.cancel()
@@ -241,7 +255,8 @@ class FeishuAdapter:
         }
 
     def healthy(self) -> bool:
-        return not isinstance(self.receiver, LongConnection) or self.receiver.connected
+        connected = not isinstance(self.receiver, LongConnection) or self.receiver.connected
+        return connected and self._storage_ok
 
     # -- arrivals ---------------------------------------------------------------------------------
 
@@ -353,10 +368,36 @@ class FeishuAdapter:
             return Outcome(InboxState.ANSWERED)
         return Outcome(InboxState.IGNORED, decision.value)
 
-    async def _recover(self) -> None:
-        """Messages a dead process left `running`: back to the queue, or set aside after
-        `max_attempts` deaths (the user is told; the card, if any, says so)."""
-        left = await self.inbox.run(self.inbox.db.in_state, InboxState.RUNNING, 100_000)
+    async def _keep_leases(self) -> None:
+        """Every third of `storage.lease_seconds`: renew the leases of the messages answered
+        here, take over those of processes that went silent, forget old finished messages.
+        A store that fails makes the service unhealthy until it answers again."""
+        lease = self.config.storage.lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                ids = self.dispatcher.running_ids
+                await self.inbox.run(self.inbox.db.renew, ids, time.time() + lease)
+                if await self._recover(time.time()):
+                    self.dispatcher.wake()
+                await self.inbox.prune_now_and_then(time.time())
+            except Exception as exc:
+                if self._storage_ok:
+                    log.error("inbox: %s; unhealthy, trying again every %.1f s", exc, lease / 3)
+                self._storage_ok = False
+            else:
+                if not self._storage_ok:
+                    log.info("inbox %s works again", self.inbox.name)
+                self._storage_ok = True
+
+    async def _recover(self, ended_before: float) -> int:
+        """Running messages whose lease ended before *ended_before* (their process died, or went
+        silent): taken over, then back to the queue, or set aside after `max_attempts` deaths
+        (the user is told; the card, if any, says so). Returns how many were taken over."""
+        lease_until = time.time() + self.config.storage.lease_seconds
+        taken = await self.inbox.run(self.inbox.db.claim, ended_before, lease_until)
+        mine = set(self.dispatcher.running_ids)
+        left = [stored for stored in taken if stored.message_id not in mine]  # late renewals: ours
         limit = self.config.feishu.max_attempts
         for stored in left:
             if stored.attempts < limit:
@@ -385,6 +426,7 @@ class FeishuAdapter:
                 f"the service ended {stored.attempts} times while answering it",
             )
             self._count("failed")
+        return len(left)
 
     async def _show_queue(self) -> None:
         """Messages wait for room: their cards show their place (opened in arrival order, a few
@@ -422,7 +464,3 @@ class FeishuAdapter:
         else:
             await card.open(text)
             await card.detach()
-
-
-def inbox_path(config: Config) -> Path:
-    return config.storage_path / "feishu-inbox.sqlite3"

@@ -28,6 +28,7 @@ import orjson
 
 from bot.feishu import metrics
 from bot.feishu.monitor import LinkState, Watchdog, WatchdogLimits, WorkerReport, restart_delay
+from bot.inbox_factory import StoreSpec
 
 log = logging.getLogger("vlbridge.feishu.ws")
 
@@ -59,7 +60,7 @@ class LongConnection:
         app_id: str,
         app_secret: str,
         domain: str,
-        inbox: Path,
+        inbox: StoreSpec,
         on_event: EventCallback,
         watchdog_interval: float = 10.0,
         limits: WatchdogLimits | None = None,
@@ -68,7 +69,7 @@ class LongConnection:
             "app_id": app_id,
             "app_secret": app_secret,
             "domain": domain.rstrip("/"),
-            "inbox": str(inbox),
+            "inbox": inbox.as_dict(),
         }
         self.on_event = on_event
         self.interval = watchdog_interval

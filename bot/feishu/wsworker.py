@@ -6,8 +6,8 @@ discovery uses `requests.post` without a timeout, and two clients in one process
 A process can always be stopped (closing its stdin, or a kill), whatever state the SDK is in.
 
 Protocol (JSON lines; all times are ``time.time()`` seconds):
-- stdin: one line ``{"app_id", "app_secret", "domain", "heartbeat", "inbox"}``; then EOF means
-  "exit".
+- stdin: one line ``{"app_id", "app_secret", "domain", "heartbeat", "inbox"}`` (``inbox``: a
+  `bot.inbox_factory.StoreSpec` as a dict: the SQLite file or the Redis URL); then EOF means "exit".
 - stdout: ``{"t": "event", "message_id", "new", "at"}`` per received message, once it is in the
   inbox (``new`` is false for a redelivery); ``{"t": "malformed", "event_id", "why"}`` for an
   event that is not a message this bot can read (acknowledged: a redelivery would not fix it);
@@ -17,7 +17,7 @@ Protocol (JSON lines; all times are ``time.time()`` seconds):
   ``{"t": "log", "level", "msg"}`` for the SDK's info/warning/error lines.
 
 Persist before ack: the SDK acknowledges an event when its handler returns, so the handler
-commits the message to the inbox (`bot.inbox.InboxDb`, SQLite, a few ms) before it returns; the
+commits the message to the inbox (`bot.store.InboxStore`: SQLite or Redis, a few ms) before it returns; the
 parent only hears "message X is in the inbox". If the commit fails the handler raises, the SDK
 answers the platform with an error and the platform delivers the event again later. Nothing
 waits for the parent, so acks stay fast whatever the service is doing.
@@ -35,11 +35,11 @@ import queue
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import IO, Any
 
 from bot.feishu.messages import MalformedEvent, is_command, parse_event
-from bot.inbox import InboxDb, StorageError
+from bot.inbox_factory import StoreSpec
+from bot.store import StorageError
 
 _out: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
 
@@ -115,7 +115,8 @@ def main() -> int:
     threading.Thread(target=_stdin_watch, args=(sys.stdin.buffer,), name="stdin", daemon=True).start()
     heartbeat = float(settings.get("heartbeat", 2.0))
     try:
-        inbox = InboxDb(Path(settings["inbox"]), platform="feishu")
+        inbox = StoreSpec.from_dict(settings["inbox"]).open()
+        inbox.check()
     except StorageError as exc:
         _emit({"t": "log", "level": "ERROR", "msg": f"cannot receive: {exc}"})
         _out.put(None)
