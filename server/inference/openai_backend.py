@@ -1,0 +1,557 @@
+"""An `Executor` whose answers come from OpenAI-compatible servers (vLLM, SGLang, their routers,
+another vlbridge): ``[model] backend = "openai"``.
+
+The same contract as the local executor (server.inference.api): `submit` never raises and
+answers at once; a request waits in a bounded queue (`Queued` with its place; past
+`queue_size` waiting, `busy` with `retry_after` at once), runs when one of `max_concurrency`
+places is free (`Started`), streams `Delta`s and ends with `Done` (usage as the upstream
+counted it: the request asks for ``stream_options.include_usage``) or `Failed` with the
+project's codes. Cancelling closes the upstream connection, so the upstream sees the
+disconnect and frees its slot.
+
+Each request streams ``POST {base_url}/chat/completions`` over httpx, pictures as ``data:``
+URLs. Several base URLs are balanced by least outstanding requests (`UpstreamPool`): an
+upstream that refuses connections, answers 5xx or breaks off a stream is ejected for
+`eject_seconds` and probed (``GET {base_url}/models``) before it is used again. A request
+whose upstream fails before the first text is retried on another; after the first text it
+fails (``unavailable``): the caller already showed part of an answer.
+
+Timeouts: connecting (`connect_timeout`), the first text (`first_token_timeout`, from the
+moment the request is sent), the whole answer, queue included (the request's timeout, else
+`request_timeout`). This module imports neither torch nor anything of the local model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from server.errors import ERROR_CODES, SHUTDOWN_RETRY_AFTER, SHUTTING_DOWN
+from server.inference.api import (
+    Delta,
+    Done,
+    ExecutorState,
+    ExecutorStats,
+    Failed,
+    FinishReason,
+    InferenceRequest,
+    Queued,
+    Started,
+    Timings,
+    Turn,
+    Usage,
+)
+from server.inference.handle import EventHandle
+from server.inference.upstreams import Upstream, UpstreamPool
+
+log = logging.getLogger("vlbridge.upstream")
+
+OFF_LOOP_BYTES = 256 * 1024  # pictures this large are base64-encoded on a thread
+ERROR_BODY_BYTES = 64 * 1024  # what is read of an upstream's error answer
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamOptions:
+    base_urls: tuple[str, ...]
+    model: str = ""  # sent as "model"; "" = the first one the upstream lists
+    api_key: str = ""
+    connect_timeout: float = 5.0
+    first_token_timeout: float = 120.0
+    eject_seconds: float = 10.0
+    max_concurrency: int = 32  # requests in flight over all upstreams (executor.max_batch)
+    queue_size: int = 256  # waiting beyond those, before `busy`
+    request_timeout: float = 300.0
+    max_new_tokens: int = 512
+
+
+@dataclass(eq=False)
+class _Job:
+    request: InferenceRequest
+    submitted: float  # loop time
+    deadline: float  # loop time
+    handle: EventHandle = field(init=False)
+    task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    ending: Failed | None = None  # why its task was cancelled (timeout, shutdown), else "cancelled"
+    started: float = 0.0
+    first_token: float = 0.0
+
+
+class _Retry(Exception):
+    """This upstream failed before the first text; *failed* is the answer if no other can take it."""
+
+    def __init__(self, failed: Failed) -> None:
+        super().__init__(failed.message)
+        self.failed = failed
+
+
+_CANCELLED = Failed("cancelled", "cancelled")
+
+
+class OpenAIExecutor:
+    """Implements server.inference.api.Executor over OpenAI-compatible chat-completions servers."""
+
+    def __init__(self, options: UpstreamOptions) -> None:
+        self.options = options
+        self.pool = UpstreamPool(options.base_urls, options.eject_seconds)
+        self._model = options.model
+        self._client: httpx.AsyncClient | None = None
+        self._waiting: deque[_Job] = deque()
+        self._running: set[_Job] = set()
+        self._state = ExecutorState.STOPPED
+        self._accepting = False
+        self._probed = False  # the first probe of every upstream is over
+        self._watcher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # an upstream was ejected: the watcher recomputes its wait
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._requests_total = 0
+        self._tokens_total = 0
+        self._token_times: deque[tuple[float, int]] = deque(maxlen=1024)
+        self._durations: deque[float] = deque(maxlen=64)
+
+    # ---- Executor -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._client is not None:
+            raise RuntimeError(f"expected a stopped executor, got state {self._state.value}")
+        options = self.options
+        headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+        # Read deadlines are this module's (first text, whole answer): httpx's own read timeout
+        # would bound the gap between two chunks, which a queued upstream request may exceed.
+        timeout = httpx.Timeout(None, connect=options.connect_timeout, write=options.connect_timeout)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=options.max_concurrency)
+        self._client = httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits)
+        self._state = ExecutorState.LOADING
+        self._accepting = True
+        self._watcher = asyncio.create_task(self._watch(), name="vlbridge-upstream-probes")
+
+    def submit(self, request: InferenceRequest) -> EventHandle:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        timeout = request.timeout if request.timeout is not None else self.options.request_timeout
+        job = _Job(request, now, now + timeout)
+        job.handle = EventHandle(request.id, loop, lambda: self._cancel(job))
+        if not self._accepting:
+            job.handle.push(Failed("unavailable", SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER))
+        elif not self.pool.usable:
+            retry = self.pool.retry_after(now)
+            job.handle.push(
+                Failed("unavailable", f"no model server is reachable ({self.pool.summary()})", retry)
+            )
+        elif len(self._waiting) >= self.options.queue_size:
+            retry = self._retry_after()
+            message = f"all {self.options.queue_size} queue places are taken; retry in {retry:.0f} s"
+            job.handle.push(Failed("busy", message, retry))
+        else:
+            self._idle.clear()
+            self._waiting.append(job)
+            job.handle.push(Queued(len(self._waiting)))
+            job.timer = loop.call_at(job.deadline, self._expire, job)
+            self._pump()
+        return job.handle
+
+    def stats(self) -> ExecutorStats:
+        now = time.monotonic()
+        recent = sum(n for t, n in list(self._token_times) if now - t <= 5.0)
+        return ExecutorStats(
+            state=self._current_state(),
+            load_progress=1.0 if self._probed else 0.0,
+            model=self._model or "(the upstream's)",
+            device=f"openai-compatible, {len(self.pool.upstreams)} upstreams",
+            queue_depth=len(self._waiting),
+            queue_capacity=self.options.queue_size,
+            active=len(self._running),
+            max_batch=self.options.max_concurrency,
+            tokens_per_second=recent / 5.0,
+            requests_total=self._requests_total,
+            tokens_total=self._tokens_total,
+            detail=self.pool.summary(),
+        )
+
+    async def stop(self, grace: float = 0.0) -> None:
+        self._accepting = False
+        if self._client is None:
+            return
+        if grace > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        ending = Failed("unavailable", SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER)
+        while self._waiting:
+            self._drop_waiting(self._waiting.popleft(), ending)
+        tasks = [job.task for job in self._running if job.task is not None]
+        for job in self._running:
+            self._end_task(job, ending)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            tasks.append(self._watcher)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._client.aclose()
+        self._client = None
+        self._state = ExecutorState.STOPPED
+
+    # ---- queue ----------------------------------------------------------------------------------
+
+    def _current_state(self) -> ExecutorState:
+        if self._state is ExecutorState.STOPPED:
+            return self._state
+        if self.pool.healthy:
+            return ExecutorState.READY
+        return ExecutorState.FAILED if self._probed and not self.pool.usable else ExecutorState.LOADING
+
+    def _pump(self) -> None:
+        """Start waiting requests while places are free; tell the rest their new places."""
+        moved = False
+        while self._waiting and len(self._running) < self.options.max_concurrency:
+            job = self._waiting.popleft()
+            if job.timer is not None:
+                job.timer.cancel()
+            self._running.add(job)
+            job.task = asyncio.create_task(self._run(job), name=f"vlbridge-upstream-{job.request.id}")
+            moved = True
+        if moved:
+            for position, job in enumerate(self._waiting, start=1):
+                job.handle.push(Queued(position))
+
+    def _cancel(self, job: _Job) -> None:
+        if job in self._waiting:
+            self._waiting.remove(job)
+            self._drop_waiting(job, _CANCELLED)
+        elif job.task is not None:
+            self._end_task(job, _CANCELLED)
+
+    def _expire(self, job: _Job) -> None:
+        if job in self._waiting:
+            self._waiting.remove(job)
+            self._drop_waiting(job, Failed("timeout", "the request waited past its deadline"))
+
+    def _drop_waiting(self, job: _Job, failed: Failed) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        job.handle.push(failed)
+        self._check_idle()
+
+    def _end_task(self, job: _Job, failed: Failed) -> None:
+        if job.ending is None and job.task is not None:
+            job.ending = failed
+            job.task.cancel()  # closes the upstream stream: the upstream sees the disconnect
+
+    def _check_idle(self) -> None:
+        if not self._waiting and not self._running:
+            self._idle.set()
+
+    def _retry_after(self) -> float:
+        mean = sum(self._durations) / len(self._durations) if self._durations else 5.0
+        waves = len(self._waiting) / self.options.max_concurrency + 1
+        return float(min(60.0, max(1.0, round(mean * waves, 1))))
+
+    # ---- one request ----------------------------------------------------------------------------
+
+    async def _run(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        job.started = loop.time()
+        job.handle.push(Started())
+        try:
+            async with asyncio.timeout_at(job.deadline):
+                await self._answer(job)
+        except asyncio.CancelledError:
+            job.handle.push(job.ending or _CANCELLED)
+        except TimeoutError:
+            job.handle.push(
+                Failed("timeout", f"no complete answer within {job.deadline - job.submitted:.0f} s")
+            )
+        except Exception:  # a bug here must end this request only, with a logged trace
+            log.exception("%s: the upstream answer failed", job.request.id)
+            job.handle.push(Failed("internal", "the answer failed; see the server log"))
+        finally:
+            self._running.discard(job)
+            self._durations.append(loop.time() - job.submitted)
+            self._pump()
+            self._check_idle()
+
+    async def _answer(self, job: _Job) -> None:
+        """Try upstreams until one streams the answer or none is left; push the final event."""
+        body = await self._body(job.request)
+        tried: list[Upstream] = []
+        failed = Failed("unavailable", f"no model server is reachable ({self.pool.summary()})")
+        while (upstream := self.pool.pick(asyncio.get_running_loop().time(), tried)) is not None:
+            tried.append(upstream)
+            try:
+                await self._stream(job, upstream, body)
+                return
+            except _Retry as retry:
+                failed = retry.failed
+                more = "trying another upstream" if self.pool.pick(0.0, tried) else "none left"
+                log.warning("%s: %s; %s", job.request.id, failed.message, more)
+        job.handle.push(failed)
+
+    async def _stream(self, job: _Job, upstream: Upstream, body: bytes) -> None:
+        """Stream one attempt on *upstream* to its final event; raise `_Retry` while no text was
+        sent (the caller may try another upstream)."""
+        assert self._client is not None
+        loop = asyncio.get_running_loop()
+        self.pool.begin(upstream)
+        texts: list[str] = []
+        try:
+            first_deadline = min(job.deadline, loop.time() + self.options.first_token_timeout)
+            async with (
+                asyncio.timeout_at(first_deadline) as until_first,
+                self._client.stream(
+                    "POST",
+                    upstream.url + "/chat/completions",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                ) as response,
+            ):
+                if response.status_code != 200:
+                    raise self._refused(
+                        upstream, response.status_code, await _head(response), response.headers
+                    )
+                self.pool.succeed(upstream)
+                usage, finish, ended = None, FinishReason.STOP, False
+                async for chunk in _chunks(response.aiter_lines()):
+                    if chunk is None:
+                        ended = True
+                        break
+                    if isinstance(error := chunk.get("error"), dict):
+                        job.handle.push(_upstream_error(error))
+                        return
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            if not texts:
+                                job.first_token = loop.time()
+                                until_first.reschedule(None)  # the whole answer's deadline is the outer one
+                            texts.append(text)
+                            job.handle.push(Delta(text))
+                        if choice.get("finish_reason") == "length":
+                            finish = FinishReason.LENGTH
+                if not ended:
+                    raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+        except _Final as final:
+            job.handle.push(final.failed)
+            return
+        except TimeoutError:
+            if texts or loop.time() >= job.deadline:
+                raise
+            job.handle.push(Failed("timeout", f"no text within {self.options.first_token_timeout:.0f} s"))
+            return
+        except httpx.TransportError as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._eject(upstream, reason)
+            if not texts:
+                raise _Retry(
+                    Failed("unavailable", f"the model server {upstream.url} failed ({reason})")
+                ) from None
+            job.handle.push(
+                Failed(
+                    "unavailable", f"the model server broke off the answer after {len(texts)} pieces of text"
+                )
+            )
+            return
+        finally:
+            self.pool.end(upstream)
+        self._finish(job, "".join(texts), len(texts), usage, finish)
+
+    def _finish(self, job: _Job, text: str, pieces: int, usage: Any, finish: FinishReason) -> None:
+        now = asyncio.get_running_loop().time()
+        counted = usage if isinstance(usage, dict) else {}
+        completion = int(counted.get("completion_tokens") or pieces)
+        self._requests_total += 1
+        self._tokens_total += completion
+        self._token_times.append((time.monotonic(), completion))
+        timings = Timings(
+            round(job.started - job.submitted, 4),
+            round((job.first_token or now) - job.submitted, 4),
+            round(now - job.submitted, 4),
+        )
+        job.handle.push(
+            Done(text, Usage(int(counted.get("prompt_tokens") or 0), completion), timings, finish)
+        )
+
+    def _refused(self, upstream: Upstream, status: int, raw: bytes, headers: httpx.Headers) -> Exception:
+        """What an upstream's non-200 answer means: `_Retry` (try another) or `_Final` (the answer)."""
+        error = _error_of(raw)
+        message = str(error.get("message") or raw[:200].decode("utf-8", "replace") or f"HTTP {status}")
+        if status == 429:
+            retry = _seconds(headers.get("retry-after"))
+            return _Retry(Failed("busy", f"the model servers are busy: {message}", retry or 5.0))
+        if status >= 500 or status in (401, 403, 404):
+            # 401/403: our key; 404: the model name or the URL. Both mean this upstream cannot
+            # answer us: say so in the log for the admin, and leave it out for a while.
+            self._eject(upstream, f"HTTP {status}: {message}")
+            return _Retry(Failed("unavailable", f"the model server answered HTTP {status}: {message}"))
+        return _Final(_upstream_error({**error, "message": message}, status))
+
+    def _eject(self, upstream: Upstream, reason: str) -> None:
+        log.warning("upstream %s left out for %.0f s: %s", upstream.url, self.options.eject_seconds, reason)
+        self.pool.fail(upstream, asyncio.get_running_loop().time(), reason)
+        self._wake.set()
+
+    async def _body(self, request: InferenceRequest) -> bytes:
+        size = sum(len(image) for turn in request.messages for image in turn.images)
+        if size > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(self._encode, request)
+        return self._encode(request)
+
+    def _encode(self, request: InferenceRequest) -> bytes:
+        params = request.params
+        body: dict[str, Any] = {
+            "model": self._model or "default",
+            "messages": [_message(turn) for turn in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": params.max_new_tokens or self.options.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.min_new_tokens:
+            body["min_tokens"] = params.min_new_tokens  # vLLM's and SGLang's extension
+        return orjson.dumps(body)
+
+    # ---- probes ---------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Probe unknown upstreams at once and ejected ones when their period is over."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = self.pool.due(loop.time())
+            if due:
+                await asyncio.gather(*(self._probe(upstream) for upstream in due))
+            self._probed = True
+            self._wake.clear()
+            next_due = self.pool.next_due()
+            wait = None if next_due is None else max(0.05, next_due - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _probe(self, upstream: Upstream) -> None:
+        assert self._client is not None
+        loop = asyncio.get_running_loop()
+        try:
+            response = await self._client.get(upstream.url + "/models", timeout=self.options.connect_timeout)
+        except httpx.HTTPError as exc:
+            self.pool.fail(upstream, loop.time(), f"probe: {type(exc).__name__}: {exc}")
+            return
+        if response.status_code != 200:
+            self.pool.fail(upstream, loop.time(), f"probe: HTTP {response.status_code}")
+            return
+        if not self._model:
+            with contextlib.suppress(orjson.JSONDecodeError, LookupError, TypeError, AttributeError):
+                self._model = str(orjson.loads(response.content)["data"][0]["id"])
+        if upstream.failures:
+            log.info("upstream %s is back", upstream.url)
+        self.pool.succeed(upstream)
+
+
+class _Final(Exception):
+    """An upstream's refusal that no other upstream would answer differently (a bad request)."""
+
+    def __init__(self, failed: Failed) -> None:
+        super().__init__(failed.message)
+        self.failed = failed
+
+
+def _message(turn: Turn) -> dict[str, Any]:
+    if not turn.images:
+        return {"role": turn.role, "content": turn.text}
+    parts: list[dict[str, Any]] = [
+        {
+            "type": "image_url",
+            "image_url": {"url": f"data:{_mime(image)};base64,{base64.b64encode(image).decode()}"},
+        }
+        for image in turn.images
+    ]
+    if turn.text:
+        parts.append({"type": "text", "text": turn.text})
+    return {"role": turn.role, "content": parts}
+
+
+_MAGIC = (
+    (b"\x89PNG", "image/png"),
+    (b"\xff\xd8", "image/jpeg"),
+    (b"GIF8", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\0", "image/tiff"),
+    (b"MM\0*", "image/tiff"),
+)
+
+
+def _mime(data: bytes) -> str:
+    """The media type of a picture file from its first bytes (the upstream decodes it)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((mime for magic, mime in _MAGIC if data.startswith(magic)), "application/octet-stream")
+
+
+async def _chunks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any] | None]:
+    """The JSON objects of an SSE stream's ``data:`` lines; None for ``[DONE]``."""
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue  # blank separators, comments (": ping"), event names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            yield None
+            return
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise httpx.RemoteProtocolError(f"not JSON in the stream: {data[:80]!r}") from None
+        if isinstance(chunk, dict):
+            yield chunk
+
+
+async def _head(response: httpx.Response) -> bytes:
+    data = bytearray()
+    async for piece in response.aiter_bytes():
+        data += piece
+        if len(data) >= ERROR_BODY_BYTES:
+            break
+    return bytes(data[:ERROR_BODY_BYTES])
+
+
+def _error_of(raw: bytes) -> dict[str, Any]:
+    """The ``error`` object of an error answer (OpenAI, vLLM and vlbridge shapes), or {}."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(body, dict):
+        return {}
+    error = body.get("error", body)  # vLLM's older shape: the fields at the top level
+    return error if isinstance(error, dict) else {"message": str(error)}
+
+
+_BY_STATUS = {400: "bad_request", 413: "too_large", 422: "bad_request", 408: "timeout", 504: "timeout"}
+
+
+def _upstream_error(error: dict[str, Any], status: int = 0) -> Failed:
+    """The project's `Failed` for an upstream's error object: its code when it is one of ours
+    (another vlbridge), else by HTTP status (a refused request is a bad request)."""
+    code = error.get("code")
+    if not (isinstance(code, str) and code in ERROR_CODES):
+        code = _BY_STATUS.get(status, "bad_request" if 400 <= status < 500 else "internal")
+    message = str(error.get("message") or "the model server failed")
+    return Failed(code, f"the model server: {message}", _seconds(error.get("retry_after")))
+
+
+def _seconds(value: object) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
