@@ -259,3 +259,16 @@ def test_the_api_key_comes_only_from_the_environment(tmp_path: Path) -> None:
     path.write_text('[model]\nbackend = "openai"\n')
     with pytest.raises(ConfigError, match=r'model.base_urls: backend "openai" needs at least one URL'):
         load_config(path)
+
+
+async def test_a_request_the_upstream_refuses_fails_with_its_code_and_is_not_retried(
+    upstreams: tuple[Service, Service],
+) -> None:
+    a, b = upstreams
+    executor = bridge([base_url(a), base_url(b)])
+    await started(executor)
+    events = await rest(aiter(executor.submit(ask("what is it?", 4, (b"GIF89a not really a picture",)))))
+    assert isinstance(events[-1], Failed) and events[-1].code == "bad_image", events
+    assert [u.requests for u in executor.pool.upstreams] == [1, 0]  # the other would refuse it too
+    assert executor.stats().detail == "2/2 upstreams healthy"  # a bad request says nothing of its server
+    await executor.stop()

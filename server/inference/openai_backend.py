@@ -87,14 +87,6 @@ class _Job:
     first_token: float = 0.0
 
 
-class _Retry(Exception):
-    """This upstream failed before the first text; *failed* is the answer if no other can take it."""
-
-    def __init__(self, failed: Failed) -> None:
-        super().__init__(failed.message)
-        self.failed = failed
-
-
 _CANCELLED = Failed("cancelled", "cancelled")
 
 
@@ -286,18 +278,17 @@ class OpenAIExecutor:
         failed = Failed("unavailable", f"no model server is reachable ({self.pool.summary()})")
         while (upstream := self.pool.pick(asyncio.get_running_loop().time(), tried)) is not None:
             tried.append(upstream)
-            try:
-                await self._stream(job, upstream, body)
+            refused = await self._stream(job, upstream, body)
+            if refused is None:
                 return
-            except _Retry as retry:
-                failed = retry.failed
-                more = "trying another upstream" if self.pool.pick(0.0, tried) else "none left"
-                log.warning("%s: %s; %s", job.request.id, failed.message, more)
+            failed = refused
+            more = "trying another upstream" if self.pool.pick(0.0, tried) else "none left"
+            log.warning("%s: %s; %s", job.request.id, failed.message, more)
         job.handle.push(failed)
 
-    async def _stream(self, job: _Job, upstream: Upstream, body: bytes) -> None:
-        """Stream one attempt on *upstream* to its final event; raise `_Retry` while no text was
-        sent (the caller may try another upstream)."""
+    async def _stream(self, job: _Job, upstream: Upstream, body: bytes) -> Failed | None:
+        """Stream one attempt on *upstream*: None when the final event was pushed, or the
+        failure of an upstream that sent no text (the caller may try another one)."""
         assert self._client is not None
         loop = asyncio.get_running_loop()
         self.pool.begin(upstream)
@@ -314,9 +305,12 @@ class OpenAIExecutor:
                 ) as response,
             ):
                 if response.status_code != 200:
-                    raise self._refused(
-                        upstream, response.status_code, await _head(response), response.headers
-                    )
+                    raw = await _head(response)
+                    failed, retry = self._refused(upstream, response.status_code, raw, response.headers)
+                    if retry:
+                        return failed
+                    job.handle.push(failed)
+                    return None
                 self.pool.succeed(upstream)
                 usage, finish, ended = None, FinishReason.STOP, False
                 async for chunk in _chunks(response.aiter_lines()):
@@ -325,7 +319,7 @@ class OpenAIExecutor:
                         break
                     if isinstance(error := chunk.get("error"), dict):
                         job.handle.push(_upstream_error(error))
-                        return
+                        return None
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or ():
                         text = (choice.get("delta") or {}).get("content")
@@ -339,30 +333,26 @@ class OpenAIExecutor:
                             finish = FinishReason.LENGTH
                 if not ended:
                     raise httpx.RemoteProtocolError("the stream ended without [DONE]")
-        except _Final as final:
-            job.handle.push(final.failed)
-            return
         except TimeoutError:
             if texts or loop.time() >= job.deadline:
                 raise
             job.handle.push(Failed("timeout", f"no text within {self.options.first_token_timeout:.0f} s"))
-            return
+            return None
         except httpx.TransportError as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._eject(upstream, reason)
             if not texts:
-                raise _Retry(
-                    Failed("unavailable", f"the model server {upstream.url} failed ({reason})")
-                ) from None
+                return Failed("unavailable", f"the model server {upstream.url} failed ({reason})")
             job.handle.push(
                 Failed(
                     "unavailable", f"the model server broke off the answer after {len(texts)} pieces of text"
                 )
             )
-            return
+            return None
         finally:
             self.pool.end(upstream)
         self._finish(job, "".join(texts), len(texts), usage, finish)
+        return None
 
     def _finish(self, job: _Job, text: str, pieces: int, usage: Any, finish: FinishReason) -> None:
         now = asyncio.get_running_loop().time()
@@ -380,19 +370,21 @@ class OpenAIExecutor:
             Done(text, Usage(int(counted.get("prompt_tokens") or 0), completion), timings, finish)
         )
 
-    def _refused(self, upstream: Upstream, status: int, raw: bytes, headers: httpx.Headers) -> Exception:
-        """What an upstream's non-200 answer means: `_Retry` (try another) or `_Final` (the answer)."""
+    def _refused(
+        self, upstream: Upstream, status: int, raw: bytes, headers: httpx.Headers
+    ) -> tuple[Failed, bool]:
+        """What an upstream's non-200 answer means, and whether another upstream may do better."""
         error = _error_of(raw)
         message = str(error.get("message") or raw[:200].decode("utf-8", "replace") or f"HTTP {status}")
         if status == 429:
             retry = _seconds(headers.get("retry-after"))
-            return _Retry(Failed("busy", f"the model servers are busy: {message}", retry or 5.0))
+            return Failed("busy", f"the model servers are busy: {message}", retry or 5.0), True
         if status >= 500 or status in (401, 403, 404):
             # 401/403: our key; 404: the model name or the URL. Both mean this upstream cannot
             # answer us: say so in the log for the admin, and leave it out for a while.
             self._eject(upstream, f"HTTP {status}: {message}")
-            return _Retry(Failed("unavailable", f"the model server answered HTTP {status}: {message}"))
-        return _Final(_upstream_error({**error, "message": message}, status))
+            return Failed("unavailable", f"the model server answered HTTP {status}: {message}"), True
+        return _upstream_error({**error, "message": message}, status), False
 
     def _eject(self, upstream: Upstream, reason: str) -> None:
         log.warning("upstream %s left out for %.0f s: %s", upstream.url, self.options.eject_seconds, reason)
@@ -457,14 +449,6 @@ class OpenAIExecutor:
         if upstream.failures:
             log.info("upstream %s is back", upstream.url)
         self.pool.succeed(upstream)
-
-
-class _Final(Exception):
-    """An upstream's refusal that no other upstream would answer differently (a bad request)."""
-
-    def __init__(self, failed: Failed) -> None:
-        super().__init__(failed.message)
-        self.failed = failed
 
 
 def _message(turn: Turn) -> dict[str, Any]:
