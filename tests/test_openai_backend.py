@@ -55,7 +55,7 @@ def upstreams(
         yield a, b
 
 
-def bridge(urls: list[str], **executor: Any) -> OpenAIExecutor:
+def bridge(urls: list[str], model: dict[str, Any] | None = None, **executor: Any) -> OpenAIExecutor:
     """The backend as `vlbridge serve` builds it from its configuration."""
     config = Config(
         model=ModelConfig(
@@ -65,6 +65,7 @@ def bridge(urls: list[str], **executor: Any) -> OpenAIExecutor:
             max_new_tokens=64,
             api_key=UPSTREAM_KEY,
             eject_seconds=60.0,
+            **(model or {}),
         ),
         executor=ExecutorConfig(**executor),
     )
@@ -272,3 +273,24 @@ async def test_a_request_the_upstream_refuses_fails_with_its_code_and_is_not_ret
     assert [u.requests for u in executor.pool.upstreams] == [1, 0]  # the other would refuse it too
     assert executor.stats().detail == "2/2 upstreams healthy"  # a bad request says nothing of its server
     await executor.stop()
+
+
+async def test_timeouts_end_the_answer_and_free_the_upstream(upstreams: tuple[Service, Service]) -> None:
+    upstream = upstreams[1]
+    executor = bridge([base_url(upstream)])
+    impatient = bridge([base_url(upstream)], {"first_token_timeout": 0.001})
+    await started(executor)
+    await started(impatient)
+    ok_before = answers_counted(await asyncio.to_thread(upstream.metrics), "ok")
+    request = ask("a long story", LONG)
+    request.timeout = 1.0  # the whole answer: seconds of text are asked for
+    events = await rest(aiter(executor.submit(request)))
+    assert isinstance(events[-1], Failed) and events[-1].code == "timeout", events[-1]
+    first = await rest(aiter(impatient.submit(ask("a long story", LONG))))
+    assert first[-1] == Failed("timeout", "no text within 0 s"), first
+    assert not [event for event in first if isinstance(event, Delta)]
+    await eventually(lambda: upstream.health()["active"] == 0, "the upstream's slots to be free")
+    assert answers_counted(await asyncio.to_thread(upstream.metrics), "ok") == ok_before
+    assert executor.stats().detail == impatient.stats().detail == "1/1 upstreams healthy"
+    await executor.stop()
+    await impatient.stop()

@@ -159,7 +159,7 @@ class OpenAIExecutor:
         return ExecutorStats(
             state=self._current_state(),
             load_progress=1.0 if self._probed else 0.0,
-            model=self._model or "(the upstream's)",
+            model=self._model or "unknown (the upstreams list none yet)",
             device=f"openai-compatible, {len(self.pool.upstreams)} upstreams",
             queue_depth=len(self._waiting),
             queue_capacity=self.options.queue_size,
@@ -318,7 +318,11 @@ class OpenAIExecutor:
                         ended = True
                         break
                     if isinstance(error := chunk.get("error"), dict):
-                        job.handle.push(_upstream_error(error))
+                        failed = _upstream_error(error)
+                        if failed.code == "unavailable" and not texts:  # e.g. it is shutting down
+                            self._eject(upstream, failed.message)
+                            return failed
+                        job.handle.push(failed)
                         return None
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or ():
