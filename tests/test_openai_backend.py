@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -60,12 +62,14 @@ def bridge(urls: list[str], model: dict[str, Any] | None = None, **executor: Any
     config = Config(
         model=ModelConfig(
             backend="openai",
-            base_urls=tuple(urls),
-            model="demo",
-            max_new_tokens=64,
-            api_key=UPSTREAM_KEY,
-            eject_seconds=60.0,
-            **(model or {}),
+            **{
+                "base_urls": tuple(urls),
+                "model": "demo",
+                "max_new_tokens": 64,
+                "api_key": UPSTREAM_KEY,
+                "eject_seconds": 60.0,
+                **(model or {}),
+            },
         ),
         executor=ExecutorConfig(**executor),
     )
@@ -76,7 +80,7 @@ def bridge(urls: list[str], model: dict[str, Any] | None = None, **executor: Any
 
 async def started(executor: Executor) -> None:
     await executor.start()
-    await eventually(lambda: executor.stats().state.value != "loading", "the first probes")
+    await eventually(lambda: executor.stats().load_progress == 1.0, "every upstream's first probe")
 
 
 async def eventually(check: Callable[[], T], what: str) -> T:
@@ -294,3 +298,25 @@ async def test_timeouts_end_the_answer_and_free_the_upstream(upstreams: tuple[Se
     assert executor.stats().detail == impatient.stats().detail == "1/1 upstreams healthy"
     await executor.stop()
     await impatient.stop()
+
+
+async def test_an_upstream_that_stops_answering_is_ejected_and_probed_back(
+    upstreams: tuple[Service, Service],
+) -> None:
+    a, b = upstreams
+    executor = bridge([base_url(a), base_url(b)], {"eject_seconds": 0.2, "connect_timeout": 0.5})
+    os.kill(b.process.pid, signal.SIGSTOP)  # connections queue in the kernel; nothing answers
+    try:
+        await started(executor)
+        assert executor.stats().detail.startswith(f"1/2 upstreams healthy; {base_url(b)} ejected: probe:")
+        answers = [await rest(aiter(executor.submit(ask(f"q{n}", 4)))) for n in range(2)]
+        assert all(isinstance(events[-1], Done) for events in answers), answers
+        assert [u.requests for u in executor.pool.upstreams] == [2, 0]  # none sent to the ejected one
+    finally:
+        os.kill(b.process.pid, signal.SIGCONT)
+    await eventually(lambda: executor.stats().detail == "2/2 upstreams healthy", "the probe to take it back")
+    many = [executor.submit(ask(f"question {n}", 4)) for n in range(2)]
+    results = await asyncio.gather(*(rest(aiter(handle)) for handle in many))
+    assert all(isinstance(events[-1], Done) for events in results), results
+    assert [u.requests for u in executor.pool.upstreams] == [3, 1]
+    await executor.stop()
