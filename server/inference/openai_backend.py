@@ -24,19 +24,17 @@ moment the request is sent), the whole answer, queue included (the request's tim
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import orjson
 
-from server.errors import ERROR_CODES, SHUTDOWN_RETRY_AFTER, SHUTTING_DOWN
+from server.errors import SHUTDOWN_RETRY_AFTER, SHUTTING_DOWN
 from server.inference.api import (
     Delta,
     Done,
@@ -48,10 +46,10 @@ from server.inference.api import (
     Queued,
     Started,
     Timings,
-    Turn,
     Usage,
 )
 from server.inference.handle import EventHandle
+from server.inference.openai_wire import error_of, failed_from, request_body, seconds_of, sse_chunks
 from server.inference.upstreams import Upstream, UpstreamPool
 
 log = logging.getLogger("vlbridge.upstream")
@@ -313,12 +311,12 @@ class OpenAIExecutor:
                     return None
                 self.pool.succeed(upstream)
                 usage, finish, ended = None, FinishReason.STOP, False
-                async for chunk in _chunks(response.aiter_lines()):
+                async for chunk in sse_chunks(response.aiter_lines()):
                     if chunk is None:
                         ended = True
                         break
                     if isinstance(error := chunk.get("error"), dict):
-                        failed = _upstream_error(error)
+                        failed = failed_from(error)
                         if failed.code == "unavailable" and not texts:  # e.g. it is shutting down
                             self._eject(upstream, failed.message)
                             return failed
@@ -378,17 +376,17 @@ class OpenAIExecutor:
         self, upstream: Upstream, status: int, raw: bytes, headers: httpx.Headers
     ) -> tuple[Failed, bool]:
         """What an upstream's non-200 answer means, and whether another upstream may do better."""
-        error = _error_of(raw)
+        error = error_of(raw)
         message = str(error.get("message") or raw[:200].decode("utf-8", "replace") or f"HTTP {status}")
         if status == 429:
-            retry = _seconds(headers.get("retry-after"))
+            retry = seconds_of(headers.get("retry-after"))
             return Failed("busy", f"the model servers are busy: {message}", retry or 5.0), True
         if status >= 500 or status in (401, 403, 404):
             # 401/403: our key; 404: the model name or the URL. Both mean this upstream cannot
             # answer us: say so in the log for the admin, and leave it out for a while.
             self._eject(upstream, f"HTTP {status}: {message}")
             return Failed("unavailable", f"the model server answered HTTP {status}: {message}"), True
-        return _upstream_error({**error, "message": message}, status), False
+        return failed_from({**error, "message": message}, status), False
 
     def _eject(self, upstream: Upstream, reason: str) -> None:
         log.warning("upstream %s left out for %.0f s: %s", upstream.url, self.options.eject_seconds, reason)
@@ -398,27 +396,8 @@ class OpenAIExecutor:
     async def _body(self, request: InferenceRequest) -> bytes:
         size = sum(len(image) for turn in request.messages for image in turn.images)
         if size > OFF_LOOP_BYTES:
-            return await asyncio.to_thread(self._encode, request)
-        return self._encode(request)
-
-    def _encode(self, request: InferenceRequest) -> bytes:
-        params = request.params
-        body: dict[str, Any] = {
-            "model": self._model or "default",
-            "messages": [_message(turn) for turn in request.messages],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "max_tokens": params.max_new_tokens or self.options.max_new_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-        }
-        if params.stop:
-            body["stop"] = list(params.stop)
-        if params.seed is not None:
-            body["seed"] = params.seed
-        if params.min_new_tokens:
-            body["min_tokens"] = params.min_new_tokens  # vLLM's and SGLang's extension
-        return orjson.dumps(body)
+            return await asyncio.to_thread(request_body, request, self._model, self.options.max_new_tokens)
+        return request_body(request, self._model, self.options.max_new_tokens)
 
     # ---- probes ---------------------------------------------------------------------------------
 
@@ -455,55 +434,6 @@ class OpenAIExecutor:
         self.pool.succeed(upstream)
 
 
-def _message(turn: Turn) -> dict[str, Any]:
-    if not turn.images:
-        return {"role": turn.role, "content": turn.text}
-    parts: list[dict[str, Any]] = [
-        {
-            "type": "image_url",
-            "image_url": {"url": f"data:{_mime(image)};base64,{base64.b64encode(image).decode()}"},
-        }
-        for image in turn.images
-    ]
-    if turn.text:
-        parts.append({"type": "text", "text": turn.text})
-    return {"role": turn.role, "content": parts}
-
-
-_MAGIC = (
-    (b"\x89PNG", "image/png"),
-    (b"\xff\xd8", "image/jpeg"),
-    (b"GIF8", "image/gif"),
-    (b"BM", "image/bmp"),
-    (b"II*\0", "image/tiff"),
-    (b"MM\0*", "image/tiff"),
-)
-
-
-def _mime(data: bytes) -> str:
-    """The media type of a picture file from its first bytes (the upstream decodes it)."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return next((mime for magic, mime in _MAGIC if data.startswith(magic)), "application/octet-stream")
-
-
-async def _chunks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any] | None]:
-    """The JSON objects of an SSE stream's ``data:`` lines; None for ``[DONE]``."""
-    async for line in lines:
-        if not line.startswith("data:"):
-            continue  # blank separators, comments (": ping"), event names
-        data = line[5:].strip()
-        if data == "[DONE]":
-            yield None
-            return
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise httpx.RemoteProtocolError(f"not JSON in the stream: {data[:80]!r}") from None
-        if isinstance(chunk, dict):
-            yield chunk
-
-
 async def _head(response: httpx.Response) -> bytes:
     data = bytearray()
     async for piece in response.aiter_bytes():
@@ -511,35 +441,3 @@ async def _head(response: httpx.Response) -> bytes:
         if len(data) >= ERROR_BODY_BYTES:
             break
     return bytes(data[:ERROR_BODY_BYTES])
-
-
-def _error_of(raw: bytes) -> dict[str, Any]:
-    """The ``error`` object of an error answer (OpenAI, vLLM and vlbridge shapes), or {}."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return {}
-    if not isinstance(body, dict):
-        return {}
-    error = body.get("error", body)  # vLLM's older shape: the fields at the top level
-    return error if isinstance(error, dict) else {"message": str(error)}
-
-
-_BY_STATUS = {400: "bad_request", 413: "too_large", 422: "bad_request", 408: "timeout", 504: "timeout"}
-
-
-def _upstream_error(error: dict[str, Any], status: int = 0) -> Failed:
-    """The project's `Failed` for an upstream's error object: its code when it is one of ours
-    (another vlbridge), else by HTTP status (a refused request is a bad request)."""
-    code = error.get("code")
-    if not (isinstance(code, str) and code in ERROR_CODES):
-        code = _BY_STATUS.get(status, "bad_request" if 400 <= status < 500 else "internal")
-    message = str(error.get("message") or "the model server failed")
-    return Failed(code, f"the model server: {message}", _seconds(error.get("retry_after")))
-
-
-def _seconds(value: object) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
