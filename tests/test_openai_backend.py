@@ -37,6 +37,7 @@ from server.inference.openai_backend import OpenAIExecutor
 from tests.conftest import make_png
 from tests.feishu_service import Service
 from tests.openai_upstreams import UPSTREAM_KEY, answers_counted, base_url, spawned, upstream_config
+from tests.test_config import run_cli
 from tests.waiting import DEADLINE
 
 T = TypeVar("T")
@@ -252,7 +253,9 @@ async def test_no_reachable_upstream_is_unavailable_at_once() -> None:
     await executor.stop()
 
 
-def test_the_api_key_comes_only_from_the_environment(tmp_path: Path) -> None:
+def test_the_api_key_comes_only_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "bridge.toml"
     path.write_text('[model]\nbackend = "openai"\nbase_urls = ["http://gpu:8000/v1/"]\napi_key = "sk-1"\n')
     with pytest.raises(ConfigError, match="VLBRIDGE_MODEL_API_KEY"):
@@ -261,6 +264,8 @@ def test_the_api_key_comes_only_from_the_environment(tmp_path: Path) -> None:
     config = load_config(path, {"VLBRIDGE_MODEL_API_KEY": "sk-1"})
     assert config.model.api_key.get_secret_value() == "sk-1" and "sk-1" not in repr(config)
     assert config.model.base_urls == ("http://gpu:8000/v1",)
+    checked = run_cli("check-config", str(path))
+    assert "OK" in checked.stdout and "model the upstreams' first at http://gpu:8000/v1" in checked.stdout
     path.write_text('[model]\nbackend = "openai"\n')
     with pytest.raises(ConfigError, match=r'model.base_urls: backend "openai" needs at least one URL'):
         load_config(path)
