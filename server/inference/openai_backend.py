@@ -50,7 +50,7 @@ from server.inference.api import (
 )
 from server.inference.handle import EventHandle
 from server.inference.openai_wire import error_of, failed_from, request_body, seconds_of, sse_chunks
-from server.inference.upstreams import Upstream, UpstreamPool
+from server.inference.upstreams import Health, Upstream, UpstreamPool
 
 log = logging.getLogger("vlbridge.upstream")
 
@@ -418,13 +418,16 @@ class OpenAIExecutor:
     async def _probe(self, upstream: Upstream) -> None:
         assert self._client is not None
         loop = asyncio.get_running_loop()
+        response: httpx.Response | None = None
         try:
             response = await self._client.get(upstream.url + "/models", timeout=self.options.connect_timeout)
+            reason = f"probe: HTTP {response.status_code}"
         except httpx.HTTPError as exc:
-            self.pool.fail(upstream, loop.time(), f"probe: {type(exc).__name__}: {exc}")
-            return
-        if response.status_code != 200:
-            self.pool.fail(upstream, loop.time(), f"probe: HTTP {response.status_code}")
+            reason = f"probe: {type(exc).__name__}: {exc}"
+        if response is None or response.status_code != 200:
+            if upstream.health is not Health.EJECTED:  # a line when it goes, not at every probe
+                log.warning("upstream %s left out: %s", upstream.url, reason)
+            self.pool.fail(upstream, loop.time(), reason)
             return
         if not self._model:
             with contextlib.suppress(orjson.JSONDecodeError, LookupError, TypeError, AttributeError):
