@@ -35,13 +35,36 @@ def image_limits(config: Config) -> ImageLimits:
     )
 
 
+def build_openai_executor(config: Config) -> Executor:
+    from server.inference.openai_backend import OpenAIExecutor, UpstreamOptions
+
+    model = config.model
+    return OpenAIExecutor(
+        UpstreamOptions(
+            base_urls=model.base_urls,
+            model=model.model or model.path,
+            api_key=model.api_key.get_secret_value(),
+            connect_timeout=model.connect_timeout,
+            first_token_timeout=model.first_token_timeout,
+            eject_seconds=model.eject_seconds,
+            max_concurrency=config.executor.max_batch,
+            queue_size=config.executor.queue_size,
+            request_timeout=config.executor.request_timeout,
+            max_new_tokens=model.max_new_tokens,
+        )
+    )
+
+
 def model_label(config: Config) -> str:
     return config.model.path or "vlbridge-demo (random answers)"
 
 
 def build_executor(config: Config) -> Executor:
     """An executor whose engine loads on the worker thread when the executor starts
-    (or, for `builtin:instant`, the zero-cost backend that has neither)."""
+    (or, for `builtin:instant`, the zero-cost backend that has neither; for
+    ``backend = "openai"``, one that asks OpenAI-compatible servers and imports no model code)."""
+    if config.model.backend == "openai":
+        return build_openai_executor(config)
     if config.model.path == INSTANT_PATH:
         return InstantExecutor()
     limits = image_limits(config)

@@ -46,9 +46,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file, os.environ)
+    model = config.model
+    if model.backend == "openai":
+        name = model.model or model.path or "the upstreams' first"
+        answers = f"model {name} at {', '.join(model.base_urls)}"
+    else:
+        answers = f"model {model.path or 'demo'}"
     print(
         f"{args.file}: OK (server {config.server.host}:{config.server.port}, "
-        f"model {config.model.path or 'demo'}, feishu {'on' if config.feishu.enabled else 'off'})"
+        f"{answers}, feishu {'on' if config.feishu.enabled else 'off'})"
     )
     return 0
 

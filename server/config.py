@@ -7,7 +7,7 @@ program reads the environment or the file again.
 Any problem raises `ConfigError` whose message is one line naming the file, the key,
 what was expected and what was found; unknown keys are errors (a typo must never be
 silently ignored). Secrets (`feishu.app_secret`, `feishu.encrypt_key`,
-`feishu.verification_token`) are accepted only from the environment and are held as
+`feishu.verification_token`, `model.api_key`) are accepted only from the environment and are held as
 `SecretStr`, so they never appear in logs or reprs.
 """
 
@@ -19,13 +19,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from server.auth import normalize_origin
 from server.errors import ConfigError
 
 ENV_PREFIX = "VLBRIDGE_"
-SECRET_KEYS = {("feishu", "app_secret"), ("feishu", "encrypt_key"), ("feishu", "verification_token")}
+SECRET_KEYS = {
+    ("feishu", "app_secret"),
+    ("feishu", "encrypt_key"),
+    ("feishu", "verification_token"),
+    ("model", "api_key"),
+}
 
 
 class _Section(BaseModel):
@@ -81,6 +94,25 @@ class ModelConfig(_Section):
     max_decode_pixels: int = Field(16_777_216, ge=32 * 32)
     max_context_tokens: int = Field(16384, ge=64)
     cuda_graphs: bool = True
+    # backend = "openai": answers come from OpenAI-compatible servers (vLLM, SGLang, their
+    # routers, another vlbridge) at base_urls; the keys above but max_new_tokens are then unused.
+    backend: Literal["local", "openai"] = "local"
+    base_urls: tuple[str, ...] = Field((), validate_default=True)
+    model: str = ""  # the upstream's model name; "" = `path`, or else the upstream's first model
+    api_key: SecretStr = SecretStr("")  # environment only: VLBRIDGE_MODEL_API_KEY
+    connect_timeout: float = Field(5.0, gt=0)
+    first_token_timeout: float = Field(120.0, gt=0)  # the whole answer: executor.request_timeout
+    eject_seconds: float = Field(10.0, gt=0)  # a failing upstream is left out this long, then probed
+
+    @field_validator("base_urls")
+    @classmethod
+    def _base_urls(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("backend") == "openai" and not value:
+            raise ValueError('backend "openai" needs at least one URL, e.g. ["http://gpu-1:8000/v1"]')
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f'expected URLs like "http://host:8000/v1", got {url!r}')
+        return tuple(url.rstrip("/") for url in value)
 
     @field_validator("device")
     @classmethod

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -47,11 +47,9 @@ from server.errors import (
     shutting_down,
 )
 from server.inference.api import (
-    FINAL,
     Delta,
     Done,
     Event,
-    Events,
     ExecutorState,
     ExecutorStats,
     Failed,
@@ -65,6 +63,7 @@ from server.inference.api import (
 from server.inference.detok import IncrementalDetokenizer
 from server.inference.engine import Engine, PreparedPrompt, Sequence, StepResult
 from server.inference.fairpool import FairPool
+from server.inference.handle import EventHandle
 from server.inference.profile import Profile
 
 log = logging.getLogger("vlbridge.executor")
@@ -142,65 +141,6 @@ LOAD_WAIT = 600.0  # seconds a request being prepared waits for the model to loa
 MEMORY_SAMPLE_INTERVAL = 1.0  # seconds between the worker's samples of device memory
 
 
-class _Handle:
-    """The caller's end: an async iterator (or a listener) fed from the worker thread."""
-
-    __slots__ = ("_closed", "_events", "_listener", "_loop", "_on_cancel", "cancelled", "id")
-
-    def __init__(
-        self, request_id: str, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None]
-    ) -> None:
-        self.id = request_id
-        self._loop = loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._listener: Callable[[Events], None] | None = None
-        self._on_cancel = on_cancel
-        self._closed = False
-        self.cancelled = False
-
-    def push(self, *events: Event) -> None:  # on the event loop
-        if self._closed:
-            return
-        for end, event in enumerate(events, start=1):
-            if isinstance(event, FINAL):
-                self._closed = True
-                events = events[:end]
-                break
-        listener = self._listener
-        if listener is not None:
-            if self._closed:
-                self._listener = None  # no cycle left through the listener: freed without the GC
-            listener(events)
-        else:
-            for event in events:
-                self._events.put_nowait(event)
-
-    def listen(self, callback: Callable[[Events], None]) -> None:
-        self._listener = callback
-        waiting = []
-        while not self._events.empty():
-            waiting.append(self._events.get_nowait())
-        if waiting:
-            callback(waiting)
-
-    def cancel(self) -> None:
-        if not self.cancelled:
-            self.cancelled = True
-            if not self._closed:  # a finished request has nothing to stop: leave the worker be
-                self._on_cancel()
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        try:
-            while True:
-                event = await self._events.get()
-                yield event
-                if isinstance(event, FINAL):
-                    return
-        finally:
-            if not self._events.empty() or not self._closed:
-                self.cancel()  # the caller stopped listening: free the slot
-
-
 def prefill_cost(prompt: PreparedPrompt) -> int:
     """A prompt's prefill work in token units: its picture tokens count twice, because the
     vision encoder runs over them (4 patches each) before the language model does."""
@@ -223,7 +163,7 @@ def coalesce(batch: list[tuple[_K, Event]]) -> dict[_K, list[Event]]:
 @dataclass(eq=False)
 class _Job:
     request: InferenceRequest
-    handle: _Handle
+    handle: EventHandle
     submitted: float
     deadline: float
     prompt: PreparedPrompt | None = None
@@ -281,10 +221,10 @@ class InferenceExecutor:
         self._accepting = False
         self._loaded = threading.Event()  # set once loading ended, well or not
         self._idle = threading.Event()  # set while nothing is waiting or running
-        self._outbox: list[tuple[_Handle, Event]] = []  # worker-owned: this step's events
+        self._outbox: list[tuple[EventHandle, Event]] = []  # worker-owned: this step's events
         self._urgent = False  # worker-owned: the outbox holds more than later text of an answer
         self._handoff = 0.0  # worker-owned: when the outbox was last handed to the event loop
-        self._handed: list[tuple[_Handle, Event]] = []  # for the event loop; guarded by _lock
+        self._handed: list[tuple[EventHandle, Event]] = []  # for the event loop; guarded by _lock
         self._delivery_due = False  # a _deliver is scheduled on the loop; guarded by _lock
         # counters
         self._requests_total = 0
@@ -322,9 +262,9 @@ class InferenceExecutor:
         if self._state is not ExecutorState.READY:
             raise Unavailable(f"the model is {self._state.value}: {self._detail}")
 
-    def submit(self, request: InferenceRequest) -> _Handle:
+    def submit(self, request: InferenceRequest) -> EventHandle:
         loop = self._loop or asyncio.get_running_loop()
-        handle = _Handle(request.id, loop, lambda: self._inbox.put(Control.CANCEL))
+        handle = EventHandle(request.id, loop, lambda: self._inbox.put(Control.CANCEL))
         now = time.monotonic()
         timeout = request.timeout if request.timeout is not None else self.limits.request_timeout
         job = _Job(request, handle, now, now + timeout)

@@ -1,0 +1,82 @@
+"""`vlbridge serve` processes as OpenAI-compatible upstreams, and the metrics they count.
+
+The service speaks the OpenAI chat-completions API itself, so the openai backend is tested
+against real upstreams: other `vlbridge serve` processes with the demo model, each in its
+own process group (``kill -9`` in a test), its log read on a thread the whole time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.feishu_service import Service
+from tests.waiting import DEADLINE, until_blocking
+
+UPSTREAM_KEY = "upstream-key"  # the upstreams' bearer token: the backend must send it
+_LISTENING = re.compile(r"Uvicorn running on \S+:(\d+)")
+
+
+def upstream_config(path: Path, demo_model_dir: Path, storage: Path) -> Path:
+    """A demo-model server on the CPU that wants `UPSTREAM_KEY`."""
+    path.write_text(
+        f'[server]\nport = 0\nshutdown_grace = 1.0\nauth_tokens = ["{UPSTREAM_KEY}"]\n'
+        f'[model]\npath = "{demo_model_dir}"\ndevice = "cpu"\nmax_new_tokens = 512\n'
+        f"[executor]\nmax_batch = 8\n"
+        f'[storage]\npath = "{storage}"\n'
+    )
+    return path
+
+
+@contextmanager
+def spawned(
+    config: Path, python_flags: Sequence[str] = (), env: dict[str, str] | None = None
+) -> Iterator[Service]:
+    """`vlbridge serve --config config` until the block ends (then killed); waits until its
+    /health says the model is ready. Every line it logs is in `Service.lines`."""
+    process = subprocess.Popen(
+        [sys.executable, *python_flags, "-m", "server.cli", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})},
+        start_new_session=True,
+    )
+    service = Service(process)
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            service.lines.append(line)
+            if match := _LISTENING.search(line):
+                service.port = int(match.group(1))
+                break
+        assert service.port, "the server did not start:\n" + "".join(service.lines[-30:])
+        threading.Thread(target=service.lines.extend, args=(process.stderr,), daemon=True).start()
+        until_blocking(
+            lambda: service.health()["state"] == "ready", "the model to load", 4 * DEADLINE, poll=0.1
+        )
+        yield service
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def base_url(service: Service) -> str:
+    return f"http://127.0.0.1:{service.port}/v1"
+
+
+def answers_counted(metrics: str, code: str | None = None) -> int:
+    """How many chat completions the server counted (with result *code*, or all)."""
+    total = 0.0
+    for line in metrics.splitlines():
+        ours = line.startswith("vlbridge_requests_total{") and 'route="/v1/chat/completions"' in line
+        if ours and (code is None or f'code="{code}"' in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
