@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,15 +90,14 @@ def env_for(fake: FakeFeishu) -> dict[str, str]:
 
 
 @contextmanager
-def serving(fake: FakeFeishu, config: Path, *, connections: int = 1) -> Iterator[Service]:
-    """Run `vlbridge serve --config config` in its own process group until the block ends
-    (then it is killed if still running); wait for its port and its long connection
-    (*connections*: how many open ones the fake must see, counting any other service's)."""
+def launched(config: Path, env: dict[str, str], python_flags: Sequence[str] = ()) -> Iterator[Service]:
+    """`vlbridge serve --config config` in its own process group until the block ends (then the
+    group is killed if still running), once it listens; its log goes on into `Service.lines`."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--config", str(config)],
+        [sys.executable, *python_flags, "-m", "server.cli", "serve", "--config", str(config)],
         stderr=subprocess.PIPE,
         text=True,
-        env=env_for(fake),
+        env=env,
         start_new_session=True,
     )
     service = Service(process)
@@ -110,16 +109,23 @@ def serving(fake: FakeFeishu, config: Path, *, connections: int = 1) -> Iterator
                 service.port = int(match.group(1))
                 break
         assert service.port, "the server did not start:\n" + "".join(service.lines[-30:])
-        reader = threading.Thread(target=service.lines.extend, args=(process.stderr,), daemon=True)
-        reader.start()
+        threading.Thread(target=service.lines.extend, args=(process.stderr,), daemon=True).start()
+        yield service
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextmanager
+def serving(fake: FakeFeishu, config: Path, *, connections: int = 1) -> Iterator[Service]:
+    """`launched` with *fake* as its platform; waits for its long connection (*connections*: how
+    many open ones the fake must see, counting any other service's)."""
+    with launched(config, env_for(fake)) as service:
         until_blocking(  # the worker imports the SDK: 4 s of CPU, far longer on a busy machine
             lambda: len(fake.records.open_connections()) >= connections,
             "the bot's long connection",
             4 * DEADLINE,
         )
         yield service
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
     assert not any(fake.app_secret in line for line in service.lines), "the secret must never be logged"

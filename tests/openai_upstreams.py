@@ -8,20 +8,14 @@ own process group (``kill -9`` in a test), its log read on a thread the whole ti
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.feishu_service import Service
+from tests.feishu_service import Service, launched
 from tests.waiting import DEADLINE, until_blocking
 
 UPSTREAM_KEY = "upstream-key"  # the upstreams' bearer token: the backend must send it
-_LISTENING = re.compile(r"Uvicorn running on \S+:(\d+)")
 
 
 def upstream_config(path: Path, demo_model_dir: Path, storage: Path) -> Path:
@@ -41,31 +35,12 @@ def spawned(
 ) -> Iterator[Service]:
     """`vlbridge serve --config config` until the block ends (then killed); waits until its
     /health says the model is ready. Every line it logs is in `Service.lines`."""
-    process = subprocess.Popen(
-        [sys.executable, *python_flags, "-m", "server.cli", "serve", "--config", str(config)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})},
-        start_new_session=True,
-    )
-    service = Service(process)
-    try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            service.lines.append(line)
-            if match := _LISTENING.search(line):
-                service.port = int(match.group(1))
-                break
-        assert service.port, "the server did not start:\n" + "".join(service.lines[-30:])
-        threading.Thread(target=service.lines.extend, args=(process.stderr,), daemon=True).start()
+    full_env = {**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})}
+    with launched(config, full_env, python_flags) as service:
         until_blocking(
             lambda: service.health()["state"] == "ready", "the model to load", 4 * DEADLINE, poll=0.1
         )
         yield service
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def base_url(service: Service) -> str:
