@@ -86,7 +86,8 @@ class Dispatcher:
 
     @property
     def idle(self) -> bool:
-        """Nothing running, nothing pending, nothing new to look at (as of the last pass)."""
+        """Nothing running, nothing pending, nothing new to look at: the last pass found nothing
+        to do and no pass is under way (a pass clears `_wake` before it reads the inbox)."""
         return self._quiet and not self._running and not self._wake.is_set()
 
     def wake(self) -> None:
@@ -123,6 +124,7 @@ class Dispatcher:
     async def _loop(self) -> None:
         while self._accepting:
             self._wake.clear()
+            self._quiet = False
             waiting = False
             try:
                 waiting = await self._fill()

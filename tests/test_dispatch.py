@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -94,6 +95,28 @@ async def test_without_room_messages_wait_on_disk(inbox: Inbox) -> None:
     for mid in ("b1", "c1"):
         handler.finish(mid)
     await until(lambda: dispatcher.idle, "everything answered")
+    await dispatcher.stop()
+
+
+async def test_not_idle_while_a_pass_reads_the_inbox(inbox: Inbox) -> None:
+    """A pass clears its wake-up before it reads the inbox: until it has read it, the dispatcher
+    is not idle (tests and shutdown wait on `idle`; a stale "quiet" once ended a test early)."""
+    handler = Handler()
+    dispatcher = Dispatcher(inbox, handler, room=lambda: 5, max_running=5, poll=60.0)
+    dispatcher.start()
+    await until(lambda: dispatcher.idle, "the first pass to find nothing")
+    await put(inbox, ("a1", "A"))
+    gate = threading.Event()
+    blocked = asyncio.ensure_future(inbox.run(gate.wait))  # the inbox's one thread, held
+    dispatcher.wake()
+    await until(lambda: not dispatcher._wake.is_set(), "the pass to begin")
+    assert not dispatcher.idle
+    gate.set()
+    await blocked
+    await until(lambda: handler.started == ["a1"], "the message to start")
+    handler.finish("a1")
+    await until(lambda: dispatcher.idle, "everything answered")
+    assert await state(inbox, "a1") is InboxState.ANSWERED
     await dispatcher.stop()
 
 
