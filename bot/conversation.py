@@ -18,14 +18,14 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
 from bot import texts
-from bot.types import ChatType, InboundMessage, MessageKind
+from bot.memory import Context, Memory, PictureCache
+from bot.types import ChatType, InboundMessage, MessageKind, PictureRef
 from protocol.v1 import ErrorCode
 from server.errors import RequestError, TooLarge, VlbridgeError
 from server.inference.api import (
@@ -102,86 +102,6 @@ class Policy:
         return Decision.ANSWER
 
 
-class RateLimiter:
-    """At most *per_minute* questions per user in any sliding 60 s window."""
-
-    def __init__(self, per_minute: int, clock: Clock = time.monotonic, max_users: int = 10_000) -> None:
-        self.per_minute = per_minute
-        self._clock = clock
-        self._max_users = max_users
-        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
-
-    def check(self, user: str) -> float | None:
-        """Record one question; None when allowed, else seconds until the next one is."""
-        now = self._clock()
-        stamps = self._seen.pop(user, None) or deque()
-        while stamps and now - stamps[0] >= 60.0:
-            stamps.popleft()
-        retry: float | None = None
-        if len(stamps) >= self.per_minute:
-            retry = 60.0 - (now - stamps[0])
-        else:
-            stamps.append(now)
-        self._seen[user] = stamps
-        while len(self._seen) > self._max_users:
-            self._seen.popitem(last=False)
-        return retry
-
-
-# -- context --------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Context:
-    """One conversation's memory: the turns so far; the first turn carries the last picture(s)."""
-
-    turns: list[Turn] = field(default_factory=list)
-    has_picture: bool = False
-
-
-class ContextStore:
-    """Per-conversation contexts, least recently used dropped beyond *max_contexts*.
-
-    A new picture starts a new context (the question is about it); text follows the context,
-    keeping the picture turn and the last *max_turns* turns after it.
-    """
-
-    def __init__(self, max_contexts: int = 1000, max_turns: int = 8) -> None:
-        self._contexts: OrderedDict[str, Context] = OrderedDict()
-        self.max_contexts = max_contexts
-        self.max_turns = max_turns
-
-    def get(self, key: str) -> Context:
-        context = self._contexts.pop(key, None) or Context()
-        self._contexts[key] = context
-        while len(self._contexts) > self.max_contexts:
-            self._contexts.popitem(last=False)
-        return context
-
-    def reset(self, key: str) -> None:
-        self._contexts.pop(key, None)
-
-    def prompt(self, key: str, text: str, images: list[bytes]) -> list[Turn]:
-        """The messages to send for a new question (the context is not changed yet)."""
-        question = Turn.user(text, images)
-        if images:
-            return [question]
-        return [*self.get(key).turns, question]
-
-    def remember(self, key: str, prompt: list[Turn], answer: str) -> None:
-        context = self.get(key)
-        turns = [*prompt, Turn.assistant(answer)]
-        if turns[0].images:
-            context.has_picture = True
-            head, tail = turns[:1], turns[1:]
-            turns = head + tail[-self.max_turns :] if len(tail) > self.max_turns else turns
-        else:
-            turns = turns[-self.max_turns :]
-            if turns and turns[0].role == "assistant":
-                turns = turns[1:]
-        context.turns = turns
-
-
 # -- the platform side ----------------------------------------------------------------------------
 
 
@@ -201,8 +121,9 @@ class AnswerSink(Protocol):
 class ReplyChannel(Protocol):
     """What `Conversation` needs from a platform for one message."""
 
-    async def fetch_images(self, message: InboundMessage) -> list[bytes]:
-        """Download the message's pictures; raises `RequestError` (e.g. TooLarge) on failure."""
+    async def fetch_images(self, pictures: PictureRef) -> list[bytes]:
+        """Download pictures (of this message, or of an earlier one in its conversation);
+        raises `RequestError` (e.g. TooLarge) on failure."""
 
     async def reply_text(self, message: InboundMessage, text: str) -> None:
         """One plain reply to *message*; never raises."""
@@ -214,7 +135,6 @@ class ReplyChannel(Protocol):
 class Settings:
     language: texts.Language = "zh"
     policy: Policy = Policy()
-    user_rate_per_minute: int = 10
     max_images: int = 8
 
 
@@ -225,15 +145,14 @@ class Conversation:
         self,
         answers: AnswerSource,
         settings: Settings,
+        memory: Memory,
         *,
-        clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
     ) -> None:
         self.answers = answers
         self.settings = settings
-        self.contexts = ContextStore()
-        self.rate = RateLimiter(settings.user_rate_per_minute, monotonic)
-        self._clock = clock
+        self.memory = memory  # contexts and rate limits, in the store every instance shares
+        self.pictures = PictureCache()
         self._started = monotonic()
         self._monotonic = monotonic
         self._locks: dict[str, asyncio.Lock] = {}
@@ -281,7 +200,7 @@ class Conversation:
         if message.kind is MessageKind.UNSUPPORTED:
             await channel.reply_text(message, self._t("unsupported", kind=message.raw_type or "?"))
             return decision
-        retry = None if again else self.rate.check(message.sender_id)
+        retry = None if again else await self.memory.take_turn(message.sender_id)
         if retry is not None:
             await channel.reply_text(message, self._t("rate_limited", seconds=max(1, round(retry))))
             return Decision.RATE_LIMITED
@@ -300,7 +219,7 @@ class Conversation:
         if command is Command.HELP:
             reply = self._t("help")
         elif command is Command.RESET:
-            self.contexts.reset(message.context_key)
+            await self.memory.forget(message.context_key)
             reply = self._t("reset")
         elif command is Command.CANCEL:
             handles = self._active.get(message.sender_id, [])
@@ -325,12 +244,14 @@ class Conversation:
 
     async def _answer(self, message: InboundMessage, channel: ReplyChannel) -> None:
         language = self.settings.language
-        images: list[bytes] = []
-        if message.image_keys:
+        if message.image_keys:  # a new picture: a new context about it
+            context = Context(picture=message.pictures)
+        else:
+            context = await self.memory.context(message.context_key)
+        pictures: list[bytes] = []
+        if context.picture is not None:
             try:
-                if len(message.image_keys) > self.settings.max_images:
-                    raise TooLarge(f"at most {self.settings.max_images} pictures per question")
-                images = await channel.fetch_images(message)
+                pictures = await self._fetch(context.picture, channel)
             except RequestError as exc:
                 log.warning("message %s: pictures not fetched: %s", message.message_id, exc)
                 if isinstance(exc, TooLarge):
@@ -340,20 +261,36 @@ class Conversation:
                 await channel.reply_text(message, sentence)
                 return
         question = message.text or (
-            ("请描述这张图片。" if language == "zh" else "Describe this picture.") if images else ""
+            ("请描述这张图片。" if language == "zh" else "Describe this picture.")
+            if message.image_keys
+            else ""
         )
         if not question:
             await channel.reply_text(message, self._t("help"))
             return
-        prompt = self.contexts.prompt(message.context_key, question, images)
+        prompt = context.prompt(question, pictures)
         sink = channel.answer_sink(message)
         await sink.open(self._t("thinking"))
-        while not await self._stream(message, prompt, sink):
-            pass
+        answer = None
+        while answer is None:
+            answer = await self._stream(message, prompt, sink)
+        if answer:
+            await self.memory.keep(message.context_key, context.then(question, answer))
 
-    async def _stream(self, message: InboundMessage, prompt: list[Turn], sink: AnswerSink) -> bool:
-        """Ask once and stream the answer into *sink*; False when the executor was full (the
-        caller asks again); raises `NotNow` when it is not answering at all (stopping, loading)."""
+    async def _fetch(self, ref: PictureRef, channel: ReplyChannel) -> list[bytes]:
+        if len(ref.keys) > self.settings.max_images:
+            raise TooLarge(f"at most {self.settings.max_images} pictures per question")
+        cached = self.pictures.get(ref)
+        if cached is not None:
+            return list(cached)
+        pictures = await channel.fetch_images(ref)
+        self.pictures.put(ref, pictures)
+        return pictures
+
+    async def _stream(self, message: InboundMessage, prompt: list[Turn], sink: AnswerSink) -> str | None:
+        """Ask once and stream the answer into *sink*; returns its text ('' when it failed or
+        was cancelled: nothing to remember), None when the executor was full (the caller asks
+        again); raises `NotNow` when it is not answering at all (stopping, loading)."""
         language = self.settings.language
         request_id = f"feishu-{message.message_id}-{next(self._ids)}"
         handle = self.answers.submit(InferenceRequest(id=request_id, messages=prompt))
@@ -371,7 +308,6 @@ class Conversation:
                     sink.update(self._t("thinking"))
                 elif isinstance(event, Done):
                     text = event.text
-                    self.contexts.remember(message.context_key, prompt, text)
                     log.info(
                         "request %s done: %d prompt tokens (%d image), %d answer tokens",
                         request_id,
@@ -387,7 +323,7 @@ class Conversation:
                         # wait like this as the inbox lets run, the others wait on disk.
                         sink.update(self._t("queued", ahead=self.answers.stats().queue_depth))
                         await asyncio.sleep(min(max(event.retry_after or 1.0, 0.2), 5.0))
-                        return False
+                        return None
                     if event.code == ErrorCode.UNAVAILABLE:  # stopping (or not loaded): ask again later
                         await sink.close(f"{text}\n\n{self._t('kept')}".strip())
                         raise NotNow(event.message)
@@ -398,7 +334,8 @@ class Conversation:
                             event.code, language, message=event.message, retry_after=event.retry_after
                         )
                         await sink.close(f"{text}\n\n{sentence}".strip() if text else sentence)
-            return True
+                    return ""
+            return text
         except BaseException:
             handle.cancel()
             raise

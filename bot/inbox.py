@@ -64,6 +64,7 @@ import orjson
 from bot.store import (
     FINAL,
     PENDING,
+    RATE_WINDOW,
     InboxState,
     InboxStore,
     StorageError,
@@ -78,7 +79,7 @@ log = logging.getLogger("vlbridge.inbox")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 10_000
 SYNC_WITHIN = 1.0  # seconds from a commit to its fsync (durable against a power cut from then on)
 
@@ -108,6 +109,19 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_state ON messages (platform, state, seq);
 CREATE INDEX IF NOT EXISTS messages_chat ON messages (platform, chat_id, seq);
 CREATE INDEX IF NOT EXISTS messages_context ON messages (platform, context_key, seq);
+CREATE TABLE IF NOT EXISTS contexts (                -- version 4: chat memory survives restarts
+    platform     TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    data         BLOB NOT NULL,
+    expires_at   REAL NOT NULL,
+    PRIMARY KEY (platform, key)
+);
+CREATE TABLE IF NOT EXISTS questions (               -- version 4: rate limits survive restarts
+    platform     TEXT NOT NULL,
+    user         TEXT NOT NULL,
+    at           REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS questions_user ON questions (platform, user, at);
 """
 
 _COLUMNS = (
@@ -425,12 +439,62 @@ class InboxDb:
         return [StoredMessage.from_row(row) for row in rows]
 
     def prune(self, now: float) -> int:
-        """Forget finished messages older than the retention (pending ones are kept, however old)."""
+        """Forget finished messages older than the retention (pending ones are kept, however old),
+        expired contexts and questions older than the rate window."""
         cursor = self._db.execute(
             "DELETE FROM messages WHERE platform = ? AND received_at < ? AND state IN (?, ?, ?)",
             (self.platform, now - self.retention, *(s.value for s in FINAL)),
         )
+        self._db.execute("DELETE FROM contexts WHERE platform = ? AND expires_at <= ?", (self.platform, now))
+        self._db.execute(
+            "DELETE FROM questions WHERE platform = ? AND at <= ?", (self.platform, now - RATE_WINDOW)
+        )
         return cursor.rowcount
+
+    # -- conversation memory ----------------------------------------------------------------------
+
+    def load_context(self, key: str, now: float) -> bytes | None:
+        row = self._db.execute(
+            "SELECT data FROM contexts WHERE platform = ? AND key = ? AND expires_at > ?",
+            (self.platform, key, now),
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def save_context(self, key: str, data: bytes, expires_at: float) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO contexts (platform, key, data, expires_at) VALUES (?, ?, ?, ?)",
+            (self.platform, key, data, expires_at),
+        )
+        self._sync.touch()
+
+    def drop_context(self, key: str) -> None:
+        self._db.execute("DELETE FROM contexts WHERE platform = ? AND key = ?", (self.platform, key))
+        self._sync.touch()
+
+    def take_turn(self, user: str, now: float, per_minute: int) -> float | None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "DELETE FROM questions WHERE platform = ? AND user = ? AND at <= ?",
+                (self.platform, user, now - RATE_WINDOW),
+            )
+            count, first = db.execute(
+                "SELECT COUNT(*), MIN(at) FROM questions WHERE platform = ? AND user = ?",
+                (self.platform, user),
+            ).fetchone()
+            if count >= per_minute:
+                db.execute("COMMIT")
+                return RATE_WINDOW - (now - float(first))
+            db.execute(
+                "INSERT INTO questions (platform, user, at) VALUES (?, ?, ?)", (self.platform, user, now)
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._sync.touch()
+        return None
 
 
 class Inbox:

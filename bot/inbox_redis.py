@@ -10,7 +10,9 @@ inbox lives in one slot, so the Lua scripts may touch them all):
 - ``heads``: every conversation with something pending, scored by the ``seq`` of its oldest
   pending message, so `heads` reads one entry per conversation, in arrival order;
 - ``times``: every id by ``received_at`` (`listing` by age, `prune`);
-- ``leases``: the running ids by the end of their lease (`claim` takes over the ended ones).
+- ``leases``: the running ids by the end of their lease (`claim` takes over the ended ones);
+- ``memory:<context_key>``: a conversation's context (a string that expires with it);
+- ``turns:<user>``: a user's questions of the last minute, a sorted set by time (`take_turn`).
 
 Every change of state is one Lua script (atomic on the server): the state is read, checked
 against the expected ones and moved with the sets in one step, so two processes (the worker,
@@ -30,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -40,6 +43,7 @@ import redis
 
 from bot.store import (
     FINAL,
+    RATE_WINDOW,
     InboxState,
     StorageError,
     StoredMessage,
@@ -216,6 +220,20 @@ end
 return n
 """
 
+# ARGV: prefix, user, now, per_minute, window, a unique member. nil when recorded, else the wait.
+_TAKE_TURN = """
+local key = ARGV[1] .. 'turns:' .. ARGV[2]
+local now, window = tonumber(ARGV[3]), tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+if redis.call('ZCARD', key) >= tonumber(ARGV[4]) then
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return tostring(window - (now - tonumber(first[2])))
+end
+redis.call('ZADD', key, now, ARGV[6])
+redis.call('EXPIRE', key, math.ceil(window) + 1)
+return false
+"""
+
 
 def redacted(url: str) -> str:
     """*url* without its password, for log lines and errors."""
@@ -329,6 +347,7 @@ class RedisInboxDb:
         self._claim = script(_CLAIM)
         self._heads = script(_HEADS)
         self._prune = script(_PRUNE)
+        self._take_turn = script(_TAKE_TURN)
 
     def close(self) -> None:
         self._redis.close()
@@ -516,3 +535,24 @@ class RedisInboxDb:
     def prune(self, now: float) -> int:
         cutoff = now - self.retention
         return int(self._prune(args=[self.prefix, repr(float(cutoff)), *(s.value for s in FINAL)]))
+
+    # -- conversation memory ----------------------------------------------------------------------
+
+    @_storage_errors
+    def load_context(self, key: str, now: float) -> bytes | None:
+        data = self._redis.get(self.prefix + "memory:" + key)  # expired ones are gone (PXAT)
+        return data.encode() if isinstance(data, str) else data
+
+    @_storage_errors
+    def save_context(self, key: str, data: bytes, expires_at: float) -> None:
+        self._redis.set(self.prefix + "memory:" + key, data, pxat=max(1, int(expires_at * 1000)))
+
+    @_storage_errors
+    def drop_context(self, key: str) -> None:
+        self._redis.delete(self.prefix + "memory:" + key)
+
+    @_storage_errors
+    def take_turn(self, user: str, now: float, per_minute: int) -> float | None:
+        member = f"{now!r}:{secrets.token_hex(6)}"
+        wait = self._take_turn(args=[self.prefix, user, repr(now), per_minute, RATE_WINDOW, member])
+        return None if wait is None else float(_text(wait))

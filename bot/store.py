@@ -41,6 +41,7 @@ class InboxState(StrEnum):
 
 PENDING = (InboxState.RECEIVED, InboxState.RUNNING)
 FINAL = (InboxState.ANSWERED, InboxState.FAILED, InboxState.IGNORED)
+RATE_WINDOW = 60.0  # seconds: `InboxStore.take_turn` counts the questions of the last minute
 
 
 class StorageError(VlbridgeError):
@@ -203,3 +204,19 @@ class InboxStore(Protocol):
     def prune(self, now: float) -> int:
         """Forget finished messages received before the retention; pending ones are kept,
         however old. Returns how many were forgotten."""
+
+    # -- conversation memory: what the next message of a chat needs, whichever process answers it
+
+    def load_context(self, key: str, now: float) -> bytes | None:
+        """The context saved for conversation *key* (`bot.memory.Context`, encoded), unless it
+        expired before *now*."""
+
+    def save_context(self, key: str, data: bytes, expires_at: float) -> None:
+        """Replace the context of conversation *key*; it is forgotten at *expires_at*."""
+
+    def drop_context(self, key: str) -> None: ...
+
+    def take_turn(self, user: str, now: float, per_minute: int) -> float | None:
+        """The rate limit: record a question of *user* at *now* unless *per_minute* of theirs
+        were recorded in the 60 s before; None when recorded, else the seconds until one is
+        allowed again. Atomic: processes sharing the store share each user's minute."""

@@ -22,6 +22,14 @@ class ChatType(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class PictureRef:
+    """Where a message's pictures are on the platform: enough to download them again later."""
+
+    message_id: str
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class InboundMessage:
     """One user message, as the conversation layer sees it.
 
@@ -47,6 +55,10 @@ class InboundMessage:
     def context_key(self) -> str:
         """Conversations are kept per chat, and per thread inside a chat."""
         return f"{self.chat_id}/{self.thread_id}" if self.thread_id else self.chat_id
+
+    @property
+    def pictures(self) -> PictureRef:
+        return PictureRef(self.message_id, self.image_keys)
 
     @property
     def in_thread(self) -> bool:

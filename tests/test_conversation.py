@@ -1,11 +1,15 @@
-"""Platform-neutral conversation pieces: commands, policy, rate limit, context, watchdog logic."""
+"""Platform-neutral conversation pieces: commands, policy, context, watchdog logic (the rate
+limit is the store's: tests/test_inbox_contract.py)."""
 
 from __future__ import annotations
 
-from bot.conversation import Command, ContextStore, Decision, Policy, RateLimiter, parse_command
+import pytest
+
+from bot.conversation import Command, Decision, Policy, parse_command
 from bot.feishu.monitor import LinkState, Watchdog, WatchdogLimits, WorkerReport, restart_delay
+from bot.memory import Context
 from bot.texts import error_text, text
-from bot.types import ChatType, InboundMessage, MessageKind
+from bot.types import ChatType, InboundMessage, MessageKind, PictureRef
 
 
 def msg(**kw: object) -> InboundMessage:
@@ -45,42 +49,42 @@ def test_policy() -> None:
     )
 
 
-def test_rate_limiter_sliding_window() -> None:
-    now = [0.0]
-    limiter = RateLimiter(2, clock=lambda: now[0])
-    assert limiter.check("a") is None
-    assert limiter.check("a") is None
-    assert limiter.check("a") == 60.0
-    assert limiter.check("b") is None
-    now[0] = 30.0
-    assert limiter.check("a") == 30.0
-    now[0] = 60.0
-    assert limiter.check("a") is None
-
-
-def test_context_keeps_picture_for_follow_ups() -> None:
-    store = ContextStore(max_turns=2)
-    first = store.prompt("c", "what?", [b"png"])
-    store.remember("c", first, "a cat")
-    follow = store.prompt("c", "what colour?", [])
-    assert follow[0].images == (b"png",)
-    assert [t.role for t in follow] == ["user", "assistant", "user"]
+def test_a_context_keeps_its_picture_for_follow_ups() -> None:
+    ref = PictureRef("om_pic", ("img_1",))
+    context = Context(picture=ref)
+    first = context.prompt("what?", [b"png"])
+    assert [(t.role, t.text, t.images) for t in first] == [("user", "what?", (b"png",))]
+    context = context.then("what?", "a cat")
+    follow = context.prompt("what colour?", [b"png"])
+    assert [t.role for t in follow] == ["user", "assistant", "user"] and follow[0].images == (b"png",)
     for n in range(5):
-        prompt = store.prompt("c", f"q{n}", [])
-        store.remember("c", prompt, f"a{n}")
-    turns = store.get("c").turns
-    assert turns[0].images == (b"png",)  # the picture turn survives trimming
-    assert len(turns) == 3
-    store.reset("c")
-    assert store.prompt("c", "hello", []) == store.prompt("other", "hello", [])
+        context = context.then(f"q{n}", f"a{n}", max_exchanges=2)
+    assert [t.text for t in context.turns] == [
+        "what?",
+        "a cat",
+        "q3",
+        "a3",
+        "q4",
+        "a4",
+    ]  # the picture's exchange stays
+    assert Context.decode(context.encode()) == context  # what the store keeps is all of it, without the bytes
+    assert len(context.encode()) < 200
 
 
-def test_context_plain_chat_without_picture() -> None:
-    store = ContextStore()
-    prompt = store.prompt("c", "hello", [])
+def test_a_context_without_picture_keeps_the_last_exchanges() -> None:
+    context = Context()
+    prompt = context.prompt("hello")
     assert len(prompt) == 1 and not prompt[0].images
-    store.remember("c", prompt, "hi there")
-    assert len(store.prompt("c", "again", [])) == 3
+    for n in range(4):
+        context = context.then(f"q{n}", f"a{n}", max_exchanges=2)
+    assert [t.text for t in context.turns] == ["q2", "a2", "q3", "a3"]
+    assert len(context.prompt("again")) == 5
+
+
+def test_a_damaged_context_is_refused() -> None:
+    for data in (b"", b"[]", b'{"turns": 3}', b'{"turns": [], "picture": [1]}'):
+        with pytest.raises(ValueError, match="not a saved context"):
+            Context.decode(data)
 
 
 def test_texts() -> None:

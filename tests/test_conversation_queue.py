@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bot.conversation import Conversation, Decision, Settings
-from bot.types import ChatType, InboundMessage, MessageKind
+from bot.inbox import Inbox
+from bot.memory import Memory
+from bot.types import ChatType, InboundMessage, MessageKind, PictureRef
 from server.inference.echo import EchoEngine
 from server.inference.executor import ExecutorLimits, InferenceExecutor
 
@@ -33,7 +36,7 @@ class Channel:
     sinks: dict[str, Sink] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)
 
-    async def fetch_images(self, message: InboundMessage) -> list[bytes]:
+    async def fetch_images(self, pictures: PictureRef) -> list[bytes]:
         return []
 
     async def reply_text(self, message: InboundMessage, text: str) -> None:
@@ -43,7 +46,7 @@ class Channel:
         return self.sinks.setdefault(message.message_id, Sink())
 
 
-async def test_queue_position_then_answer() -> None:
+async def test_queue_position_then_answer(tmp_path: Path) -> None:
     executor = InferenceExecutor(
         lambda progress: EchoEngine(step_delay=0.005),
         ExecutorLimits(max_batch=1, queue_size=8, request_timeout=30, max_new_tokens=64),
@@ -51,7 +54,10 @@ async def test_queue_position_then_answer() -> None:
     )
     await executor.start()
     await executor.wait_ready(10)
-    conversation = Conversation(executor, Settings(language="zh"))
+    inbox = Inbox.sqlite(tmp_path / "inbox.sqlite3", platform="feishu", retention_hours=1)
+    await inbox.open()
+    memory = Memory(inbox, context_hours=1, rate_per_minute=10)
+    conversation = Conversation(executor, Settings(language="zh"), memory)
     channel = Channel()
     messages = [
         InboundMessage(
@@ -65,6 +71,7 @@ async def test_queue_position_then_answer() -> None:
         )
     finally:
         await executor.stop()
+        await inbox.close()
     assert decisions == [Decision.ANSWER] * 3
     assert {n: channel.sinks[f"om_{n}"].final for n in range(3)} == {
         n: f"echo: question {n}" for n in range(3)

@@ -137,6 +137,31 @@ async def test_rate_limits_retried_and_invalid_token_refreshed(bot: Bot) -> None
     assert bot.fake.records.token_fetches == tokens + 1
 
 
+async def test_a_chat_remembers_its_picture_and_its_minute_across_a_restart(
+    fake_feishu: FakeFeishu, tmp_path: Path
+) -> None:
+    """Context and rate limit live in the store, pictures by reference: a follow-up answered by
+    this process uses the picture it downloaded; after a restart it is downloaded again."""
+    events = fake_feishu.events
+
+    def downloads() -> int:
+        return len(fake_feishu.records.api_calls(Route.MESSAGE_RESOURCE.value))
+
+    async with running_bot(fake_feishu, tmp_path, user_rate_per_minute=3) as bot:
+        picture = await bot.send(events.image("img_m", chat_id="oc_mem"), {"img_m": make_png(48, 32)})
+        assert bot.answer(picture) == "echo: 请描述这张图片。 [48x32]"
+        follow = await bot.send(events.text("and the colour?", chat_id="oc_mem"))
+        assert bot.answer(follow) == "echo: and the colour? [48x32]"
+        assert downloads() == 1
+    async with running_bot(fake_feishu, tmp_path, user_rate_per_minute=3) as bot:
+        after = await bot.send(events.text("still there?", chat_id="oc_mem"))
+        assert bot.answer(after) == "echo: still there? [48x32]"
+        assert downloads() == 2
+        limited = await bot.send(events.text("one more", chat_id="oc_mem"))  # the 4th in a minute
+        assert bot.answer(limited).startswith("你发得有点快了")
+        assert bot.adapter.counts["rate_limited"] == 1
+
+
 @pytest.mark.parametrize("bot", [{"user_rate_per_minute": 1}], indirect=True)
 async def test_per_user_rate_limit(bot: Bot) -> None:
     assert bot.answer(await bot.send(bot.fake.events.text("one"))) == "echo: one"

@@ -277,3 +277,54 @@ def test_a_running_message_whose_lease_ended_is_claimed_by_one_taker(opener: Ope
     other.start("a1", lease_until=10.0)
     other.finish("a1", InboxState.ANSWERED)
     assert "a1" not in [m.message_id for m in mine.claim(now=math.inf, lease_until=1.0)]
+
+
+def test_a_conversations_context_is_shared_replaced_dropped_and_expires(opener: Opener) -> None:
+    now = time.time()
+    db, other = opener(), opener()  # two processes, or one before and after a restart
+    assert db.load_context("oc_1", now) is None
+    db.save_context("oc_1", b'{"turns": 1}', now + 3600)
+    db.save_context("oc_1/omt_1", b'{"thread": 1}', now + 3600)
+    assert other.load_context("oc_1", now) == b'{"turns": 1}'
+    other.save_context("oc_1", b'{"turns": 2}', now + 3600)
+    assert db.load_context("oc_1", now) == b'{"turns": 2}'
+    db.drop_context("oc_1")
+    assert other.load_context("oc_1", now) is None
+    assert other.load_context("oc_1/omt_1", now) == b'{"thread": 1}'  # a thread is its own conversation
+    other.save_context("oc_2", b"old", now - 1)
+    assert db.load_context("oc_2", now) is None
+    db.prune(now)
+    assert db.load_context("oc_1/omt_1", now) == b'{"thread": 1}'
+
+
+def test_a_users_questions_are_counted_over_a_sliding_minute(opener: Opener) -> None:
+    db, other = opener(), opener()
+    t = 10_000.0
+    assert db.take_turn("ou_1", t, 2) is None
+    assert other.take_turn("ou_1", t + 10, 2) is None
+    assert db.take_turn("ou_2", t + 10, 2) is None  # each user their own minute
+    assert other.take_turn("ou_1", t + 20, 2) == pytest.approx(40.0)
+    assert db.take_turn("ou_1", t + 59, 2) == pytest.approx(1.0)  # refusals are not counted
+    assert db.take_turn("ou_1", t + 60, 2) is None  # the first left the window
+    assert db.take_turn("ou_1", t + 61, 2) == pytest.approx(9.0)
+    db.prune(t + 200)
+    assert other.take_turn("ou_1", t + 200, 2) is None
+
+
+def test_racing_questions_from_two_connections_are_each_counted(opener: Opener) -> None:
+    stores = [opener(), opener()]
+    results: list[float | None] = []
+    lock = threading.Lock()
+
+    def ask(store: InboxStore) -> None:
+        for _ in range(6):
+            wait = store.take_turn("ou_race", 5_000.0, 5)
+            with lock:
+                results.append(wait)
+
+    threads = [threading.Thread(target=ask, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results.count(None) == 5 and len(results) == 12

@@ -41,7 +41,8 @@ from bot.feishu.openapi import FeishuApi, FeishuApiError
 from bot.feishu.webhook import Webhook
 from bot.inbox import Inbox, InboxState, StoredMessage
 from bot.inbox_factory import StoreSpec
-from bot.types import ChatType, InboundMessage
+from bot.memory import Memory
+from bot.types import ChatType, InboundMessage, PictureRef
 from server.config import Config
 from server.errors import Unavailable
 from server.inference.api import AnswerSource, ExecutorState
@@ -89,13 +90,13 @@ class FeishuChannel:
         self.max_image_bytes = max_image_bytes
         self.stream_interval = stream_interval
 
-    async def fetch_images(self, message: InboundMessage) -> list[bytes]:
+    async def fetch_images(self, pictures: PictureRef) -> list[bytes]:
         try:
             return list(
                 await asyncio.gather(
                     *(
-                        self.api.download_image(message.message_id, key, max_bytes=self.max_image_bytes)
-                        for key in message.image_keys
+                        self.api.download_image(pictures.message_id, key, max_bytes=self.max_image_bytes)
+                        for key in pictures.keys
                     )
                 )
             )
@@ -155,8 +156,10 @@ class FeishuAdapter:
                     allowed_users=frozenset(feishu.allowed_users),
                     max_message_age=feishu.max_message_age,
                 ),
-                user_rate_per_minute=feishu.user_rate_per_minute,
                 max_images=config.server.max_images,
+            ),
+            Memory(
+                self.inbox, context_hours=feishu.context_hours, rate_per_minute=feishu.user_rate_per_minute
             ),
         )
         self.dispatcher = Dispatcher(
