@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from bot import texts
+from bot.cancels import Cancels, LocalCancels
 from bot.memory import Context, Memory, PictureCache
 from bot.types import ChatType, InboundMessage, MessageKind, PictureRef
 from protocol.v1 import ErrorCode
@@ -147,11 +148,13 @@ class Conversation:
         settings: Settings,
         memory: Memory,
         *,
+        cancels: Cancels | None = None,
         monotonic: Clock = time.monotonic,
     ) -> None:
         self.answers = answers
         self.settings = settings
         self.memory = memory  # contexts and rate limits, in the store every instance shares
+        self.cancels = cancels or LocalCancels()  # /cancel reaches the answer in any instance
         self.pictures = PictureCache()
         self._started = monotonic()
         self._monotonic = monotonic
@@ -213,6 +216,11 @@ class Conversation:
                 del self._locks[message.context_key]
         return decision
 
+    def cancel_local(self, user: str) -> None:
+        """Stop the answers to *user* running in this process (a `/cancel` from any process)."""
+        for handle in list(self._active.get(user, [])):
+            handle.cancel()
+
     async def _command(
         self, message: InboundMessage, channel: ReplyChannel, command: Command, word: str
     ) -> None:
@@ -222,10 +230,12 @@ class Conversation:
             await self.memory.forget(message.context_key)
             reply = self._t("reset")
         elif command is Command.CANCEL:
-            handles = self._active.get(message.sender_id, [])
-            for handle in list(handles):
-                handle.cancel()
-            reply = self._t("cancelled" if handles else "nothing_to_cancel")
+            user = message.sender_id
+            answering = bool(self._active.get(user)) or await self.memory.answering(
+                user, besides=message.message_id
+            )
+            await self.cancels.publish(user)
+            reply = self._t("cancelled" if answering else "nothing_to_cancel")
         elif command is Command.STATUS:
             stats = self.answers.stats()
             uptime = int(self._monotonic() - self._started)

@@ -408,6 +408,13 @@ class InboxDb:
         ).fetchall()
         return [StoredMessage.from_row(row) for row in rows]
 
+    def running_of(self, sender_id: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT message_id FROM messages WHERE platform = ? AND state = ? AND sender_id = ? ORDER BY seq",
+            (self.platform, InboxState.RUNNING.value, sender_id),
+        ).fetchall()
+        return [str(row[0]) for row in rows]
+
     def counts(self) -> dict[str, int]:
         rows = self._db.execute(
             "SELECT state, COUNT(*) FROM messages WHERE platform = ? GROUP BY state", (self.platform,)

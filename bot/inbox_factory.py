@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from bot.cancels import Cancels, LocalCancels
 from bot.inbox import Inbox, InboxDb
 from bot.store import InboxStore
 
@@ -68,6 +69,14 @@ class StoreSpec:
                 self.where, platform=self.platform, retention_hours=self.retention_hours, prefix=self.prefix
             )
         return InboxDb(Path(self.where), platform=self.platform, retention_hours=self.retention_hours)
+
+    def cancels(self) -> Cancels:
+        """How a `/cancel` reaches the services sharing this store."""
+        if self.backend == "redis":
+            from bot.cancels import RedisCancels
+
+            return RedisCancels(self.where, prefix=self.prefix, platform=self.platform)
+        return LocalCancels()
 
     def inbox(self) -> Inbox:
         """The service's inbox. One service per SQLite file (a lock file beside it)."""

@@ -500,6 +500,14 @@ class RedisInboxDb:
         return [_flat_row(row) for row in rows]
 
     @_storage_errors
+    def running_of(self, sender_id: str) -> list[str]:
+        ids = [_text(i) for i in self._redis.zrange(self.prefix + "state:" + InboxState.RUNNING.value, 0, -1)]
+        pipe = self._redis.pipeline(transaction=False)
+        for message_id in ids:
+            pipe.hget(self.prefix + "m:" + message_id, "sender_id")
+        return [mid for mid, sender in zip(ids, pipe.execute(), strict=True) if _text(sender) == sender_id]
+
+    @_storage_errors
     def counts(self) -> dict[str, int]:
         pipe = self._redis.pipeline(transaction=True)
         for state in InboxState:

@@ -149,3 +149,8 @@ class Memory:
         except StorageError as exc:
             log.warning("question of %s not counted (allowed): %s", user, exc)
             return None
+
+    async def answering(self, user: str, *, besides: str) -> bool:
+        """Whether a message of *user* other than *besides* is being answered (by any process)."""
+        running = await self.inbox.run(self.inbox.db.running_of, user)
+        return any(message_id != besides for message_id in running)

@@ -188,6 +188,9 @@ class InboxStore(Protocol):
         """The oldest received message of each conversation that has nothing earlier pending and
         is not in *busy*, in arrival order: what may start now."""
 
+    def running_of(self, sender_id: str) -> list[str]:
+        """The running messages of *sender_id* (in any process sharing the store)."""
+
     def counts(self) -> dict[str, int]:
         """Messages per state, every state present."""
 

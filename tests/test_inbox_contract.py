@@ -328,3 +328,15 @@ def test_racing_questions_from_two_connections_are_each_counted(opener: Opener) 
     for thread in threads:
         thread.join()
     assert results.count(None) == 5 and len(results) == 12
+
+
+def test_the_running_messages_of_a_sender_are_found_from_any_connection(opener: Opener) -> None:
+    db, other = opener(), opener()
+    for mid in ("om_1", "om_2", "om_3"):
+        db.receive(message(mid, chat=f"oc_{mid}"), b"{}", 2000.0)
+    db.start("om_1")
+    other.start("om_3")
+    assert other.running_of("ou_1") == ["om_1", "om_3"]
+    assert db.running_of("ou_other") == []
+    db.finish("om_1", InboxState.ANSWERED)
+    assert other.running_of("ou_1") == ["om_3"]

@@ -161,6 +161,7 @@ class FeishuAdapter:
             Memory(
                 self.inbox, context_hours=feishu.context_hours, rate_per_minute=feishu.user_rate_per_minute
             ),
+            cancels=self.store.cancels(),
         )
         self.dispatcher = Dispatcher(
             self.inbox,
@@ -213,6 +214,7 @@ class FeishuAdapter:
         # predecessor's. A shared one (Redis) may hold live services' messages: only ended leases.
         await self._recover(math.inf if self.store.backend == "sqlite" else self._started_at)
         self._accepting = True
+        self.conversation.cancels.start(self.conversation.cancel_local)
         self.dispatcher.start()
         self._leases = asyncio.get_running_loop().create_task(self._keep_leases(), name="inbox-leases")
         if isinstance(self.receiver, LongConnection):
@@ -245,6 +247,7 @@ class FeishuAdapter:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=1.0)
+        await self.conversation.cancels.stop()
         self.api.close()
         await self.inbox.close()
 
