@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
-import subprocess
-import time
 from typing import Any
 
 import httpx
@@ -16,15 +12,10 @@ import pytest
 from server.health import Status, agent_line, assess
 from server.inference.api import ExecutorState, ExecutorStats
 from server.platform import HttpRequest, HttpResponse, HttpRoute
+from tests.haproxy import free_port, needs_haproxy, run_haproxy
 from tests.serving import make_config, serve, slow_echo
-from tests.waiting import DEADLINE
+from tests.waiting import until_blocking
 from tests.wsclient import Client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def stats(state: ExecutorState = ExecutorState.READY, active: int = 0, queued: int = 0) -> ExecutorStats:
@@ -175,16 +166,13 @@ def test_agent_check_answers_one_line_from_the_load() -> None:
         read_agent(port)
 
 
-@pytest.mark.skipif(
-    shutil.which("haproxy") is None and not os.environ.get("CI"),
-    reason="haproxy is not installed (.ci/system-packages installs it; in CI its absence fails the test)",
-)
+@needs_haproxy
 async def test_a_real_haproxy_takes_the_weight_from_the_agent(tmp_path) -> None:
     agent_port, front_port = free_port(), free_port()
     executor = slow_echo(0.05, max_batch=2)
     with serve(make_config(agent_check_port=agent_port), executor=executor) as running:
         stats_socket = tmp_path / "haproxy.sock"
-        (tmp_path / "haproxy.cfg").write_text(f"""
+        config = f"""
 global
     stats socket {stats_socket} level admin
 defaults
@@ -197,47 +185,20 @@ frontend front
     default_backend vlbridge
 backend vlbridge
     server one 127.0.0.1:{running.port} weight 100 agent-check agent-port {agent_port} agent-inter 100ms
-""")
-        proxy = subprocess.Popen(
-            ["haproxy", "-f", str(tmp_path / "haproxy.cfg"), "-db"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            assert await asyncio.to_thread(wait_weight, stats_socket, lambda w: w == 100)
+"""
+        with run_haproxy(config, tmp_path, front_port, stats_socket) as proxy:
+
+            def weight() -> int:
+                return int(proxy.servers()["one"]["weight"])
+
+            await asyncio.to_thread(until_blocking, lambda: weight() == 100, "the agent's full weight")
             client = await Client.open(running.ws)
             for n in range(3):  # 3 of 2 + 64 places taken: weight 95
                 await client.ask(f"q{n}", "keep the executor busy for a while " * 3)
-            assert await asyncio.to_thread(wait_weight, stats_socket, lambda w: w < 100)
+            await asyncio.to_thread(until_blocking, lambda: weight() < 100, "a lower weight")
             via_proxy = await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{front_port}/health")
             assert via_proxy.status_code == 200
             await client.close()
-        finally:
-            proxy.terminate()
-            proxy.wait(5)
-
-
-def wait_weight(stats_socket, accept) -> bool:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.connect(str(stats_socket))
-                sock.sendall(b"show stat\n")
-                data = b""
-                while chunk := sock.recv(65536):
-                    data += chunk
-        except OSError:
-            time.sleep(0.05)
-            continue
-        lines = data.decode().splitlines()
-        header = lines[0].lstrip("# ").split(",")
-        for line in lines[1:]:
-            row = dict(zip(header, line.split(","), strict=False))
-            if row.get("svname") == "one" and row.get("weight", "").isdigit() and accept(int(row["weight"])):
-                return True
-        time.sleep(0.05)
-    return False
 
 
 def test_loop_metrics_expose_cumulative_buckets_and_counts() -> None:

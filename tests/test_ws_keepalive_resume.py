@@ -9,7 +9,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from protocol.v1 import CloseCode
+from protocol.v1 import HEADER_SESSION, CloseCode
 from tests.serving import make_config, serve, slow_echo
 from tests.waiting import until
 from tests.wsclient import Client
@@ -130,6 +130,27 @@ async def test_a_clean_close_ends_the_session_and_a_resume_takes_over_a_live_con
         await second.close()
         # Closed with 1000: nothing kept for resume (that would keep it for resume_ttl, 300 s).
         await until(lambda: len(running.service.hub.sessions) == 0, "the cleanly closed session to end")
+
+
+async def test_the_handshake_response_names_the_session_for_a_load_balancer() -> None:
+    """X-Vlbridge-Session carries the hello's session: new, resumed, or new after a refused
+    resume (a load balancer must learn that one too). deploy/haproxy/vlbridge.cfg relies on it."""
+    with serve(make_config(resume_ttl=30.0)) as running:
+
+        def named(client: Client) -> str | None:
+            assert client.conn.response is not None
+            return client.conn.response.headers.get(HEADER_SESSION)
+
+        first = await Client.open(running.ws)
+        assert named(first) == first.session
+        first.conn.transport.abort()
+        await until(lambda: running.service.hub.sessions.parked == 1, "the dropped session to be parked")
+        resumed = await Client.open(f"{running.ws}?resume={first.session}&last_seq=0")
+        assert resumed.hello["resumed"] is True and named(resumed) == first.session
+        refused = await Client.open(f"{running.ws}?resume=not-a-session&last_seq=0")
+        assert refused.hello["resumed"] is False and named(refused) == refused.session != first.session
+        await resumed.close()
+        await refused.close()
 
 
 async def test_auth_refuses_the_handshake_without_a_valid_token() -> None:

@@ -17,10 +17,10 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import Send
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from protocol.pictures import PictureRejected, sniff_image
-from protocol.v1 import PROTOCOL_VERSION, QUERY_LAST_SEQ, QUERY_RESUME, CloseCode
+from protocol.v1 import HEADER_SESSION, PROTOCOL_VERSION, QUERY_LAST_SEQ, QUERY_RESUME, CloseCode
 from server import metrics
 from server.answers import Answer
 from server.auth import Refusal
@@ -38,7 +38,7 @@ from server.ws.frames import (
     encode,
     parse_client_frame,
 )
-from server.ws.hub import Hub
+from server.ws.hub import Hub, HubState
 from server.ws.sessions import Session
 from server.ws.state import FloodGate, Keepalive
 from server.ws.transport import FRAMES, SEND_MANY
@@ -52,6 +52,8 @@ CLOSE_ABUSE = (CloseCode.POLICY, CloseCode.TOO_BIG)
 # where an HTTP 403 denial cannot be sent
 _DENIAL_CLOSE = {"unauthorized": CloseCode.UNAUTHORIZED, "forbidden": CloseCode.FORBIDDEN}
 PARSE_IN_THREAD = 256 * 1024  # frames this large are parsed (base64 pictures) off the event loop
+# the session's id in the handshake response, for a load balancer (see websocket_endpoint)
+SESSION_HEADER = HEADER_SESSION.lower().encode()
 
 
 class LinkState(Enum):
@@ -201,7 +203,13 @@ class SocketLink:
 async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
     """Serve one `/ws` connection. *send* is the raw ASGI send: when the server offers the
     `vlbridge.frames` extension (server.ws.transport), ready frames go out in one write and
-    frames come in without a queue."""
+    frames come in without a queue.
+
+    The session is opened (or resumed) before the handshake completes, because the handshake
+    response names it in `X-Vlbridge-Session`: the session, its running answers and its
+    replay log live in this process only, and a load balancer in front of several instances
+    learns the owner from that header and sends the session's ``?resume=`` here
+    (deploy/haproxy/vlbridge.cfg, docs/scaling-websocket.md)."""
     send_many = send if send is not None and FRAMES in ws.scope.get("extensions", {}) else None
     hub: Hub = ws.app.state.hub
     server = hub.config
@@ -222,16 +230,22 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
     except ValueError:
         await _deny(ws, 400, "bad_request", "last_seq must be an integer")
         return
-    await ws.accept()
     if not hub.accepting:
-        metrics.WS_CLOSED.labels(str(CloseCode.RESTART)).inc()
-        await ws.close(CloseCode.RESTART, "server shutting down")
+        await _refuse(ws, CloseCode.RESTART, "server shutting down")
         return
     session, hello = _open_session(hub, owner, resume_id, last_seq)
     if session is None:
         log.warning("refusing a WebSocket session: %d sessions is the limit", server.max_sessions)
-        metrics.WS_CLOSED.labels(str(CloseCode.FULL)).inc()
-        await ws.close(CloseCode.FULL, f"server full ({server.max_sessions} sessions); retry later")
+        await _refuse(ws, CloseCode.FULL, f"server full ({server.max_sessions} sessions); retry later")
+        return
+    try:
+        await ws.accept(headers=[(SESSION_HEADER, session.id.encode())])
+    except BaseException:  # the client left during the handshake (or the server is stopping)
+        _unserved(hub, session, hello["resumed"])
+        raise
+    if hub.state is not HubState.OPEN:  # a drain began while the handshake was sent
+        _unserved(hub, session, False)
+        await _refuse(ws, CloseCode.RESTART, "server shutting down")
         return
     now = time.monotonic()
     conn = SocketLink(
@@ -302,6 +316,27 @@ def _open_session(
     if resumed and session is not None:
         log.info("session %s: resumed after seq %d (now %d)", session.tag, last_seq, session.log.seq)
     return session, hello
+
+
+async def _refuse(ws: WebSocket, code: CloseCode, reason: str) -> None:
+    """Close a connection that gets no session (accepted first: the client reads a close code
+    and reason, as protocol v1 says for 1012 and 1013)."""
+    metrics.WS_CLOSED.labels(str(code)).inc()
+    if ws.application_state is WebSocketState.CONNECTING:
+        await ws.accept()
+    await ws.close(code, reason)
+
+
+def _unserved(hub: Hub, session: Session, keep: bool) -> None:
+    """*session* was opened or resumed for a connection that never served it: park it when
+    *keep* (a resumed one, which its client may resume again) unless a connection still has
+    it, else forget it."""
+    if session.link is not None:  # resumed while an earlier connection still serves it
+        return
+    if keep and hub.accepting:
+        hub.sessions.park(session, time.monotonic())
+    else:
+        hub.sessions.discard(session)
 
 
 async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
