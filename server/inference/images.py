@@ -17,22 +17,12 @@ import io
 import math
 import warnings
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from protocol.pictures import FORMATS, UNREADABLE, ImageLimits, PictureRejected, check_size
 from server.errors import BadImage, RequestError, TooLarge
 
 MIN_SIDE = 32  # one merged vision token is 32x32 pixels
-
-# Pillow decodes, and copies a picture out (`tobytes`, behind `numpy.array(image)`), in blocks of
-# `ImageFile.MAXBLOCK` (64 KiB), letting go of the GIL around each block: ~16 blocks to decode a
-# 1 MB JPEG, ~48 to copy out a 1024x1024 picture. Taking the GIL back after each block waits up
-# to the interpreter's switch interval (5 ms) whenever another thread is running Python (the
-# executor's worker, the event loop): on an H200 host 8 threads prepared 214 pictures/s alone and
-# 10.8 with one busy Python thread beside them (bench/prepare.py). Blocks as large as a picture
-# allowed here (`ImageLimits.max_pixels` x 3 bytes) make that one wait per step. Process-wide, on
-# purpose: the block is only a buffer size, and every decoder in the process gains.
-ImageFile.MAXBLOCK = max(ImageFile.MAXBLOCK, 8 * 2**20)
 
 
 def _flatten(image: Image.Image) -> Image.Image:
