@@ -5,7 +5,8 @@
 #      arriving-pictures scenarios; the server's timing lines (server/inference/profile.py)
 #   2. teacher forcing for 2B (bench/gpu_check.py): the engine's logits against stock
 #      transformers on the GPU; `GPU_CHECK=1` runs the whole 2B check (kernels, engine vs generate)
-#   3. bench/serve.py, 8B then 30B-A3B at c=64, random weights built in GPU memory (30B-A3B's
+#   3. bench/prepare.py: picture preparation on 8 threads (pictures/s) and the device's share
+#   4. bench/serve.py, 8B then 30B-A3B at c=64, random weights built in GPU memory (30B-A3B's
 #      58 GiB would not fit on the disk): executor in process, then the service over WebSocket
 # The 8B/30B-A3B teacher forcing passed on 2026-11-30 and is not rerun.
 # `PROBE=1` ends with bench/prefill_probe.py (masked attention at new shapes, follow-up prefill,
@@ -65,6 +66,11 @@ else
   step 50 "teacher forcing 2b" python3 bench/gpu_check.py --model 2b --teacher-forcing-only \
     --out "$OUT/gpu_check-2b.json"
 fi
+# Picture preparation alone (bench/prepare.py): 8 threads like the server's picture pool, then
+# with one more thread spinning in Python (the worker and the event loop want the GIL too).
+step 45 "prepare" python3 bench/prepare.py --device cuda --threads 8 --pictures 48 --out "$OUT/prepare.json"
+step 45 "prepare, busy" python3 bench/prepare.py --device cuda --threads 8 --pictures 48 --busy \
+  --out "$OUT/prepare-busy.json"
 if [ "${ONLY_2B:-0}" != 1 ]; then
   step 140 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
     --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"

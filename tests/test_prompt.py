@@ -26,10 +26,9 @@ def _quadratic(builder: PromptBuilder, turns: list[Turn]) -> Prompt:
     """The builder's former algorithm, kept as the reference: drop one exchange, rebuild it all."""
     turns = list(turns)
     while True:
-        pixels, grid = builder._pictures(turns, keep_going)
-        attempt = builder._build(turns, pixels, grid)
+        attempt = builder._build(turns, builder._pictures(turns, keep_going))
         if isinstance(attempt, Prompt):
-            return builder._finish(attempt)
+            return attempt
         first_user = next((i for i, t in enumerate(turns) if t.role == "user"), len(turns))
         if len(turns) - first_user <= 1:
             raise attempt
@@ -68,11 +67,11 @@ def test_dropping_keeps_the_newest_turns_exactly_as_before(builder: PromptBuilde
     assert isinstance(got, Prompt)
     assert got.input_ids == expected.input_ids
     assert got.image_tokens == expected.image_tokens
-    if expected.pixel_values is None:
-        assert got.pixel_values is None and got.image_grid_thw is None
+    if expected.image_grid_thw is None:
+        assert got.pixel_values() is None and got.image_grid_thw is None
     else:
-        assert got.pixel_values is not None and got.image_grid_thw is not None
-        assert torch.equal(got.pixel_values, expected.pixel_values)
+        assert got.image_grid_thw is not None
+        assert torch.equal(got.pixel_values(), expected.pixel_values())
         assert torch.equal(got.image_grid_thw, expected.image_grid_thw)
 
 
@@ -113,9 +112,8 @@ def test_a_follow_up_takes_its_pictures_from_the_cache_with_the_same_values(demo
         ours, reference = cached.build(turns), uncached.build(turns)
         assert ours.input_ids == reference.input_ids
         assert ours.image_grid_thw is not None and reference.image_grid_thw is not None
-        assert ours.pixel_values is not None and reference.pixel_values is not None
         assert torch.equal(ours.image_grid_thw, reference.image_grid_thw)
-        assert torch.equal(ours.pixel_values, reference.pixel_values)
+        assert torch.equal(ours.pixel_values(), reference.pixel_values())
     assert cached.picture_hits == 2 + 3  # the first question again, then the follow-up's three
     assert uncached.picture_hits == 0
 
@@ -124,9 +122,8 @@ def test_the_picture_cache_keeps_the_most_recent_within_its_budget(demo_model_di
     loaded = load_model(str(demo_model_dir), "cpu", "float32")
     one = PromptBuilder(loaded, ImageLimits(), 4096)
     red, blue = make_png(96, 64, (200, 40, 40)), make_png(96, 64, (40, 40, 200))
-    pixels = one.build([Turn.user("?", [red])]).pixel_values
-    assert pixels is not None
-    one.picture_cache_bytes = pixels.nbytes  # room for one picture of this size
+    pictures = one.build([Turn.user("?", [red])]).pictures
+    one.picture_cache_bytes = pictures[0].nbytes  # room for one picture of this size
     one.build([Turn.user("?", [blue])])  # evicts red
     one.build([Turn.user("?", [blue])])
     assert one.picture_hits == 1

@@ -12,6 +12,7 @@ from PIL import Image
 from protocol.pictures import ImageLimits
 from server.inference.api import Turn
 from server.inference.model.model_engine import EngineOptions, ModelEngine
+from server.inference.model.pixels import patches
 from server.inference.model.vision import VisionEncoder
 from tests.conftest import make_png
 
@@ -38,7 +39,9 @@ def test_precomputed_grid_tensors_give_the_stock_encoder_output_exactly(demo_mod
     ours = encoder.encode(batch, engine.runner.device, engine.runner.dtype)
     assert encoder.precompute  # the precomputed path ran: it did not fall back to the stock one
     stock = engine.model.model.get_image_features(
-        torch.cat([p.pixels for p in batch]), torch.cat([p.grid for p in batch]), return_dict=True
+        patches([p.decoded for p in batch], "cpu", torch.float32),
+        torch.cat([p.grid for p in batch]),
+        return_dict=True,
     )
     for number, encoded in enumerate(ours):
         assert torch.equal(encoded.embeds, stock.pooler_output[number])

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -236,14 +235,10 @@ class ModelEngine:
         M-RoPE positions, each picture's content hash and tokens, the prefix-cache keys. *check* is
         called between the builder's stages (it raises to stop a cancelled preparation)."""
         prompt = self.runner.prompts.build(messages, check)
-        digests = [
-            hashlib.blake2b(data, digest_size=16).digest() for turn in messages for data in turn.images
-        ]
-        count = 0 if prompt.image_grid_thw is None else int(prompt.image_grid_thw.shape[0])
-        digests = digests[len(digests) - count :]  # the builder drops the oldest turns first
+        digests = [picture.digest for picture in prompt.pictures]  # the builder hashed them once
         ident = identity(prompt.input_ids, self.runner.prompts.image_token_id, digests)
         ids = torch.tensor([prompt.input_ids])
-        if count:
+        if digests:
             positions, deltas = self.runner.model.model.get_rope_index(
                 ids,
                 mm_token_type_ids=(ids == self.runner.prompts.image_token_id).int(),
@@ -253,16 +248,10 @@ class ModelEngine:
         else:
             positions = torch.arange(len(prompt)).expand(3, -1)
             next_position = len(prompt)
-        pictures: list[_PromptPicture] = []
-        patches = 0
-        for number, digest in enumerate(digests):
-            assert prompt.image_grid_thw is not None and prompt.pixel_values is not None
-            grid = prompt.image_grid_thw[number : number + 1]
-            size = int(grid.prod())
-            start = ident.index(picture_token(digest))
-            pixels = prompt.pixel_values[patches : patches + size]
-            pictures.append(_PromptPicture(start, Picture(digest, pixels, grid)))
-            patches += size
+        pictures = [
+            _PromptPicture(ident.index(picture_token(digest)), Picture(digest, decoded))
+            for digest, decoded in zip(digests, prompt.pictures, strict=True)
+        ]
         data = _Prompt(prompt, ident, full_block_keys(ident), positions, next_position, pictures)
         return PreparedPrompt(len(prompt), prompt.image_tokens, data)
 

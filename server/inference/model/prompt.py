@@ -1,13 +1,14 @@
 """Turn a conversation (text and pictures) into model inputs.
 
-This is the processor's job, done without torchvision: render the chat template,
-preprocess pictures with the image processor, expand each picture placeholder into its
-visual tokens and tokenize. It runs on a preprocessing thread, off the model's thread.
+This is the processor's job, done without torchvision: render the chat template, decode
+pictures and size their patch grids, expand each picture placeholder into its visual tokens
+and tokenize. It runs on a preprocessing thread, off the model's thread. The rest of the image
+processor's work (resize, normalize, patchify) is left to the device, at prefill
+(`pixels.patches`): on these threads it cost several times the decoding and held a core.
 
-Preprocessed pictures are kept by content hash (`PICTURE_CACHE_BYTES`): every follow-up
-question of a conversation carries its pictures again, and decoding plus the image processor
-(~35 ms for a 1024x1024 JPEG on an H200 host, alone; several times that under load) would
-otherwise be most of a text follow-up's time to first token.
+Decoded pictures are kept by content hash (`PICTURE_CACHE_BYTES`): every follow-up question
+of a conversation carries its pictures again, and decoding them again would otherwise be most
+of a text follow-up's preparation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
 from protocol.pictures import ImageLimits
 from server.errors import BadImage, TooLarge
@@ -28,9 +28,10 @@ from server.inference.engine import Check, keep_going
 from server.inference.images import decode_image
 
 from .loader import LoadedModel
+from .pixels import Decoded, PixelSpec, patches
 
 IMAGE_PAD = "<|image_pad|>"
-PICTURE_CACHE_BYTES = 256 * 2**20  # preprocessed pictures kept (in the model's dtype): ~20 of 1024x1024
+PICTURE_CACHE_BYTES = 256 * 2**20  # decoded pictures kept (uint8): ~80 of 1024x1024
 
 
 @dataclass
@@ -38,12 +39,18 @@ class Prompt:
     """Model inputs for one request, on the CPU."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # (patches, channels*temporal*patch*patch)
+    pictures: list[Decoded]  # in the order of their tokens, each with its digest
     image_grid_thw: torch.Tensor | None  # (images, 3)
     image_tokens: int
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def pixel_values(
+        self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor | None:
+        """The processor's `pixel_values` for these pictures, made on *device* (see `pixels.patches`)."""
+        return patches(self.pictures, device, dtype) if self.pictures else None
 
 
 class PromptBuilder:
@@ -58,16 +65,16 @@ class PromptBuilder:
     ) -> None:
         self.tokenizer = loaded.tokenizer
         self.image_processor = loaded.image_processor
+        self.spec = PixelSpec.of(self.image_processor, limits.max_pixels)
         self.chat_template = loaded.chat_template
         self.limits = limits
         self.max_context_tokens = max_context_tokens
-        self.merge = int(getattr(self.image_processor, "merge_size", 2))
-        self.dtype = loaded.dtype
-        self.pin = loaded.device.type == "cuda"
+        self.merge = self.spec.merge
+        self.pin = loaded.device.type == "cuda"  # kept pinned: copied to the device without waiting
         self.image_token_id = int(loaded.model.config.image_token_id)
         self.picture_cache_bytes = picture_cache_bytes
         self.picture_hits = 0  # pictures taken from the cache (tests, benchmarks)
-        self._cache: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache: OrderedDict[bytes, Decoded] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
 
@@ -80,13 +87,11 @@ class PromptBuilder:
             rendered.append({"role": turn.role, "content": parts})
         return rendered
 
-    def _pictures(self, turns: list[Turn], check: Check) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Every picture of *turns*, preprocessed once (or taken from the cache), in order."""
+    def _pictures(self, turns: list[Turn], check: Check) -> list[Decoded]:
+        """Every picture of *turns*, decoded once (or taken from the cache), in order."""
         datas = [img for turn in turns for img in turn.images]
-        if not datas:
-            return None, None
         digests = [hashlib.blake2b(data, digest_size=16).digest() for data in datas]
-        found: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        found: dict[bytes, Decoded] = {}
         with self._lock:
             for digest in digests:
                 entry = self._cache.get(digest)
@@ -94,48 +99,32 @@ class PromptBuilder:
                     self._cache.move_to_end(digest)
                     found[digest] = entry
                     self.picture_hits += 1
-        missing: dict[bytes, tuple[int, bytes]] = {}  # each picture not cached, once, by its first place
+        decoded: list[tuple[bytes, Decoded]] = []
         for number, (data, digest) in enumerate(zip(datas, digests, strict=True), start=1):
-            if digest not in found and digest not in missing:
-                missing[digest] = (number, data)
-        if missing:
-            images: list[Image.Image] = []
-            for number, data in missing.values():
-                check()
-                try:
-                    images.append(decode_image(data, self.limits))
-                except (BadImage, TooLarge) as exc:
-                    raise type(exc)(f"picture {number}: {exc.message}") from None
+            if digest in found:
+                continue
             check()
-            factor = 16 * self.merge
-            features = self.image_processor(
-                images=images,
-                size={"shortest_edge": factor * factor, "longest_edge": self.limits.max_pixels},
-                return_tensors="pt",
-            )
-            # In the model's dtype: half the bytes to keep and to move for bf16 models.
-            pixels = (
-                features["pixel_values"].to(self.dtype).split(features["image_grid_thw"].prod(-1).tolist())
-            )
-            for digest, values, grid in zip(missing, pixels, features["image_grid_thw"], strict=True):
-                # A copy when the batch held several: a view would keep the whole batch alive.
-                found[digest] = (values if len(missing) == 1 else values.clone(), grid[None])
-            self._keep([(digest, found[digest]) for digest in missing])
-        return (
-            torch.cat([found[d][0] for d in digests]),
-            torch.cat([found[d][1] for d in digests]),
-        )
+            try:
+                picture = Decoded.of(decode_image(data, self.limits), self.spec, digest)
+            except (BadImage, TooLarge) as exc:
+                raise type(exc)(f"picture {number}: {exc.message}") from None
+            except ValueError as exc:  # no patch grid fits it (smart_resize: aspect ratio over 200)
+                raise BadImage(f"picture {number}: {exc}") from None
+            found[digest] = picture.pinned() if self.pin else picture
+            decoded.append((digest, found[digest]))
+        self._keep(decoded)
+        return [found[d] for d in digests]
 
-    def _keep(self, entries: list[tuple[bytes, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    def _keep(self, entries: list[tuple[bytes, Decoded]]) -> None:
         with self._lock:
             for digest, entry in entries:
-                size = entry[0].nbytes
+                size = entry.nbytes
                 if size > self.picture_cache_bytes or digest in self._cache:
                     continue
                 self._cache[digest] = entry
                 self._cache_bytes += size
             while self._cache_bytes > self.picture_cache_bytes:
-                _, (old, _) = self._cache.popitem(last=False)
+                _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.nbytes
 
     def build(self, turns: list[Turn], check: Check = keep_going) -> Prompt:
@@ -151,60 +140,40 @@ class PromptBuilder:
         whatever *check* raises (it is called between stages).
         """
         turns = list(turns)
-        pixels, grid = self._pictures(turns, check)
+        pictures = self._pictures(turns, check)
         plan = _DropPlan(turns)
-        first = self._attempt(plan.kept(0), pixels, grid, check)
+        first = self._attempt(plan.kept(0), pictures, check)
         if isinstance(first, Prompt):
-            return self._finish(first)
+            return first
         best, over = None, first
         low, high = 1, plan.steps  # the fewest drops that fit lie in [low, high], if anywhere
         while low <= high:
             middle = (low + high) // 2
-            attempt = self._attempt(plan.kept(middle), pixels, grid, check)
+            attempt = self._attempt(plan.kept(middle), pictures, check)
             if isinstance(attempt, Prompt):
                 best, high = attempt, middle - 1
             else:
                 over, low = attempt, middle + 1
         if best is None:
             raise over  # even the last turn alone is too long
-        return self._finish(best)
-
-    def _finish(self, prompt: Prompt) -> Prompt:
-        if prompt.pixel_values is not None and self.pin:
-            prompt.pixel_values = prompt.pixel_values.pin_memory()
-        return prompt
+        return best
 
     def _attempt(
-        self,
-        kept: list[tuple[Turn, int]],
-        pixels: torch.Tensor | None,
-        grid: torch.Tensor | None,
-        check: Check,
+        self, kept: list[tuple[Turn, int]], pictures: list[Decoded], check: Check
     ) -> Prompt | TooLarge:
         """The prompt of the *kept* turns (each with the index of its first picture), or why not."""
         check()
-        chosen = [first + n for turn, first in kept for n in range(len(turn.images))]
-        if pixels is not None and grid is not None and chosen and len(chosen) < len(grid):
-            sizes = [int(t * h * w) for t, h, w in grid.tolist()]
-            offsets = [0]
-            for size in sizes:
-                offsets.append(offsets[-1] + size)
-            pixels = torch.cat([pixels[offsets[i] : offsets[i + 1]] for i in chosen])
-            grid = grid[chosen]
-        elif not chosen:
-            pixels, grid = None, None
-        return self._build([turn for turn, _ in kept], pixels, grid)
+        chosen = [pictures[first + n] for turn, first in kept for n in range(len(turn.images))]
+        return self._build([turn for turn, _ in kept], chosen)
 
-    def _build(
-        self, turns: list[Turn], pixel_values: torch.Tensor | None, grid: torch.Tensor | None
-    ) -> Prompt | TooLarge:
+    def _build(self, turns: list[Turn], pictures: list[Decoded]) -> Prompt | TooLarge:
         text: str = self.tokenizer.apply_chat_template(
             self._messages(turns),
             chat_template=self.chat_template,
             tokenize=False,
             add_generation_prompt=True,
         )
-        counts = [] if grid is None else [int(t * h * w) // (self.merge**2) for t, h, w in grid.tolist()]
+        counts = [picture.patch_count // (self.merge**2) for picture in pictures]
         pieces = text.split(IMAGE_PAD)
         if len(pieces) - 1 != len(counts):
             raise BadImage(f"the chat template placed {len(pieces) - 1} pictures, expected {len(counts)}")
@@ -217,7 +186,8 @@ class PromptBuilder:
                 f"the conversation is {len(ids)} tokens; the model accepts {self.max_context_tokens}. "
                 "Start a new conversation or send a smaller picture."
             )
-        return Prompt(ids, pixel_values, grid, sum(counts))
+        grid = torch.cat([picture.grid for picture in pictures]) if pictures else None
+        return Prompt(ids, pictures, grid, sum(counts))
 
 
 class _DropPlan:

@@ -11,6 +11,7 @@ from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
 
 from .loader import LoadedModel, load_model
+from .pixels import patches
 from .prompt import Prompt, PromptBuilder
 
 log = logging.getLogger("vlbridge.model")
@@ -51,13 +52,11 @@ class ModelRunner:
             "attention_mask": mask.to(self.device),
             "mm_token_type_ids": (ids == self.prompts.image_token_id).int().to(self.device),
         }
-        pictures = [p for p in prompts if p.pixel_values is not None]
+        pictures = [picture for prompt in prompts for picture in prompt.pictures]
         if pictures:
-            # Pictures come pinned and in the model's dtype from the preprocessing threads: copy each
-            # asynchronously, join on the device.
-            pixels = [p.pixel_values.to(self.device, self.dtype, non_blocking=True) for p in pictures]  # type: ignore[union-attr]
-            inputs["pixel_values"] = torch.cat(pixels)
-            inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in pictures]).to(self.device)
+            # Decoded pictures come pinned from the preprocessing threads: patches made on the device.
+            inputs["pixel_values"] = patches(pictures, self.device, self.dtype)
+            inputs["image_grid_thw"] = torch.cat([p.grid for p in pictures]).to(self.device)
         return inputs
 
     @torch.inference_mode()

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
+from .pixels import Decoded, patches
+
 log = logging.getLogger("vlbridge.model.vision")
 
 
@@ -31,11 +33,15 @@ class Encoded:
 
 @dataclass
 class Picture:
-    """One picture of a prompt, to encode: its hash, patches (pinned, CPU) and grid (t, h, w)."""
+    """One picture of a prompt, to encode: its hash and its decoded pixels (CPU, pinned on CUDA)."""
 
     digest: bytes
-    pixels: torch.Tensor
-    grid: torch.Tensor  # (1, 3)
+    decoded: Decoded
+
+    @property
+    def grid(self) -> torch.Tensor:
+        """(1, 3): the picture's (frames, rows, columns) of patches."""
+        return self.decoded.grid
 
 
 class VisionEncoder:
@@ -51,7 +57,8 @@ class VisionEncoder:
         self.precompute = True  # see _run; off for good if this transformers refuses the tensors
 
     def encode(self, pictures: list[Picture], device: torch.device, dtype: torch.dtype) -> list[Encoded]:
-        """The encoder outputs of *pictures*, in order; the ones not cached run in one batch."""
+        """The encoder outputs of *pictures*, in order; the ones not cached run in one batch, their
+        patches made on *device* first (`pixels.patches`: cached pictures cost not even that)."""
         found: dict[bytes, Encoded] = {}
         missing: list[Picture] = []
         for picture in pictures:
@@ -86,7 +93,7 @@ class VisionEncoder:
         """
         visual = self._model.model.visual
         grid = torch.cat([p.grid for p in pictures])
-        pixels = torch.cat([p.pixels.to(device, dtype, non_blocking=True) for p in pictures])
+        pixels = patches([p.decoded for p in pictures], device, dtype)
         merge = int(visual.spatial_merge_size)
         precomputed: dict[str, Any] = {
             "position_ids": get_vision_position_ids(grid, merge).to(device, non_blocking=True)
@@ -109,7 +116,7 @@ class VisionEncoder:
         self, pictures: list[Picture], device: torch.device, dtype: torch.dtype
     ) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
         """transformers' own `get_image_features`."""
-        pixels = torch.cat([p.pixels.to(device, dtype, non_blocking=True) for p in pictures])
+        pixels = patches([p.decoded for p in pictures], device, dtype)
         grid = torch.cat([p.grid for p in pictures]).to(device)
         out = self._model.model.get_image_features(pixels, grid, return_dict=True)
         return tuple(out.pooler_output), [tuple(level) for level in out.deepstack_features]
