@@ -16,6 +16,8 @@ random), two services with both long connections up before anything is sent. Che
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -160,6 +162,48 @@ def test_fifty_pictures_delivered_three_times_each_get_fifty_answers_in_order(
     for chat in chats:
         for before, after in itertools.pairwise(cards[mid] for mid in order[chat]):
             assert answer_began(after) > closed_at(before), f"{chat}: an answer began before the last ended"
+
+
+@pytest.mark.timeout(600)
+def test_a_text_answered_by_the_other_instance_sees_the_picture(
+    echo_pair: tuple[FakeFeishu, tuple[Service, Service]],
+) -> None:
+    """The chat's context (the last picture) belongs to the deployment: the instance that did
+    not answer the picture answers the question about it as if it had."""
+    fake, services = echo_pair
+    chat, user = "oc_two_follow_up", User(name="asks twice")
+    picture = fake.events.image("img_follow", chat_id=chat, sender=user)
+    fake.push_event(picture, resources={"img_follow": make_png(52, 36)})
+    until_blocking(lambda: answered_once(fake, [message_id(picture)]), "the picture's answer", 4 * DEADLINE)
+    [first] = handled_by(services, message_id(picture))
+    already = duplicates(services)
+    # The instance that answered the picture stops (process group SIGSTOP): it takes nothing
+    # from the inbox; a delivery to its connection goes unacknowledged and is retried until
+    # it reaches the other instance.
+    os.killpg(services[first].process.pid, signal.SIGSTOP)
+    try:
+        question = fake.events.text("and what is in it?", chat_id=chat, sender=user)
+        event_id = fake.push_event(question, retry_unacked_after_s=0.5, max_retries=200)
+        cards = until_blocking(
+            lambda: answered_once(fake, [message_id(question)]), "the question's answer", 4 * DEADLINE
+        )
+    finally:
+        os.killpg(services[first].process.pid, signal.SIGCONT)
+    assert handled_by(services, message_id(question)) == [1 - first]
+    # What the stopped instance read meanwhile is a redelivery once it runs again.
+    until_blocking(
+        lambda: len(fake.records.acks(event_id)) == len(fake.records.deliveries(event_id)),
+        "every delivery acknowledged",
+        poll=0.05,
+    )
+    unanswered = len(fake.records.deliveries(event_id)) - 1
+    until_blocking(
+        lambda: duplicates(services) - already == unanswered, "the redeliveries recognised", poll=0.1
+    )
+    answer = cards[message_id(question)].final_text
+    assert answer == "echo: and what is in it? [52x36]", (
+        f"the other instance did not see the picture: {answer!r}"
+    )
 
 
 @pytest.mark.timeout(600)
