@@ -6,12 +6,14 @@ against a running ``FakeFeishu`` on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import lark_oapi as lark
 import pytest
 from lark_oapi.api.cardkit.v1 import (
@@ -40,6 +42,8 @@ from lark_oapi.api.im.v1 import (
 )
 from lark_oapi.core.token import TokenManager
 from lark_oapi.ws.pb.pbbp2_pb2 import Frame
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from tests.fakefeishu import (
     RATE_LIMITED,
@@ -53,7 +57,7 @@ from tests.fakefeishu import (
     post_img,
 )
 from tests.fakefeishu.webhook import build_request
-from tests.waiting import until_blocking
+from tests.waiting import DEADLINE, until_blocking
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"fake picture bytes" * 10
 
@@ -589,6 +593,102 @@ def test_ws_unanswered_pings_go_unnoticed(
     # The SDK never checks for pongs: a half-dead socket looks alive to it (a watchdog must notice).
     [conn] = fake_feishu.records.connections()
     assert conn.open
+
+
+class RawClient:
+    """A second client of the same app without the SDK (which allows one per process): discovery,
+    then the socket; it records each event frame and acknowledges it with 200, or never (*acks*
+    False: a client whose process stalled after reading)."""
+
+    def __init__(self, fake: FakeFeishu, *, acks: bool = True) -> None:
+        body = {"AppID": fake.app_id, "AppSecret": fake.app_secret}
+        answer = httpx.post(f"{fake.url}/callback/ws/endpoint", json=body, timeout=DEADLINE).json()
+        self.ws = connect(answer["data"]["URL"], open_timeout=DEADLINE)
+        self.acks = acks
+        self.frame_ids: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="raw-ws-client", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            for data in self.ws:
+                assert isinstance(data, bytes)
+                frame = frames.parse_frame(data)
+                if frame.method is frames.FrameMethod.DATA:
+                    self.frame_ids.append(frame.message_id)
+                    if self.acks:
+                        self.ws.send(frames.ack_frame(data))
+
+    def close(self) -> None:
+        self.ws.close()
+        self._reader.join(DEADLINE)
+
+
+@pytest.fixture
+def raw_client(fake_feishu: FakeFeishu) -> Iterator[Callable[..., RawClient]]:
+    started: list[RawClient] = []
+
+    def start(**kwargs: Any) -> RawClient:
+        started.append(RawClient(fake_feishu, **kwargs))
+        return started[-1]
+
+    yield start
+    for client in started:
+        client.close()
+
+
+def two_clients(
+    fake: FakeFeishu, lark_ws: Callable[..., LarkWsThread], raw_client: Callable[..., RawClient], **kw: Any
+) -> tuple[str, str]:
+    """The SDK's client and a raw one connected to *fake*; their connection ids (SDK's first)."""
+    lark_ws(Inbox().handler())
+    [sdk] = fake.wait_until(fake.records.open_connections, what="the SDK's connection")
+    raw_client(**kw)
+    conns = fake.wait_until(lambda: fake.records.open_connections()[1:], what="the second connection")
+    return sdk.conn_id, conns[0].conn_id
+
+
+def test_ws_cluster_mode_spreads_events_and_their_copies(
+    fake_feishu: FakeFeishu, lark_ws: Callable[..., LarkWsThread], raw_client: Callable[..., RawClient]
+) -> None:
+    """Several clients of one app: each delivery goes to one of them at random, copies too."""
+    conns = set(two_clients(fake_feishu, lark_ws, raw_client))
+    singles = [fake_feishu.push_event(fake_feishu.events.text(f"single {i}")) for i in range(20)]
+    tripled = [fake_feishu.push_event(fake_feishu.events.text(f"x3 {i}"), copies=3) for i in range(20)]
+    acked = lambda: all(len(fake_feishu.records.acks(e)) == 1 for e in singles) and all(  # noqa: E731
+        len(fake_feishu.records.acks(e)) == 3 for e in tripled
+    )
+    fake_feishu.wait_until(acked, what="every delivery acknowledged")
+
+    deliveries = fake_feishu.records.deliveries()
+    assert {d.conn_id for d in deliveries if d.event_id in singles} == conns, "all went to one client"
+    assert all(len(fake_feishu.records.deliveries(e)) == 1 for e in singles)
+    copies_to = [{d.conn_id for d in fake_feishu.records.deliveries(e)} for e in tripled]
+    assert any(to == conns for to in copies_to), "no event's copies were spread over both clients"
+    assert {a.conn_id for a in fake_feishu.records.acks()} == conns
+
+
+def test_ws_cluster_mode_redelivers_an_unacked_event_to_another_client(
+    fake_feishu: FakeFeishu, lark_ws: Callable[..., LarkWsThread], raw_client: Callable[..., RawClient]
+) -> None:
+    """A client that never acknowledges (stalled) gets its events again elsewhere: each retry
+    picks a connection at random anew, until a code-200 ack ends the retries."""
+    sdk, stalled = two_clients(fake_feishu, lark_ws, raw_client, acks=False)
+    events = [
+        fake_feishu.push_event(fake_feishu.events.text(f"q {i}"), retry_unacked_after_s=0.3, max_retries=100)
+        for i in range(20)
+    ]
+    fake_feishu.wait_until(
+        lambda: all(fake_feishu.records.acks(e) for e in events), what="every event acked by the SDK"
+    )
+
+    to_stalled = [e for e in events if fake_feishu.records.deliveries(e)[0].conn_id == stalled]
+    assert to_stalled, "no event went to the stalled client first: nothing was tested"
+    for event_id in to_stalled:
+        deliveries = fake_feishu.records.deliveries(event_id)
+        assert [d.attempt for d in deliveries] == list(range(1, len(deliveries) + 1))
+        assert sdk in {d.conn_id for d in deliveries}
+        assert {(a.conn_id, a.code) for a in fake_feishu.records.acks(event_id)} == {(sdk, 200)}
 
 
 # -- (c) webhook mode through EventDispatcherHandler ------------------------------------------------

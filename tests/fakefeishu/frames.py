@@ -192,3 +192,15 @@ def event_frames(
             )
         )
     return frames
+
+
+def ack_frame(data: bytes, code: int = 200, biz_rt_ms: int = 0) -> bytes:
+    """What a client sends back for the data frame *data*: the same frame (headers kept, a
+    ``biz_rt`` added) with the payload ``{"code": code}``, as ``lark_oapi.ws.client`` does. For
+    test clients that speak the protocol without the SDK (it allows one client per process)."""
+    frame = Frame()
+    frame.ParseFromString(data)
+    header = frame.headers.add()
+    header.key, header.value = "biz_rt", str(biz_rt_ms)
+    frame.payload = json.dumps({"code": code}).encode()
+    return bytes(frame.SerializeToString())

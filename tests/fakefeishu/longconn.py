@@ -10,6 +10,9 @@ from other threads only through ``ServerThread.call``. What it does, as the plat
 - each pushed event goes to ONE randomly chosen open connection; with none open it waits for the
   next connection; it may be split over several frames, delivered several times, and delivered again
   while unacknowledged (the platform's retry schedule, compressed);
+- cluster mode: with several clients of one app connected (several bridge instances), every
+  delivery of an event, each copy and each retry, picks its connection anew at random, so a
+  retry of an event a stalled client never acknowledged may reach another client;
 - every acknowledgement is recorded with its code and its latency from the first frame written.
 """
 
