@@ -366,6 +366,15 @@ class InboxDb:
         if reply_id is not None:
             self._set(message_id, "reply_id = ?", reply_id)
 
+    def claim_card(self, message_id: str, card_id: str) -> tuple[str, int]:
+        row = self._db.execute(
+            "UPDATE messages SET card_id = CASE card_id WHEN '' THEN ? ELSE card_id END"
+            " WHERE platform = ? AND message_id = ? RETURNING card_id, sequence",
+            (card_id, self.platform, message_id),
+        ).fetchone()
+        self._sync.touch()
+        return (str(row[0]), int(row[1])) if row else ("", 0)
+
     def reserve_sequence(self, message_id: str, upto: int) -> None:
         """Record that CardKit sequences up to *upto* may have been used on this message's card."""
         self._set(message_id, "sequence = MAX(sequence, ?)", upto)

@@ -127,6 +127,14 @@ return {1, redis.call('HGETALL', key)}
 )
 
 # ARGV: prefix, message_id, field/value pairs: set on an existing message only.
+# ARGV: prefix, message_id, card_id. The card recorded now and its sequence ({} when unknown).
+_CLAIM_CARD = """
+local key = ARGV[1] .. 'm:' .. ARGV[2]
+if redis.call('EXISTS', key) == 0 then return {} end
+if redis.call('HGET', key, 'card_id') == '' then redis.call('HSET', key, 'card_id', ARGV[3]) end
+return redis.call('HMGET', key, 'card_id', 'sequence')
+"""
+
 _SET = """
 local key = ARGV[1] .. 'm:' .. ARGV[2]
 if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, unpack(ARGV, 3)) end
@@ -341,6 +349,7 @@ class RedisInboxDb:
         self._receive = script(_RECEIVE)
         self._move_script = script(_MOVE)
         self._set_script = script(_SET)
+        self._claim_card = script(_CLAIM_CARD)
         self._raise_sequence = script(_RAISE_SEQUENCE)
         self._in_state = script(_IN_STATE)
         self._renew = script(_RENEW)
@@ -477,6 +486,11 @@ class RedisInboxDb:
             pairs += ["reply_id", reply_id]
         if pairs:
             self._set_script(args=[self.prefix, message_id, *pairs])
+
+    @_storage_errors
+    def claim_card(self, message_id: str, card_id: str) -> tuple[str, int]:
+        found = self._claim_card(args=[self.prefix, message_id, card_id])
+        return (_text(found[0]), int(found[1])) if found else ("", 0)
 
     @_storage_errors
     def reserve_sequence(self, message_id: str, upto: int) -> None:

@@ -176,6 +176,11 @@ class InboxStore(Protocol):
     def note_reply(self, message_id: str, *, card_id: str | None = None, reply_id: str | None = None) -> None:
         """Record the reply's card id and/or reply message id (nothing for an unknown message)."""
 
+    def claim_card(self, message_id: str, card_id: str) -> tuple[str, int]:
+        """Record *card_id* as the message's card unless one is recorded (another service opened
+        one first: a queue place shown while this one starts the answer); returns the card
+        recorded now and the highest sequence reserved on it. ``("", 0)`` for an unknown message."""
+
     def reserve_sequence(self, message_id: str, upto: int) -> None:
         """Record that CardKit sequences up to *upto* may have been used (the record only grows)."""
 

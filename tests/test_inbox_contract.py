@@ -340,3 +340,13 @@ def test_the_running_messages_of_a_sender_are_found_from_any_connection(opener: 
     assert db.running_of("ou_other") == []
     db.finish("om_1", InboxState.ANSWERED)
     assert other.running_of("ou_1") == ["om_3"]
+
+
+def test_the_first_card_recorded_for_a_message_is_its_card(opener: Opener) -> None:
+    db, other = opener(), opener()
+    db.receive(message("om_1"), b"{}", 1.0)
+    assert db.claim_card("om_1", "card_a") == ("card_a", 0)
+    other.reserve_sequence("om_1", 64)
+    assert other.claim_card("om_1", "card_b") == ("card_a", 64)  # opened elsewhere first: use it
+    assert db.claim_card("om_gone", "card_x") == ("", 0)
+    assert db.get("om_gone") is None

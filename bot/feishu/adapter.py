@@ -61,8 +61,8 @@ class InboxJournal:
         self.inbox = inbox
         self.message_id = message_id
 
-    async def card_created(self, card_id: str) -> None:
-        await self.inbox.run(lambda: self.inbox.db.note_reply(self.message_id, card_id=card_id))
+    async def card_created(self, card_id: str) -> tuple[str, int]:
+        return await self.inbox.run(self.inbox.db.claim_card, self.message_id, card_id)
 
     async def card_sent(self, reply_id: str) -> None:
         await self.inbox.run(lambda: self.inbox.db.note_reply(self.message_id, reply_id=reply_id))
@@ -468,5 +468,5 @@ class FeishuAdapter:
             # The first time in this process the card may be closed (kept over a restart).
             await card.show(text, streaming=first)
         else:
-            await card.open(text)
+            await card.open(text, placeholder=True)
             await card.detach()

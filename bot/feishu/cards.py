@@ -62,7 +62,9 @@ class CardJournal(Protocol):
     """Where a card's progress is recorded as it happens, so that after a crash the same card is
     finished (`bot.inbox`); every method returns only once the record is durable."""
 
-    async def card_created(self, card_id: str) -> None: ...
+    async def card_created(self, card_id: str) -> tuple[str, int]:
+        """Record the new card unless the message has one already (opened meanwhile by another
+        service); returns the card to use and the highest sequence reserved on it."""
 
     async def card_sent(self, reply_id: str) -> None: ...
 
@@ -126,13 +128,24 @@ class CardStream:
             await self.journal.sequences_reserved(upto)
             self._reserved = upto
 
-    async def open(self, status: str) -> None:
+    async def open(self, status: str, *, placeholder: bool = False) -> None:
+        """Create the card and reply with it (or take over the recorded one). When another
+        service recorded a card for this message first, the stream continues that card above
+        its reserved sequences; a *placeholder* (a queue place) leaves it alone instead, so a
+        queue place never overwrites an answer being streamed there."""
         self._latest = self._sent = status
         try:
             if not self.card_id:
-                self.card_id = await self.api.create_card(streaming_card(status))
+                created = await self.api.create_card(streaming_card(status))
+                self.card_id = created
                 if self.journal is not None:
-                    await self.journal.card_created(self.card_id)
+                    self.card_id, reserved = await self.journal.card_created(created)
+                    if self.card_id != created:
+                        log.info("%s: card %s was opened elsewhere first", self.request_id, self.card_id)
+                        if placeholder:
+                            return
+                        self._last_sequence = self._reserved = max(self._last_sequence, reserved)
+                        await self.show(status, streaming=True, raising=True)
             else:
                 await self.show(status, streaming=True, raising=True)
             if not self.reply_id:
