@@ -1,15 +1,17 @@
-"""Fixtures shared across the suite: the tiny demo checkpoint, picture bytes."""
+"""Fixtures shared across the suite: the tiny demo checkpoint, picture bytes, an inbox."""
 
 from __future__ import annotations
 
 import io
 import struct
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from bot.inbox import Inbox
 from tests.fakefeishu.fixtures import fake_feishu, lark_ws
 from tests.redisserver import redis_server
 
@@ -46,6 +48,15 @@ def png_declaring(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
+
+
+@pytest.fixture
+async def inbox(tmp_path: Path) -> AsyncIterator[Inbox]:
+    """An open SQLite inbox in the test's folder."""
+    inbox = Inbox.sqlite(tmp_path / "inbox.sqlite3", platform="feishu", retention_hours=12)
+    await inbox.open()
+    yield inbox
+    await inbox.close()
 
 
 @pytest.fixture

@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from bot.conversation import NotNow
 from bot.dispatch import Dispatcher, Outcome
@@ -34,14 +30,6 @@ class Handler:
 
     def finish(self, message_id: str, result: Outcome | BaseException = Outcome(InboxState.ANSWERED)) -> None:
         self.release.setdefault(message_id, asyncio.get_running_loop().create_future()).set_result(result)
-
-
-@pytest.fixture
-async def inbox(tmp_path: Path) -> AsyncIterator[Inbox]:
-    inbox = Inbox.sqlite(tmp_path / "inbox.sqlite3", platform="feishu", retention_hours=12)
-    await inbox.open()
-    yield inbox
-    await inbox.close()
 
 
 async def put(inbox: Inbox, *messages: tuple[str, str]) -> None:

@@ -655,9 +655,11 @@ def test_ws_cluster_mode_spreads_events_and_their_copies(
     conns = set(two_clients(fake_feishu, lark_ws, raw_client))
     singles = [fake_feishu.push_event(fake_feishu.events.text(f"single {i}")) for i in range(20)]
     tripled = [fake_feishu.push_event(fake_feishu.events.text(f"x3 {i}"), copies=3) for i in range(20)]
-    acked = lambda: all(len(fake_feishu.records.acks(e)) == 1 for e in singles) and all(  # noqa: E731
-        len(fake_feishu.records.acks(e)) == 3 for e in tripled
-    )
+
+    def acked() -> bool:
+        once = all(len(fake_feishu.records.acks(e)) == 1 for e in singles)
+        return once and all(len(fake_feishu.records.acks(e)) == 3 for e in tripled)
+
     fake_feishu.wait_until(acked, what="every delivery acknowledged")
 
     deliveries = fake_feishu.records.deliveries()

@@ -4,8 +4,6 @@ the other starts the answer (real CardKit calls against the fake platform, one s
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -15,14 +13,6 @@ from bot.feishu.openapi import FeishuApi
 from bot.inbox import Inbox
 from bot.types import ChatType, InboundMessage, MessageKind
 from tests.fakefeishu import FakeFeishu
-
-
-@pytest.fixture
-async def inbox(tmp_path: Path) -> AsyncIterator[Inbox]:
-    inbox = Inbox.sqlite(tmp_path / "inbox.sqlite3", platform="feishu", retention_hours=12)
-    await inbox.open()
-    yield inbox
-    await inbox.close()
 
 
 async def stored_message(fake: FakeFeishu, inbox: Inbox) -> str:
