@@ -334,3 +334,12 @@ def test_redis_inbox_ok_then_warned_about_eviction(
     assert status == 0, output  # a warning is not a failure
     verdict, detail = table["inbox"]
     assert verdict == "warn" and "allkeys-lru" in detail and "noeviction" in detail, output
+
+
+def test_missing_model_folder_fails_the_model_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "c.toml", f'[model]\npath = "{tmp_path / "nowhere"}"\ndevice = "cpu"\n')
+    status, table, output = doctor(capsys, "--config", str(config))
+    assert status == 1
+    assert table["model"][0] == "FAIL" and "is not a folder" in table["model"][1], output

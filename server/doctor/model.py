@@ -17,6 +17,7 @@ from server.doctor.findings import Finding, Verdict, fail, ok, size, warn
 from server.errors import ModelLoadError
 from server.inference.echo import ECHO_PATH
 from server.inference.instant import INSTANT_PATH
+from server.inference.model.demo import is_demo_model  # reads a marker file; no torch
 from server.inference.model.devices import Placement, placement  # torch only for a GPU or "auto"
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -31,9 +32,9 @@ def model_findings(config: Config) -> list[Finding]:
         return [ok("model", f"{model.path}: a built-in test backend (no model; its answers are not real)")]
     if not model.path:
         return _demo(config)
-    directory, finding = _checkpoint_dir(model.path)
-    if directory is None:
-        return [finding]
+    directory = _checkpoint_dir(model.path)
+    if isinstance(directory, Finding):
+        return [directory]
     files = _checkpoint_files(directory)
     if files.verdict is not Verdict.OK:
         return [files]
@@ -41,8 +42,6 @@ def model_findings(config: Config) -> list[Finding]:
 
 
 def _demo(config: Config) -> list[Finding]:
-    from server.inference.model.demo import is_demo_model  # reads a marker file; no torch
-
     directory = config.storage_path / "demo-model"
     where = f"present in {directory}" if is_demo_model(directory) else f"built in {directory} at first start"
     findings = [
@@ -55,21 +54,22 @@ def _demo(config: Config) -> list[Finding]:
     return findings
 
 
-def _checkpoint_dir(path: str) -> tuple[Path | None, Finding]:
-    """The folder holding *path*'s files (a local folder, or the hub cache's snapshot of a hub id)."""
+def _checkpoint_dir(path: str) -> Path | Finding:
+    """The folder holding *path*'s files (a local folder, or the hub cache's snapshot of a hub id),
+    or the finding that there is none."""
     local = Path(path).expanduser()
     if local.is_dir():
-        return local, ok("model", str(local))
+        return local
     if local.exists() or path.startswith(("/", ".", "~")) or path.count("/") != 1:
-        return None, fail(
+        return fail(
             "model", f"model.path {path!r} is not a folder: set it to a checkpoint folder or a hub id"
         )
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(path, "config.json")
     if isinstance(cached, str):
-        return Path(cached).parent, ok("model", f"{path} (in the hub cache)")
-    return None, warn(
+        return Path(cached).parent
+    return warn(
         "model",
         f"{path} is not in the hub cache on this host: the service downloads it at first start, "
         f"which needs the hub reachable; fetch it beforehand (`hf download {path}`) to be sure",
