@@ -612,8 +612,32 @@ class Inbox:
                 )
 
 
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def lock_holder(path: Path) -> str | None:
+    """The pid (as written in the lock file) of the service holding the inbox *path*, or None when no
+    process holds it. Creates nothing and leaves the lock as it found it; raises `StorageError` when
+    the lock file exists and cannot be read."""
+    try:
+        handle = open(_lock_path(path))  # noqa: SIM115 - closed below, whatever flock says
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _describe(path, exc) from None
+    try:
+        # A shared lock conflicts only with the service's exclusive one, and is dropped at close.
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return handle.read().strip() or "?"
+    finally:
+        handle.close()
+    return None
+
+
 def _lock_file(path: Path) -> IO[str]:
-    lock_path = path.with_name(path.name + ".lock")
+    lock_path = _lock_path(path)
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the life of the service

@@ -363,34 +363,44 @@ class RedisInboxDb:
 
     @_storage_errors
     def check(self) -> None:
-        """Raise `StorageError` unless the server answers and takes writes; warn when it may
-        lose the inbox (no persistence, or an eviction policy that may drop its keys)."""
+        """Raise `StorageError` unless the server answers and takes writes; warn (a log line) for
+        each of `risks()`."""
+        self.check_writes()
+        for risk in self.risks():
+            log.warning("inbox redis %s %s", redacted(self.url), risk)
+
+    @_storage_errors
+    def check_writes(self) -> None:
+        """Raise `StorageError` unless the server answers and takes writes."""
         self._redis.set(self.prefix + "check", str(time.time()), ex=60)
+
+    @_storage_errors
+    def risks(self) -> list[str]:
+        """Ways the server may lose the inbox (no persistence, an eviction policy that may drop its
+        keys), each a sentence saying what to set; empty when none, or when the server does not
+        allow CONFIG (many managed servers: their operators answer for it)."""
         try:
             config = self._redis.config_get("appendonly")
             config.update(self._redis.config_get("save"))
             config.update(self._redis.config_get("maxmemory-policy"))
         except redis.ResponseError:
-            return  # CONFIG is disabled on many managed servers: their operators answer for it
+            return []
         found = {_text(k) if isinstance(k, bytes) else str(k): v for k, v in config.items()}
 
         def value(name: str) -> str:
             raw = found.get(name, b"")
             return raw.decode() if isinstance(raw, bytes) else str(raw)
 
+        risks = []
         if value("appendonly") != "yes" and not value("save").strip():
-            log.warning(
-                "inbox redis %s keeps data in memory only (appendonly no, no save): a Redis restart "
-                "loses accepted messages; set appendonly yes",
-                redacted(self.url),
+            risks.append(
+                "keeps data in memory only (appendonly no, no save): a Redis restart loses accepted "
+                "messages; set appendonly yes"
             )
         policy = value("maxmemory-policy")
         if policy and policy != "noeviction":
-            log.warning(
-                "inbox redis %s: maxmemory-policy %s may evict accepted messages; use noeviction",
-                redacted(self.url),
-                policy,
-            )
+            risks.append(f"has maxmemory-policy {policy}, which may evict accepted messages; use noeviction")
+        return risks
 
     # -- arrivals ---------------------------------------------------------------------------------
 

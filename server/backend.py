@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protocol.pictures import ImageLimits
 from server.config import Config
@@ -14,6 +15,9 @@ from server.inference.echo import ECHO_PATH, EchoEngine
 from server.inference.engine import Engine
 from server.inference.executor import ExecutorLimits, InferenceExecutor
 from server.inference.instant import INSTANT_PATH, InstantExecutor
+
+if TYPE_CHECKING:
+    from server.inference.openai_backend import UpstreamOptions
 
 log = logging.getLogger("vlbridge.backend")
 
@@ -35,24 +39,29 @@ def image_limits(config: Config) -> ImageLimits:
     )
 
 
-def build_openai_executor(config: Config) -> Executor:
-    from server.inference.openai_backend import OpenAIExecutor, UpstreamOptions
+def upstream_options(config: Config) -> UpstreamOptions:
+    """The openai backend's settings (``[model] backend = "openai"``) as plain values."""
+    from server.inference.openai_backend import UpstreamOptions
 
     model = config.model
-    return OpenAIExecutor(
-        UpstreamOptions(
-            base_urls=model.base_urls,
-            model=model.model or model.path,
-            api_key=model.api_key.get_secret_value(),
-            connect_timeout=model.connect_timeout,
-            first_token_timeout=model.first_token_timeout,
-            eject_seconds=model.eject_seconds,
-            max_concurrency=config.executor.max_batch,
-            queue_size=config.executor.queue_size,
-            request_timeout=config.executor.request_timeout,
-            max_new_tokens=model.max_new_tokens,
-        )
+    return UpstreamOptions(
+        base_urls=model.base_urls,
+        model=model.model or model.path,
+        api_key=model.api_key.get_secret_value(),
+        connect_timeout=model.connect_timeout,
+        first_token_timeout=model.first_token_timeout,
+        eject_seconds=model.eject_seconds,
+        max_concurrency=config.executor.max_batch,
+        queue_size=config.executor.queue_size,
+        request_timeout=config.executor.request_timeout,
+        max_new_tokens=model.max_new_tokens,
     )
+
+
+def build_openai_executor(config: Config) -> Executor:
+    from server.inference.openai_backend import OpenAIExecutor
+
+    return OpenAIExecutor(upstream_options(config))
 
 
 def model_label(config: Config) -> str:

@@ -1,4 +1,4 @@
-"""The `vlbridge` command line: serve, check-config, make-demo-model, chat."""
+"""The `vlbridge` command line: serve, check-config, doctor, inbox, make-demo-model, chat."""
 
 from __future__ import annotations
 
@@ -57,6 +57,14 @@ def _check_config(args: argparse.Namespace) -> int:
         f"{answers}, feishu {'on' if config.feishu.enabled else 'off'})"
     )
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from server.doctor import diagnose, failed, render
+
+    findings = diagnose(args.config, os.environ, args.proxy_idle_timeout)
+    render(findings, sys.stdout)
+    return 1 if failed(findings) else 0
 
 
 def _inbox(args: argparse.Namespace) -> int:
@@ -121,6 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file without starting anything")
     check.add_argument("file")
     check.set_defaults(func=_check_config)
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="check a deployment from inside: config, model, storage, Feishu, proxy timeout",
+        description="Check what `vlbridge serve --config FILE` would need, beside the running service "
+        "or before it starts; one line per check (ok, warn, FAIL and what to do).",
+        epilog="exit status: 0 nothing failed (warnings allowed), 1 a check failed",
+    )
+    doctor.add_argument("--config", default=None, help="TOML config file (default: built-in defaults)")
+    doctor.add_argument(
+        "--proxy-idle-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="idle timeout of the proxy or load balancer in front (nginx proxy_read_timeout, "
+        "HAProxy timeout tunnel), checked against the WebSocket pings",
+    )
+    doctor.set_defaults(func=_doctor)
 
     inbox = sub.add_parser(
         "inbox",

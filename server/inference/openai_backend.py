@@ -115,13 +115,7 @@ class OpenAIExecutor:
     async def start(self) -> None:
         if self._client is not None:
             raise RuntimeError(f"expected a stopped executor, got state {self._state.value}")
-        options = self.options
-        headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
-        # Read deadlines are this module's (first text, whole answer): httpx's own read timeout
-        # would bound the gap between two chunks, which a queued upstream request may exceed.
-        timeout = httpx.Timeout(None, connect=options.connect_timeout, write=options.connect_timeout)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=options.max_concurrency)
-        self._client = httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits)
+        self._client = upstream_client(self.options)
         self._state = ExecutorState.LOADING
         self._accepting = True
         self._watcher = asyncio.create_task(self._watch(), name="vlbridge-upstream-probes")
@@ -418,23 +412,53 @@ class OpenAIExecutor:
     async def _probe(self, upstream: Upstream) -> None:
         assert self._client is not None
         loop = asyncio.get_running_loop()
-        response: httpx.Response | None = None
-        try:
-            response = await self._client.get(upstream.url + "/models", timeout=self.options.connect_timeout)
-            reason = f"probe: HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            reason = f"probe: {type(exc).__name__}: {exc}"
-        if response is None or response.status_code != 200:
+        probed = await probe(self._client, upstream.url, self.options.connect_timeout)
+        if probed.error:
             if upstream.health is not Health.EJECTED:  # a line when it goes, not at every probe
-                log.warning("upstream %s left out: %s", upstream.url, reason)
-            self.pool.fail(upstream, loop.time(), reason)
+                log.warning("upstream %s left out: %s", upstream.url, probed.error)
+            self.pool.fail(upstream, loop.time(), probed.error)
             return
-        if not self._model:
-            with contextlib.suppress(orjson.JSONDecodeError, LookupError, TypeError, AttributeError):
-                self._model = str(orjson.loads(response.content)["data"][0]["id"])
+        if not self._model and probed.models:
+            self._model = probed.models[0]
         if upstream.failures:
             log.info("upstream %s is back", upstream.url)
         self.pool.succeed(upstream)
+
+
+def upstream_client(options: UpstreamOptions) -> httpx.AsyncClient:
+    """The HTTP client for the upstreams: their key, connect and write deadlines, a pool as large as
+    the requests in flight."""
+    headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+    # Read deadlines are this module's (first text, whole answer): httpx's own read timeout
+    # would bound the gap between two chunks, which a queued upstream request may exceed.
+    timeout = httpx.Timeout(None, connect=options.connect_timeout, write=options.connect_timeout)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=options.max_concurrency)
+    return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits)
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What ``GET {base_url}/models`` said: the model ids listed, or why the upstream is unusable."""
+
+    models: tuple[str, ...] = ()
+    error: str = ""  # "" = it answered 200 (a body that lists nothing still counts)
+
+
+async def probe(client: httpx.AsyncClient, base_url: str, connect_timeout: float) -> Probe:
+    """Ask *base_url* for its models within *connect_timeout* (connecting and the answer); never
+    raises (transport errors and non-200 are `Probe.error`)."""
+    try:
+        response = await client.get(base_url + "/models", timeout=connect_timeout)
+    except httpx.HTTPError as exc:
+        return Probe(error=f"probe: {type(exc).__name__}: {exc}")
+    if response.status_code != 200:
+        return Probe(error=f"probe: HTTP {response.status_code}")
+    entries: object = []
+    with contextlib.suppress(orjson.JSONDecodeError, LookupError, TypeError):
+        entries = orjson.loads(response.content)["data"]
+    if not isinstance(entries, list):
+        return Probe()
+    return Probe(tuple(str(entry["id"]) for entry in entries if isinstance(entry, dict) and "id" in entry))
 
 
 async def _head(response: httpx.Response) -> bytes:

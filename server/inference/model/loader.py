@@ -19,10 +19,9 @@ from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
 from server.errors import ModelLoadError
+from server.inference.model.devices import resolve_device, resolve_dtype
 
 log = logging.getLogger("vlbridge.model")
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -34,23 +33,6 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     name: str
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"model.device is {spec!r} but no CUDA device is available")
-    return device
-
-
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    if spec != "auto":
-        return _DTYPES[spec]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def _chat_template(path: str, tokenizer: Any) -> str:

@@ -1,0 +1,191 @@
+"""Can the configured model be loaded: the demo model, a built-in backend, a checkpoint (local
+or in the hub cache) on its device with enough memory, or the OpenAI-compatible upstreams.
+
+Nothing is loaded: a checkpoint's files are looked at, and its size is set against the memory
+free on the device the loader would pick (torch is imported only to ask about a device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from server.config import Config
+from server.doctor.findings import Finding, Verdict, fail, ok, size, warn
+from server.errors import ModelLoadError
+from server.inference.echo import ECHO_PATH
+from server.inference.instant import INSTANT_PATH
+from server.inference.model.demo import is_demo_model  # reads a marker file; no torch
+from server.inference.model.devices import Placement, placement  # torch only for a GPU or "auto"
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+ROOM = 0.8  # weights above this share of the free memory leave too little for the KV cache
+
+
+def model_findings(config: Config) -> list[Finding]:
+    model = config.model
+    if model.backend == "openai":
+        return upstream_findings(config)
+    if model.path in (ECHO_PATH, INSTANT_PATH):
+        return [ok("model", f"{model.path}: a built-in test backend (no model; its answers are not real)")]
+    if not model.path:
+        return _demo(config)
+    directory = _checkpoint_dir(model.path)
+    if isinstance(directory, Finding):
+        return [directory]
+    files = _checkpoint_files(directory)
+    if files.verdict is not Verdict.OK:
+        return [files]
+    return [files, _memory(config, directory)]
+
+
+def _demo(config: Config) -> list[Finding]:
+    directory = config.storage_path / "demo-model"
+    where = f"present in {directory}" if is_demo_model(directory) else f"built in {directory} at first start"
+    findings = [
+        ok("model", f"the demo model (random answers), {where}; set model.path for real answers"),
+    ]
+    if config.model.device != "cpu":
+        device = _placement_or_fail(config)
+        if isinstance(device, Finding):
+            findings.append(device)
+    return findings
+
+
+def _checkpoint_dir(path: str) -> Path | Finding:
+    """The folder holding *path*'s files (a local folder, or the hub cache's snapshot of a hub id),
+    or the finding that there is none."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        return fail(
+            "model", f"model.path {path!r} is not a folder: set it to a checkpoint folder or a hub id"
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json")
+    if isinstance(cached, str):
+        return Path(cached).parent
+    return warn(
+        "model",
+        f"{path} is not in the hub cache on this host: the service downloads it at first start, "
+        f"which needs the hub reachable; fetch it beforehand (`hf download {path}`) to be sure",
+    )
+
+
+def _weights(directory: Path) -> tuple[list[Path], list[str]]:
+    """The weight files of a checkpoint, and the shards its index names that are missing."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            present = [directory / shard for shard in shards if (directory / shard).is_file()]
+            missing = [shard for shard in shards if not (directory / shard).is_file()]
+            return present, missing
+    found = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    return [path for path in found if path.is_file()], []
+
+
+def _checkpoint_files(directory: Path) -> Finding:
+    if not (directory / "config.json").is_file():
+        return fail("model", f"{directory} has no config.json: is it a Hugging Face checkpoint folder?")
+    try:
+        present, missing = _weights(directory)
+    except (OSError, ValueError) as exc:
+        return fail("model", f"{directory}: its weight index cannot be read ({exc}); download it again")
+    if missing:
+        return fail(
+            "model",
+            f"{directory} lacks {len(missing)} weight file(s) its index names ({missing[0]}, ...): "
+            "the download is incomplete; download it again",
+        )
+    if not present:
+        return fail("model", f"{directory} has no weights (*.safetensors): the download is incomplete")
+    total = sum(path.stat().st_size for path in present)
+    return ok("model", f"{directory}: config.json and {len(present)} weight file(s), {size(total)}")
+
+
+def _stored_dtype(directory: Path) -> str:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    for table in (config, config.get("text_config") or {}):
+        dtype = table.get("torch_dtype") or table.get("dtype")
+        if isinstance(dtype, str):
+            return dtype
+    return ""
+
+
+def _placement_or_fail(config: Config) -> Placement | Finding:
+    """The `Placement` the loader would use, or a failed finding saying why there is none."""
+    try:
+        return placement(config.model.device, config.model.dtype)
+    except ModelLoadError as exc:
+        return fail("model device", f"{exc}: set model.device (auto, cpu, cuda:N) to a device this host has")
+
+
+def _memory(config: Config, directory: Path) -> Finding:
+    found = _placement_or_fail(config)
+    if isinstance(found, Finding):
+        return found
+    weights = sum(path.stat().st_size for path in _weights(directory)[0])
+    stored = _BYTES.get(_stored_dtype(directory))
+    needed = weights * found.bytes_per_weight / stored if stored else float(weights)
+    what = (
+        f"the weights take about {size(needed)} as {found.dtype} on {found.device}, "
+        f"which has {size(found.free_bytes)} free"
+    )
+    if needed > found.free_bytes:
+        return fail(
+            "model memory",
+            f"{what}: free memory there (another process?), use a smaller model, "
+            "or set model.dtype to a smaller type",
+        )
+    if needed > ROOM * found.free_bytes:
+        return warn("model memory", f"{what}: little is left for the KV cache; expect short contexts")
+    return ok("model memory", what)
+
+
+# -- the openai backend ---------------------------------------------------------------------------
+
+
+def upstream_findings(config: Config) -> list[Finding]:
+    """One line per base URL: it answers ``GET /models`` as the service's own probe asks, and lists
+    the configured model."""
+    from server.backend import upstream_options
+    from server.inference.openai_backend import Probe, probe, upstream_client
+
+    options = upstream_options(config)
+
+    async def probe_all() -> list[tuple[Probe, float]]:
+        async with upstream_client(options) as client:
+
+            async def timed(url: str) -> tuple[Probe, float]:
+                started = time.perf_counter()
+                result = await probe(client, url, options.connect_timeout)
+                return result, time.perf_counter() - started
+
+            return await asyncio.gather(*(timed(url) for url in options.base_urls))
+
+    findings = []
+    for url, (result, seconds) in zip(options.base_urls, asyncio.run(probe_all()), strict=True):
+        check = f"upstream {url}"
+        if result.error:
+            findings.append(
+                fail(check, f"{result.error}: start that server, or fix model.base_urls (and api_key)")
+            )
+        elif options.model and options.model not in result.models:
+            listed = ", ".join(result.models) or "nothing"
+            findings.append(
+                fail(check, f"does not serve {options.model!r} (it lists {listed}): set model.model to one")
+            )
+        elif not result.models:
+            findings.append(warn(check, "answers but lists no models: set model.model to the model's name"))
+        else:
+            name = options.model or result.models[0]
+            findings.append(ok(check, f"serves {name} (answered in {seconds * 1000:.0f} ms)"))
+    return findings
