@@ -47,9 +47,13 @@ def assess(stats: ExecutorStats, platforms_healthy: bool, draining: bool) -> Ass
 
 
 def agent_line(stats: ExecutorStats, assessment: Assessment) -> str:
-    """One HAProxy agent-check reply: ``up 75%``, ``drain`` or ``down``."""
+    """One HAProxy agent-check reply: ``ready up 75%``, ``drain`` or ``down``.
+
+    "drain" puts the server in HAProxy's DRAIN administrative state, which stays until an
+    agent reply says "ready": hence "ready" in every serving reply, or an instance drained
+    while its model loaded would get no new traffic once it serves."""
     if assessment.serving:
-        return f"up {assessment.weight}%"
+        return f"ready up {assessment.weight}%"
     if assessment.draining or stats.state is ExecutorState.LOADING:
         return "drain"
     return "down"
