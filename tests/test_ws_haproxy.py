@@ -1,5 +1,5 @@
 """WebSocket sessions across instances: two `vlbridge serve` processes behind a real HAProxy
-running deploy/haproxy/vlbridge.cfg.
+running docker/haproxy.cfg.
 
 A session lives in the instance that opened it; HAProxy learns the owner from the handshake
 response (X-Vlbridge-Session) and routes `?resume=` there. Ownership is read from each
