@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
+from server.agentcheck import AgentCheck
 from server.health import Status, agent_line, assess
 from server.inference.api import ExecutorState, ExecutorStats
 from server.platform import HttpRequest, HttpResponse, HttpRoute
-from server.agentcheck import AgentCheck
 from tests.haproxy import DEPLOY_CONFIG, free_port, needs_haproxy, render, run_haproxy
 from tests.serving import make_config, serve, slow_echo
 from tests.waiting import until_blocking
@@ -27,6 +27,7 @@ def test_weight_falls_as_the_executor_fills_and_agent_words_follow() -> None:
     idle, half, full = stats(), stats(active=2, queued=3), stats(active=2, queued=8)
     assert [assess(s, True, False).weight for s in (idle, half, full)] == [100, 50, 1]
     assert agent_line(half, assess(half, True, False)) == "ready up 50%"
+    assert agent_line(full, assess(full, True, False)) == "ready up 0%"  # only busy answers there
     assert assess(idle, False, False).status is Status.DEGRADED
     assert agent_line(idle, assess(idle, True, True)) == "drain"  # shutting down
     loading = stats(ExecutorState.LOADING)
@@ -202,7 +203,6 @@ backend vlbridge
             await client.close()
 
 
-
 @needs_haproxy
 async def test_an_instance_the_agent_drained_while_loading_gets_traffic_once_ready(tmp_path) -> None:
     """HAProxy keeps a server that its agent put in DRAIN (an administrative state) there until
@@ -230,6 +230,7 @@ async def test_an_instance_the_agent_drained_while_loading_gets_traffic_once_rea
                 )
     finally:
         await agent.stop()
+
 
 def test_loop_metrics_expose_cumulative_buckets_and_counts() -> None:
     from prometheus_client import CollectorRegistry
