@@ -32,13 +32,13 @@ def upstream_config(path: Path, demo_model_dir: Path, storage: Path) -> Path:
 
 def echo_config(directory: Path, server: str = "", executor: str = "", grace: float = 1.0) -> Path:
     """*directory*/vlbridge.toml (made with the directory) for an instance of the echo engine:
-    answers as long as the question (up to 300,000 characters) at no model cost; *server* and
+    answers as long as the question (up to a million characters) at no model cost; *server* and
     *executor* are extra TOML lines for those sections, *grace* is server.shutdown_grace."""
     directory.mkdir()
     path = directory / "vlbridge.toml"
     path.write_text(
         f"[server]\nport = 0\nshutdown_grace = {grace}\n{server}\n"
-        f'[model]\npath = "{ECHO_PATH}"\nmax_new_tokens = 300000\nmax_context_tokens = 600000\n'
+        f'[model]\npath = "{ECHO_PATH}"\nmax_new_tokens = 1000000\nmax_context_tokens = 2000000\n'
         f"[executor]\n{executor}\n"
         f'[storage]\npath = "{directory}"\n'
     )
