@@ -23,7 +23,7 @@ QUERY_RESUME: Final = "resume"  # a session id from an earlier hello
 QUERY_LAST_SEQ: Final = "last_seq"  # with resume: the highest seq the client received
 # The handshake response names the session (new or resumed) in this header: not for the client
 # (the hello says it too) but for a load balancer that learns which instance owns a session
-# and routes its `?resume=` there (docs/scaling.md, deploy/haproxy/vlbridge.cfg).
+# and routes its `?resume=` there (docs/scaling.md, docker/haproxy.cfg).
 HEADER_SESSION: Final = "X-Vlbridge-Session"
 
 # -- frames ---------------------------------------------------------------------------------

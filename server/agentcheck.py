@@ -1,7 +1,7 @@
 """HAProxy agent-check responder: a TCP port that answers one line and closes.
 
 HAProxy (``agent-check agent-port N``) connects every few seconds and reads a line such
-as ``up 75%`` (serve, with this weight), ``drain`` (no new traffic) or ``down``; the line
+as ``ready up 75%`` (serve, with this weight), ``drain`` (no new traffic) or ``down``; the line
 comes from the same load figure as /health (server.health.agent_line).
 """
 

@@ -1,8 +1,8 @@
-"""A real HAProxy for tests: the deploy configuration on loopback ports, its runtime API.
+"""A real HAProxy for tests: the deployment's configuration on loopback ports, its runtime API.
 
-`render` turns deploy/haproxy/vlbridge.cfg into a test's configuration by swapping only what
-is the deployment's own (the listening address, the stats socket path, the server lines);
-every option a test exercises is the file's. `run_haproxy` starts it in the foreground (its
+`render` turns docker/haproxy.cfg into a test's configuration by swapping only what is the
+deployment's own (the listening address, the stats socket path, the server lines and their
+agent ports); every option a test exercises is the file's. `run_haproxy` starts it in the foreground (its
 log, which the configuration sends to stdout, goes to a file next to the configuration) and
 waits until its runtime API answers.
 """
@@ -22,7 +22,7 @@ import pytest
 
 from tests.waiting import DEADLINE, until_blocking
 
-DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "vlbridge.cfg"
+DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "docker" / "haproxy.cfg"
 
 needs_haproxy = pytest.mark.skipif(
     shutil.which("haproxy") is None and not os.environ.get("CI"),
@@ -37,9 +37,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def render(template: str, front_port: int, server_ports: Sequence[int], stats_socket: Path) -> str:
-    """*template* (the deploy configuration) listening on 127.0.0.1:*front_port*, with its
-    runtime API on *stats_socket* and one server per port, named vlbridge1, vlbridge2, ..."""
+def render(
+    template: str,
+    front_port: int,
+    server_ports: Sequence[int],
+    stats_socket: Path,
+    agent_ports: Sequence[int] | None = None,
+) -> str:
+    """*template* (the deployment's configuration) listening on 127.0.0.1:*front_port*, with
+    its runtime API on *stats_socket* and one server per port, named vlbridge1, vlbridge2, ...;
+    each asks its agent on the matching port of *agent_ports* (none: no agent check)."""
+    assert agent_ports is None or len(agent_ports) == len(server_ports)
     out: list[str] = []
     swapped = {"bind": 0, "stats socket": 0, "server": 0}
     for line in template.splitlines():
@@ -53,8 +61,10 @@ def render(template: str, front_port: int, server_ports: Sequence[int], stats_so
             swapped["server"] += 1
             if swapped["server"] > 1:
                 continue
+            agents = [f"agent-port {port}" for port in agent_ports] if agent_ports else None
             line = "\n".join(
-                f"    server vlbridge{n} 127.0.0.1:{port}" for n, port in enumerate(server_ports, 1)
+                f"    server vlbridge{n} 127.0.0.1:{port} {agents[n - 1] if agents else 'no-agent-check'}"
+                for n, port in enumerate(server_ports, 1)
             )
         out.append(line)
     assert all(swapped.values()), f"the template lacks a line to swap: {swapped}"

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from server.inference.echo import ECHO_PATH
 from tests.feishu_service import Service, launched
 from tests.waiting import DEADLINE, until_blocking
 
@@ -25,6 +26,21 @@ def upstream_config(path: Path, demo_model_dir: Path, storage: Path) -> Path:
         f'[model]\npath = "{demo_model_dir}"\ndevice = "cpu"\nmax_new_tokens = 512\n'
         f"[executor]\nmax_batch = 8\n"
         f'[storage]\npath = "{storage}"\n'
+    )
+    return path
+
+
+def echo_config(directory: Path, server: str = "", executor: str = "", grace: float = 1.0) -> Path:
+    """*directory*/vlbridge.toml (made with the directory) for an instance of the echo engine:
+    answers as long as the question (up to a million characters) at no model cost; *server* and
+    *executor* are extra TOML lines for those sections, *grace* is server.shutdown_grace."""
+    directory.mkdir()
+    path = directory / "vlbridge.toml"
+    path.write_text(
+        f"[server]\nport = 0\nshutdown_grace = {grace}\n{server}\n"
+        f'[model]\npath = "{ECHO_PATH}"\nmax_new_tokens = 1000000\nmax_context_tokens = 2000000\n'
+        f"[executor]\n{executor}\n"
+        f'[storage]\npath = "{directory}"\n'
     )
     return path
 

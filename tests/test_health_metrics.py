@@ -9,10 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
+from server.agentcheck import AgentCheck
 from server.health import Status, agent_line, assess
 from server.inference.api import ExecutorState, ExecutorStats
 from server.platform import HttpRequest, HttpResponse, HttpRoute
-from tests.haproxy import free_port, needs_haproxy, run_haproxy
+from tests.haproxy import DEPLOY_CONFIG, free_port, needs_haproxy, render, run_haproxy
 from tests.serving import make_config, serve, slow_echo
 from tests.waiting import until_blocking
 from tests.wsclient import Client
@@ -25,7 +26,8 @@ def stats(state: ExecutorState = ExecutorState.READY, active: int = 0, queued: i
 def test_weight_falls_as_the_executor_fills_and_agent_words_follow() -> None:
     idle, half, full = stats(), stats(active=2, queued=3), stats(active=2, queued=8)
     assert [assess(s, True, False).weight for s in (idle, half, full)] == [100, 50, 1]
-    assert agent_line(half, assess(half, True, False)) == "up 50%"
+    assert agent_line(half, assess(half, True, False)) == "ready up 50%"
+    assert agent_line(full, assess(full, True, False)) == "ready up 0%"  # only busy answers there
     assert assess(idle, False, False).status is Status.DEGRADED
     assert agent_line(idle, assess(idle, True, True)) == "drain"  # shutting down
     loading = stats(ExecutorState.LOADING)
@@ -160,7 +162,7 @@ def read_agent(port: int) -> str:
 def test_agent_check_answers_one_line_from_the_load() -> None:
     port = free_port()
     with serve(make_config(agent_check_port=port)) as running:
-        assert read_agent(port) == "up 100%"
+        assert read_agent(port) == "ready up 100%"
         running.stop()
     with pytest.raises(OSError):
         read_agent(port)
@@ -199,6 +201,35 @@ backend vlbridge
             via_proxy = await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{front_port}/health")
             assert via_proxy.status_code == 200
             await client.close()
+
+
+@needs_haproxy
+async def test_an_instance_the_agent_drained_while_loading_gets_traffic_once_ready(tmp_path) -> None:
+    """HAProxy keeps a server that its agent put in DRAIN (an administrative state) there until
+    the agent says "ready": "up 100%" alone after the "drain" of a model load would leave a
+    restarted instance without new traffic for good. Run on the deployment's configuration."""
+    executor = [stats(ExecutorState.LOADING)]
+    agent = AgentCheck("127.0.0.1", 0, lambda: agent_line(executor[0], assess(executor[0], True, False)))
+    await agent.start()
+    try:
+        with serve(make_config()) as running:
+            front_port, stats_socket = free_port(), tmp_path / "haproxy.sock"
+            config = render(DEPLOY_CONFIG.read_text(), front_port, [running.port], stats_socket, [agent.port])
+            with run_haproxy(config, tmp_path, front_port, stats_socket) as proxy:
+
+                def state() -> tuple[str, str]:
+                    row = proxy.servers()["vlbridge1"]
+                    return row["status"], row["weight"]
+
+                await asyncio.to_thread(
+                    until_blocking, lambda: state()[0].startswith("DRAIN"), "the agent's drain", poll=0.05
+                )
+                executor[0] = stats()  # the model has loaded
+                await asyncio.to_thread(
+                    until_blocking, lambda: state() == ("UP", "100"), "the server back in service", poll=0.05
+                )
+    finally:
+        await agent.stop()
 
 
 def test_loop_metrics_expose_cumulative_buckets_and_counts() -> None:

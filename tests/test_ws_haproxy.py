@@ -1,5 +1,5 @@
 """WebSocket sessions across instances: two `vlbridge serve` processes behind a real HAProxy
-running deploy/haproxy/vlbridge.cfg.
+running docker/haproxy.cfg.
 
 A session lives in the instance that opened it; HAProxy learns the owner from the handshake
 response (X-Vlbridge-Session) and routes `?resume=` there. Ownership is read from each
@@ -13,11 +13,10 @@ import asyncio
 from contextlib import ExitStack
 from pathlib import Path
 
-from server.inference.echo import ECHO_PATH
 from server.logs import short_id
 from tests.feishu_service import Service
 from tests.haproxy import DEPLOY_CONFIG, HAProxy, free_port, needs_haproxy, render, run_haproxy, wait_up
-from tests.openai_upstreams import spawned
+from tests.openai_upstreams import echo_config, spawned
 from tests.waiting import until
 from tests.wsclient import Client
 
@@ -27,17 +26,6 @@ pytestmark = needs_haproxy
 # executor streams it: a 20,000-character question is a long answer (tens of delta frames,
 # a good part of a second) that costs no model, so both instances start in about a second.
 QUESTION = "tell me a long story. " * 910
-
-
-def instance_config(directory: Path) -> Path:
-    directory.mkdir()
-    path = directory / "vlbridge.toml"
-    path.write_text(
-        f"[server]\nport = 0\nshutdown_grace = 1.0\n"
-        f'[model]\npath = "{ECHO_PATH}"\nmax_new_tokens = 32768\nmax_context_tokens = 32768\n'
-        f'[storage]\npath = "{directory}"\n'
-    )
-    return path
 
 
 def logged(instance: Service, text: str) -> bool:
@@ -71,7 +59,7 @@ async def test_a_resume_reaches_its_owner_and_one_whose_owner_died_gets_a_new_se
 ) -> None:
     with ExitStack() as stack:
         instances = {
-            name: stack.enter_context(spawned(instance_config(tmp_path / name)))
+            name: stack.enter_context(spawned(echo_config(tmp_path / name)))
             for name in ("vlbridge1", "vlbridge2")
         }
         socket_path = tmp_path / "haproxy.sock"

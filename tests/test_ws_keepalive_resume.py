@@ -134,7 +134,7 @@ async def test_a_clean_close_ends_the_session_and_a_resume_takes_over_a_live_con
 
 async def test_the_handshake_response_names_the_session_for_a_load_balancer() -> None:
     """X-Vlbridge-Session carries the hello's session: new, resumed, or new after a refused
-    resume (a load balancer must learn that one too). deploy/haproxy/vlbridge.cfg relies on it."""
+    resume (a load balancer must learn that one too). docker/haproxy.cfg relies on it."""
     with serve(make_config(resume_ttl=30.0)) as running:
 
         def named(client: Client) -> str | None:

@@ -209,7 +209,7 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
     response names it in `X-Vlbridge-Session`: the session, its running answers and its
     replay log live in this process only, and a load balancer in front of several instances
     learns the owner from that header and sends the session's ``?resume=`` here
-    (deploy/haproxy/vlbridge.cfg, docs/scaling.md)."""
+    (docker/haproxy.cfg, docs/scaling.md)."""
     send_many = send if send is not None and FRAMES in ws.scope.get("extensions", {}) else None
     hub: Hub = ws.app.state.hub
     server = hub.config
