@@ -149,7 +149,8 @@ class FeishuConfig(_Section):
     language: Literal["zh", "en"] = "zh"
     max_message_age: float = Field(1800.0, gt=0)
     user_rate_per_minute: int = Field(10, ge=1)
-    context_hours: float = Field(24.0, gt=0)  # a chat remembers its picture and turns this long after the last answer
+    # a chat remembers its picture and turns this long after the last answer
+    context_hours: float = Field(24.0, gt=0)
     dedup_hours: float = Field(24.0, ge=12.0)
     watchdog_interval: float = Field(10.0, gt=0)
     stream_interval: float = Field(0.3, gt=0)
