@@ -54,7 +54,7 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 name=vlbridge-offline-$$
 "${podman[@]}" run -d --name "$name" "${limits[@]}" -p "127.0.0.1:$port:8000" \
   -v "$name-data:/data" "$image" >/dev/null
-cleanup() { "${podman[@]}" rm -f "$name" >/dev/null 2>&1 || true; "${podman[@]}" volume rm -f "$name-data" >/dev/null 2>&1 || true; rm -rf "$work"; }
+cleanup() { "${podman[@]}" rm -f -v "$name" >/dev/null 2>&1 || true; "${podman[@]}" volume rm -f "$name-data" >/dev/null 2>&1 || true; rm -rf "$work"; }
 trap cleanup EXIT
 
 for _ in $(seq 240); do  # the demo model is built on the first start
