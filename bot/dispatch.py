@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from bot.conversation import NotNow
 from bot.inbox import Inbox, InboxState, StoredMessage, TransitionError
+from server import metrics
 
 log = logging.getLogger("vlbridge.dispatch")
 
@@ -129,6 +130,8 @@ class Dispatcher:
             try:
                 waiting = await self._fill()
                 self.counts = await self.inbox.run(self.inbox.db.counts)
+                for state, count in self.counts.items():
+                    metrics.INBOX_MESSAGES.labels(state).set(count)
                 pending = self.counts[InboxState.RECEIVED] + self.counts[InboxState.RUNNING]
                 self._quiet = not pending and not self._running
                 if waiting and self.on_idle is not None:

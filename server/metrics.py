@@ -114,6 +114,11 @@ TTFT = LoopHistogram(
     _TTFT_BUCKETS,
 )
 QUEUE_DEPTH = Gauge("vlbridge_queue_depth", "Requests waiting for a batch place", registry=REGISTRY)
+QUEUE_CAPACITY = Gauge(
+    "vlbridge_queue_capacity",
+    "Queue places (executor.queue_size): a full queue answers busy",
+    registry=REGISTRY,
+)
 BATCH_SIZE = Gauge("vlbridge_batch_size", "Requests in the running batch", registry=REGISTRY)
 MAX_BATCH = Gauge("vlbridge_batch_capacity", "Batch places", registry=REGISTRY)
 TOKENS_PER_SECOND = Gauge(
@@ -145,11 +150,17 @@ PING_RTT = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
+# Set by bot.dispatch each time it reads the inbox (every few seconds): a shared (Redis) inbox
+# reports the same numbers from every instance, so alert rules take the max, not the sum.
+INBOX_MESSAGES = Gauge(
+    "vlbridge_inbox_messages", "IM messages in the inbox, by state", ["state"], registry=REGISTRY
+)
 
 
 def render(stats: ExecutorStats, connected: int, parked: int) -> bytes:
     """Set the mirrored gauges from *stats* and the session counts; the exposition text."""
     QUEUE_DEPTH.set(stats.queue_depth)
+    QUEUE_CAPACITY.set(stats.queue_capacity)
     BATCH_SIZE.set(stats.active)
     MAX_BATCH.set(stats.max_batch)
     TOKENS_PER_SECOND.set(stats.tokens_per_second)

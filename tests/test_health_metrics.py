@@ -115,7 +115,8 @@ def sample(text: str, name: str) -> float:
 
 
 async def test_metrics_expose_requests_latency_sessions_pings_and_fds() -> None:
-    with serve(make_config(ping_interval=0.1, ping_timeout=0.5)) as running:
+    # docker/prometheus/alerts.yml divides the queue by its capacity and the fds by their limit
+    with serve(make_config(ping_interval=0.1, ping_timeout=0.5, executor={"queue_size": 37})) as running:
         counted = (
             'vlbridge_requests_total{code="ok",route="ws"}',
             'vlbridge_errors_total{code="bad_request",route="ws"}',
@@ -136,6 +137,8 @@ async def test_metrics_expose_requests_latency_sessions_pings_and_fds() -> None:
         await client.close()
     for name in counted:  # the registry is the process's: earlier tests counted too
         assert sample(text, name) > sample(before, name), name
+    assert sample(text, "vlbridge_queue_capacity") == 37
+    assert sample(text, "process_max_fds") > 0
     for name in (
         'vlbridge_requests_total{code="ok",route="ws"}',
         'vlbridge_errors_total{code="bad_request",route="ws"}',

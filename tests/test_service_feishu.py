@@ -71,6 +71,9 @@ def test_serve_with_feishu_answers_a_picture_and_counts_it(
         requests = _samples(text, "vlbridge_requests_total")
         assert requests.get((("code", "ok"), ("route", "feishu")), 0) >= 1, requests
         assert _samples(text, "vlbridge_feishu_connected") == {(): 1.0}
+        # the inbox as /health showed it (docker/prometheus/alerts.yml watches running and failed)
+        inbox = {labels[0][1]: value for labels, value in _samples(text, "vlbridge_inbox_messages").items()}
+        assert inbox == {"received": 0, "running": 0, "answered": 1, "failed": 0, "ignored": 0}, text
         process.send_signal(signal.SIGTERM)
         assert process.wait(DEADLINE) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
 
