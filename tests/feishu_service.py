@@ -76,6 +76,10 @@ class Service:
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=DEADLINE).text
 
+    def logged(self, text: str) -> bool:
+        """Whether a line of its log so far contains *text*."""
+        return any(text in line for line in list(self.lines))
+
     def kill_group(self) -> None:
         """``kill -9`` the service and its long-connection worker at once."""
         os.killpg(self.process.pid, signal.SIGKILL)

@@ -28,15 +28,11 @@ pytestmark = needs_haproxy
 QUESTION = "tell me a long story. " * 910
 
 
-def logged(instance: Service, text: str) -> bool:
-    return any(text in line for line in list(instance.lines))
-
-
 async def owner(instances: dict[str, Service], session: str) -> str:
     """The name of the instance whose log shows *session* taking a question."""
     said = f"session {short_id(session)}: ask"
     found = await until(
-        lambda: [name for name, instance in instances.items() if logged(instance, said)],
+        lambda: [name for name, instance in instances.items() if instance.logged(said)],
         f"an instance to log {said!r}",
     )
     assert len(found) == 1, found
@@ -103,7 +99,7 @@ async def test_a_resume_reaches_its_owner_and_one_whose_owner_died_gets_a_new_se
             deltas = "".join(frame["text"] for frame in frames if frame["type"] == "delta")
             assert rest[-1]["type"] == "done" and rest[-1]["text"] == deltas
             said = f"session {short_id(client.session)}: resumed after seq {seen[name]}"
-            assert [n for n, instance in instances.items() if logged(instance, said)] == [name]
+            assert [n for n, instance in instances.items() if instance.logged(said)] == [name]
 
         # An owner dies (kill -9) under a connected session: its resume reaches the other
         # instance, which says plainly that it does not know the session and opens a new one.
@@ -114,7 +110,7 @@ async def test_a_resume_reaches_its_owner_and_one_whose_owner_died_gets_a_new_se
         assert lost.hello["resumed"] is False, lost.hello
         assert lost.hello["resume_error"] == "unknown or expired session"
         assert lost.session != dead.session
-        assert logged(instances[survivor], f"resume of {short_id(dead.session)} refused")
+        assert instances[survivor].logged(f"resume of {short_id(dead.session)} refused")
         await lost.ask("again", "hello again", max_tokens=4)
         assert (await lost.until_end("again"))[-1]["type"] == "done"
         assert (await asyncio.to_thread(proxy.table)).get(lost.session) == int(
