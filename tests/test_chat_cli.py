@@ -40,7 +40,25 @@ def test_one_shot_prints_the_answer_and_the_timings(echo: Running, picture: Path
     assert result.returncode == 0, result.stderr
     assert result.stdout == "echo: what is it? [96x64]\n"  # stdout holds the answer alone
     assert "queued" in result.stderr
+    # while the picture is prepared, the user reads that, not "queued, position 1"
+    assert "reading the picture" in result.stderr
+    assert result.stderr.index("queued") < result.stderr.index("reading the picture")
     assert "TTFT" in result.stderr and "tokens/s" in result.stderr
+    assert "cut at" not in result.stderr
+    plain = run_chat(echo.ws, "--token", "sesame", "no picture here")
+    assert plain.returncode == 0 and "reading the picture" not in plain.stderr
+
+
+def test_max_tokens_limits_the_answer(echo: Running) -> None:
+    # the echo engine answers one character per token: "echo: a short answer" cut after 5
+    result = run_chat(echo.ws, "--token", "sesame", "--max-tokens", "5", "a short answer")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "echo:\n"
+    assert "5 tokens" in result.stderr and "cut at the length limit" in result.stderr
+    for bad in ("0", "-3", "many", "2.5"):
+        refused = run_chat(echo.ws, "--token", "sesame", "--max-tokens", bad, "hi")
+        assert refused.returncode == 2, (bad, refused.stderr)
+        assert f"--max-tokens: expected a positive whole number, got {bad!r}" in refused.stderr
 
 
 def test_picture_from_stdin_and_the_token_from_the_environment(echo: Running) -> None:
@@ -208,6 +226,10 @@ def test_a_server_that_forgot_the_session_fails_the_answer_clearly(slow: Running
     assert proc.returncode == 1, stderr
     assert "no longer knew session" in stderr
     assert "session_lost" in stderr
+    # the truth: a new session, the answer lost and what to do; nothing "continues"
+    assert "reconnected, but to a new session" in stderr
+    assert "continues" not in stderr
+    assert "the answer was lost with the session" in stderr and "ask again" in stderr
 
 
 def test_one_shot_with_the_tiny_real_model(demo_model_dir: Path, picture: Path) -> None:
