@@ -150,10 +150,13 @@ class ServerError:
 
 @dataclass(frozen=True, slots=True)
 class SessionLost:
-    """The server started a new session instead of resuming ours: its context is gone."""
+    """The server started a new session instead of resuming ours: its context is gone.
+    *asked_again*: the questions it had not acknowledged, sent again to the new session (the
+    others it was answering fail with code "session_lost")."""
 
     old: str
     new: str
+    asked_again: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,8 +322,10 @@ class ClientProtocol:
         events: list[Event] = []
         resumed = self.session is not None and session == self.session
         if self.session is not None and not resumed:
-            events.append(SessionLost(self.session, session))
-            events.extend(self._session_lost())
+            failed = self._session_lost()
+            again = tuple(a.id for a in self.asks.values() if a.state is AskState.PENDING)
+            events.append(SessionLost(self.session, session, again))
+            events.extend(failed)
         if not resumed:
             self.last_seq = 0
             seq = frame.get("seq")

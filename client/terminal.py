@@ -276,9 +276,12 @@ class Chat:
                 self._wait_again("reconnecting")
             case Hello(session, resumed) if self.conn.reconnects:
                 self._reconnected(session, resumed)
-            case SessionLost(old, _new):
+            case SessionLost(old, _new, asked_again):
                 self.screen.status(f"! the server no longer knew session {old}; earlier turns are forgotten")
                 self.history.clear()
+                if self.current is not None and self.current.id in asked_again:
+                    self.screen.status("the server had not received the question yet: it is asked again")
+                    self._wait_again("asking again")
             case FramesLost(first, last):
                 self.screen.status(
                     f"! the server could not replay frames {first}..{last}; text may be missing"
@@ -315,22 +318,17 @@ class Chat:
 
     def _reconnected(self, session: str, resumed: bool) -> None:
         """Say what a reconnect means for the answer in progress: it continues only when the
-        server resumed our session; a new session lost it (the `AskFailed` that follows says
-        so), unless the server had not acknowledged the question yet (then it is asked again)."""
+        server resumed our session. A new session comes with `SessionLost` (which says whether
+        the question is asked again) and, when the answer was under way, its `AskFailed`."""
         current = self.current
-        if resumed:
-            going_on = "; the answer continues" if current is not None else ""
-            self.screen.status(f"↻ reconnected, session {session} resumed{going_on}")
-        else:
+        if not resumed:
             self.screen.status(f"↻ reconnected, but to a new session {session}")
-        if current is None:
             return
-        current.reconnects += 1
-        if resumed:
+        going_on = "; the answer continues" if current is not None else ""
+        self.screen.status(f"↻ reconnected, session {session} resumed{going_on}")
+        if current is not None:
+            current.reconnects += 1
             self._wait_again("waiting")
-        elif current.id in self.conn.core.open_asks():
-            self.screen.status("the server had not received the question yet: it is asked again")
-            self._wait_again("asking again")
 
     def _finish(self, answer: Answer, text: str, usage: dict[str, Any], finish_reason: str) -> None:
         now = time.monotonic()

@@ -152,7 +152,7 @@ def test_a_forgotten_session_fails_running_asks_and_reasks_the_rest() -> None:
     core.connecting()
     events = core.receive(Server().hello("s2"))
     assert events[0] == Hello("s2", False, 45.0, {"protocol": 1, "seq": 1})
-    assert events[1] == SessionLost("s1", "s2")
+    assert events[1] == SessionLost("s1", "s2", (unacked,))  # "two" is asked again
     assert events[2] == AskFailed(running, "session_lost", "the server lost the session while answering")
     assert [f["id"] for f in core.take_outgoing()] == [unacked]
     assert core.last_seq == 1
