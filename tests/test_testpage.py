@@ -3,7 +3,8 @@
 The browser is Debian's `chromium` driven by Playwright through `executable_path`; nothing
 downloads a browser. Without /usr/bin/chromium the browser tests are skipped (CI installs it
 from .ci/system-packages). Screenshots land in test-artifacts/ (testpage.png, and
-testpage-resumed.png after a reconnect in the middle of an answer).
+testpage-resumed.png after a reconnect in the middle of an answer, testpage-loading.png while
+the model loads).
 """
 
 from __future__ import annotations
@@ -231,6 +232,8 @@ def test_the_page_shows_the_model_loading_and_asks_only_once_it_is_ready(browser
             page.fill("#question", "hello?")
             page.press("#question", "Enter")
             assert page.locator(".turn").count() == 0  # nothing was asked
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "testpage-loading.png"))
             release.set()
             page.locator("#status.online").wait_for()
             page.locator("#send:enabled").wait_for()
