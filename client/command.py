@@ -25,6 +25,7 @@ class ChatOptions:
     question: str | None = None  # None: interactive
     give_up_after: float = 120.0
     color: bool = True
+    max_tokens: int | None = None  # each answer's limit, sent with every question; None: the server's
 
 
 def run_chat(options: ChatOptions, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
@@ -62,7 +63,14 @@ async def _chat(options: ChatOptions, pictures: list[Picture], stdin: TextIO, sc
         screen.status(HELP)
     else:
         inputs = ScriptedInputs([options.question or ""])
-    chat = Chat(conn, screen, inputs, interactive, prompt="> " if interactive and stdin.isatty() else None)
+    chat = Chat(
+        conn,
+        screen,
+        inputs,
+        interactive,
+        prompt="> " if interactive and stdin.isatty() else None,
+        max_tokens=options.max_tokens,
+    )
     chat.attached.extend(pictures)
     for picture in pictures:
         if interactive:

@@ -117,8 +117,10 @@ class Connection:
         self._task = asyncio.create_task(self._run(), name="vlbridge-client")
         return await self._hello
 
-    def ask(self, text: str, images: list[bytes] | tuple[bytes, ...] = ()) -> str:
-        ask_id = self.core.ask(text, images)
+    def ask(
+        self, text: str, images: list[bytes] | tuple[bytes, ...] = (), max_tokens: int | None = None
+    ) -> str:
+        ask_id = self.core.ask(text, images, max_tokens)
         self._wakeup.set()
         return ask_id
 

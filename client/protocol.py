@@ -78,11 +78,14 @@ class Ask:
     images: list[str]  # base64
     state: AskState = AskState.PENDING
     answer: str = ""  # the deltas received so far
+    max_tokens: int | None = None  # None: the server's default length
 
     def frame(self) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": ClientFrameType.ASK, "id": self.id, "text": self.text}
         if self.images:
             frame["images"] = self.images
+        if self.max_tokens is not None:
+            frame["max_tokens"] = self.max_tokens
         return frame
 
 
@@ -104,6 +107,13 @@ class Queued:
 
 
 @dataclass(frozen=True, slots=True)
+class Reading:
+    """The server began reading the ask's pictures (it may not send this: older servers)."""
+
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Started:
     id: str
 
@@ -119,6 +129,7 @@ class AskDone:
     id: str
     text: str
     usage: dict[str, Any]
+    finish_reason: str = "stop"  # "length": cut at max_tokens or the room the context left
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,10 +150,13 @@ class ServerError:
 
 @dataclass(frozen=True, slots=True)
 class SessionLost:
-    """The server started a new session instead of resuming ours: its context is gone."""
+    """The server started a new session instead of resuming ours: its context is gone.
+    *asked_again*: the questions it had not acknowledged, sent again to the new session (the
+    others it was answering fail with code "session_lost")."""
 
     old: str
     new: str
+    asked_again: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +178,7 @@ class Pong:
 Event = (
     Hello
     | Queued
+    | Reading
     | Started
     | Delta
     | AskDone
@@ -215,11 +230,16 @@ class ClientProtocol:
 
     # -- what the user does ---------------------------------------------------------------
 
-    def ask(self, text: str, images: list[bytes] | tuple[bytes, ...] = ()) -> str:
+    def ask(
+        self, text: str, images: list[bytes] | tuple[bytes, ...] = (), max_tokens: int | None = None
+    ) -> str:
+        """Queue a question; *max_tokens* caps the answer's length (the server may cap it lower)."""
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"expected a positive max_tokens, got {max_tokens}")
         self._counter += 1
         ask_id = f"{self._prefix}{self._counter}"
         encoded = [encode_base64(data) for data in images]
-        ask = Ask(ask_id, text, encoded)
+        ask = Ask(ask_id, text, encoded, max_tokens=max_tokens)
         self.asks[ask_id] = ask
         if self.link is Link.READY:
             self._send_ask(ask)
@@ -302,8 +322,10 @@ class ClientProtocol:
         events: list[Event] = []
         resumed = self.session is not None and session == self.session
         if self.session is not None and not resumed:
-            events.append(SessionLost(self.session, session))
-            events.extend(self._session_lost())
+            failed = self._session_lost()
+            again = tuple(a.id for a in self.asks.values() if a.state is AskState.PENDING)
+            events.append(SessionLost(self.session, session, again))
+            events.extend(failed)
         if not resumed:
             self.last_seq = 0
             seq = frame.get("seq")
@@ -363,6 +385,10 @@ class ClientProtocol:
         position = frame.get("position")
         return [Queued(ask.id, position if isinstance(position, int) else 0)]
 
+    def _on_reading(self, frame: dict[str, Any]) -> list[Event]:
+        ask = self._ask_for(frame)
+        return [] if ask is None else [Reading(ask.id)]
+
     def _on_started(self, frame: dict[str, Any]) -> list[Event]:
         ask = self._ask_for(frame)
         if ask is None:
@@ -386,7 +412,15 @@ class ClientProtocol:
         ask.state = AskState.DONE
         text = frame.get("text")
         usage = frame.get("usage")
-        return [AskDone(ask.id, text if isinstance(text, str) else ask.answer, usage or {})]
+        reason = frame.get("finish_reason")
+        return [
+            AskDone(
+                ask.id,
+                text if isinstance(text, str) else ask.answer,
+                usage or {},
+                reason if isinstance(reason, str) else "stop",
+            )
+        ]
 
     def _on_error(self, frame: dict[str, Any]) -> list[Event]:
         code = str(frame.get("code", ErrorCode.INTERNAL))

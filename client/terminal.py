@@ -28,12 +28,14 @@ from client.connection import Connection, Disconnected, LinkEvent
 from client.errors import ClientError, PictureError
 from client.images import Picture, read_picture
 from client.protocol import (
+    SESSION_LOST,
     AskDone,
     AskFailed,
     Delta,
     FramesLost,
     Hello,
     Queued,
+    Reading,
     ServerError,
     SessionLost,
     Started,
@@ -43,6 +45,7 @@ from protocol.v1 import ErrorCode
 
 HELP = "commands: /image PATH  /reset  /cancel  /history  /help  /quit   (Ctrl-C cancels an answer)"
 EXIT_FAILED, EXIT_CONNECTION, EXIT_INTERRUPTED = 1, 3, 130
+LOST_ANSWER = "the answer was lost with the session (the server restarted or forgot it); ask again"
 
 
 class Signal(Enum):
@@ -145,6 +148,7 @@ class Chat:
     inputs: Inputs
     interactive: bool
     prompt: str | None = None  # shown when waiting for a line (a terminal on stdin)
+    max_tokens: int | None = None  # sent with every question
     attached: list[Picture] = field(default_factory=list)
     history: list[Turn] = field(default_factory=list)
     current: Answer | None = None
@@ -247,7 +251,7 @@ class Chat:
 
     def _ask(self, text: str) -> None:
         pictures, self.attached = self.attached, []
-        ask_id = self.conn.ask(text, [p.data for p in pictures])
+        ask_id = self.conn.ask(text, [p.data for p in pictures], self.max_tokens)
         self.current = Answer(ask_id, text, [p.name for p in pictures], time.monotonic())
         self.screen.wait("sending")
 
@@ -271,15 +275,13 @@ class Chat:
                 self.screen.status(f"⚡ connection lost: {reason}; reconnecting in {retry_in:.1f} s{more}")
                 self._wait_again("reconnecting")
             case Hello(session, resumed) if self.conn.reconnects:
-                what = "resumed" if resumed else "started (a new one)"
-                going_on = "; the answer continues" if self.current is not None else ""
-                self.screen.status(f"↻ reconnected, session {session} {what}{going_on}")
-                if self.current is not None:
-                    self.current.reconnects += 1
-                    self._wait_again("waiting")
-            case SessionLost(old, _new):
+                self._reconnected(session, resumed)
+            case SessionLost(old, _new, asked_again):
                 self.screen.status(f"! the server no longer knew session {old}; earlier turns are forgotten")
                 self.history.clear()
+                if self.current is not None and self.current.id in asked_again:
+                    self.screen.status("the server had not received the question yet: it is asked again")
+                    self._wait_again("asking again")
             case FramesLost(first, last):
                 self.screen.status(
                     f"! the server could not replay frames {first}..{last}; text may be missing"
@@ -288,19 +290,25 @@ class Chat:
                 self.screen.status(f"! server: {code}: {message}", dim=False)
             case Queued(_, position) if current is not None:
                 self.screen.wait(f"queued, position {position}" if position else "queued", news=True)
+            case Reading() if current is not None:
+                self.screen.wait("reading the picture…", news=True)
             case Started() if current is not None:
-                self.screen.wait("thinking")
+                # The model reads the new pictures with the prompt now (its prefill): for a
+                # large picture that is most of the wait before the first word.
+                self.screen.wait("reading the picture…" if current.pictures else "thinking")
             case Delta(_, text) if current is not None:
                 if current.first is None:
                     current.first = time.monotonic()
                     self.screen.stop_waiting()
                 current.text += text
                 self.screen.answer(text)
-            case AskDone(_, text, usage) if current is not None:
-                self._finish(current, text, usage)
+            case AskDone(_, text, usage, finish_reason) if current is not None:
+                self._finish(current, text, usage, finish_reason)
             case AskFailed(_, code, message, retry_after) if current is not None:
                 self.screen.stop_waiting()
                 self.screen.end_answer()
+                if code == SESSION_LOST:
+                    message = LOST_ANSWER
                 detail = f": {message}" if message and message != code else ""
                 retry = f" (retry in {retry_after:g} s)" if retry_after else ""
                 self.screen.status(f"✗ {code}{detail}{retry}", dim=code == ErrorCode.CANCELLED)
@@ -308,7 +316,21 @@ class Chat:
                     self.exit_code = EXIT_FAILED
                 self._next()
 
-    def _finish(self, answer: Answer, text: str, usage: dict[str, Any]) -> None:
+    def _reconnected(self, session: str, resumed: bool) -> None:
+        """Say what a reconnect means for the answer in progress: it continues only when the
+        server resumed our session. A new session comes with `SessionLost` (which says whether
+        the question is asked again) and, when the answer was under way, its `AskFailed`."""
+        current = self.current
+        if not resumed:
+            self.screen.status(f"↻ reconnected, but to a new session {session}")
+            return
+        going_on = "; the answer continues" if current is not None else ""
+        self.screen.status(f"↻ reconnected, session {session} resumed{going_on}")
+        if current is not None:
+            current.reconnects += 1
+            self._wait_again("waiting")
+
+    def _finish(self, answer: Answer, text: str, usage: dict[str, Any], finish_reason: str) -> None:
         now = time.monotonic()
         self.screen.stop_waiting()
         if answer.first is None:
@@ -320,7 +342,8 @@ class Chat:
                 self.screen.status("! the streamed text was incomplete; the full answer:")
             self.screen.answer(text)
         self.screen.end_answer()
-        self.screen.status(answer.timings(usage, now))
+        cut = " · cut at the length limit" if finish_reason == "length" else ""
+        self.screen.status(answer.timings(usage, now) + cut)
         self.history.append(Turn(answer.question, answer.pictures, text))
         self._next()
 

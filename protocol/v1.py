@@ -43,7 +43,8 @@ class ServerFrameType(StrEnum):
     """The `type` of a frame the server sends."""
 
     HELLO = "hello"  # first frame of every connection, seq 0
-    QUEUED = "queued"  # per ask: queued, started, delta..., then done or error
+    QUEUED = "queued"  # per ask: queued, (reading), started, delta..., then done or error
+    READING = "reading"  # an ask with pictures: reading them began (added in v1; old clients ignore it)
     STARTED = "started"
     DELTA = "delta"
     DONE = "done"

@@ -110,8 +110,19 @@ def _chat(args: argparse.Namespace) -> int:
         question=" ".join(args.question) if args.question else None,
         give_up_after=args.give_up_after,
         color="NO_COLOR" not in os.environ,
+        max_tokens=args.max_tokens,
     )
     return run_chat(options, sys.stdin, sys.stdout, sys.stderr)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--token", default=None, help="auth token (default: $VLBRIDGE_TOKEN)")
     chat.add_argument(
         "--image", action="append", default=[], metavar="PATH", help="a picture (repeatable; - = stdin)"
+    )
+    chat.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="answer in at most N tokens (the server may allow fewer; default: the server's length)",
     )
     chat.add_argument(
         "--give-up-after",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from server.errors import RequestError
-from server.inference.api import Delta, Done, Event, Failed, Queued, Started, Usage
+from server.inference.api import Delta, Done, Event, Failed, Queued, Reading, Started, Usage
 
 
 def usage_dict(usage: Usage) -> dict[str, int]:
@@ -42,6 +42,8 @@ def event_dict(ask_id: str, event: Event) -> dict[str, Any]:
         return frame
     if isinstance(event, Started):
         return {"type": "started", "id": ask_id}
+    if isinstance(event, Reading):
+        return {"type": "reading", "id": ask_id}
     if isinstance(event, Done):
         return {
             "type": "done",

@@ -6,6 +6,8 @@ free loopback port with the echo engine, which answers "echo: <question> [<w>x<h
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import select
 import signal
@@ -14,12 +16,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
+from client.connection import Connection, Disconnected
+from client.screen import Screen
+from client.terminal import Chat, ScriptedInputs
 from tests.chattools import ROOT, TcpProxy, chat_command, chat_env, run_chat, terminal
 from tests.conftest import make_png
 from tests.serving import Running, make_config, serve, slow_echo
-from tests.waiting import DEADLINE
+from tests.waiting import DEADLINE, until
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,25 @@ def test_one_shot_prints_the_answer_and_the_timings(echo: Running, picture: Path
     assert result.returncode == 0, result.stderr
     assert result.stdout == "echo: what is it? [96x64]\n"  # stdout holds the answer alone
     assert "queued" in result.stderr
+    # while the picture is prepared, the user reads that, not "queued, position 1"
+    assert "reading the picture" in result.stderr
+    assert result.stderr.index("queued") < result.stderr.index("reading the picture")
     assert "TTFT" in result.stderr and "tokens/s" in result.stderr
+    assert "cut at" not in result.stderr
+    plain = run_chat(echo.ws, "--token", "sesame", "no picture here")
+    assert plain.returncode == 0 and "reading the picture" not in plain.stderr
+
+
+def test_max_tokens_limits_the_answer(echo: Running) -> None:
+    # the echo engine answers one character per token: "echo: a short answer" cut after 5
+    result = run_chat(echo.ws, "--token", "sesame", "--max-tokens", "5", "a short answer")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "echo:\n"
+    assert "5 tokens" in result.stderr and "cut at the length limit" in result.stderr
+    for bad in ("0", "-3", "many", "2.5"):
+        refused = run_chat(echo.ws, "--token", "sesame", "--max-tokens", bad, "hi")
+        assert refused.returncode == 2, (bad, refused.stderr)
+        assert f"--max-tokens: expected a positive whole number, got {bad!r}" in refused.stderr
 
 
 def test_picture_from_stdin_and_the_token_from_the_environment(echo: Running) -> None:
@@ -208,6 +232,10 @@ def test_a_server_that_forgot_the_session_fails_the_answer_clearly(slow: Running
     assert proc.returncode == 1, stderr
     assert "no longer knew session" in stderr
     assert "session_lost" in stderr
+    # the truth: a new session, the answer lost and what to do; nothing "continues"
+    assert "reconnected, but to a new session" in stderr
+    assert "continues" not in stderr
+    assert "the answer was lost with the session" in stderr and "ask again" in stderr
 
 
 def test_one_shot_with_the_tiny_real_model(demo_model_dir: Path, picture: Path) -> None:
@@ -226,3 +254,39 @@ def test_a_full_server_is_a_clear_failure() -> None:
         result = run_chat(running.ws, "hi")
     assert result.returncode == 3
     assert "cannot connect" in result.stderr and "1013" in result.stderr
+
+
+async def test_a_question_the_new_session_never_got_is_asked_again() -> None:
+    """The other side of a lost session: the question was sent but not yet acknowledged when
+    the link dropped, so the new session gets it again; the client says so, not "continues".
+    The real Connection, fed the server's frames by hand (no socket): the timing of a drop
+    between sending and "queued" cannot be arranged over a real one."""
+    conn = Connection("ws://127.0.0.1:9/ws")
+    err = io.StringIO()
+
+    def serve_frames(*frames: dict[str, object]) -> None:
+        for frame in frames:
+            for event in conn.core.receive(orjson.dumps(frame)):
+                conn._events.put_nowait(event)
+
+    conn.core.connecting()
+    conn.hellos = 1
+    serve_frames({"type": "hello", "seq": 0, "session": "first", "protocol": 1, "ping_interval": 45.0})
+    chat = Chat(conn, Screen(io.StringIO(), err, tty=False), ScriptedInputs(["what is it?"]), False)
+    running = asyncio.create_task(chat.run())
+    await until(lambda: conn.core.take_outgoing(), "the ask to be sent")
+    conn.core.disconnected()  # before the server acknowledged it
+    conn._events.put_nowait(Disconnected("the connection dropped", 1, 0.1))
+    conn.core.connecting()
+    conn.hellos = 2
+    serve_frames({"type": "hello", "seq": 0, "session": "second", "protocol": 1, "ping_interval": 45.0})
+    [ask] = conn.core.take_outgoing()  # asked again in the new session
+    assert ask["type"] == "ask" and ask["text"] == "what is it?"
+    serve_frames(
+        {"type": "queued", "id": ask["id"], "position": 1, "seq": 1},
+        {"type": "done", "id": ask["id"], "text": "a cat", "usage": {}, "seq": 2},
+    )
+    assert await asyncio.wait_for(running, DEADLINE) == 0
+    status = err.getvalue()
+    assert "reconnected, but to a new session second" in status
+    assert "it is asked again" in status and "continues" not in status

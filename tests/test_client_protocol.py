@@ -20,7 +20,9 @@ from client.protocol import (
     Link,
     ProtocolError,
     Queued,
+    Reading,
     SessionLost,
+    Started,
 )
 
 
@@ -64,6 +66,36 @@ def test_ask_and_stream() -> None:
     done = core.receive(server.frame(type="done", id=ask_id, text="a cat", usage={"completion_tokens": 2}))
     assert done == [AskDone(ask_id, "a cat", {"completion_tokens": 2})]
     assert core.open_asks() == []
+
+
+def test_reading_max_tokens_and_the_finish_reason() -> None:
+    server = Server()
+    core = connected(server)
+    ask_id = core.ask("what is it?", [b"\x89PNG"], max_tokens=7)
+    [frame] = core.take_outgoing()
+    assert frame["max_tokens"] == 7
+    core.receive(server.frame(type="queued", id=ask_id, position=1))
+    assert core.receive(server.frame(type="reading", id=ask_id)) == [Reading(ask_id)]
+    assert core.receive(server.frame(type="started", id=ask_id)) == [Started(ask_id)]
+    done = core.receive(server.frame(type="done", id=ask_id, text="a cat", usage={}, finish_reason="length"))
+    assert done == [AskDone(ask_id, "a cat", {}, "length")]
+    with pytest.raises(ValueError, match="positive max_tokens"):
+        core.ask("hi", max_tokens=0)
+    core.ask("hi")
+    assert "max_tokens" not in core.take_outgoing()[-1]  # the server's default length
+
+
+def test_frame_types_a_client_does_not_know_are_ignored() -> None:
+    """Protocol v1 grows by additions (like `reading`): an unknown frame type, or an unknown
+    field, changes nothing about the ask it names."""
+    server = Server()
+    core = connected(server)
+    ask_id = core.ask("hi")
+    core.take_outgoing()
+    core.receive(server.frame(type="queued", id=ask_id, position=1, new_field={"x": 1}))
+    assert core.receive(server.frame(type="pondering", id=ask_id, depth=3)) == []
+    assert core.asks[ask_id].state is AskState.QUEUED
+    assert core.receive(server.frame(type="delta", id=ask_id, text="ok")) == [Delta(ask_id, "ok")]
 
 
 def test_pings_are_answered_with_the_same_ts() -> None:
@@ -120,7 +152,7 @@ def test_a_forgotten_session_fails_running_asks_and_reasks_the_rest() -> None:
     core.connecting()
     events = core.receive(Server().hello("s2"))
     assert events[0] == Hello("s2", False, 45.0, {"protocol": 1, "seq": 1})
-    assert events[1] == SessionLost("s1", "s2")
+    assert events[1] == SessionLost("s1", "s2", (unacked,))  # "two" is asked again
     assert events[2] == AskFailed(running, "session_lost", "the server lost the session while answering")
     assert [f["id"] for f in core.take_outgoing()] == [unacked]
     assert core.last_seq == 1

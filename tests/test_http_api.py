@@ -45,7 +45,7 @@ def test_analyze_streams_server_sent_events(server) -> None:
         assert response.headers["x-accel-buffering"] == "no"
         events = sse_events(response.read().decode())
     names = [name for name, _ in events]
-    assert names[0] == "queued" and names[1] == "started" and names[-1] == "done"
+    assert names[:3] == ["queued", "reading", "started"] and names[-1] == "done", names
     assert all(data["type"] == name for name, data in events)
     assert events[-1][1]["text"] == "echo: what? [96x64]"
 

@@ -27,20 +27,24 @@ async def test_hello_describes_the_session(echo_server) -> None:
     await client.close()
 
 
-async def test_ask_streams_queued_started_deltas_done_with_increasing_seq(echo_server) -> None:
+async def test_ask_streams_queued_reading_started_deltas_done_with_increasing_seq(echo_server) -> None:
     client = await Client.open(echo_server.ws)
     await client.ask("q1", "what is this?", [make_png()])
     frames = await client.until_end("q1")
     kinds = [f["type"] for f in frames]
     assert kinds[0] == "queued" and frames[0]["position"] >= 1
-    assert kinds[1] == "started" and kinds[-1] == "done"
-    assert set(kinds[2:-1]) == {"delta"}
+    # a question with a picture: "reading" when its preparation began, before the model took it
+    assert kinds[1:3] == ["reading", "started"] and kinds[-1] == "done", kinds
+    assert frames[1] == {"type": "reading", "id": "q1", "seq": frames[0]["seq"] + 1}
+    assert set(kinds[3:-1]) == {"delta"}
     done = frames[-1]
     assert done["text"] == "echo: what is this? [96x64]"
     assert "".join(f["text"] for f in frames if f["type"] == "delta") == done["text"]
     assert done["usage"]["completion_tokens"] > 0 and done["finish_reason"] == "stop"
     seqs = [f["seq"] for f in client.frames]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[0] == 1
+    await client.ask("q2", "and without a picture?")
+    assert "reading" not in [f["type"] for f in await client.until_end("q2")]  # nothing to read
     await client.close()
 
 

@@ -3,7 +3,7 @@
 Form fields: `image` (one or more files, up to server.max_images), `prompt` (text),
 optional `max_tokens`, `temperature`. ``?stream=false`` answers with one JSON object;
 otherwise the response is ``text/event-stream`` with the WebSocket protocol's event
-types (queued, started, delta..., done | error) as ``event:`` names.
+types (queued, reading, started, delta..., done | error) as ``event:`` names.
 """
 
 from __future__ import annotations

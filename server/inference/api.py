@@ -6,7 +6,7 @@ and the Feishu adapter all speak these types and convert at their own edge.
 A caller does::
 
     handle = executor.submit(InferenceRequest(id=..., messages=[Turn.user("what is it?", [png])]))
-    async for event in handle:          # Queued*, Started, Delta*, then exactly one Done or Failed
+    async for event in handle:          # Queued*, Reading?, Started, Delta*, then one Done or Failed
         ...
     handle.listen(on_events)            # or: the same events passed to a callback, in batches
     handle.cancel()                     # at any time; the stream then ends with Failed("cancelled")
@@ -120,6 +120,17 @@ class Queued:
 
 
 @value
+class Reading:
+    """The request's pictures are being read: decoded, resized and, after `Started`, encoded
+    by the model with the prompt. Only for requests whose question (the last turn) has
+    pictures, at most once, when their preparation begins (which can take seconds for large
+    pictures, while the queue position alone would still say 1); a backend that does not
+    prepare pictures itself never sends it."""
+
+    type: Literal["reading"] = "reading"
+
+
+@value
 class Started:
     type: Literal["started"] = "started"
 
@@ -148,7 +159,7 @@ class Failed:
     type: Literal["error"] = "error"
 
 
-Event = Queued | Started | Delta | Done | Failed
+Event = Queued | Reading | Started | Delta | Done | Failed
 Events = Sequence[Event]  # what a listener gets: a non-empty batch, in order
 FINAL = (Done, Failed)  # the events that end a stream (a tuple: `Done | Failed` is rebuilt per call)
 

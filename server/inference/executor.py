@@ -56,6 +56,7 @@ from server.inference.api import (
     FinishReason,
     InferenceRequest,
     Queued,
+    Reading,
     Started,
     Timings,
     Usage,
@@ -372,10 +373,17 @@ class InferenceExecutor:
         if not (force or self._urgent or now - self._handoff >= self.limits.stream_interval):
             return
         self._urgent, self._handoff = False, now
+        outbox, self._outbox = self._outbox, []
+        self._hand_over(outbox)
+
+    def _hand_over(self, events: list[tuple[EventHandle, Event]]) -> None:
+        """Queue *events* for the event loop, after everything handed over before them (any
+        thread: the worker's steps and the preparation threads' `Reading` share one list, so
+        a request's events arrive in the order they were produced)."""
+        assert self._loop is not None
         with self._lock:
-            self._handed.extend(self._outbox)
+            self._handed.extend(events)
             wake, self._delivery_due = not self._delivery_due, True
-        self._outbox = []
         if wake:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
                 self._loop.call_soon_threadsafe(self._deliver)
@@ -399,6 +407,12 @@ class InferenceExecutor:
                 if engine is None:
                     raise Unavailable(f"the model is not available: {self._detail}")
             self._check(job)
+            if job.request.messages and job.request.messages[-1].images:
+                # New pictures (earlier turns' are context, mostly cached): before the job
+                # reaches the worker, so before its Started. Decoding and resizing large
+                # pictures takes a while, and "queued, position 1" would be all the client
+                # knew meanwhile.
+                self._hand_over([(job.handle, Reading())])
             job.prompt = engine.prepare(job.request.messages, lambda: self._check(job))
         except RequestError as exc:
             job.error = exc

@@ -5,6 +5,10 @@
 // already seen, and (after a resume) sends a ping whose pong marks the end of the replay: asks
 // the server never acknowledged by then are sent again. Each socket's handlers are bound to
 // that socket, so a late event from a dead one is ignored.
+//
+// The model's state comes from /health (state, progress, detail), polled while it is not
+// ready: the status line says "loading the model" or why it failed, and Ask is enabled only
+// while the link is up and the model can answer.
 "use strict";
 
 (() => {
@@ -14,6 +18,7 @@
   const MAX_BYTES = 8 * 1024 * 1024;
   const BACKOFF = { initial: 250, factor: 2, max: 5000 };
   const OPEN = new Set(["pending", "sent", "queued", "started"]);
+  const HEALTH_POLL = 1000; // ms between /health polls while the model is not ready
 
   class Client {
     constructor(url, ui) {
@@ -120,7 +125,7 @@
       const ask = frame.id !== undefined ? this.asks.get(frame.id) : undefined;
       if (ask) {
         if (!OPEN.has(ask.state)) return;
-        ask.state = { queued: "queued", started: "started", delta: "started", done: "done", error: "failed" }[frame.type] || ask.state;
+        ask.state = { queued: "queued", started: "started", delta: "started", done: "done", error: "failed" }[frame.type] || ask.state; // others ("reading", newer ones) leave it
       }
       this.ui.frame(frame);
     }
@@ -153,6 +158,7 @@
     synced() {
       this.syncing = false;
       this.ready = true;
+      this.ui.ready();
       for (const ask of this.asks.values()) if (ask.state === "pending" || ask.state === "sent") this.sendAsk(ask);
       const deferred = this.deferred;
       this.deferred = [];
@@ -200,14 +206,66 @@
   const turns = new Map(); // ask id -> {li, answer, meta, sent, first, text, reconnects}
   let picture = null; // {name, base64, url, width, height, sent}
   let current = null; // id of the answer in progress
+  let linked = null; // the status line's text while the link is up (null: it is not)
+  // From /health; "unknown" (no /health, e.g. behind a proxy that hides it) does not block asking.
+  let model = { state: "unknown", progress: 0, detail: "" };
+  let healthTimer = null;
+  let healthRun = 0; // only the newest poll goes on (a reconnect may start one while one runs)
 
   const setStatus = (kind, text) => {
     $("status").className = `status ${kind}`;
     $("status-text").textContent = text;
   };
 
+  const canAnswer = () => model.state === "ready" || model.state === "unknown";
+
+  // The status line: the link's state, and once it is up, the model's.
+  function showStatus() {
+    if (linked === null) return; // ui.link/dropped show the link's own state
+    if (model.state === "loading") {
+      const pct = Math.round((model.progress || 0) * 100);
+      setStatus("loading", `connected · loading the model, ${pct}%${model.detail ? ` · ${model.detail}` : ""}`);
+    } else if (model.state === "failed") {
+      setStatus("failed", `connected · the model failed to load: ${model.detail || "no reason given"}`);
+    } else if (model.state === "stopped") {
+      setStatus("failed", "connected · the model is stopped (the server is shutting down)");
+    } else setStatus("online", linked);
+    updateAsk();
+  }
+
+  function updateAsk() {
+    const why = current ? "an answer is in progress"
+      : !client.ready ? "not connected"
+        : !canAnswer() ? (model.state === "loading" ? "the model is still loading" : "the model cannot answer")
+          : "";
+    $("send").disabled = Boolean(why);
+    $("send").title = why && !current ? `Ask is off: ${why}` : "";
+  }
+
+  // Poll /health until the model is ready (again after a reconnect: the server may be new).
+  async function pollHealth() {
+    clearTimeout(healthTimer);
+    healthTimer = null;
+    const run = ++healthRun;
+    try {
+      const response = await fetch("/health", { cache: "no-store" });
+      const body = await response.json();
+      if (run !== healthRun) return;
+      if (typeof body.state === "string") {
+        model = { state: body.state, progress: body.progress, detail: body.detail || "" };
+      }
+    } catch {
+      // unreachable now (the link's own status says so) or not ours: try again later
+      if (run !== healthRun) return;
+    }
+    showStatus();
+    if (model.state !== "ready") healthTimer = setTimeout(pollHealth, HEALTH_POLL);
+  }
+
   const ui = {
     link(kind, attempt, detail) {
+      linked = null;
+      updateAsk();
       if (kind === "refused") {
         setStatus("offline", `refused: ${detail}`);
         $("auth").hidden = false;
@@ -216,6 +274,8 @@
         kind === "connecting" ? "connecting…" : `reconnecting${attempt > 1 ? ` (attempt ${attempt})` : ""}…`);
     },
     dropped(code, delay, attempt) {
+      linked = null;
+      updateAsk();
       setStatus("reconnecting", `connection lost; retrying in ${(delay / 1000).toFixed(1)} s`);
       if (current) {
         const turn = turns.get(current);
@@ -228,7 +288,9 @@
       }
     },
     connected(hello, resumed, wasReconnect) {
-      setStatus("online", wasReconnect ? (resumed ? "reconnected · session resumed" : "reconnected · new session") : "connected");
+      linked = wasReconnect ? (resumed ? "reconnected · session resumed" : "reconnected · new session") : "connected";
+      showStatus();
+      if (!resumed || model.state !== "ready") pollHealth(); // a new session: perhaps a new server
       $("session").textContent = `session ${hello.session}${hello.model ? ` · ${hello.model}` : ""}`;
       if (AUTH) $("auth").hidden = true;
       if (wasReconnect && current) {
@@ -238,6 +300,7 @@
         addNote(turn, resumed ? "↻ resumed: the answer continues" : "↻ new session");
       }
     },
+    ready() { updateAsk(); },
     note(text) { if (current) addNote(turns.get(current), `! ${text}`); else progress(text); },
     frame(frame) {
       const turn = turns.get(frame.id);
@@ -247,7 +310,9 @@
       }
       switch (frame.type) {
         case "queued": setTurnState(turn, frame.position ? `queued, position ${frame.position}` : "queued"); break;
-        case "started": setTurnState(turn, "thinking…"); break;
+        case "reading": setTurnState(turn, "reading the picture…"); break;
+        // With a new picture the model reads it now, with the prompt: most of the wait.
+        case "started": setTurnState(turn, turn.pictured ? "reading the picture…" : "thinking…"); break;
         case "delta":
           if (turn.first === null) { turn.first = performance.now(); setTurnState(turn, "answering…"); }
           turn.text += frame.text;
@@ -255,8 +320,13 @@
           break;
         case "done": finish(turn, frame); break;
         case "error":
-          turn.li.classList.add("failed");
-          setTurnState(turn, `${frame.code}: ${frame.message}${frame.retry_after ? ` (retry in ${frame.retry_after} s)` : ""}`);
+          if (frame.code === "cancelled") { // asked for: not a failure
+            turn.li.classList.add("cancelled");
+            setTurnState(turn, "cancelled");
+          } else {
+            turn.li.classList.add("failed");
+            setTurnState(turn, `${frame.code}: ${frame.message}${frame.retry_after ? ` (retry in ${frame.retry_after} s)` : ""}`);
+          }
           end(frame.id);
           break;
       }
@@ -309,7 +379,7 @@
   function end(id) {
     if (current === id) current = null;
     $("cancel").disabled = true;
-    $("send").disabled = false;
+    updateAsk();
   }
 
   function addTurn(id, text, pic) {
@@ -338,7 +408,7 @@
     li.append(q, a, notes, meta);
     $("turns").append(li);
     li.scrollIntoView({ block: "end" });
-    turns.set(id, { li, answer, notes, meta, lost: null, sent: performance.now(), first: null, text: "", reconnects: 0 });
+    turns.set(id, { li, answer, notes, meta, lost: null, sent: performance.now(), first: null, text: "", reconnects: 0, pictured: Boolean(pic) });
   }
 
   async function choose(file) {
@@ -376,15 +446,15 @@
 
   function ask() {
     const text = $("question").value.trim();
-    if (!text || current) return;
+    if (!text || current || $("send").disabled) return;
     const send = picture && !picture.sent ? picture : null;
     const id = client.ask(text, send ? [send.base64] : []);
     addTurn(id, text, send);
     if (send) { send.sent = true; showPictureInfo(); }
     current = id;
     $("question").value = "";
-    $("send").disabled = true;
     $("cancel").disabled = false;
+    updateAsk();
   }
 
   // -- wiring --------------------------------------------------------------------------------
@@ -421,6 +491,8 @@
     client.connect();
   });
 
+  updateAsk();
+  pollHealth();
   if (AUTH) {
     client.token = sessionStorage.getItem("vlbridge-token") || "";
     $("auth").hidden = Boolean(client.token);
