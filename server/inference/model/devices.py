@@ -32,7 +32,7 @@ def cpu_threads(setting: int | Literal["auto"], cores: int, parameters: int) -> 
     per usable core but one, at least 1: the event loop and picture decoding need a core, and
     torch's OpenMP threads wait for each other at every operation, so a thread that loses its
     core to another process stalls the whole step (measured with the demo model: 512 tokens in
-    2.6 s idle, 75-79 s with one other busy process and torch's default of a thread per core).
+    2.6 s idle, 74-79 s with one other busy process and torch's default of a thread per core).
     """
     if setting != "auto":
         return setting
