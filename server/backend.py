@@ -29,6 +29,11 @@ DEMO_BANNER = """
   *  local checkpoint directory for real answers.                            *
   ****************************************************************************"""
 
+# The demo model's answers are random text: a question that gives no max_tokens gets this many
+# tokens at most (model.max_new_tokens still caps what a request may ask for), so trying it
+# takes a second, not the 512 tokens a real model may need.
+DEMO_ANSWER_TOKENS = 96
+
 
 def image_limits(config: Config) -> ImageLimits:
     return ImageLimits(
@@ -103,6 +108,7 @@ def build_executor(config: Config) -> Executor:
                 prefix_cache=config.executor.prefix_cache,
                 vision_cache_bytes=config.executor.vision_cache_mb * 2**20,
                 profile_seconds=config.executor.profile_seconds,
+                cpu_threads=config.model.cpu_threads,
             ),
             progress=progress,
         )
@@ -114,6 +120,7 @@ def build_executor(config: Config) -> Executor:
             queue_size=config.executor.queue_size,
             request_timeout=config.executor.request_timeout,
             max_new_tokens=config.model.max_new_tokens,
+            default_new_tokens=None if path else min(DEMO_ANSWER_TOKENS, config.model.max_new_tokens),
             prefill_tokens=config.executor.prefill_chunk_tokens,
             prefill_tokens_decoding=config.executor.prefill_decoding_tokens,
             profile_seconds=config.executor.profile_seconds,

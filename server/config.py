@@ -16,7 +16,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
@@ -94,6 +94,8 @@ class ModelConfig(_Section):
     max_decode_pixels: int = Field(16_777_216, ge=32 * 32)
     max_context_tokens: int = Field(16384, ge=64)
     cuda_graphs: bool = True
+    # torch threads on the CPU; "auto": 1 for tiny models (the demo), else usable cores - 1
+    cpu_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
     # backend = "openai": answers come from OpenAI-compatible servers (vLLM, SGLang, their
     # routers, another vlbridge) at base_urls; the keys above but max_new_tokens are then unused.
     backend: Literal["local", "openai"] = "local"

@@ -79,6 +79,7 @@ class ExecutorLimits:
     queue_size: int = 256
     request_timeout: float = 300.0
     max_new_tokens: int = 512
+    default_new_tokens: int | None = None  # the answer length when a request gives none; None: max_new_tokens
     prefill_tokens: int = 16384  # prefill work (prefill_cost units) admitted into one prefill
     # ... while other rows are decoding: a wave of new pictures then runs as several small
     # prefills between decode steps, so it stalls the running answers for a bounded time
@@ -573,7 +574,11 @@ class InferenceExecutor:
             assert job.prompt is not None
             if chosen and prefill_cost(job.prompt) > budget:
                 break
-            wanted = job.request.params.max_new_tokens or self.limits.max_new_tokens
+            wanted = (
+                job.request.params.max_new_tokens
+                or self.limits.default_new_tokens
+                or self.limits.max_new_tokens
+            )
             max_new = min(wanted, engine.max_sequence_tokens - job.prompt.length)
             if max_new < 1:
                 self._waiting.pop(0)

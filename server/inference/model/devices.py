@@ -7,8 +7,9 @@ this module: for ``model.device = "cpu"`` the answer needs no torch (2-8 s of im
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import psutil
 
@@ -18,6 +19,33 @@ if TYPE_CHECKING:
     import torch
 
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+# Below this many parameters (the demo model has ~2.5 M) a step's matrices are too small for
+# threads to pay: one thread is as fast on an idle machine and many times faster on a busy one.
+SMALL_MODEL_PARAMETERS = 100_000_000
+
+
+def cpu_threads(setting: int | Literal["auto"], cores: int, parameters: int) -> int:
+    """torch's intra-op thread count for a model of ``parameters`` on the CPU (`model.cpu_threads`).
+
+    A number is used as it is. ``auto``: 1 for small models (`SMALL_MODEL_PARAMETERS`), else one
+    per usable core but one, at least 1: the event loop and picture decoding need a core, and
+    torch's OpenMP threads wait for each other at every operation, so a thread that loses its
+    core to another process stalls the whole step (measured with the demo model: 512 tokens in
+    2.6 s idle, 74-79 s with one other busy process and torch's default of a thread per core).
+    """
+    if setting != "auto":
+        return setting
+    if parameters < SMALL_MODEL_PARAMETERS:
+        return 1
+    return max(1, cores - 1)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: containers and taskset narrow it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def resolve_device(spec: str) -> torch.device:

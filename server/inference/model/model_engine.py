@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -32,6 +32,7 @@ from server.inference.engine import Check, PreparedPrompt, Sequence, keep_going
 from server.inference.profile import Profile
 
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row
+from .devices import cpu_threads, usable_cores
 from .kvcache import PAGE, PagedKVCache, SeqCache
 from .prefix import PrefixCache, full_block_keys, identity, picture_token
 from .prompt import Prompt
@@ -65,6 +66,7 @@ class EngineOptions:
     prefix_cache: bool = True  # keep finished sequences' KV pages for prompts that start alike
     vision_cache_bytes: int = 512 * 2**20  # encoder outputs kept by picture hash; 0: off
     profile_seconds: float = 10.0  # log prefill phase timings this often while busy; 0: off
+    cpu_threads: int | Literal["auto"] = "auto"  # torch threads on the CPU: devices.cpu_threads
 
 
 @dataclass
@@ -130,6 +132,19 @@ class _PrefillTimer:
             marks = self._pending.pop(0)
             for (_, _, before), (phase, _, after) in pairwise(marks):
                 self.profile.record(f"gpu_{phase}", before.elapsed_time(after) / 1e3)
+
+
+def _set_cpu_threads(setting: int | Literal["auto"], parameters: int) -> None:
+    """Size torch's CPU thread pool; called on the thread that will run the model, whose OpenMP
+    settings are its own."""
+    threads = cpu_threads(setting, usable_cores(), parameters)
+    torch.set_num_threads(threads)
+    log.info(
+        "CPU: %d torch thread(s) for %.1f M parameters (model.cpu_threads = %s)",
+        threads,
+        parameters / 1e6,
+        setting,
+    )
 
 
 def _slots(pages: list[int] | torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -205,6 +220,8 @@ class ModelEngine:
         runner = ModelRunner.load(
             path, device=device, dtype=dtype, limits=limits, max_context_tokens=options.max_context_tokens
         )
+        if runner.device.type == "cpu":
+            _set_cpu_threads(options.cpu_threads, runner.model.num_parameters())
         progress(0.6)
         engine = cls(runner, options)
         engine.warm_up(progress)
