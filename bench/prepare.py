@@ -6,7 +6,8 @@
 `ModelEngine.prepare` (decode, patch grid, tokens, M-RoPE positions, hashes) of distinct
 1024x1024 noise JPEGs on the demo model (its image processor has Qwen3-VL's patch, merge and
 normalization, so the CPU work is the real one): one picture alone, then `--threads` threads
-at once (the server's picture pool) as pictures/s. `--busy` keeps one more thread spinning in
+at once (the server's picture pool) as pictures/s, and the CPU time each picture costs its
+preparation thread. `--busy` keeps one more thread spinning in
 Python meanwhile (a stand-in for the executor's worker and the event loop, which want the
 GIL too). `--processes N` decodes the pictures in N worker processes
 (`executor.prepare_processes`, server/inference/picture_processes.py) instead of on the threads;
@@ -61,9 +62,12 @@ def measure(engine: ModelEngine, pictures: list[bytes], threads: int, busy: bool
     if busy:
         spinner.start()
 
+    cpu: list[float] = []
+
     def one(data: bytes) -> float:
-        started = time.perf_counter()
+        started, on_cpu = time.perf_counter(), time.thread_time()
         engine.prepare([Turn.user("Describe.", [data])])
+        cpu.append((time.thread_time() - on_cpu) * 1000)  # list.append: atomic under the GIL
         return (time.perf_counter() - started) * 1000
 
     try:
@@ -78,6 +82,10 @@ def measure(engine: ModelEngine, pictures: list[bytes], threads: int, busy: bool
     report["p50_ms"] = round(statistics.median(times), 1)
     report["max_ms"] = round(max(times), 1)
     report["pictures_per_s"] = round(len(pictures) / wall, 1)
+    # CPU time of the preparation thread per picture: the most of it that can hold this
+    # process's GIL (decoding in worker processes takes the decoding out of it); unlike
+    # pictures/s it hardly depends on what else the machine runs.
+    report["thread_cpu_ms_p50"] = round(statistics.median(cpu), 1)
     from server.inference.model.vision import Picture
 
     if "decoded" not in Picture.__dataclass_fields__:  # an engine whose threads make the patches
