@@ -178,7 +178,9 @@ class PictureProcesses:
         """Start every worker process now (imports included) instead of at the first pictures;
         their process ids."""
         pool = self._current()
-        return [f.result() for f in [self._submit(pool, _ready) for _ in range(self.processes)]]
+        pids = [f.result() for f in [self._submit(pool, _ready) for _ in range(self.processes)]]
+        log.info("pictures are decoded in %d worker processes (%s)", len(set(pids)), sorted(set(pids)))
+        return pids
 
     @staticmethod
     def _submit(pool: ProcessPoolExecutor, fn: Callable[..., Any], *args: Any) -> Future[Any]:
