@@ -365,6 +365,7 @@ def main() -> None:
 
     from server.inference.model.demo import build_demo_model
     from server.inference.model.model_engine import EngineOptions, ModelEngine
+    from server.inference.picture_processes import prepare_processes
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vlbridge-bench-"))
     demo = None if Path(args.model).is_dir() else build_demo_model(work / "demo")
@@ -419,6 +420,8 @@ def main() -> None:
             max_context_tokens=size * size // 1024 + 256,
             max_new_tokens=tokens,
             memory_fraction=args.kv_fraction,
+            # as `vlbridge serve` sizes them (executor.prepare_processes = -1): like for like
+            prepare_processes=prepare_processes(-1, os.cpu_count() or 1),
         )
         if args.in_memory:
             from bench.architectures import load_in_memory

@@ -5,7 +5,8 @@
 #      arriving-pictures scenarios; the server's timing lines (server/inference/profile.py)
 #   2. teacher forcing for 2B (bench/gpu_check.py): the engine's logits against stock
 #      transformers on the GPU; `GPU_CHECK=1` runs the whole 2B check (kernels, engine vs generate)
-#   3. bench/prepare.py: picture preparation on 8 threads (pictures/s) and the device's share
+#   3. bench/prepare.py: picture preparation on 8 threads (pictures/s) and the device's share, with
+#      and without a busy Python thread, decoding on the threads and in 8 worker processes
 #   4. bench/serve.py, 8B then 30B-A3B at c=64, random weights built in GPU memory (30B-A3B's
 #      58 GiB would not fit on the disk): executor in process, then the service over WebSocket
 # The 8B/30B-A3B teacher forcing passed on 2026-11-30 and is not rerun.
@@ -71,6 +72,13 @@ fi
 step 45 "prepare" python3 bench/prepare.py --device cuda --threads 8 --pictures 48 --out "$OUT/prepare.json"
 step 45 "prepare, busy" python3 bench/prepare.py --device cuda --threads 8 --pictures 48 --busy \
   --out "$OUT/prepare-busy.json"
+# The same with the pictures decoded in 8 worker processes (executor.prepare_processes; the
+# server's default on 16 cores): what the server's GIL no longer does.
+step 45 "prepare, processes" python3 bench/prepare.py --device cuda --threads 8 --processes 8 --pictures 48 \
+  --out "$WORK/prepare-processes.json"
+step 45 "prepare, processes, busy" python3 bench/prepare.py --device cuda --threads 8 --processes 8 \
+  --pictures 48 --busy --out "$WORK/prepare-processes-busy.json"
+cp "$WORK"/prepare-processes*.json "$KEEP"/ 2>/dev/null && tar -czf "$OUT/logs.tar.gz" -C "$KEEP" . 2>/dev/null
 if [ "${ONLY_2B:-0}" != 1 ]; then
   step 140 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
     --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"

@@ -15,6 +15,7 @@ from server.inference.echo import ECHO_PATH, EchoEngine
 from server.inference.engine import Engine
 from server.inference.executor import ExecutorLimits, InferenceExecutor
 from server.inference.instant import INSTANT_PATH, InstantExecutor
+from server.inference.picture_processes import prepare_processes
 
 if TYPE_CHECKING:
     from server.inference.openai_backend import UpstreamOptions
@@ -109,6 +110,7 @@ def build_executor(config: Config) -> Executor:
                 vision_cache_bytes=config.executor.vision_cache_mb * 2**20,
                 profile_seconds=config.executor.profile_seconds,
                 cpu_threads=config.model.cpu_threads,
+                prepare_processes=prepare_processes(config.executor.prepare_processes, os.cpu_count() or 1),
             ),
             progress=progress,
         )
@@ -123,6 +125,7 @@ def build_executor(config: Config) -> Executor:
             default_new_tokens=None if path else min(DEMO_ANSWER_TOKENS, config.model.max_new_tokens),
             prefill_tokens=config.executor.prefill_chunk_tokens,
             prefill_tokens_decoding=config.executor.prefill_decoding_tokens,
+            prefill_stall_target=config.executor.prefill_stall_target,
             profile_seconds=config.executor.profile_seconds,
             stream_interval=config.executor.stream_interval,
             max_turns=config.server.max_turns,

@@ -131,7 +131,12 @@ class ExecutorConfig(_Section):
     max_batch_tokens: int = Field(262_144, ge=256)
     prefill_chunk_tokens: int = Field(16_384, ge=256)
     prefill_decoding_tokens: int = Field(8_192, ge=256)  # the same while answers stream
+    # ... grown up to prefill_chunk_tokens while a slice's measured pause stays under this; 0 = fixed
+    prefill_stall_target: float = Field(0.12, ge=0, le=10)
     prepare_workers: int = Field(0, ge=0, le=64)  # picture decoding threads; 0 = min(8, CPU cores)
+    # processes decoding pictures off the server's GIL; -1 = min(8, cores // 2) from 8 cores, else 0;
+    # 0 = decode on the threads
+    prepare_processes: int = Field(-1, ge=-1, le=64)
     prefix_cache: bool = True  # reuse the KV pages of earlier turns (and equal prompt starts)
     vision_cache_mb: int = Field(512, ge=0)  # vision-encoder outputs kept by picture hash; 0 = off
     stream_interval: float = Field(0.02, ge=0, le=1)  # seconds between text hand-offs of an answer

@@ -13,7 +13,7 @@ import pytest
 from server.inference.api import Delta, Done, Events, InferenceRequest, SamplingParams, Turn
 from server.inference.echo import EchoEngine
 from server.inference.engine import PreparedPrompt, ReadyTokens, Sequence
-from server.inference.executor import ExecutorLimits, InferenceExecutor, prefill_cost
+from server.inference.executor import ExecutorLimits, InferenceExecutor, prefill_cost, slice_budget
 from server.inference.profile import Profile
 
 
@@ -59,7 +59,12 @@ def test_prefill_cost_counts_picture_tokens_twice() -> None:
 async def test_a_wave_of_prompts_is_prefilled_in_slices_while_others_decode() -> None:
     engine = RecordingEcho()
     limits = ExecutorLimits(
-        max_batch=16, queue_size=32, max_new_tokens=4096, prefill_tokens=4000, prefill_tokens_decoding=100
+        max_batch=16,
+        queue_size=32,
+        max_new_tokens=4096,
+        prefill_tokens=4000,
+        prefill_tokens_decoding=100,
+        prefill_stall_target=0,  # fixed slices (the grown ones: the test below)
     )
     ex = InferenceExecutor(lambda progress: engine, limits, model_name="recording-echo")
     await ex.start()
@@ -84,6 +89,64 @@ async def test_a_wave_of_prompts_is_prefilled_in_slices_while_others_decode() ->
         assert sum(cost for cost, _ in while_decoding) == 8 * 41, engine.prefills
         assert max(cost for cost, _ in while_decoding) <= 100, engine.prefills
         streaming.cancel()  # the caller stops listening: the executor drops the long answer
+        await asyncio.gather(streaming, return_exceptions=True)
+    finally:
+        await ex.stop()
+
+
+def test_slice_budget_grows_to_what_fits_the_stall_target_between_base_and_ceiling() -> None:
+    # 8 us a unit, a 4 ms step, 104 ms target: (0.104 - 0.004) / 8e-6 = 12500 units fit.
+    assert slice_budget(8192, 16384, 8e-6, 0.104, 0.004) in (12499, 12500)  # float rounding
+    assert slice_budget(8192, 16384, 1e-6, 0.12, 0.004) == 16384  # cheap prefill: the ceiling
+    assert slice_budget(8192, 16384, 1e-4, 0.12, 0.004) == 8192  # dear prefill: never below the base
+    assert slice_budget(8192, 16384, 0.0, 0.12, 0.004) == 8192  # nothing measured yet
+    assert slice_budget(8192, 16384, 1e-6, 0.0, 0.004) == 8192  # target 0: fixed slices
+    assert slice_budget(8192, 4096, 1e-6, 0.12, 0.004) == 4096  # the base over the ceiling
+
+
+class CostlyEcho(RecordingEcho):
+    """Prefill costs 1 ms of the worker's time per unit of prefill work."""
+
+    def prefill(self, seqs: list[Sequence]) -> ReadyTokens:
+        time.sleep(0.001 * sum(prefill_cost(s.prompt) for s in seqs))
+        return super().prefill(seqs)
+
+
+async def test_slices_grow_with_a_long_queue_while_their_pause_stays_within_the_target() -> None:
+    engine = CostlyEcho()
+    limits = ExecutorLimits(
+        max_batch=16,
+        queue_size=32,
+        max_new_tokens=4096,
+        prefill_tokens=4000,
+        prefill_tokens_decoding=50,  # one prompt of 41 a slice at the base
+        prefill_stall_target=0.2,  # at 1 ms a unit: ~200 units, 4 prompts a slice
+    )
+    ex = InferenceExecutor(lambda progress: engine, limits, model_name="costly-echo")
+    await ex.start()
+    await ex.wait_ready(30)
+    try:
+        long = SamplingParams(max_new_tokens=6000, min_new_tokens=6000)
+        streaming = asyncio.create_task(drain(ex, InferenceRequest("long", [Turn.user("go")], long)))
+        while len(ex.step_times) < 8:  # decoding, with a plain step measured
+            await asyncio.sleep(0.01)
+        wave = [
+            asyncio.create_task(
+                answer(ex, InferenceRequest(f"w{i}", [Turn.user(f"{i:02}" * 20)], SamplingParams(4)))
+            )
+            for i in range(12)
+        ]
+        for done in await asyncio.wait_for(asyncio.gather(*wave), 60):
+            assert done.text == "echo"
+        assert not streaming.done(), "the long answer ended before the wave was prefilled: no overlap tested"
+        slices = [cost for cost, rows in engine.prefills[1:] if rows]
+        assert sum(slices) == 12 * 41, engine.prefills
+        assert max(slices) > 50, slices  # grew past the base once a slice's cost was measured
+        # ~1 ms a unit measured (more on a busy machine: smaller slices), so at most ~200 units
+        # fit; wide margin for a step measured slower than this stall's own.
+        assert max(slices) <= 300, slices
+        assert 0.0005 < ex.unit_seconds < 0.01, (ex.unit_seconds, slices)
+        streaming.cancel()
         await asyncio.gather(streaming, return_exceptions=True)
     finally:
         await ex.stop()

@@ -84,6 +84,10 @@ class ExecutorLimits:
     # ... while other rows are decoding: a wave of new pictures then runs as several small
     # prefills between decode steps, so it stalls the running answers for a bounded time
     prefill_tokens_decoding: int = 8192
+    # ... but more, up to prefill_tokens, as long as a slice's measured cost keeps the pause it
+    # makes in the running answers (decode step included) under this many seconds; 0: fixed
+    # slices of prefill_tokens_decoding (see slice_budget)
+    prefill_stall_target: float = 0.12
     prefill_wait: float = 0.03  # while decoding, wait up to this long for more prompts to batch
     profile_seconds: float = 10.0  # log where the time goes this often while busy (profile.py); 0: off
     # Text of running answers goes to the event loop at most this often (first text, ends and
@@ -147,6 +151,28 @@ def prefill_cost(prompt: PreparedPrompt) -> int:
     """A prompt's prefill work in token units: its picture tokens count twice, because the
     vision encoder runs over them (4 patches each) before the language model does."""
     return prompt.length + prompt.image_tokens
+
+
+UNIT_COST_WEIGHT = 0.25  # weight of the newest sample in the running estimate of a prefill's cost
+
+
+def slice_budget(
+    base: int, ceiling: int, unit_seconds: float, stall_target: float, step_seconds: float
+) -> int:
+    """Prefill work (prefill_cost units) for the next slice while answers stream.
+
+    A decode step waits for the prefill launched before it, so a slice of w units pauses every
+    running answer for about `step_seconds + w * unit_seconds` (the measured cost of a unit of
+    prefill, 0 while unknown). The slice takes as much as fits in *stall_target*, between
+    *base* (the configured slice: never less, whatever the measurement says) and *ceiling*
+    (the most one prefill takes). A long queue is then admitted in fewer, larger slices, each
+    a bounded pause; *stall_target* 0 keeps slices of *base*.
+    """
+    floor = min(base, ceiling)
+    if stall_target <= 0 or unit_seconds <= 0:
+        return floor
+    fits = int((stall_target - step_seconds) / unit_seconds)
+    return max(floor, min(fits, ceiling))
 
 
 def coalesce(batch: list[tuple[_K, Event]]) -> dict[_K, list[Event]]:
@@ -238,6 +264,10 @@ class InferenceExecutor:
         self._last_kind = ""
         self._last_collect = 0.0
         self._last_decode = 0.0
+        # worker-owned: prefill work collected since the last decode step, and the measured cost
+        # of one unit of it in the pause it makes between two decode steps (slice_budget)
+        self._stall_work = 0
+        self.unit_seconds = 0.0
         # worker-owned: time to first token split into its parts, decode cadence, prefill stalls
         self.profile = Profile(logging.getLogger("vlbridge.profile"), "executor", limits.profile_seconds)
         self._memory: tuple[int, int] | None = None  # (used, total) device bytes, sampled by the worker
@@ -555,14 +585,37 @@ class InferenceExecutor:
         preparing = self._pending - len(self._waiting)
         ready = sum(prefill_cost(j.prompt) for j in self._waiting if j.prompt is not None)
         young = time.monotonic() - self._waiting[0].prepared < self.limits.prefill_wait
-        return preparing > 0 and ready < self._prefill_budget() // 2 and young
+        base = min(self.limits.prefill_tokens, self.limits.prefill_tokens_decoding)
+        return preparing > 0 and ready < base // 2 and young
 
     def _prefill_budget(self) -> int:
-        """Prefill work for the next prefill: all a prefill may take when nothing decodes, less
-        while answers are streaming (every decode step waits for the prefill launched before it)."""
-        if self._running:
-            return min(self.limits.prefill_tokens, self.limits.prefill_tokens_decoding)
-        return self.limits.prefill_tokens
+        """Prefill work for the next prefill: all a prefill may take when nothing decodes, a
+        slice sized by `slice_budget` while answers are streaming (every decode step waits for
+        the prefill launched before it)."""
+        if not self._running:
+            return self.limits.prefill_tokens
+        steps = sorted(self.step_times)
+        return slice_budget(
+            self.limits.prefill_tokens_decoding,
+            self.limits.prefill_tokens,
+            self.unit_seconds,
+            self.limits.prefill_stall_target,
+            steps[len(steps) // 2] if steps else 0.0,
+        )
+
+    def _measure_stall(self, stall: float) -> None:
+        """Learn a unit of prefill's cost from a decode step that waited for prefills: the pause
+        less a plain step, per unit. Only slices of at least a quarter of the configured one
+        count: a prefill's fixed costs would make a tiny one's units look dear."""
+        work, self._stall_work = self._stall_work, 0
+        if work < max(1, self.limits.prefill_tokens_decoding // 4) or not self.step_times:
+            return
+        steps = sorted(self.step_times)
+        sample = max(0.0, stall - steps[len(steps) // 2]) / work
+        if not self.unit_seconds:
+            self.unit_seconds = sample
+        else:
+            self.unit_seconds += UNIT_COST_WEIGHT * (sample - self.unit_seconds)
 
     def _admit(self, engine: Engine, inflight: deque[_Launch]) -> None:
         if self._worth_waiting():
@@ -659,12 +712,17 @@ class InferenceExecutor:
             self.profile.record("decode_step", now - self._last_collect)
         elif launch.kind == "decode" and now - self._last_decode < 5.0:
             self.profile.record("decode_stall", now - self._last_decode)  # a prefill (or a pause) in between
+            self._measure_stall(now - self._last_decode)
         if launch.kind == "decode":
             self._last_decode = now
+            self._stall_work = 0
             self.profile.count("decode_rows", len(launch.jobs))
         else:
+            work = sum(prefill_cost(j.prompt) for j in launch.jobs if j.prompt)
+            self._stall_work += work
             self.profile.count("prefill_rows", len(launch.jobs))
-            self.profile.count("prefill_cost", sum(prefill_cost(j.prompt) for j in launch.jobs if j.prompt))
+            self.profile.count("prefill_cost", work)
+            self.profile.count("slice_budget", self._prefill_budget())
             for job in launch.jobs:
                 # submit -> prepared -> admitted -> first token on the host: the parts of TTFT
                 self.profile.record("prepare", job.prepared - job.submitted)

@@ -29,6 +29,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDe
 from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
 from server.inference.engine import Check, PreparedPrompt, Sequence, keep_going
+from server.inference.picture_processes import PictureProcesses
 from server.inference.profile import Profile
 
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row
@@ -67,6 +68,7 @@ class EngineOptions:
     vision_cache_bytes: int = 512 * 2**20  # encoder outputs kept by picture hash; 0: off
     profile_seconds: float = 10.0  # log prefill phase timings this often while busy; 0: off
     cpu_threads: int | Literal["auto"] = "auto"  # torch threads on the CPU: devices.cpu_threads
+    prepare_processes: int = 0  # worker processes decoding pictures (picture_processes.py); 0: threads
 
 
 @dataclass
@@ -193,6 +195,11 @@ class ModelEngine:
             runner.device.type == "cuda",
         )
         self.prefill_logits: torch.Tensor | None = None
+        # Pictures decoded off this process's GIL; started at warm-up, stopped by close().
+        self.picture_processes = (
+            PictureProcesses(options.prepare_processes) if options.prepare_processes > 0 else None
+        )
+        runner.prompts.processes = self.picture_processes
         # Detokenizing runs on the worker thread twice per row and step (detok.py): the Rust
         # tokenizer directly costs ~2 us a call, transformers' wrapper around it ~12 us, which at
         # 64 rows is a millisecond of every ~4 ms decode step. Same text, unless the tokenizer
@@ -231,6 +238,8 @@ class ModelEngine:
     def warm_up(self, progress: Callable[[float], None] = lambda _: None) -> None:
         """Run one request end to end and capture decode graphs, before reporting ready."""
         started = time.monotonic()
+        if self.picture_processes is not None:
+            self.picture_processes.start()  # their imports now, not at the first pictures
         seq = Sequence("warm-up", self.prepare([Turn.user("warm up")]), SamplingParams(), 2)
         if self.reserve(seq):
             seq.tokens.extend(self.prefill([seq]).tokens())
@@ -471,6 +480,8 @@ class ModelEngine:
         return total - free, total
 
     def close(self) -> None:
+        if self.picture_processes is not None:
+            self.picture_processes.shutdown()
         self.step.graphs.clear()
         self._model = None
         if self.runner.device.type == "cuda":

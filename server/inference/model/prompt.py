@@ -13,19 +13,24 @@ of a text follow-up's preparation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from protocol.pictures import ImageLimits
-from server.errors import BadImage, TooLarge
+from server.errors import BadImage, RequestError, TooLarge
 from server.inference.api import Turn
 from server.inference.engine import Check, keep_going
 from server.inference.images import decode_image
+from server.inference.picture_processes import PictureProcesses
 
 from .loader import LoadedModel
 from .pixels import Decoded, PixelSpec, patches
@@ -74,6 +79,9 @@ class PromptBuilder:
         self.image_token_id = int(loaded.model.config.image_token_id)
         self.picture_cache_bytes = picture_cache_bytes
         self.picture_hits = 0  # pictures taken from the cache (tests, benchmarks)
+        # Pictures decoded in worker processes (off this process's GIL) when set; else on the
+        # calling thread. Set by the engine, which owns and shuts down the processes.
+        self.processes: PictureProcesses | None = None
         self._cache: OrderedDict[bytes, Decoded] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
@@ -99,21 +107,66 @@ class PromptBuilder:
                     self._cache.move_to_end(digest)
                     found[digest] = entry
                     self.picture_hits += 1
-        decoded: list[tuple[bytes, Decoded]] = []
+        missing: dict[bytes, tuple[int, bytes]] = {}  # digest: (its first number, its bytes)
         for number, (data, digest) in enumerate(zip(datas, digests, strict=True), start=1):
-            if digest in found:
-                continue
-            check()
-            try:
-                picture = Decoded.of(decode_image(data, self.limits), self.spec, digest)
-            except (BadImage, TooLarge) as exc:
-                raise type(exc)(f"picture {number}: {exc.message}") from None
-            except ValueError as exc:  # no patch grid fits it (smart_resize: aspect ratio over 200)
-                raise BadImage(f"picture {number}: {exc}") from None
-            found[digest] = picture.pinned() if self.pin else picture
-            decoded.append((digest, found[digest]))
+            if digest not in found:
+                missing.setdefault(digest, (number, data))
+        decoded = list(zip(missing, self._decode(list(missing.items()), check), strict=True))
+        found.update(decoded)
         self._keep(decoded)
         return [found[d] for d in digests]
+
+    def _decode(self, missing: list[tuple[bytes, tuple[int, bytes]]], check: Check) -> list[Decoded]:
+        """Decode the (digest, (number, bytes)) pictures, in order; errors name the first bad
+        picture's number. In the worker processes all at once, else one by one on this thread."""
+        processes = self.processes
+        if processes is None or not missing:
+            out = []
+            for digest, (number, data) in missing:
+                check()
+                out.append(self._decoded(number, digest, functools.partial(decode_image, data, self.limits)))
+            return out
+        datas = [data for _, (_, data) in missing]
+        tensors: dict[int, torch.Tensor] = {}  # by id() of the array handed out: its tensor
+
+        def into(shape: tuple[int, ...]) -> np.ndarray:
+            # Pinned for a CUDA model: the pixels are copied once (not decoded, then pinned) and
+            # reach the device without waiting; the tensor itself is kept, so the pinned-memory
+            # allocator sees the copy that reads it.
+            tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin)
+            array = tensor.numpy()
+            tensors[id(array)] = tensor
+            return array
+
+        outcomes = processes.decode(datas, self.limits, check, into)
+        return [
+            self._decoded(
+                number,
+                digest,
+                functools.partial(
+                    _given, tensors[id(outcome)] if isinstance(outcome, np.ndarray) else outcome
+                ),
+            )
+            for (digest, (number, _)), outcome in zip(missing, outcomes, strict=True)
+        ]
+
+    def _decoded(self, number: int, digest: bytes, image: Callable[[], object]) -> Decoded:
+        """`Decoded` of what *image* gives (a PIL image, pixels from a worker process as a
+        tensor, or the error it met), errors naming picture *number*."""
+        try:
+            made = image()
+            if isinstance(made, RequestError):
+                raise made
+            if isinstance(made, torch.Tensor):  # from a worker process, already in its final memory
+                size = self.spec.target(int(made.shape[0]), int(made.shape[1]))
+                return Decoded(made, size, self.spec, digest)
+            assert isinstance(made, Image.Image)
+            picture = Decoded.of(made, self.spec, digest)
+        except (BadImage, TooLarge) as exc:
+            raise type(exc)(f"picture {number}: {exc.message}") from None
+        except ValueError as exc:  # no patch grid fits it (smart_resize: aspect ratio over 200)
+            raise BadImage(f"picture {number}: {exc}") from None
+        return picture.pinned() if self.pin else picture
 
     def _keep(self, entries: list[tuple[bytes, Decoded]]) -> None:
         with self._lock:
@@ -188,6 +241,10 @@ class PromptBuilder:
             )
         grid = torch.cat([picture.grid for picture in pictures]) if pictures else None
         return Prompt(ids, pictures, grid, sum(counts))
+
+
+def _given(value: object) -> object:
+    return value
 
 
 class _DropPlan:
