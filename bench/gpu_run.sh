@@ -61,6 +61,16 @@ step 190 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --roun
 keep_logs 2b
 step 30 "plot 2b" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
   2026-11-30=bench/results/h200-2026-11-30-run2/serve-2b.json now="$OUT/serve-2b.json"
+# `AB=1`: the same 2B service with the pictures decoded on the threads and fixed prefill slices
+# (the behaviour before executor.prepare_processes and executor.prefill_stall_target), in the same
+# run, so the two are compared side by side.
+if [ "${AB:-0}" = 1 ]; then
+  step 150 "serve 2b, threads and fixed slices" python3 bench/serve.py --model 2b --concurrency 32,64 \
+    --rounds 3 --scenarios ws,arriving --arrive 32,16,1.0,4 "${PROFILE[@]}" \
+    --server-env EXECUTOR_PREPARE_PROCESSES=0 --server-env EXECUTOR_PREFILL_STALL_TARGET=0 \
+    --workdir $WORK/2b-off --out "$OUT/serve-2b-off.json"
+  keep_logs 2b-off
+fi
 if [ "${GPU_CHECK:-0}" = 1 ]; then
   step 100 "gpu_check 2b" python3 bench/gpu_check.py --model 2b --out "$OUT/gpu_check-2b.json"
 else
