@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +14,7 @@ from server.inference.echo import ECHO_PATH, EchoEngine
 from server.inference.engine import Engine
 from server.inference.executor import ExecutorLimits, InferenceExecutor
 from server.inference.instant import INSTANT_PATH, InstantExecutor
+from server.inference.loading import LoadProgress
 
 if TYPE_CHECKING:
     from server.inference.openai_backend import UpstreamOptions
@@ -79,13 +79,19 @@ def build_executor(config: Config) -> Executor:
     limits = image_limits(config)
     path = config.model.path
 
-    def factory(progress: Callable[[float], None]) -> Engine:
+    def factory(progress: LoadProgress) -> Engine:
         if path == ECHO_PATH:
             return EchoEngine(limits)
         from server.inference.model.demo import ensure_demo_model
-        from server.inference.model.model_engine import EngineOptions, ModelEngine
+        from server.inference.model.fetch import model_folder  # no torch: a bad path fails at once
 
         source = path
+        if source:
+            progress(0.01, f"checking {path}")
+            source = str(model_folder(path, progress, config.model.download_log_seconds))
+        progress(0.05, "importing the model libraries (torch, transformers)")
+        from server.inference.model.model_engine import EngineOptions, ModelEngine
+
         if not source:
             source = str(ensure_demo_model(Path(config.storage_path)))
             log.warning("%s", DEMO_BANNER)
@@ -103,6 +109,7 @@ def build_executor(config: Config) -> Executor:
                 prefix_cache=config.executor.prefix_cache,
                 vision_cache_bytes=config.executor.vision_cache_mb * 2**20,
                 profile_seconds=config.executor.profile_seconds,
+                progress_log_seconds=config.model.download_log_seconds,
             ),
             progress=progress,
         )

@@ -94,6 +94,7 @@ class ModelConfig(_Section):
     max_decode_pixels: int = Field(16_777_216, ge=32 * 32)
     max_context_tokens: int = Field(16384, ge=64)
     cuda_graphs: bool = True
+    download_log_seconds: float = Field(5.0, gt=0)  # a hub download's progress is logged this often
     # backend = "openai": answers come from OpenAI-compatible servers (vLLM, SGLang, their
     # routers, another vlbridge) at base_urls; the keys above but max_new_tokens are then unused.
     backend: Literal["local", "openai"] = "local"

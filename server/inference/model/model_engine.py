@@ -29,6 +29,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDe
 from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
 from server.inference.engine import Check, PreparedPrompt, Sequence, keep_going
+from server.inference.loading import LoadProgress
 from server.inference.profile import Profile
 
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row
@@ -65,6 +66,7 @@ class EngineOptions:
     prefix_cache: bool = True  # keep finished sequences' KV pages for prompts that start alike
     vision_cache_bytes: int = 512 * 2**20  # encoder outputs kept by picture hash; 0: off
     profile_seconds: float = 10.0  # log prefill phase timings this often while busy; 0: off
+    progress_log_seconds: float = 5.0  # a hub download's progress goes to the log this often
 
 
 @dataclass
@@ -199,28 +201,37 @@ class ModelEngine:
         dtype: str,
         limits: ImageLimits,
         options: EngineOptions,
-        progress: Callable[[float], None] = lambda _: None,
+        progress: LoadProgress | None = None,
     ) -> ModelEngine:
-        progress(0.05)
+        """Fetch (a hub id), load and warm up; *progress* hears each phase (`LoadProgress`)."""
+        progress = progress or LoadProgress()
+        progress(0.05, f"loading {path}")
         runner = ModelRunner.load(
-            path, device=device, dtype=dtype, limits=limits, max_context_tokens=options.max_context_tokens
+            path,
+            device=device,
+            dtype=dtype,
+            limits=limits,
+            max_context_tokens=options.max_context_tokens,
+            progress=progress,
+            log_interval=options.progress_log_seconds,
         )
-        progress(0.6)
+        progress(0.65, "warming up")
         engine = cls(runner, options)
         engine.warm_up(progress)
         progress(1.0)
         return engine
 
-    def warm_up(self, progress: Callable[[float], None] = lambda _: None) -> None:
+    def warm_up(self, progress: LoadProgress | None = None) -> None:
         """Run one request end to end and capture decode graphs, before reporting ready."""
+        progress = progress or LoadProgress()
         started = time.monotonic()
         seq = Sequence("warm-up", self.prepare([Turn.user("warm up")]), SamplingParams(), 2)
         if self.reserve(seq):
             seq.tokens.extend(self.prefill([seq]).tokens())
             seq.tokens.extend(self.decode([seq]).tokens())
             self.release(seq)
-        progress(0.7)
         if self.options.cuda_graphs and self.runner.device.type == "cuda":
+            progress(0.75, "warming up: capturing CUDA graphs")
             try:
                 self.capture_seconds = self.step.capture()
             except Exception:
