@@ -312,3 +312,24 @@ def test_a_port_in_use_fails_before_the_model_loads(tmp_path: Path) -> None:
     ]
     assert took < 20.0  # no model was built or loaded (the demo model alone takes longer)
     assert not (tmp_path / "storage" / "demo-model").exists()
+
+
+def test_a_hub_warning_is_logged_once() -> None:
+    """huggingface_hub's retry warnings reach the service's log handler only (they showed twice:
+    once more through the hub library's own stderr handler)."""
+    script = (
+        "import logging\n"
+        "from server.logs import configure_logging\n"
+        "import server.inference.model.fetch\n"
+        "configure_logging()\n"
+        "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        timeout=DEADLINE,
+        check=True,
+    )
+    assert result.stderr.count("Retrying in 1s") == 1, result.stderr
