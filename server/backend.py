@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +14,7 @@ from server.inference.echo import ECHO_PATH, EchoEngine
 from server.inference.engine import Engine
 from server.inference.executor import ExecutorLimits, InferenceExecutor
 from server.inference.instant import INSTANT_PATH, InstantExecutor
+from server.inference.loading import LoadProgress
 from server.inference.picture_processes import prepare_processes
 
 if TYPE_CHECKING:
@@ -85,13 +85,19 @@ def build_executor(config: Config) -> Executor:
     limits = image_limits(config)
     path = config.model.path
 
-    def factory(progress: Callable[[float], None]) -> Engine:
+    def factory(progress: LoadProgress) -> Engine:
         if path == ECHO_PATH:
             return EchoEngine(limits)
         from server.inference.model.demo import ensure_demo_model
-        from server.inference.model.model_engine import EngineOptions, ModelEngine
+        from server.inference.model.fetch import model_folder  # no torch: a bad path fails at once
 
         source = path
+        if source:
+            progress(0.01, f"checking {path}")
+            source = str(model_folder(path, progress, config.model.download_log_seconds))
+        progress(0.05, "importing the model libraries (torch, transformers)")
+        from server.inference.model.model_engine import EngineOptions, ModelEngine
+
         if not source:
             source = str(ensure_demo_model(Path(config.storage_path)))
             log.warning("%s", DEMO_BANNER)
@@ -111,6 +117,7 @@ def build_executor(config: Config) -> Executor:
                 profile_seconds=config.executor.profile_seconds,
                 cpu_threads=config.model.cpu_threads,
                 prepare_processes=prepare_processes(config.executor.prepare_processes, os.cpu_count() or 1),
+                progress_log_seconds=config.model.download_log_seconds,
             ),
             progress=progress,
         )

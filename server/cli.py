@@ -7,11 +7,15 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from bot.inbox import StorageError
 from server.config import load_config
-from server.errors import ConfigError
+from server.errors import ConfigError, ListenError, ModelLoadError
 from server.logs import configure_logging
+
+if TYPE_CHECKING:
+    from server.inference.executor import InferenceExecutor
 
 log = logging.getLogger("vlbridge")
 
@@ -19,29 +23,53 @@ log = logging.getLogger("vlbridge")
 def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.backend import build_executor
-    from server.webserver import Server, uvicorn_config
+    from server.inference.executor import InferenceExecutor
+    from server.webserver import Server, listen, uvicorn_config
 
     config = load_config(args.config, os.environ)
     if args.host:
         config = config.model_copy(update={"server": config.server.model_copy(update={"host": args.host})})
     if args.port is not None:
         config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
+    # The port first: a port in use is known in a millisecond, not after minutes of loading.
+    sock = listen(config.server.host, config.server.port)
     from bot.feishu import build_adapter
     from server.answers import AnswerGateway
 
-    answers = AnswerGateway(build_executor(config))
+    executor = build_executor(config)
+    answers = AnswerGateway(executor)
     adapter = build_adapter(config, answers.route("feishu"))
     app = create_app(config, answers, [adapter] if adapter is not None else [])
+    port = sock.getsockname()[1]
     log.info(
         "vlbridge listening on http://%s:%d (WebSocket ws://%s:%d/ws)",
         config.server.host,
-        config.server.port,
+        port,
         config.server.host,
-        config.server.port,
+        port,
     )
-    server = Server(uvicorn_config(app, config), app.state.service)
-    server.run()
+    # A model that cannot load ends the process (non-zero), so that a restart policy sees it.
+    loader = executor if isinstance(executor, InferenceExecutor) else None
+    fatal = (lambda: loader.load_failure) if loader is not None else None
+    server = Server(uvicorn_config(app, config), app.state.service, fatal)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        _exit_if_left_behind(loader, 130)
+        raise
+    _exit_if_left_behind(loader, 0)
+    if server.fatal_reason is not None:
+        raise ModelLoadError(server.fatal_reason)
     return 0
+
+
+def _exit_if_left_behind(loader: InferenceExecutor | None, code: int) -> None:
+    """Exit now when a model load was left running at shutdown: its download threads would
+    otherwise hold the interpreter's exit until they end (minutes)."""
+    if loader is not None and loader.left_behind:
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -228,6 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except StorageError as exc:
         print(f"vlbridge: storage error: {exc}", file=sys.stderr)
+        return 1
+    except ListenError as exc:
+        print(f"vlbridge: {exc}", file=sys.stderr)
+        return 1
+    except ModelLoadError as exc:
+        print(f"vlbridge: the model failed to load: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -96,6 +96,7 @@ class ModelConfig(_Section):
     cuda_graphs: bool = True
     # torch threads on the CPU; "auto": 1 for tiny models (the demo), else usable cores - 1
     cpu_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
+    download_log_seconds: float = Field(5.0, gt=0)  # a hub download's progress is logged this often
     # backend = "openai": answers come from OpenAI-compatible servers (vLLM, SGLang, their
     # routers, another vlbridge) at base_urls; the keys above but max_new_tokens are then unused.
     backend: Literal["local", "openai"] = "local"

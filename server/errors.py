@@ -2,7 +2,10 @@
 
     VlbridgeError
     ├── ConfigError            bad configuration file or environment (fails at start-up)
-    ├── ModelLoadError         the model or its processor could not be loaded
+    ├── ModelLoadError         the model or its processor could not be loaded; the message
+    │   │                      is one line saying what to do
+    │   └── LoadCancelled      the service stopped while the model was downloading or loading
+    ├── ListenError            the listening address cannot be taken (port in use, ...)
     ├── InvalidFrame           (server.ws.frames) a WebSocket frame the server will not act on;
     │                          carries the wire code; the session stays usable
     ├── FeishuApiError         (bot.feishu.openapi) a Feishu Open API call failed for good;
@@ -53,6 +56,14 @@ class ConfigError(VlbridgeError):
 
 class ModelLoadError(VlbridgeError):
     """The model, tokenizer or image processor could not be loaded."""
+
+
+class LoadCancelled(ModelLoadError):
+    """The load was stopped on purpose (the service is stopping): not a failure of the model."""
+
+
+class ListenError(VlbridgeError):
+    """`vlbridge serve` cannot listen where it was told to; the message says what to change."""
 
 
 class RequestError(VlbridgeError):

@@ -128,6 +128,6 @@ def configure_logging(fmt: str = "text", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries we use are chatty at INFO; keep their warnings.
-    for name in ("httpx", "httpcore", "urllib3", "transformers", "accelerate"):
+    for name in ("httpx", "httpx2", "httpcore", "urllib3", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

@@ -73,6 +73,22 @@ def test_overridden_methods_keep_their_signatures(name: str) -> None:
     assert name in vars(WebSocketProtocol), f"{WHERE} no longer overrides {name}: drop it from this list"
 
 
+def test_server_startup_on_given_sockets_still_leaves_the_listening_line_to_us() -> None:
+    # `vlbridge serve` binds its socket first (a port in use fails before the model loads) and
+    # then logs uvicorn's own "Uvicorn running on" line, which uvicorn skips for given sockets
+    for name, params in (("startup", ["self", "sockets"]), ("_log_started_message", ["self", "listeners"])):
+        method = getattr(uvicorn.Server, name)
+        assert parameters(method) == params, changed(
+            f"uvicorn.Server.{name} now takes {parameters(method)}", "server/webserver.py"
+        )
+    assert "if sockets is None:\n            self._log_started_message" in inspect.getsource(
+        uvicorn.Server.startup
+    ), changed("uvicorn.Server.startup now logs the listening line for given sockets", "server/webserver.py")
+    assert inspect.iscoroutinefunction(uvicorn.Server.on_tick), changed(
+        "Server.on_tick is no coroutine", "server/webserver.py"
+    )
+
+
 def test_server_shutdown_keeps_its_signature() -> None:
     shutdown = uvicorn.Server.shutdown
     assert parameters(shutdown) == ["self", "sockets"], changed(

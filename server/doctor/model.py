@@ -8,7 +8,6 @@ free on the device the loader would pick (torch is imported only to ask about a 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -17,10 +16,10 @@ from server.doctor.findings import Finding, Verdict, fail, ok, size, warn
 from server.errors import ModelLoadError
 from server.inference.echo import ECHO_PATH
 from server.inference.instant import INSTANT_PATH
+from server.inference.model.checkpoint import stored_dtype, weight_files, weights_in_memory  # no torch
 from server.inference.model.demo import is_demo_model  # reads a marker file; no torch
 from server.inference.model.devices import Placement, placement  # torch only for a GPU or "auto"
 
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 ROOM = 0.8  # weights above this share of the free memory leave too little for the KV cache
 
 
@@ -76,24 +75,11 @@ def _checkpoint_dir(path: str) -> Path | Finding:
     )
 
 
-def _weights(directory: Path) -> tuple[list[Path], list[str]]:
-    """The weight files of a checkpoint, and the shards its index names that are missing."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = directory / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-            present = [directory / shard for shard in shards if (directory / shard).is_file()]
-            missing = [shard for shard in shards if not (directory / shard).is_file()]
-            return present, missing
-    found = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
-    return [path for path in found if path.is_file()], []
-
-
 def _checkpoint_files(directory: Path) -> Finding:
     if not (directory / "config.json").is_file():
         return fail("model", f"{directory} has no config.json: is it a Hugging Face checkpoint folder?")
     try:
-        present, missing = _weights(directory)
+        present, missing = weight_files(directory)
     except (OSError, ValueError) as exc:
         return fail("model", f"{directory}: its weight index cannot be read ({exc}); download it again")
     if missing:
@@ -108,18 +94,6 @@ def _checkpoint_files(directory: Path) -> Finding:
     return ok("model", f"{directory}: config.json and {len(present)} weight file(s), {size(total)}")
 
 
-def _stored_dtype(directory: Path) -> str:
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    for table in (config, config.get("text_config") or {}):
-        dtype = table.get("torch_dtype") or table.get("dtype")
-        if isinstance(dtype, str):
-            return dtype
-    return ""
-
-
 def _placement_or_fail(config: Config) -> Placement | Finding:
     """The `Placement` the loader would use, or a failed finding saying why there is none."""
     try:
@@ -132,9 +106,8 @@ def _memory(config: Config, directory: Path) -> Finding:
     found = _placement_or_fail(config)
     if isinstance(found, Finding):
         return found
-    weights = sum(path.stat().st_size for path in _weights(directory)[0])
-    stored = _BYTES.get(_stored_dtype(directory))
-    needed = weights * found.bytes_per_weight / stored if stored else float(weights)
+    weights = sum(path.stat().st_size for path in weight_files(directory)[0])
+    needed = weights_in_memory(weights, stored_dtype(directory), found.dtype)
     what = (
         f"the weights take about {size(needed)} as {found.dtype} on {found.device}, "
         f"which has {size(found.free_bytes)} free"

@@ -40,6 +40,8 @@ from server.errors import (
     SHUTTING_DOWN,
     Cancelled,
     InternalError,
+    LoadCancelled,
+    ModelLoadError,
     RequestError,
     Timeout,
     TooLarge,
@@ -65,12 +67,13 @@ from server.inference.detok import IncrementalDetokenizer
 from server.inference.engine import Engine, PreparedPrompt, Sequence, StepResult
 from server.inference.fairpool import FairPool
 from server.inference.handle import EventHandle
+from server.inference.loading import LoadProgress
 from server.inference.profile import Profile
 
 log = logging.getLogger("vlbridge.executor")
 _K = TypeVar("_K", bound=Hashable)  # a stream of events: a request handle
 
-EngineFactory = Callable[[Callable[[float], None]], Engine]  # called with a progress callback
+EngineFactory = Callable[[LoadProgress], Engine]  # called on the worker thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,10 @@ class Control(Enum):
 
 
 LOAD_WAIT = 600.0  # seconds a request being prepared waits for the model to load
+# seconds `stop` waits for a load it asked to stop (it ends at its next progress report): past
+# that the loading thread (a daemon) is left behind, so that a stalled download never holds a
+# SIGTERM or Ctrl-C for long
+LOAD_STOP_WAIT = 1.5
 MEMORY_SAMPLE_INTERVAL = 1.0  # seconds between the worker's samples of device memory
 
 
@@ -232,8 +239,8 @@ class InferenceExecutor:
         self._model_name = model_name
         self._engine: Engine | None = None
         self._state = ExecutorState.STOPPED
-        self._progress = 0.0
-        self._detail = ""
+        self._load = LoadProgress()
+        self._detail = ""  # why the load failed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: queue.SimpleQueue[_Job | Control] = queue.SimpleQueue()
         self._waiting: list[_Job] = []  # worker-owned: prepared, not yet running (FIFO)
@@ -339,7 +346,7 @@ class InferenceExecutor:
         memory = self._memory  # sampled by the worker: no device call on the event loop
         return ExecutorStats(
             state=self._state,
-            load_progress=self._progress,
+            load_progress=self._load.fraction,
             model=self._model_name,
             device=self._engine.device if self._engine is not None else "",
             queue_depth=self._pending,
@@ -351,14 +358,35 @@ class InferenceExecutor:
             tokens_total=self._tokens_total,
             gpu_memory_used=memory[0] if memory else None,
             gpu_memory_total=memory[1] if memory else None,
-            detail=self._detail,
+            detail=self._detail or (self._load.detail if self._state is ExecutorState.LOADING else ""),
         )
+
+    @property
+    def load_failure(self) -> str | None:
+        """Why the model could not be loaded, once that is known for good (state FAILED); else None."""
+        return self._detail if self._state is ExecutorState.FAILED else None
+
+    @property
+    def left_behind(self) -> bool:
+        """True when `stop` gave up waiting for a load that did not stop in time (its thread and
+        any download threads it started may still run: the process should exit at once)."""
+        return self._thread is None and self._state is ExecutorState.LOADING
 
     async def stop(self, grace: float = 0.0) -> None:
         self._accepting = False
         thread = self._thread
         if thread is None:
             return
+        if self._state is ExecutorState.LOADING:
+            self._load.stop()  # the load ends at its next progress report
+            self._inbox.put(Control.STOP)  # ... or, if it had just finished, the worker stops
+            await asyncio.to_thread(thread.join, LOAD_STOP_WAIT)
+            if thread.is_alive() and self._state is ExecutorState.LOADING:
+                log.warning("the model load did not stop within %.1f s: leaving it behind", LOAD_STOP_WAIT)
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._picture_pool.shutdown()
+                self._thread = None
+                return
         if grace > 0:
             self._inbox.put(Control.WAKE)  # let the worker see it is idle (or not) right now
             await asyncio.to_thread(self._idle.wait, grace)
@@ -464,15 +492,27 @@ class InferenceExecutor:
 
     def _run(self) -> None:
         try:
-            self._engine = self._factory(self._set_progress)
+            self._engine = self._factory(self._load)
+            self._load.check()  # stopped while the load's last step ran
+        except LoadCancelled:
+            log.info("model load stopped: the service is stopping")
+            self._state = ExecutorState.STOPPED
+            self._loaded.set()
+            self._fail_all_pending(shutting_down())
+            if self._engine is not None:
+                self._engine.close()
+            return
         except Exception as exc:
-            log.exception("model failed to load")
+            if isinstance(exc, ModelLoadError):  # its message says what to do; no trace needed
+                log.error("model failed to load: %s", exc)
+            else:
+                log.exception("model failed to load")
             self._detail = str(exc)
             self._state = ExecutorState.FAILED
             self._loaded.set()
-            self._fail_all_pending()
+            self._fail_all_pending(Unavailable(f"the model failed to load: {self._detail}"))
             return
-        self._progress = 1.0
+        self._load.fraction, self._load.detail = 1.0, ""
         self._sample_memory(self._engine)
         # The model, its tokenizer and every module imported so far live as long as the engine.
         # Frozen, they stay out of the cyclic collector's full passes, which otherwise walk them
@@ -490,17 +530,14 @@ class InferenceExecutor:
             self._engine.close()
             gc.unfreeze()  # what the engine held can be collected again
 
-    def _set_progress(self, value: float) -> None:
-        self._progress = max(0.0, min(1.0, value))
-
-    def _fail_all_pending(self) -> None:
+    def _fail_all_pending(self, error: RequestError) -> None:
         while True:
             try:
                 item = self._inbox.get(timeout=0.5 if self._pending else 0)
             except queue.Empty:
                 break
             if isinstance(item, _Job):
-                self._finish(item, Unavailable(f"the model failed to load: {self._detail}"))
+                self._finish(item, error)
         self._flush(force=True)
 
     def _sample_memory(self, engine: Engine) -> None:

@@ -116,10 +116,12 @@ def _train_tokenizer(vocab_size: int) -> object:
     return tokenizer
 
 
-def build_demo_model(directory: str | Path, *, seed: int = 0) -> Path:
+def build_demo_model(directory: str | Path, *, seed: int = 0, shard_size: str | None = None) -> Path:
     """Write the tiny checkpoint into *directory* (created if needed) and return its path.
 
     Deterministic for a given *seed*; takes a few seconds on a CPU and needs no network.
+    *shard_size* (e.g. "1MB") splits the weights into shards with an index, as real
+    checkpoints are (a download then reports progress shard by shard).
     """
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -169,7 +171,8 @@ def build_demo_model(directory: str | Path, *, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.do_sample = False
-    model.save_pretrained(target, safe_serialization=True)
+    shards = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(target, safe_serialization=True, **shards)
     tokenizer.save_pretrained(target)
 
     processor = Qwen2VLImageProcessorPil(

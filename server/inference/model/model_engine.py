@@ -29,6 +29,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDe
 from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
 from server.inference.engine import Check, PreparedPrompt, Sequence, keep_going
+from server.inference.loading import LoadProgress
 from server.inference.picture_processes import PictureProcesses
 from server.inference.profile import Profile
 
@@ -69,6 +70,7 @@ class EngineOptions:
     profile_seconds: float = 10.0  # log prefill phase timings this often while busy; 0: off
     cpu_threads: int | Literal["auto"] = "auto"  # torch threads on the CPU: devices.cpu_threads
     prepare_processes: int = 0  # worker processes decoding pictures (picture_processes.py); 0: threads
+    progress_log_seconds: float = 5.0  # a hub download's progress goes to the log this often
 
 
 @dataclass
@@ -221,22 +223,31 @@ class ModelEngine:
         dtype: str,
         limits: ImageLimits,
         options: EngineOptions,
-        progress: Callable[[float], None] = lambda _: None,
+        progress: LoadProgress | None = None,
     ) -> ModelEngine:
-        progress(0.05)
+        """Fetch (a hub id), load and warm up; *progress* hears each phase (`LoadProgress`)."""
+        progress = progress or LoadProgress()
+        progress(0.05, f"loading {path}")
         runner = ModelRunner.load(
-            path, device=device, dtype=dtype, limits=limits, max_context_tokens=options.max_context_tokens
+            path,
+            device=device,
+            dtype=dtype,
+            limits=limits,
+            max_context_tokens=options.max_context_tokens,
+            progress=progress,
+            log_interval=options.progress_log_seconds,
         )
         if runner.device.type == "cpu":
             _set_cpu_threads(options.cpu_threads, runner.model.num_parameters())
-        progress(0.6)
+        progress(0.65, "warming up")
         engine = cls(runner, options)
         engine.warm_up(progress)
         progress(1.0)
         return engine
 
-    def warm_up(self, progress: Callable[[float], None] = lambda _: None) -> None:
+    def warm_up(self, progress: LoadProgress | None = None) -> None:
         """Run one request end to end and capture decode graphs, before reporting ready."""
+        progress = progress or LoadProgress()
         started = time.monotonic()
         if self.picture_processes is not None:
             self.picture_processes.start()  # their imports now, not at the first pictures
@@ -245,8 +256,8 @@ class ModelEngine:
             seq.tokens.extend(self.prefill([seq]).tokens())
             seq.tokens.extend(self.decode([seq]).tokens())
             self.release(seq)
-        progress(0.7)
         if self.options.cuda_graphs and self.runner.device.type == "cuda":
+            progress(0.75, "warming up: capturing CUDA graphs")
             try:
                 self.capture_seconds = self.step.capture()
             except Exception:

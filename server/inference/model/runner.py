@@ -9,6 +9,7 @@ import torch
 
 from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
+from server.inference.loading import LoadProgress
 
 from .loader import LoadedModel, load_model
 from .pixels import patches
@@ -35,9 +36,17 @@ class ModelRunner:
 
     @classmethod
     def load(
-        cls, path: str, *, device: str, dtype: str, limits: ImageLimits, max_context_tokens: int
+        cls,
+        path: str,
+        *,
+        device: str,
+        dtype: str,
+        limits: ImageLimits,
+        max_context_tokens: int,
+        progress: LoadProgress | None = None,
+        log_interval: float = 5.0,
     ) -> ModelRunner:
-        return cls(load_model(path, device, dtype), limits, max_context_tokens)
+        return cls(load_model(path, device, dtype, progress, log_interval), limits, max_context_tokens)
 
     def model_inputs(self, prompts: list[Prompt]) -> dict[str, Any]:
         """Left-padded batch inputs for `model.generate` / `model.forward`."""
