@@ -7,8 +7,9 @@ every route must share:
 
 - every answer is tracked until its stream ends, so a drain waits for all of them
   (a Feishu card finishes on SIGTERM exactly like a WebSocket answer);
-- every answer is counted by route and result code (``vlbridge_requests_total``) and
-  its latency and time to first token observed;
+- every answer is counted by route and outcome (`server.metrics.count`: an answer whose
+  caller left before its end is ``cancelled``, not an error) and its latency and time to
+  first token observed;
 - while draining, new work is refused with one shared error (`server.errors.SHUTTING_DOWN`), and
   answers still running when the grace is over are cancelled and end with it too
   (`server.errors.shutting_down`).
@@ -94,15 +95,20 @@ class Answer:
         self.handle.cancel()
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        """The request's events, the final one last; leaving early cancels the request."""
-        code = "internal"
+        """The request's events, the final one last; leaving early cancels the request, and
+        counts it as cancelled (a client that went away: an SSE stream closed, a disconnect)."""
+        code = ""
         try:
             async for event in self.handle:
                 if isinstance(event, FINAL):
                     event, code = self._finish(event)
                 yield event
+            code = code or metrics.Outcome.INTERNAL.value  # the stream ended without its final event
+        except Exception:
+            code = metrics.Outcome.INTERNAL.value  # the handle broke (leaving early raises no Exception)
+            raise
         finally:
-            self._gateway._untrack(self, code)
+            self._gateway._untrack(self, code or metrics.Outcome.CANCELLED.value)
 
     def listen(self, callback: Callable[[Events], None]) -> None:
         """The same events as iterating, passed to *callback* in batches as the handle
@@ -128,7 +134,7 @@ class Answer:
             log.exception("%s: handling an answer event failed", self.handle.id)
             self._listener = None
             self.handle.cancel()
-            self._gateway._untrack(self, "internal")
+            self._gateway._untrack(self, metrics.Outcome.INTERNAL.value)
             return
         if code is not None:
             self._gateway._untrack(self, code)
@@ -138,7 +144,7 @@ class Answer:
         if isinstance(event, Done):
             metrics.LATENCY.observe(event.timings.total, self.route)
             metrics.TTFT.observe(event.timings.first_token, self.route)
-            return event, "ok"
+            return event, metrics.Outcome.OK.value
         if self.shutdown and event.code == "cancelled":
             event = shutting_down()
         return event, event.code
@@ -187,9 +193,7 @@ class AnswerGateway:
             return
         self._answers.discard(answer)
         answer.handle.cancel()  # no-op when finished; frees the slot when the caller left early
-        metrics.REQUESTS.inc(answer.route, code)
-        if code != "ok":
-            metrics.ERRORS.inc(answer.route, code)
+        metrics.count(answer.route, code)
         if not self._answers:
             self._idle.set()
 

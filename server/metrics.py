@@ -3,6 +3,27 @@
 Counters and histograms are updated where things happen; gauges that mirror the
 executor and the session registry are set at scrape time by `render`. Objects live at
 module level so that several apps in one process (tests) never register twice.
+
+The request families, and what their labels mean:
+
+- ``vlbridge_requests_total{route, code}``: every answer asked for on any route (WebSocket
+  asks, ``/v1/analyze``, ``/v1/chat/completions``, Feishu messages), by how it ended, and
+  every request or frame refused with an error (a 400, a 404, a busy ask, a denied
+  handshake). Successful plain reads (``/health``, ``/metrics``, ``/v1/models``, the test
+  page) are not counted.
+- ``vlbridge_errors_total{route, code}``: the subset of those that ended in an error. Both
+  counters move together, in `count`: for every error ``code``,
+  ``errors_total{route, code} == requests_total{route, code}``. ``ok`` and ``cancelled``
+  (the client cancelled or went away: nothing went wrong) appear in requests only.
+- ``code`` is an `Outcome`: ``ok``, ``cancelled`` or an error code (server/http/errors.py
+  gives each its HTTP status). An unknown code counts as ``internal``.
+- ``route`` is ``ws``, ``feishu``, or the path template of the Starlette route an HTTP
+  request matched (``/v1/analyze``; a 405 matched one too); a request that matched no route
+  (404: scanners asking for ``/wp-admin`` or ``/.env``) is ``unmatched``, so that unknown
+  URLs never become series of their own.
+- ``vlbridge_request_duration_seconds{route}`` and ``vlbridge_time_to_first_token_seconds{route}``
+  observe answers that ended ``ok``.
+- ``vlbridge_build_info{version, python, torch}`` is 1: what this process runs.
 """
 
 from __future__ import annotations
@@ -10,7 +31,10 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import platform
 from collections.abc import Iterator, Sequence
+from enum import StrEnum
+from importlib import metadata
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
@@ -26,7 +50,7 @@ from prometheus_client.utils import floatToGoString
 
 from server.inference.api import ExecutorStats
 
-__all__ = ["CONTENT_TYPE", "REGISTRY", "render"]
+__all__ = ["CONTENT_TYPE", "REGISTRY", "UNMATCHED", "Outcome", "count", "render"]
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # process_open_fds, process_resident_memory_bytes, cpu seconds
@@ -94,16 +118,70 @@ class LoopHistogram:
         yield family
 
 
+class Outcome(StrEnum):
+    """How a request ended: the ``code`` label of the request and error counters."""
+
+    OK = "ok"
+    CANCELLED = "cancelled"  # the client cancelled or went away: counted, not an error
+    BAD_REQUEST = "bad_request"
+    BAD_IMAGE = "bad_image"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    REQUEST_TIMEOUT = "request_timeout"
+    BUSY = "busy"
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+    @property
+    def error(self) -> bool:
+        return self not in (Outcome.OK, Outcome.CANCELLED)
+
+
+UNMATCHED = "unmatched"  # the route label of a request no route matched (a 404)
+
 REQUESTS = LoopCounter(
     "vlbridge_requests_total",
-    "Answers requested, by route and result code ('ok' or an error code)",
+    "Answers asked for, and requests or frames refused, by route and outcome "
+    "('ok', 'cancelled' or an error code)",
     ["route", "code"],
 )
 ERRORS = LoopCounter(
     "vlbridge_errors_total",
-    "Requests and frames answered with an error, by route and code",
+    "The requests of vlbridge_requests_total that ended in an error, by route and code",
     ["route", "code"],
 )
+_OUTCOMES = {outcome.value: outcome for outcome in Outcome}
+
+
+def count(route: str, code: str) -> None:
+    """Count one request on *route* that ended with *code* (an `Outcome` value; anything else
+    counts as internal): the one place both request counters move, so they always agree."""
+    outcome = _OUTCOMES.get(code, Outcome.INTERNAL)
+    REQUESTS.inc(route, outcome.value)
+    if outcome.error:
+        ERRORS.inc(route, outcome.value)
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version("vlbridge")
+BUILD_INFO = Gauge(
+    "vlbridge_build_info",
+    "Always 1: the vlbridge version this process runs, with its Python and torch versions",
+    ["version", "python", "torch"],
+    registry=REGISTRY,
+)
+BUILD_INFO.labels(VERSION, platform.python_version(), _version("torch")).set(1)
 LATENCY = LoopHistogram(
     "vlbridge_request_duration_seconds", "Submission to the last token, by route", ["route"], _LATENCY_BUCKETS
 )

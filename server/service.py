@@ -63,6 +63,7 @@ class Service:
             else None
         )
         self.state = ServiceState.NEW
+        self.born = time.monotonic()  # /health's uptime_seconds counts from here
         self._drained: asyncio.Future[None] | None = None
         self._started: list[PlatformAdapter] = []
 
@@ -80,6 +81,8 @@ class Service:
         assessment = self.assessment()
         platforms = {adapter.name: adapter.health() for adapter in self.platforms}
         body = health_body(self.answers.stats(), assessment, self.hub.health(), platforms)
+        body["version"] = metrics.VERSION
+        body["uptime_seconds"] = round(time.monotonic() - self.born, 1)
         return body, assessment.http_status
 
     def agent_line(self) -> str:

@@ -177,11 +177,12 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body(
 
 
 def cancelled(running) -> float:
-    """vlbridge_errors_total{route="/v1/chat/completions", code="cancelled"}, read from /metrics."""
+    """vlbridge_requests_total{route="/v1/chat/completions", code="cancelled"}, read from /metrics
+    (a cancel is counted as a request, never as an error)."""
     text = httpx.get(running.http + "/metrics", timeout=10).text
     for line in text.splitlines():
         if (
-            line.startswith("vlbridge_errors_total{")
+            line.startswith("vlbridge_requests_total{")
             and 'code="cancelled"' in line
             and "/v1/chat/completions" in line
         ):

@@ -37,6 +37,7 @@ from bot.feishu import metrics
 from bot.feishu.cards import CardStream
 from bot.feishu.longconn import LongConnection
 from bot.feishu.messages import MalformedEvent, is_command, parse_event
+from bot.feishu.monitor import LinkState, restart_delay
 from bot.feishu.openapi import FeishuApi, FeishuApiError
 from bot.feishu.webhook import Webhook
 from bot.inbox import Inbox, InboxState, StoredMessage
@@ -188,7 +189,9 @@ class FeishuAdapter:
                 watchdog_interval=feishu.watchdog_interval,
             )
         self.bot_id = ""
+        self.identity_error = ""  # why the bot's own info (and so a tenant token) could not be had
         self._bot_id_lock = asyncio.Lock()
+        self._identity: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._accepting = False
         self._started_at = 0.0
@@ -219,7 +222,7 @@ class FeishuAdapter:
         self._leases = asyncio.get_running_loop().create_task(self._keep_leases(), name="inbox-leases")
         if isinstance(self.receiver, LongConnection):
             await self.receiver.start()
-        self._spawn(self._own_id(), "bot-info")
+        self._identity = asyncio.get_running_loop().create_task(self._learn_identity(), name="bot-info")
 
     async def drain(self, deadline: float) -> None:
         """Stop receiving; running answers get until *deadline*, plus `grace` for the platform
@@ -242,6 +245,11 @@ class FeishuAdapter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._leases
             self._leases = None
+        if self._identity is not None:
+            self._identity.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._identity
+            self._identity = None
         pending = set(self._tasks)
         for task in pending:
             task.cancel()
@@ -252,8 +260,20 @@ class FeishuAdapter:
         await self.inbox.close()
 
     def health(self) -> dict[str, Any]:
+        """The receiver's health; ``state`` is ``starting`` while the bot's own info cannot be
+        had (bad credentials, Feishu unreachable: it cannot answer anyone), and ``reason`` says
+        why the platform is not up (empty when it is)."""
+        receiver = self.receiver.health()
+        state = receiver["state"]
+        reasons = [receiver.get("reason", "")]
+        if self.identity_error:
+            reasons.append(f"the bot's own info cannot be had: {self.identity_error}")
+            if state in (LinkState.CONNECTED, "listening"):
+                state = LinkState.STARTING.value
         return {
-            **self.receiver.health(),
+            **receiver,
+            "state": state,
+            "reason": "; ".join(reason for reason in reasons if reason),
             "bot_open_id": self.bot_id,
             "in_flight": self.dispatcher.running,
             "inbox": dict(self.dispatcher.counts),
@@ -262,7 +282,7 @@ class FeishuAdapter:
 
     def healthy(self) -> bool:
         connected = not isinstance(self.receiver, LongConnection) or self.receiver.connected
-        return connected and self._storage_ok
+        return connected and self._storage_ok and not self.identity_error
 
     # -- arrivals ---------------------------------------------------------------------------------
 
@@ -303,10 +323,20 @@ class FeishuAdapter:
             if not self.bot_id:
                 try:
                     self.bot_id = await self.api.bot_open_id()
+                    self.identity_error = ""
                     log.info("bot open_id %s", self.bot_id)
                 except FeishuApiError as exc:
+                    self.identity_error = str(exc)
                     log.error("cannot learn the bot's open_id (group @-mentions unrecognised): %s", exc)
             return self.bot_id
+
+    async def _learn_identity(self) -> None:
+        """Ask for the bot's own info until it comes, backing off as the long connection's
+        restarts do: until then /health shows the platform as starting, with the reason."""
+        failures = 1
+        while not await self._own_id():
+            failures += 1
+            await asyncio.sleep(restart_delay(failures, self.config.feishu.watchdog_interval))
 
     # -- answering --------------------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ class LongConnection:
         self.state = LinkState.STOPPED
         self.restarts = 0
         self.last_restart_reason = ""
+        self.last_error = ""  # the worker's last error line since it was last connected
         self.events = 0
         self.last_event_at = 0.0
         self._failures = 0  # consecutive workers that never connected
@@ -182,12 +183,10 @@ class LongConnection:
                             self._failures = 0
                         self._set_state(watchdog.state)
                 elif kind == "log":
-                    log.log(
-                        _LOG_LEVELS.get(str(record.get("level")), logging.INFO),
-                        "sdk[%d]: %s",
-                        proc.pid,
-                        record.get("msg"),
-                    )
+                    level = _LOG_LEVELS.get(str(record.get("level")), logging.INFO)
+                    if level >= logging.ERROR and watchdog is self._watchdog:
+                        self.last_error = str(record.get("msg"))[:500]  # /health's reason
+                    log.log(level, "sdk[%d]: %s", proc.pid, record.get("msg"))
             except Exception:
                 log.exception("bad line from long-connection worker %d", proc.pid)
 
@@ -222,12 +221,25 @@ class LongConnection:
         if state is not self.state:
             log.info("long connection: %s -> %s", self.state.value, state.value)
             self.state = state
+        if state is LinkState.CONNECTED:
+            self.last_error = ""
         metrics.CONNECTED.set(1 if state is LinkState.CONNECTED else 0)
+
+    @property
+    def reason(self) -> str:
+        """Why there is no connection: the worker's last error, else the watchdog's last
+        restart reason; empty while connected."""
+        if self.state is LinkState.CONNECTED:
+            return ""
+        if self.state is LinkState.STOPPED:
+            return "stopped"
+        return self.last_error or self.last_restart_reason or "connecting"
 
     def health(self) -> dict[str, Any]:
         return {
             "mode": "longconn",
             "state": self.state.value,
+            "reason": self.reason,
             "connected": self.connected,
             "worker_pid": self.worker_pid,
             "restarts": self.restarts,

@@ -130,7 +130,7 @@ class FeishuApi:
                     0.75 + random.random() / 2
                 )
                 self.retries += 1
-                log.info("%s: %s; retry %d in %.2f s", what, exc, attempt, delay)
+                log.info("%s; retry %d in %.2f s", exc, attempt, delay)  # str(exc) names the call
                 await asyncio.sleep(delay)
 
     async def _once(

@@ -47,7 +47,7 @@ async def analyze(request: Request) -> Response:
             return JSONResponse(event_dict(ask_id, done)) if done else Response(status_code=499)
         first = await first_event(events)
     except RequestError as exc:
-        return from_request_error(exc, ROUTE)
+        return from_request_error(exc)  # the answer gateway counted it
     return EventStream(_sse(ask_id, first, events))
 
 

@@ -16,7 +16,7 @@ from server.answers import AnswerGateway
 from server.auth import Authenticator, Refusal
 from server.config import ServerConfig
 from server.errors import RequestError
-from server.http.errors import forbidden_origin, unauthorized
+from server.http.errors import forbidden_origin, route_of, unauthorized
 from server.inference.api import Done, Event, Failed
 
 OFF_LOOP_BYTES = 256 * 1024  # inputs this large are parsed, decoded and checked on a thread
@@ -54,7 +54,7 @@ def check_auth(request: HTTPConnection) -> Response | None:
     """None when the request may proceed, else the 401 or 403 response to send (server.auth)."""
     verdict = context_of(request).auth.admit(request.headers, request.query_params)
     if verdict is Refusal.UNAUTHORIZED:
-        return unauthorized()
+        return unauthorized(route_of(request))
     if verdict is Refusal.FORBIDDEN_ORIGIN:
         return forbidden_origin(request)
     return None
@@ -99,6 +99,9 @@ async def collect_while_connected(request: Request, events: AsyncIterator[Event]
     """`collect`, unless the client goes away first: then the answer is cancelled and None returned.
 
     Call after the request body was read: from then on `receive()` only reports the disconnect.
+    The answer's stream is closed before this returns or raises, so the answer gateway has
+    counted it (`collect` leaves it at its final event, and a failed one would otherwise stay
+    tracked until the garbage collector found it).
     """
     answer = asyncio.ensure_future(collect(events))
 
@@ -111,13 +114,12 @@ async def collect_while_connected(request: Request, events: AsyncIterator[Event]
         await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if answer.done():
-        return answer.result()
-    answer.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await answer
+    if not answer.done():
+        answer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await answer
     await _close(events)  # the executor frees the request's slot at its next step
-    return None
+    return None if answer.cancelled() else answer.result()
 
 
 async def _close(events: AsyncIterator[Event]) -> None:

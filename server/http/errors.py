@@ -40,8 +40,11 @@ _BY_STATUS = {status: code for code, status in STATUS.items() if code != "bad_im
 def error_response(
     code: str, message: str, *, retry_after: float | None = None, route: str | None = None
 ) -> JSONResponse:
+    """The error answer; with *route* (a metrics label, see `route_of`) the request is counted
+    (`server.metrics.count`). Leave *route* out for a request the answer gateway counted
+    already (it was submitted)."""
     if route is not None:
-        metrics.ERRORS.inc(route, code)
+        metrics.count(route, code)
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
     return JSONResponse(error_body(code, message), STATUS.get(code, 500), headers=headers)
 
@@ -55,16 +58,26 @@ def from_request_error(exc: RequestError, route: str | None = None) -> JSONRespo
     return error_response(exc.code, exc.message, retry_after=exc.retry_after, route=route)
 
 
+def route_of(request: HTTPConnection) -> str:
+    """The metrics label of *request*'s route: the path template of the Starlette route it
+    matched (Starlette's router puts it in the scope, for a 405 too), else `metrics.UNMATCHED`:
+    every URL a scanner tries must not become a series of its own."""
+    path = getattr(request.scope.get("route"), "path", None)
+    return path if isinstance(path, str) and path else metrics.UNMATCHED
+
+
 async def http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405/... as JSON errors."""
     assert isinstance(exc, HTTPException)
     code = _BY_STATUS.get(exc.status_code, "bad_request")
-    return error_response(code, str(exc.detail), route=request.url.path)
+    return error_response(code, str(exc.detail), route=route_of(request))
 
 
-def unauthorized() -> JSONResponse:
+def unauthorized(route: str | None = None) -> JSONResponse:
     response = error_response(
-        "unauthorized", "a valid token is required: Authorization: Bearer <token> (or ?token=<token>)"
+        "unauthorized",
+        "a valid token is required: Authorization: Bearer <token> (or ?token=<token>)",
+        route=route,
     )
     response.headers["WWW-Authenticate"] = "Bearer"
     return response
@@ -80,5 +93,5 @@ def forbidden_origin(request: HTTPConnection) -> JSONResponse:
         origin,
     )
     return error_response(
-        "forbidden", f"origin {origin!r} is not allowed; see server.allowed_origins", route=request.url.path
+        "forbidden", f"origin {origin!r} is not allowed; see server.allowed_origins", route=route_of(request)
     )

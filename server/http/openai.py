@@ -78,7 +78,7 @@ async def chat_completions(request: Request) -> Response:
             return JSONResponse(_completion(completion_id, model, done))
         first = await first_event(events)
     except RequestError as exc:
-        return from_request_error(exc, ROUTE)
+        return from_request_error(exc)  # the answer gateway counted it
     options = body.get("stream_options") or {}
     usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
     return EventStream(_chunks(completion_id, model, first, events, usage))

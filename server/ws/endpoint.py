@@ -340,7 +340,7 @@ def _unserved(hub: Hub, session: Session, keep: bool) -> None:
 
 
 async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
-    metrics.ERRORS.inc("ws", code)
+    metrics.count("ws", code)
     if "websocket.http.response" in ws.scope.get("extensions", {}):
         await ws.send_denial_response(JSONResponse({"error": {"code": code, "message": message}}, status))
     else:
@@ -421,7 +421,7 @@ def _admit(hub: Hub, conn: SocketLink, text: str | None) -> float | None:
 
 def _reject(session: Session, exc: InvalidFrame) -> None:
     log.info("session %s: %s frame refused: %s", session.tag, exc.code, exc.message)
-    metrics.ERRORS.inc("ws", exc.code)
+    metrics.count("ws", exc.code)
     extra: dict[str, Any] = {"id": exc.ask_id} if exc.ask_id else {}
     session.emit(error_dict(exc.code, exc.message, None, **extra))
 
@@ -465,7 +465,7 @@ def _ask(hub: Hub, session: Session, ask: Ask) -> None:
         )
         return
     if asks and len(asks) >= server.max_asks_per_session:
-        metrics.ERRORS.inc("ws", "busy")
+        metrics.count("ws", "busy")
         message = f"{len(asks)} questions of this session are still running; wait for one to finish"
         session.emit(error_dict("busy", message, 1.0, id=ask.id))
         return
