@@ -77,6 +77,15 @@ class ServerConfig(_Section):
     body_min_rate: float = Field(16384.0, gt=0)
     test_page: bool = True
 
+    @field_validator("auth_tokens")
+    @classmethod
+    def _tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for token in value:
+            if not token or token != token.strip():
+                # a client can never present it (headers are stripped): no one could get in
+                raise ValueError("expected tokens without surrounding spaces, none empty")
+        return value
+
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:

@@ -75,6 +75,7 @@ REFUSED = {
         {},
         "storage.redis_url: expected a URL",
     ),
+    "empty auth token": ('[server]\nauth_tokens = ["a", ""]\n', {}, "server.auth_tokens: expected tokens"),
     "unknown variable": ("", {"VLBRIDGE_SERVER_PROT": "9000"}, "did you mean VLBRIDGE_SERVER_PORT?"),
 }
 
