@@ -70,8 +70,12 @@ def build_openai_executor(config: Config) -> Executor:
     return OpenAIExecutor(upstream_options(config))
 
 
+DEMO_MODEL_ID = "vlbridge-demo-random"  # an id without spaces, for /v1/models; says what it is
+
+
 def model_label(config: Config) -> str:
-    return config.model.path or "vlbridge-demo (random answers)"
+    """The served model's id (`/v1/models`, the `model` of OpenAI answers, /health)."""
+    return config.model.path or DEMO_MODEL_ID
 
 
 def build_executor(config: Config) -> Executor:

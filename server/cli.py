@@ -7,10 +7,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.inbox import StorageError
-from server.config import load_config
+from server.config import Config, env_name, load_config
 from server.errors import ConfigError, ListenError, ModelLoadError
 from server.logs import configure_logging
 
@@ -19,19 +21,46 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vlbridge")
 
+DEFAULT_CONFIG = "vlbridge.toml"  # read from the working directory when no --config is given
+CONFIG_HELP = f"TOML config file (default: ./{DEFAULT_CONFIG} when it exists, else the built-in defaults)"
+
+
+def _config_path(given: str | None) -> str | None:
+    """*given*, else ./vlbridge.toml when it exists, else None (the built-in defaults)."""
+    if given is not None:
+        return given
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+
+
+def _read_config(given: str | None) -> Config:
+    """The config `vlbridge serve --config GIVEN` would run with; raises `ConfigError`."""
+    return load_config(_config_path(given), os.environ)
+
+
+def _config_read(config: Config) -> str:
+    """Which file (or the defaults) and which variables made *config*, for a log line."""
+    where = "built-in defaults" if config.source == "<defaults>" else config.source
+    if config.from_env:
+        names = ", ".join(env_name(*key.split(".", 1)) for key in config.from_env)
+        where += f" with environment {names}"
+    return where
+
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.backend import build_executor
     from server.inference.executor import InferenceExecutor
+    from server.preflight import check_startable
     from server.webserver import Server, listen, uvicorn_config
 
-    config = load_config(args.config, os.environ)
+    config = _read_config(args.config)
+    log.info("configuration: %s", _config_read(config))
     if args.host:
         config = config.model_copy(update={"server": config.server.model_copy(update={"host": args.host})})
     if args.port is not None:
         config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
-    # The port first: a port in use is known in a millisecond, not after minutes of loading.
+    check_startable(config)  # what check-config refuses, refused before anything loads
+    # Then the port: a port in use is known in a millisecond, not after minutes of loading.
     sock = listen(config.server.host, config.server.port)
     from bot.feishu import build_adapter
     from server.answers import AnswerGateway
@@ -73,7 +102,10 @@ def _exit_if_left_behind(loader: InferenceExecutor | None, code: int) -> None:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.file, os.environ)
+    from server.preflight import check_startable
+
+    config = _read_config(args.file)
+    check_startable(config)
     model = config.model
     if model.backend == "openai":
         name = model.model or model.path or "the upstreams' first"
@@ -81,7 +113,7 @@ def _check_config(args: argparse.Namespace) -> int:
     else:
         answers = f"model {model.path or 'demo'}"
     print(
-        f"{args.file}: OK (server {config.server.host}:{config.server.port}, "
+        f"{_config_read(config)}: OK (server {config.server.host}:{config.server.port}, "
         f"{answers}, feishu {'on' if config.feishu.enabled else 'off'})"
     )
     return 0
@@ -90,7 +122,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from server.doctor import diagnose, failed, render
 
-    findings = diagnose(args.config, os.environ, args.proxy_idle_timeout)
+    findings = diagnose(_config_path(args.config), os.environ, args.proxy_idle_timeout)
     render(findings, sys.stdout)
     return 1 if failed(findings) else 0
 
@@ -98,7 +130,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _inbox(args: argparse.Namespace) -> int:
     from bot.inbox_admin import retry, show
 
-    config = load_config(args.config, os.environ)
+    config = _read_config(args.config)
     if args.words[:1] == ["retry"] and len(args.words) == 2:
         return retry(config, args.words[1], sys.stdout, sys.stderr)
     if args.words:
@@ -155,18 +187,36 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlbridge", description="Qwen3-VL in Feishu/Lark chats")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"vlbridge {_version()}")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines as (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="least severity logged (default: %(default)s)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
 
-    serve = sub.add_parser("serve", help="run the service")
-    serve.add_argument("--config", default=None, help="TOML config file (default: built-in defaults)")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
+    serve = sub.add_parser(
+        "serve",
+        help="run the service",
+        description="Run the service with the config file (and VLBRIDGE_<SECTION>_<KEY> overrides).",
+    )
+    serve.add_argument("--config", default=None, help=CONFIG_HELP)
+    serve.add_argument("--host", default=None, help="address to listen on (default: [server] host)")
+    serve.add_argument("--port", type=int, default=None, help="port to listen on (default: [server] port)")
     serve.set_defaults(func=_serve)
 
-    check = sub.add_parser("check-config", help="validate a config file without starting anything")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check-config",
+        help="refuse what `vlbridge serve` would refuse, without starting anything",
+        description="Check a config file and the VLBRIDGE_* environment as `vlbridge serve` would at "
+        "start (the model folder, Feishu credentials, storage), without loading or connecting anything.",
+        epilog="exit status: 0 serve would start, 2 it would refuse (the reason is printed)",
+    )
+    check.add_argument("file", nargs="?", default=None, help=CONFIG_HELP)
     check.set_defaults(func=_check_config)
 
     doctor = sub.add_parser(
@@ -176,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or before it starts; one line per check (ok, warn, FAIL and what to do).",
         epilog="exit status: 0 nothing failed (warnings allowed), 1 a check failed",
     )
-    doctor.add_argument("--config", default=None, help="TOML config file (default: built-in defaults)")
+    doctor.add_argument("--config", default=None, help=CONFIG_HELP)
     doctor.add_argument(
         "--proxy-idle-timeout",
         type=float,
@@ -194,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "failed one again for the running service.",
     )
     inbox.add_argument("words", nargs="*", metavar="retry MESSAGE_ID", help="re-queue a failed message")
-    inbox.add_argument("--config", default=None, help="TOML config file (for [storage] path)")
+    inbox.add_argument("--config", default=None, help=CONFIG_HELP + "; for [storage]")
     inbox.add_argument(
         "--state",
         action="append",
@@ -211,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     inbox.set_defaults(func=_inbox)
 
     demo = sub.add_parser("make-demo-model", help="build the tiny offline demo checkpoint")
-    demo.add_argument("dir")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("dir", help="folder to write the checkpoint to")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     demo.set_defaults(func=_make_demo_model)
 
     chat = sub.add_parser(
@@ -244,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.set_defaults(func=_chat)
     return parser
+
+
+def _version() -> str:
+    try:
+        return version("vlbridge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(version unknown: not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

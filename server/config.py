@@ -4,15 +4,17 @@
 environment overrides and returns a frozen, typed `Config`. Nothing deeper in the
 program reads the environment or the file again.
 
-Any problem raises `ConfigError` whose message is one line naming the file, the key,
-what was expected and what was found; unknown keys are errors (a typo must never be
-silently ignored). Secrets (`feishu.app_secret`, `feishu.encrypt_key`,
-`feishu.verification_token`, `model.api_key`) are accepted only from the environment and are held as
-`SecretStr`, so they never appear in logs or reprs.
+Any problem raises `ConfigError` whose message is one line naming the file and the key
+(or, for a value from the environment, the variable), what was expected and what was found;
+unknown keys are errors (a typo must never be silently ignored), and so is a ``VLBRIDGE_*``
+variable that is neither a key nor one of `OTHER_VARIABLES`. Secrets (`feishu.app_secret`,
+`feishu.encrypt_key`, `feishu.verification_token`, `model.api_key`) are accepted only from the
+environment and are held as `SecretStr`, so they never appear in logs or reprs.
 """
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +35,11 @@ from server.auth import normalize_origin
 from server.errors import ConfigError
 
 ENV_PREFIX = "VLBRIDGE_"
+# VLBRIDGE_* variables that are not config keys but are read by other parts of the project.
+OTHER_VARIABLES = {
+    "VLBRIDGE_TOKEN": "`vlbridge chat`'s auth token",
+    "VLBRIDGE_CONFIG": "the config file docker/compose*.yaml mounts",
+}
 SECRET_KEYS = {
     ("feishu", "app_secret"),
     ("feishu", "encrypt_key"),
@@ -69,6 +76,15 @@ class ServerConfig(_Section):
     body_timeout: float = Field(20.0, gt=0)
     body_min_rate: float = Field(16384.0, gt=0)
     test_page: bool = True
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for token in value:
+            if not token or token != token.strip():
+                # a client can never present it (headers are stripped): no one could get in
+                raise ValueError("expected tokens without surrounding spaces, none empty")
+        return value
 
     @field_validator("allowed_origins")
     @classmethod
@@ -173,6 +189,13 @@ class StorageConfig(_Section):
         30.0, ge=1.0
     )  # a running message of a silent process is taken over after this
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError('expected a URL like "redis://host:6379/0" (or rediss://, unix://)')
+        return value
+
 
 class Config(BaseModel):
     """Everything configurable, typed and frozen."""
@@ -185,6 +208,14 @@ class Config(BaseModel):
     feishu: FeishuConfig = FeishuConfig()
     storage: StorageConfig = StorageConfig()
     source: str = Field("<defaults>", exclude=True)
+    from_env: tuple[str, ...] = Field((), exclude=True)  # "section.key" of the values the environment set
+
+    def origin(self, section: str, key: str) -> str:
+        """Where ``section.key``'s value came from, to start an error message with:
+        ``environment VLBRIDGE_MODEL_PATH`` or ``vlbridge.toml: model.path``."""
+        if f"{section}.{key}" in self.from_env:
+            return f"environment {env_name(section, key)}"
+        return f"{self.source}: {section}.{key}"
 
     @property
     def storage_path(self) -> Path:
@@ -234,21 +265,45 @@ def _env_value(raw: str, annotation: Any) -> Any:
     return raw
 
 
-def _apply_env(data: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> list[str]:
-    """Merge ``VLBRIDGE_SECTION_KEY`` variables into *data*; return the variable names used."""
-    used: list[str] = []
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
+def env_name(section: str, key: str) -> str:
+    """The environment variable that overrides ``section.key``."""
+    return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+
+
+def _env_names() -> list[str]:
+    return [env_name(section, key) for section, model in _SECTIONS.items() for key in model.model_fields]
+
+
+def _unknown_variable(name: str) -> ConfigError:
+    close = difflib.get_close_matches(name, [*_env_names(), *OTHER_VARIABLES], n=1, cutoff=0.75)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return ConfigError(
+        f"environment {name}: not a setting of vlbridge; {hint}"
+        f"settings are VLBRIDGE_<SECTION>_<KEY> for the keys of vlbridge.toml"
+    )
+
+
+def _apply_env(data: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    """Merge ``VLBRIDGE_SECTION_KEY`` variables into *data*; return which variable set which key.
+
+    Raises `ConfigError` naming a ``VLBRIDGE_*`` variable that is no key (a typo there must not be
+    silently ignored either) or whose list value is not valid JSON."""
+    used: dict[tuple[str, str], str] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in OTHER_VARIABLES:
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
         model = _SECTIONS.get(section)
         if model is None or key not in model.model_fields:
-            continue  # VLBRIDGE_* variables of other tools (e.g. VLBRIDGE_TEST_...) are not ours
+            raise _unknown_variable(name)
         annotation = model.model_fields[key].annotation
-        value: Any = raw if annotation is SecretStr else _env_value(raw, annotation)
+        try:
+            value: Any = raw if annotation is SecretStr else _env_value(raw, annotation)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"environment {name}: not a valid JSON list ({exc})") from None
         data.setdefault(section, {})[key] = value
-        used.append(name)
+        used[(section, key)] = name
     return used
 
 
@@ -279,35 +334,40 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
                 )
             for key in table:
                 if (section, key) in SECRET_KEYS:
-                    env = f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+                    env = env_name(section, key)
                     raise ConfigError(
                         f"{source}: {section}.{key}: secrets may come only from the environment; "
                         f"remove it from the file and set {env}"
                     )
-    _apply_env(data, environ)
+    from_env = _apply_env(data, environ)
     for table in data.values():
         for key, value in table.items():
             if isinstance(value, list):
                 table[key] = tuple(value)  # TOML arrays -> the frozen tuples the model holds
     try:
-        return Config.model_validate({**data, "source": source})
+        overrides = tuple(f"{section}.{key}" for section, key in from_env)
+        return Config.model_validate({**data, "source": source, "from_env": overrides})
     except ValidationError as exc:
-        raise ConfigError(_first_error(source, exc, data)) from None
+        raise ConfigError(_first_error(source, exc, data, from_env)) from None
 
 
-def _first_error(source: str, exc: ValidationError, data: dict[str, Any]) -> str:
+def _first_error(
+    source: str, exc: ValidationError, data: dict[str, Any], from_env: Mapping[tuple[str, str], str]
+) -> str:
     error = exc.errors()[0]
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc[:2]) if loc else "?"
     section_name = loc[0] if loc else ""
+    variable = from_env.get((section_name, loc[1])) if len(loc) >= 2 else None
+    where = f"{source}: {key}" if variable is None else f"environment {variable}"  # not the file's fault
     if error["type"] == "extra_forbidden":
         section = _SECTIONS.get(section_name)
         known = ", ".join(section.model_fields) if section is not None else ""
-        return f"{source}: {key}: unknown key; expected one of: {known}"
+        return f"{where}: unknown key; expected one of: {known}"
     found = "missing" if error["type"] == "missing" else _describe(error.get("input"))
     if len(loc) >= 2 and isinstance(data.get(section_name), dict):
         found = _describe(data[section_name].get(loc[1], error.get("input")))
     message = error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
-    return f"{source}: {key}: {message}; found {found}"
+    return f"{where}: {message}; found {found}"

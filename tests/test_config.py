@@ -77,14 +77,14 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         "VLBRIDGE_SERVER_AUTH_TOKENS": "x,y",
         "VLBRIDGE_FEISHU_ENABLED": "true",
         "VLBRIDGE_EXECUTOR_REQUEST_TIMEOUT": "12.5",
-        "VLBRIDGE_SOMETHING_ELSE": "ignored: not a config key",
+        "VLBRIDGE_TOKEN": "read by `vlbridge chat`, not a config key",
     }
     config = load_config(path, env)
     assert config.server.port == 9001
     assert config.server.auth_tokens == ("x", "y")
     assert config.feishu.enabled is True
     assert config.executor.request_timeout == 12.5
-    with pytest.raises(ConfigError, match=r"server\.port"):
+    with pytest.raises(ConfigError, match=r"^environment VLBRIDGE_SERVER_PORT: "):
         load_config(path, {"VLBRIDGE_SERVER_PORT": "http"})
 
 

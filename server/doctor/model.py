@@ -31,10 +31,10 @@ def model_findings(config: Config) -> list[Finding]:
         return [ok("model", f"{model.path}: a built-in test backend (no model; its answers are not real)")]
     if not model.path:
         return _demo(config)
-    directory = _checkpoint_dir(model.path)
+    directory = checkpoint_dir(model.path)
     if isinstance(directory, Finding):
         return [directory]
-    files = _checkpoint_files(directory)
+    files = checkpoint_files(directory)
     if files.verdict is not Verdict.OK:
         return [files]
     return [files, _memory(config, directory)]
@@ -53,13 +53,19 @@ def _demo(config: Config) -> list[Finding]:
     return findings
 
 
-def _checkpoint_dir(path: str) -> Path | Finding:
+def is_local_path(path: str) -> bool:
+    """Whether `model.path` *path* means a folder on this host rather than a hub id: it exists, or
+    it looks like a path (starts with / . ~, or has other than the one slash of ``org/name``)."""
+    return Path(path).expanduser().exists() or path.startswith(("/", ".", "~")) or path.count("/") != 1
+
+
+def checkpoint_dir(path: str) -> Path | Finding:
     """The folder holding *path*'s files (a local folder, or the hub cache's snapshot of a hub id),
     or the finding that there is none."""
     local = Path(path).expanduser()
     if local.is_dir():
         return local
-    if local.exists() or path.startswith(("/", ".", "~")) or path.count("/") != 1:
+    if is_local_path(path):
         return fail(
             "model", f"model.path {path!r} is not a folder: set it to a checkpoint folder or a hub id"
         )
@@ -75,7 +81,8 @@ def _checkpoint_dir(path: str) -> Path | Finding:
     )
 
 
-def _checkpoint_files(directory: Path) -> Finding:
+def checkpoint_files(directory: Path) -> Finding:
+    """ok when *directory* holds a whole checkpoint (config.json and every weight file), else fail."""
     if not (directory / "config.json").is_file():
         return fail("model", f"{directory} has no config.json: is it a Hugging Face checkpoint folder?")
     try:

@@ -18,15 +18,22 @@ from server.config import Config
 from server.doctor.findings import Finding, Verdict, fail, ok, warn
 
 
-def storage_findings(config: Config) -> list[Finding]:
+def storage_uses(config: Config) -> str:
+    """What this config keeps in the `[storage]` folder ("the demo model and the Feishu inbox"),
+    "" when nothing."""
     uses = []
     if not config.model.path and config.model.backend == "local":
         uses.append("the demo model")
     if config.feishu.enabled and config.storage.backend == "sqlite":
         uses.append("the Feishu inbox")
+    return " and ".join(uses)
+
+
+def storage_findings(config: Config) -> list[Finding]:
+    uses = storage_uses(config)
     if not uses:
         return [ok("storage", f"{config.storage_path} is not used by this config")]
-    folder = _folder(config.storage_path, " and ".join(uses))
+    folder = storage_folder(config.storage_path, uses)
     findings = [folder]
     if config.feishu.enabled and folder.verdict is not Verdict.FAIL:
         findings.append(_inbox(config))
@@ -45,7 +52,9 @@ def _probe(folder: Path) -> str:
     return ""
 
 
-def _folder(folder: Path, uses: str) -> Finding:
+def storage_folder(folder: Path, uses: str) -> Finding:
+    """ok when *folder* is writable or can be created (for *uses*), else fail saying what to do.
+    Creates nothing but a probe file it removes at once."""
     advice = f"fix its permissions for uid {os.getuid()} or set [storage] path to a writable folder"
     if folder.is_dir():
         why = _probe(folder)

@@ -4,7 +4,11 @@ Messages may hold `image_url` parts; pictures come as ``data:image/...;base64,``
 Remote ``http(s)`` URLs are refused unless `server.allow_remote_images` is on (then they
 are fetched with a size and time limit, without following redirects). Supported
 parameters: `stream`, `stream_options.include_usage`, `max_tokens` (or
-`max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`; `n` must be 1.
+`max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`, `min_tokens` (vLLM's and
+SGLang's extension, which vlbridge's own openai backend sends); `n` must be 1; the others
+are ignored when they do not change the answer, else refused (`server.http.openai_params`).
+The answer's `model` is the served model's id (the one `GET /v1/models` lists), whatever the
+request named.
 Unlike OpenAI's API (400 past the context window), `max_tokens` is an upper bound clamped to
 the room the prompt leaves (finish_reason "length" when reached): a client cannot count its
 prompt's tokens, pictures included, to pick an accepted value. More than `server.max_turns`
@@ -35,6 +39,7 @@ from server.http.common import (
     off_loop,
 )
 from server.http.errors import from_request_error
+from server.http.openai_params import refuse_unsupported
 from server.http.sse import EventStream
 from server.inference.api import Delta, Done, Event, Failed, InferenceRequest, SamplingParams, Turn
 
@@ -60,6 +65,7 @@ async def chat_completions(request: Request) -> Response:
         return from_request_error(shutting_down(), ROUTE)
     try:
         body = await _read_json(request, server.max_images * server.max_image_bytes * 2 + MAX_BODY)
+        refuse_unsupported(body)  # before the pictures are decoded: it costs nothing
         messages = await _messages(
             body, server.max_images, server.max_image_bytes, server.allow_remote_images
         )
@@ -69,7 +75,7 @@ async def chat_completions(request: Request) -> Response:
         return from_request_error(exc, ROUTE)
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     events = aiter(ctx.answers.submit(InferenceRequest(completion_id, messages, params), ROUTE))
-    model = str(body.get("model") or ctx.answers.stats().model)
+    model = ctx.answers.stats().model  # what answers, not what the client asked for
     try:
         if not body.get("stream"):
             done = await collect_while_connected(request, events)
@@ -182,8 +188,8 @@ async def _fetch(url: str, number: int, max_bytes: int) -> bytes:
 
 
 def _params(body: dict[str, Any]) -> SamplingParams:
-    if body.get("n", 1) != 1:
-        raise BadRequest("only n = 1 is supported")
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
+        raise BadRequest("'n' must be 1: one answer per request")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (
         not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
@@ -199,7 +205,12 @@ def _params(body: dict[str, Any]) -> SamplingParams:
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise BadRequest("'seed' must be an integer")
-    return SamplingParams(max_tokens, temperature, top_p or 1.0, tuple(stop), seed=seed)
+    min_tokens = body.get("min_tokens") or 0
+    if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
+        raise BadRequest("'min_tokens' must be a non-negative integer")
+    return SamplingParams(
+        max_tokens, temperature, top_p or 1.0, tuple(stop), min_new_tokens=min_tokens, seed=seed
+    )
 
 
 def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:

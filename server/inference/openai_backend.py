@@ -151,7 +151,7 @@ class OpenAIExecutor:
         return ExecutorStats(
             state=self._current_state(),
             load_progress=1.0 if self._probed else 0.0,
-            model=self._model or "unknown (the upstreams list none yet)",
+            model=self._model or "unknown",  # an id (no spaces): the upstreams list no model yet
             device=f"openai-compatible, {len(self.pool.upstreams)} upstreams",
             queue_depth=len(self._waiting),
             queue_capacity=self.options.queue_size,
