@@ -221,14 +221,17 @@ def _empty(tmp_path: Path) -> str:
     return str(folder)
 
 
-FAILURES = {
+# A local folder that is missing or holds no checkpoint is refused before anything starts, by the
+# checks `vlbridge check-config` shares (server/preflight.py, the loader's own folder check): a
+# config error, exit status 2.
+REFUSED = {
     "missing folder": (
         lambda tmp: {"VLBRIDGE_MODEL_PATH": str(tmp / "no" / "such" / "dir")},
-        r"model\.path '.*/no/such/dir' does not exist: set it to a checkpoint folder or a hub id",
+        r"VLBRIDGE_MODEL_PATH: '.*/no/such/dir' does not exist: set it to a checkpoint folder or a hub id",
     ),
     "relative missing folder": (
         lambda tmp: {"VLBRIDGE_MODEL_PATH": "./models/qwen3-vl-8b"},
-        r"model\.path './models/qwen3-vl-8b' does not exist",
+        r"VLBRIDGE_MODEL_PATH: './models/qwen3-vl-8b' does not exist",
     ),
     "not a checkpoint": (
         lambda tmp: {"VLBRIDGE_MODEL_PATH": _empty(tmp)},
@@ -238,6 +241,23 @@ FAILURES = {
         lambda tmp: {"VLBRIDGE_MODEL_PATH": _not_qwen(tmp)},
         r"holds a llama checkpoint .*vlbridge serves Qwen3-VL",
     ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_model_folder_that_is_not_there_is_refused_before_the_start(tmp_path: Path, case: str) -> None:
+    env, expected = REFUSED[case]
+    with serve(tmp_path, env(tmp_path)) as server:
+        code = server.finish(LOAD_DEADLINE)
+    log = "\n".join(server.lines)
+    assert code == 2, log
+    last = server.lines[-1]
+    assert last.startswith("vlbridge: config error: "), log
+    assert re.search(expected, last), last
+    assert "Traceback" not in log and "repo id must be" not in log and "executor ready" not in log
+
+
+FAILURES = {
     "hub unreachable": (
         lambda tmp: {"VLBRIDGE_MODEL_PATH": "Qwen/Qwen3-VL-2B-Instruct", "HF_ENDPOINT": "http://127.0.0.1:1"},
         r"cannot get Qwen/Qwen3-VL-2B-Instruct: the hub at http://127\.0\.0\.1:1 is unreachable .*"
@@ -306,10 +326,12 @@ def test_a_port_in_use_fails_before_the_model_loads(tmp_path: Path) -> None:
             code = server.finish()
         took = time.monotonic() - started
     assert code == 1
-    assert server.lines == [
+    assert server.lines[-1] == (
         f"vlbridge: port {port} on 127.0.0.1 is in use (another vlbridge?); "
         "choose another with --port or server.port"
-    ]
+    )
+    # before it, only the line naming the configuration read: nothing loaded, nothing listening
+    assert [line for line in server.lines[:-1] if "vlbridge: configuration: " not in line] == []
     assert took < 20.0  # no model was built or loaded (the demo model alone takes longer)
     assert not (tmp_path / "storage" / "demo-model").exists()
 

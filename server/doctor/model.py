@@ -16,7 +16,12 @@ from server.doctor.findings import Finding, Verdict, fail, ok, size, warn
 from server.errors import ModelLoadError
 from server.inference.echo import ECHO_PATH
 from server.inference.instant import INSTANT_PATH
-from server.inference.model.checkpoint import stored_dtype, weight_files, weights_in_memory  # no torch
+from server.inference.model.checkpoint import (  # no torch
+    check_directory,
+    stored_dtype,
+    weight_files,
+    weights_in_memory,
+)
 from server.inference.model.demo import is_demo_model  # reads a marker file; no torch
 from server.inference.model.devices import Placement, placement  # torch only for a GPU or "auto"
 
@@ -82,21 +87,13 @@ def checkpoint_dir(path: str) -> Path | Finding:
 
 
 def checkpoint_files(directory: Path) -> Finding:
-    """ok when *directory* holds a whole checkpoint (config.json and every weight file), else fail."""
-    if not (directory / "config.json").is_file():
-        return fail("model", f"{directory} has no config.json: is it a Hugging Face checkpoint folder?")
+    """ok when *directory* holds a whole Qwen3-VL checkpoint (config.json of that architecture and
+    every weight file): the loader's own check (`check_directory`), as a finding."""
     try:
-        present, missing = weight_files(directory)
-    except (OSError, ValueError) as exc:
-        return fail("model", f"{directory}: its weight index cannot be read ({exc}); download it again")
-    if missing:
-        return fail(
-            "model",
-            f"{directory} lacks {len(missing)} weight file(s) its index names ({missing[0]}, ...): "
-            "the download is incomplete; download it again",
-        )
-    if not present:
-        return fail("model", f"{directory} has no weights (*.safetensors): the download is incomplete")
+        check_directory(str(directory))
+    except ModelLoadError as exc:
+        return fail("model", str(exc))
+    present = weight_files(directory)[0]
     total = sum(path.stat().st_size for path in present)
     return ok("model", f"{directory}: config.json and {len(present)} weight file(s), {size(total)}")
 
