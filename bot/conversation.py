@@ -26,7 +26,15 @@ from typing import Protocol
 from bot import texts
 from bot.cancels import Cancels, LocalCancels
 from bot.memory import Context, Memory, PictureCache
-from bot.types import ChatType, InboundMessage, MessageKind, PictureRef
+from bot.types import (
+    ChatType,
+    InboundMessage,
+    MessageKind,
+    PictureRef,
+    Referenced,
+    ReferenceUnreadable,
+    Unreadable,
+)
 from protocol.v1 import ErrorCode
 from server.errors import RequestError, TooLarge, VlbridgeError
 from server.inference.api import (
@@ -128,6 +136,10 @@ class ReplyChannel(Protocol):
 
     async def reply_text(self, message: InboundMessage, text: str) -> None:
         """One plain reply to *message*; never raises."""
+
+    async def referenced(self, message: InboundMessage, *, max_pictures: int) -> Referenced:
+        """What *message* quotes (one level) or forwards (bounded), with at most *max_pictures*
+        pictures (the others counted as left out); raises `ReferenceUnreadable`."""
 
     def answer_sink(self, message: InboundMessage) -> AnswerSink: ...
 
@@ -254,14 +266,20 @@ class Conversation:
 
     async def _answer(self, message: InboundMessage, channel: ReplyChannel) -> None:
         language = self.settings.language
-        if message.image_keys:  # a new picture: a new context about it
-            context = Context(picture=message.pictures)
-        else:
-            context = await self.memory.context(message.context_key)
+        context = await self.memory.context(message.context_key)
+        try:
+            referenced = await self._referenced(message, context, channel)
+        except ReferenceUnreadable as exc:
+            log.warning("message %s: what it refers to is unreadable: %s", message.message_id, exc)
+            await channel.reply_text(message, self._unreadable(exc))
+            return
+        refs = (*referenced.pictures, *((message.pictures,) if message.image_keys else ()))
+        if refs and refs != context.pictures:  # new pictures: a new context about them
+            context = Context(pictures=refs)
         pictures: list[bytes] = []
-        if context.picture is not None:
+        if context.pictures:
             try:
-                pictures = await self._fetch(context.picture, channel)
+                pictures = await self._fetch(context.pictures, channel)
             except RequestError as exc:
                 log.warning("message %s: pictures not fetched: %s", message.message_id, exc)
                 if isinstance(exc, TooLarge):
@@ -270,11 +288,7 @@ class Conversation:
                     sentence = self._t("picture_failed")
                 await channel.reply_text(message, sentence)
                 return
-        question = message.text or (
-            ("请描述这张图片。" if language == "zh" else "Describe this picture.")
-            if message.image_keys
-            else ""
-        )
+        question = self._question(message, referenced)
         if not question:
             await channel.reply_text(message, self._t("help"))
             return
@@ -283,24 +297,72 @@ class Conversation:
         await sink.open(self._t("thinking"))
         answer = None
         while answer is None:
-            answer = await self._stream(message, prompt, sink)
+            answer = await self._stream(message, prompt, sink, note=self._left_out(referenced))
         if answer:
             await self.memory.keep(message.context_key, context.then(question, answer))
 
-    async def _fetch(self, ref: PictureRef, channel: ReplyChannel) -> list[bytes]:
-        if len(ref.keys) > self.settings.max_images:
+    async def _referenced(
+        self, message: InboundMessage, context: Context, channel: ReplyChannel
+    ) -> Referenced:
+        """What *message* quotes or forwards, read only when it has something of the kind."""
+        if not message.quoted_id and message.kind is not MessageKind.FORWARD:
+            return Referenced()
+        if message.in_thread and message.quoted_id == message.root_id and context.turns:
+            return Referenced()  # the thread's conversation began at its root: already in context
+        room = max(0, self.settings.max_images - len(message.image_keys))
+        return await channel.referenced(message, max_pictures=room)
+
+    def _question(self, message: InboundMessage, referenced: Referenced) -> str:
+        """The user's words (or a default question) after the words of what they refer to."""
+        question = message.text
+        if not question and message.kind is MessageKind.FORWARD:
+            question = self._t("describe_forwarded")
+        elif not question and (message.image_keys or referenced.pictures):
+            question = self._t("describe")
+        if not question:
+            return ""
+        before = []
+        if referenced.quoted:
+            before.append(self._t("quoting", text=referenced.quoted))
+        if referenced.forwarded:
+            before.append(self._t("forwarded", lines="\n".join(referenced.forwarded)))
+        return "\n\n".join([*before, question])
+
+    def _left_out(self, referenced: Referenced) -> str:
+        messages, pictures = referenced.left_out_messages, referenced.left_out_pictures
+        if messages and pictures:
+            return self._t("left_out_both", messages=messages, pictures=pictures)
+        if messages:
+            return self._t("left_out_messages", messages=messages)
+        if pictures:
+            return self._t("left_out_pictures", pictures=pictures, limit=self.settings.max_images)
+        return ""
+
+    def _unreadable(self, exc: ReferenceUnreadable) -> str:
+        what = self._t("what_forwarded" if exc.forwarded else "what_quoted")
+        if exc.reason is Unreadable.PERMISSION:
+            return self._t("reference_permission", what=what, permission=exc.permission)
+        return self._t("reference_gone" if exc.reason is Unreadable.GONE else "reference_failed", what=what)
+
+    async def _fetch(self, refs: tuple[PictureRef, ...], channel: ReplyChannel) -> list[bytes]:
+        if sum(len(ref.keys) for ref in refs) > self.settings.max_images:
             raise TooLarge(f"at most {self.settings.max_images} pictures per question")
-        cached = self.pictures.get(ref)
-        if cached is not None:
-            return list(cached)
-        pictures = await channel.fetch_images(ref)
-        self.pictures.put(ref, pictures)
+        pictures: list[bytes] = []
+        for ref in refs:
+            cached = self.pictures.get(ref)
+            if cached is None:
+                cached = tuple(await channel.fetch_images(ref))
+                self.pictures.put(ref, cached)
+            pictures.extend(cached)
         return pictures
 
-    async def _stream(self, message: InboundMessage, prompt: list[Turn], sink: AnswerSink) -> str | None:
+    async def _stream(
+        self, message: InboundMessage, prompt: list[Turn], sink: AnswerSink, *, note: str = ""
+    ) -> str | None:
         """Ask once and stream the answer into *sink*; returns its text ('' when it failed or
         was cancelled: nothing to remember), None when the executor was full (the caller asks
-        again); raises `NotNow` when it is not answering at all (stopping, loading)."""
+        again); raises `NotNow` when it is not answering at all (stopping, loading). *note* is
+        shown after a complete answer (e.g. what was left out of a forwarded bundle)."""
         language = self.settings.language
         request_id = f"feishu-{message.message_id}-{next(self._ids)}"
         handle = self.answers.submit(InferenceRequest(id=request_id, messages=prompt))
@@ -325,7 +387,7 @@ class Conversation:
                         event.usage.image_tokens,
                         event.usage.completion_tokens,
                     )
-                    await sink.close(text or "…")
+                    await sink.close(f"{text}\n\n{note}" if text and note else text or "…")
                 elif isinstance(event, Failed):
                     log.info("request %s failed: %s %s", request_id, event.code, event.message)
                     if not text and event.code == ErrorCode.BUSY:

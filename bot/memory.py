@@ -1,10 +1,11 @@
 """Conversation memory, kept in the inbox's store: what the next message of a chat needs,
 whichever process answers it and however often the service restarted in between.
 
-A conversation's `Context` is its turns so far; when it is about a picture, the first turn is
-the question about it and the picture is kept *by reference* (`bot.types.PictureRef`: the
-message and the platform's keys) and downloaded again when a follow-up needs it, so a context is
-a few hundred bytes in SQLite or Redis, not megabytes. `PictureCache` keeps the recent pictures of
+A conversation's `Context` is its turns so far; when it is about pictures, the first turn is
+the question about them and the pictures are kept *by reference* (`bot.types.PictureRef`s: each
+a message and the platform's keys, e.g. a quoted message's, then the question's own) and
+downloaded again when a follow-up needs them, so a context is a few hundred bytes in SQLite or
+Redis, not megabytes. `PictureCache` keeps the recent pictures of
 this process, so a follow-up answered where the picture was is not downloaded twice. A context
 expires `context_hours` after its last answer.
 
@@ -39,14 +40,14 @@ MAX_EXCHANGES = 4  # question-answer pairs kept after the picture's (or in a cha
 @dataclass(frozen=True, slots=True)
 class Context:
     """One conversation's memory. `turns` hold text only, alternating user and assistant; with
-    `picture`, ``turns[0]`` is the question about it (the picture is attached when prompting)."""
+    `pictures`, ``turns[0]`` is the question about them (they are attached when prompting)."""
 
     turns: tuple[Turn, ...] = ()
-    picture: PictureRef | None = None
+    pictures: tuple[PictureRef, ...] = ()
 
     def prompt(self, question: str, pictures: Sequence[bytes] = ()) -> list[Turn]:
         """The messages asking *question* in this context; *pictures* are the downloaded
-        `picture` (for a new context about a picture, that picture and no turns yet)."""
+        `pictures` (for a new context about pictures, those and no turns yet)."""
         turns = [*self.turns, Turn.user(question)]
         if pictures:
             turns[0] = Turn.user(turns[0].text, tuple(pictures))
@@ -57,29 +58,36 @@ class Context:
         kept, then the last *max_exchanges* exchanges."""
         turns = [*self.turns, Turn.user(question), Turn.assistant(answer)]
         keep = 2 * max_exchanges
-        if self.picture is not None and len(turns) > 2 + keep:
+        if self.pictures and len(turns) > 2 + keep:
             turns = turns[:2] + turns[-keep:]
-        elif self.picture is None:
+        elif not self.pictures:
             turns = turns[-keep:]
         return replace(self, turns=tuple(turns))
 
     def encode(self) -> bytes:
-        picture = None if self.picture is None else [self.picture.message_id, list(self.picture.keys)]
-        return orjson.dumps({"turns": [[t.role, t.text] for t in self.turns], "picture": picture})
+        pictures = [[ref.message_id, list(ref.keys)] for ref in self.pictures]
+        return orjson.dumps({"turns": [[t.role, t.text] for t in self.turns], "pictures": pictures})
 
     @classmethod
     def decode(cls, data: bytes) -> Context:
-        """Raises ValueError for anything but what `encode` wrote."""
+        """Raises ValueError for anything but what `encode` wrote (or, before a context could
+        hold several messages' pictures, its ``"picture": [message_id, keys] | null``)."""
         try:
             value: Any = orjson.loads(data)
             turns = tuple(
                 Turn(role, str(text)) for role, text in value["turns"] if role in ("user", "assistant")
             )
-            picture = value["picture"]
-            ref = None if picture is None else PictureRef(str(picture[0]), tuple(map(str, picture[1])))
+            if "pictures" in value:
+                refs = tuple(_ref(item) for item in value["pictures"])
+            else:
+                refs = () if value["picture"] is None else (_ref(value["picture"]),)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
             raise ValueError(f"not a saved context: {exc}") from None
-        return cls(turns, ref)
+        return cls(turns, refs)
+
+
+def _ref(item: Any) -> PictureRef:
+    return PictureRef(str(item[0]), tuple(map(str, item[1])))
 
 
 class PictureCache:

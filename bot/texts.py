@@ -71,6 +71,42 @@ _TEXTS: dict[str, dict[Language, str]] = {
         "zh": "抱歉，我没能取到这张图片，请重新发送。",
         "en": "Sorry, I couldn't fetch that picture; please send it again.",
     },
+    "describe": {"zh": "请描述这张图片。", "en": "Describe this picture."},
+    "describe_forwarded": {
+        "zh": "请看看这些转发的消息，说说你的看法。",
+        "en": "What do you make of these forwarded messages?",
+    },
+    "quoting": {"zh": "引用：{text}", "en": "Quoting: {text}"},
+    "forwarded": {"zh": "转发的消息：\n{lines}", "en": "Forwarded messages:\n{lines}"},
+    "left_out_both": {
+        "zh": "（内容较多，其中 {messages} 条消息和 {pictures} 张图片我没有看。）",
+        "en": "(There was more than I read: I left out {messages} message(s) and {pictures} picture(s).)",
+    },
+    "left_out_messages": {
+        "zh": "（内容较多，其中 {messages} 条消息我没有看。）",
+        "en": "(There was more than I read: I left out {messages} message(s).)",
+    },
+    "left_out_pictures": {
+        "zh": "（图片较多，其中 {pictures} 张我没有看：每个问题最多看 {limit} 张。）",
+        "en": "(Too many pictures: I left out {pictures}; I look at {limit} per question at most.)",
+    },
+    "what_quoted": {"zh": "你引用的消息", "en": "the message you quoted"},
+    "what_forwarded": {"zh": "转发的消息", "en": "the forwarded messages"},
+    "reference_permission": {
+        "zh": "抱歉，我读不到{what}：这个应用缺少 {permission} 权限。请管理员为应用开通这个权限后再问我。",
+        "en": (
+            "Sorry, I can't read {what}: this app lacks the {permission} permission. Please ask an "
+            "admin to grant it to the app, then ask me again."
+        ),
+    },
+    "reference_gone": {
+        "zh": "抱歉，我看不到{what}（可能已被撤回，或者发在我加入这个群之前）。",
+        "en": "Sorry, I can't see {what} (it may have been recalled, or sent before I joined this chat).",
+    },
+    "reference_failed": {
+        "zh": "抱歉，我暂时没能读取{what}，请稍后再试。",
+        "en": "Sorry, I couldn't fetch {what} just now; please try again shortly.",
+    },
     "kept": {
         "zh": "服务正在重启。你的问题已保存，恢复后会在这里回答。",
         "en": "The service is restarting. Your question is kept and will be answered here when it is back.",

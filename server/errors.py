@@ -16,6 +16,8 @@
     ├── TransitionError        (bot.store) a message state change that does not fit its state
     ├── NotNow                 (bot.conversation) the model is not answering now (stopping,
     │                          loading): the message is kept in the inbox for later
+    ├── ReferenceUnreadable    (bot.types) a quoted or forwarded message the bot cannot read
+    │                          (a missing permission, named; recalled; no answer)
     └── RequestError           belongs to one request, never to a worker; has a wire `code`
         ├── BadRequest         code "bad_request": malformed or unsupported input
         │   └── MalformedEvent (bot.feishu.messages) a Feishu event that cannot be read

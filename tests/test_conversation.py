@@ -51,7 +51,7 @@ def test_policy() -> None:
 
 def test_a_context_keeps_its_picture_for_follow_ups() -> None:
     ref = PictureRef("om_pic", ("img_1",))
-    context = Context(picture=ref)
+    context = Context(pictures=(ref,))
     first = context.prompt("what?", [b"png"])
     assert [(t.role, t.text, t.images) for t in first] == [("user", "what?", (b"png",))]
     context = context.then("what?", "a cat")
@@ -85,6 +85,14 @@ def test_a_damaged_context_is_refused() -> None:
     for data in (b"", b"[]", b'{"turns": 3}', b'{"turns": [], "picture": [1]}'):
         with pytest.raises(ValueError, match="not a saved context"):
             Context.decode(data)
+
+
+def test_a_context_saved_with_one_picture_reference_still_reads() -> None:
+    """Contexts saved before a context could hold several messages' pictures (an upgrade)."""
+    saved = b'{"turns": [["user", "what?"], ["assistant", "a cat"]], "picture": ["om_pic", ["img_1"]]}'
+    context = Context.decode(saved)
+    assert context.pictures == (PictureRef("om_pic", ("img_1",)),) and len(context.turns) == 2
+    assert Context.decode(b'{"turns": [], "picture": null}') == Context()
 
 
 def test_texts() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from bot.conversation import Conversation, Decision, Settings
 from bot.inbox import Inbox
 from bot.memory import Memory
-from bot.types import ChatType, InboundMessage, MessageKind, PictureRef
+from bot.types import ChatType, InboundMessage, MessageKind, PictureRef, Referenced
 from server.inference.echo import EchoEngine
 from server.inference.executor import ExecutorLimits, InferenceExecutor
 
@@ -41,6 +41,9 @@ class Channel:
 
     async def reply_text(self, message: InboundMessage, text: str) -> None:
         self.texts.append(text)
+
+    async def referenced(self, message: InboundMessage, *, max_pictures: int) -> Referenced:
+        return Referenced()
 
     def answer_sink(self, message: InboundMessage) -> Sink:
         return self.sinks.setdefault(message.message_id, Sink())

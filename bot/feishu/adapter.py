@@ -39,11 +39,12 @@ from bot.feishu.longconn import LongConnection
 from bot.feishu.messages import MalformedEvent, is_command, parse_event
 from bot.feishu.monitor import LinkState, restart_delay
 from bot.feishu.openapi import FeishuApi, FeishuApiError
+from bot.feishu.references import ReferenceReader
 from bot.feishu.webhook import Webhook
 from bot.inbox import Inbox, InboxState, StoredMessage
 from bot.inbox_factory import StoreSpec
 from bot.memory import Memory
-from bot.types import ChatType, InboundMessage, PictureRef
+from bot.types import ChatType, InboundMessage, PictureRef, Referenced
 from server.config import Config
 from server.errors import Unavailable
 from server.inference.api import AnswerSource, ExecutorState
@@ -123,6 +124,9 @@ class FeishuChannel:
         except FeishuApiError as exc:
             metrics.API_ERRORS.inc()
             log.error("message %s: reply failed: %s", message.message_id, exc)
+
+    async def referenced(self, message: InboundMessage, *, max_pictures: int) -> Referenced:
+        return await ReferenceReader(self.api).read(message, max_pictures=max_pictures)
 
     def answer_sink(self, message: InboundMessage) -> CardStream:
         return CardStream(

@@ -4,7 +4,10 @@ Handles `text` (with `@_user_N` placeholders), `image`, and `post` in both shape
 ``{"title", "content": [[elements]]}`` Feishu delivers and the locale-keyed
 ``{"zh_cn": {...}}`` a bot sends (accepted too, e.g. from forwarded posts). A post may hold
 a caption, @-mentions, one or several pictures (pasted screenshots arrive this way).
+An `interactive` card is read as its text (`card_text`); a `merge_forward` bundle becomes
+`MessageKind.FORWARD` (its messages are fetched when it is answered: `bot.feishu.references`).
 Everything else (file, audio, sticker, ...) becomes `MessageKind.UNSUPPORTED`.
+A reply's ``parent_id`` becomes `InboundMessage.quoted_id`.
 
 `parse_event` raises `MalformedEvent` (never returns a half-parsed message) when the event
 lacks what every message has; unknown element tags inside a post are skipped.
@@ -43,10 +46,9 @@ def parse_event(event: Mapping[str, Any], *, bot_id: str = "") -> InboundMessage
         raise MalformedEvent("event.message with message_id and chat_id expected")
     sender = body.get("sender") or {}
     sender_ids = sender.get("sender_id") or {}
-    mentions = _mentions(message.get("mentions"))
+    mentions = mentions_of(message.get("mentions"))
     message_type = str(message.get("message_type") or "")
-    content = _content(message.get("content"))
-    kind, text, images = _read_content(message_type, content, mentions, bot_id)
+    kind, text, images = read_body(message_type, message.get("content"), mentions, bot_id)
     chat_type = ChatType.GROUP if message.get("chat_type") == "group" else ChatType.PRIVATE
     try:
         created_at = int(str(message.get("create_time") or "0")) / 1000.0
@@ -65,6 +67,7 @@ def parse_event(event: Mapping[str, Any], *, bot_id: str = "") -> InboundMessage
         root_id=str(message.get("root_id") or ""),
         created_at=created_at,
         raw_type=message_type,
+        quoted_id=str(message.get("parent_id") or ""),
     )
 
 
@@ -84,7 +87,18 @@ def is_command(event: Mapping[str, Any]) -> bool:
     return _LEADING_MENTIONS.sub("", text, count=1).startswith("/")
 
 
-def _mentions(raw: Any) -> dict[str, tuple[str, str]]:
+def read_body(
+    message_type: str, raw_content: Any, mentions: Mapping[str, tuple[str, str]], bot_id: str = ""
+) -> tuple[MessageKind, str, tuple[str, ...]]:
+    """(kind, text, image keys) of one message's content (a JSON string, or already a dict), as
+    an event or ``GET /im/v1/messages/{id}`` carries it. A bundle's own content is a fixed
+    placeholder ("Merged and Forwarded Message", not always JSON): never read."""
+    if message_type == "merge_forward":
+        return MessageKind.FORWARD, "", ()
+    return _read_content(message_type, _content(raw_content), mentions, bot_id)
+
+
+def mentions_of(raw: Any) -> dict[str, tuple[str, str]]:
     """``{"@_user_1": (open_id, name)}`` from ``message.mentions``."""
     found: dict[str, tuple[str, str]] = {}
     for item in raw or ():
@@ -120,7 +134,56 @@ def _read_content(
     if message_type == "post":
         text, images = parse_post(content, mentions, bot_id)
         return (MessageKind.IMAGE if images else MessageKind.TEXT), text, images
+    if message_type == "interactive":
+        text = card_text(content)
+        return (MessageKind.TEXT if text else MessageKind.UNSUPPORTED), text, ()
     return MessageKind.UNSUPPORTED, "", ()
+
+
+_CARD_WORDS = frozenset({"plain_text", "lark_md", "markdown"})  # their words are in "content"
+_CARD_CONTROLS = frozenset({"button", "action", "select_static", "overflow", "input", "date_picker"})
+
+
+def card_text(content: Mapping[str, Any]) -> str:
+    """The words of a card, one line per paragraph or text element (buttons and other controls
+    left out). Two shapes: what a card message carries when received or fetched (a title and
+    post-like paragraphs, ``{"title", "elements": [[{"tag": "text", ...}]]}``) and a card's own
+    JSON (``header`` and ``elements``, or ``body.elements`` in schema 2.0)."""
+    elements = content.get("elements")
+    if isinstance(elements, list) and elements and all(isinstance(p, list) for p in elements):
+        text, _ = parse_post({"title": content.get("title") or "", "content": elements})
+        return text
+    lines: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+            return
+        if not isinstance(node, Mapping):
+            return
+        tag = node.get("tag")
+        if tag in _CARD_CONTROLS:
+            return
+        if tag in _CARD_WORDS and isinstance(node.get("content"), str):
+            lines.append(node["content"])
+            return
+        if tag in ("text", "a") and isinstance(node.get("text"), str):
+            lines.append(node["text"])
+            return
+        for key, value in node.items():
+            if key not in ("tag", "config", "card_link", "behaviors"):
+                visit(value)
+
+    header = content.get("header")
+    if isinstance(header, Mapping):
+        visit(header.get("title"))
+        visit(header.get("subtitle"))
+    elif isinstance(content.get("title"), str):
+        lines.append(content["title"])
+    body = content.get("body")
+    visit(body.get("elements") if isinstance(body, Mapping) else content.get("elements"))
+    return "\n".join(line.strip() for line in lines if line.strip())
 
 
 def _post_body(content: Mapping[str, Any]) -> Mapping[str, Any]:

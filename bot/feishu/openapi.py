@@ -210,6 +210,18 @@ class FeishuApi:
             raise TooLarge(f"picture of {len(data)} bytes; the limit is {max_bytes}")
         return data
 
+    async def get_message(self, message_id: str) -> list[dict[str, Any]]:
+        """A message as ``GET /open-apis/im/v1/messages/{id}`` gives it: a list of items, the
+        message first; for a ``merge_forward`` bundle every message inside it follows, nested
+        bundles' too, each naming its bundle in ``upper_message_id``."""
+        data = await self.call(
+            "GET",
+            "/open-apis/im/v1/messages/:message_id",
+            what=f"get message {message_id}",
+            paths={"message_id": message_id},
+        )
+        return [item for item in data.get("items") or () if isinstance(item, dict)]
+
     async def reply(
         self, message_id: str, msg_type: str, content: Mapping[str, Any], *, in_thread: bool, uuid: str
     ) -> str:

@@ -21,12 +21,16 @@ RATE_LIMITED = 99991400  # app-level frequency limit, HTTP 429
 CHAT_RATE_LIMITED = 230020  # per-chat / per-user send limit
 MESSAGE_RATE_LIMITED = 11232  # message create frequency limit
 
+# Scopes (seen): the app lacks every scope that allows the call; the message lists them
+SCOPE_MISSING = 99991672
+
 # Generic request validation
 FIELD_VALIDATION_FAILED = 99992402
 
 # IM
 IM_INVALID_PARAM = 230001
 IM_CONTENT_TOO_LONG = 230025
+IM_NO_PERMISSION = 230027  # (docs) "Lack of necessary permissions", e.g. reading a group message
 RESOURCE_INVALID_PARAM = 234001
 RESOURCE_NOT_IN_MESSAGE = 234003
 

@@ -180,6 +180,20 @@ class EventFactory:
         keys = list(image_keys) or [ids.image_key()]
         return self.post([first, *[[post_img(k)] for k in keys]], mentions=mentions, **kw)
 
+    def merge_forward(self, **kw: Any) -> dict[str, Any]:
+        """A bundle of forwarded messages (its content is a fixed placeholder, not JSON); make its
+        messages known with ``FakeFeishu.forward``."""
+        event = self.message("merge_forward", {}, **kw)
+        event["event"]["message"]["content"] = "Merged and Forwarded Message"
+        return event
+
+    def card(self, title: str, lines: Sequence[str], **kw: Any) -> dict[str, Any]:
+        """An interactive card message as it is received: a title and post-like paragraphs (a
+        button's label among them, as cards carry them)."""
+        paragraphs = [[post_text(line)] for line in lines]
+        paragraphs.append([{"tag": "button", "text": "Open"}])
+        return self.message("interactive", {"title": title, "elements": paragraphs}, **kw)
+
     def file(self, file_key: str | None = None, file_name: str = "report.pdf", **kw: Any) -> dict[str, Any]:
         return self.message("file", {"file_key": file_key or ids.file_key(), "file_name": file_name}, **kw)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ from .openapi import BotIdentity, OpenApi
 from .records import Ack, CardRecord, ConnectionRecord, Records, SentMessage
 from .routing import Endpoints, json_response
 from .server import ServerThread
-from .state import KnownMessage, PlatformState
+from .state import KnownMessage, PlatformState, resource_keys
 from .webhook import WebhookRequest, build_request
 
 T = TypeVar("T")
@@ -119,6 +119,33 @@ class FakeFeishu:
     ) -> KnownMessage:
         """Make an event's message known (to reply to it, download its pictures) without pushing it."""
         return self.state.register_event(dict(event), dict(resources or {}))
+
+    def forward(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        resources: Mapping[str, bytes] | None = None,
+        **kw: Any,
+    ) -> dict[str, Any]:
+        """A bundle (``merge_forward``) of *messages* (event bodies: ``events.image(...)``, a nested
+        ``forward(...)``), known to the platform with their *resources* (each key to the message
+        that names it); returns the bundle's event (kw: ``EventFactory.message`` arguments)."""
+        bundle = self.events.merge_forward(**kw)
+        bundle_id = str(bundle["event"]["message"]["message_id"])
+        given = dict(resources or {})
+        for event in messages:
+            message = event["event"]["message"]
+            content = {} if message["message_type"] == "merge_forward" else json.loads(message["content"])
+            mine = {
+                key: given.pop(key) for key in resource_keys(message["message_type"], content) if key in given
+            }
+            self.state.register_event(dict(event), mine, upper_message_id=bundle_id)
+        if given:
+            raise ValueError(f"resources {sorted(given)} are not referred to by any forwarded message")
+        return bundle
+
+    def revoke_scope(self, scope: str) -> None:
+        """Take a scope from the app (e.g. ``im:message.group_msg``): calls that need it fail."""
+        self.state.scopes.discard(scope)
 
     def add_resource(
         self,

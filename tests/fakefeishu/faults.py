@@ -23,6 +23,7 @@ class Route(StrEnum):
     MESSAGE_CREATE = "im.message.create"
     MESSAGE_REPLY = "im.message.reply"
     MESSAGE_PATCH = "im.message.patch"
+    MESSAGE_GET = "im.message.get"
     MESSAGE_RESOURCE = "im.message_resource.get"
     REACTION_CREATE = "im.message.reaction.create"
     REACTION_DELETE = "im.message.reaction.delete"

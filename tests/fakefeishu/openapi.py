@@ -5,7 +5,11 @@ Behaviour that matters to a bridge, as the platform does it:
   thread) puts them in that thread; ``root_id`` is the parent's root (or the parent);
 - a ``uuid`` already used for a send returns the first message and sends nothing (idempotency);
 - content is validated per ``msg_type`` and size (text 150 KB, card 30 KB);
-- a resource is served only for the message whose content names it, with ``type`` matching.
+- a resource is served only for the message whose content names it, with ``type`` matching;
+- ``GET /im/v1/messages/{id}`` answers ``{"items": [message]}``; for a bundle (``merge_forward``)
+  every message inside it follows, nested bundles' too, each with ``upper_message_id``; a group's
+  message needs the ``im:message.group_msg`` scope (230027 without), any message one of
+  ``im:message`` / ``im:message:readonly`` (99991672 without, naming them).
 With ``strict_messages`` (default) replies, patches and reactions need a message the fake knows: one
 pushed or registered by the test, or one the bot sent.
 """
@@ -74,6 +78,7 @@ class OpenApi:
             r("POST", "/open-apis/im/v1/messages", Route.MESSAGE_CREATE, self.create),
             r("POST", "/open-apis/im/v1/messages/{message_id}/reply", Route.MESSAGE_REPLY, self.reply),
             r("PATCH", "/open-apis/im/v1/messages/{message_id}", Route.MESSAGE_PATCH, self.patch),
+            r("GET", "/open-apis/im/v1/messages/{message_id}", Route.MESSAGE_GET, self.get),
             r(
                 "POST",
                 "/open-apis/im/v1/messages/{message_id}/reactions",
@@ -229,6 +234,43 @@ class OpenApi:
         if known is None and self.strict:
             raise ApiError(codes.IM_INVALID_PARAM, f"invalid message_id: {message_id}")
         return known
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def get(self, req: ApiRequest) -> Response:
+        message_id = req.path_params["message_id"]
+        known = self.state.message(message_id)
+        if known is None:
+            raise ApiError(codes.IM_INVALID_PARAM, f"invalid message_id: {message_id}")
+        self.state.check_read(known)
+        items = [known]
+        if known.msg_type == "merge_forward":
+            items.extend(self.state.forwarded_in(message_id))
+        return ok({"items": [self._item(m) for m in items]})
+
+    def _item(self, known: KnownMessage) -> dict[str, Any]:
+        created = known.create_time or str(ids.now_ms())
+        if known.from_bot or not known.sender_open_id:
+            sender = {"id": self.state.app_id, "id_type": "app_id", "sender_type": "app"}
+        else:
+            sender = {"id": known.sender_open_id, "id_type": "open_id", "sender_type": "user"}
+        item: dict[str, Any] = {
+            "message_id": known.message_id,
+            "msg_type": known.msg_type,
+            "create_time": created,
+            "update_time": created,
+            "deleted": False,
+            "updated": False,
+            "chat_id": known.chat_id,
+            "sender": {**sender, "tenant_key": self.bot.tenant_key},
+            "body": {"content": known.content},
+        }
+        for key in ("root_id", "parent_id", "thread_id", "upper_message_id"):
+            if getattr(known, key):
+                item[key] = getattr(known, key)
+        if known.mentions:
+            item["mentions"] = [dict(m) for m in known.mentions]
+        return item
 
     # -- edits and reactions ----------------------------------------------------------------------
 

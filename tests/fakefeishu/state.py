@@ -1,4 +1,5 @@
-"""Platform state the routes consult: tenant tokens, known messages, their resources, send uuids.
+"""Platform state the routes consult: tenant tokens, known messages, their resources, send uuids,
+the scopes granted to the app.
 
 Thread-safe: routes run on the server thread, tests seed state from theirs. Unlike ``Records`` this is
 the platform's own bookkeeping, not an observation of the bot.
@@ -27,6 +28,11 @@ class KnownMessage:
     root_id: str = ""
     thread_id: str = ""
     from_bot: bool = False
+    parent_id: str = ""
+    upper_message_id: str = ""  # the bundle (merge_forward) this message was forwarded in
+    sender_open_id: str = ""
+    mentions: tuple[dict[str, Any], ...] = ()  # as ``GET /im/v1/messages/{id}`` lists them
+    create_time: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,12 @@ def resource_keys(msg_type: str, content: Any) -> dict[str, str]:
     return keys
 
 
+# What the app may do, by scope; all are granted unless a test revokes one (``revoke_scope``).
+READ_SCOPES = ("im:message", "im:message:readonly")  # either one reads messages (p2p)
+GROUP_SCOPE = "im:message.group_msg"  # needed as well to read a group's messages
+SCOPES = frozenset({*READ_SCOPES, GROUP_SCOPE, "im:message:send_as_bot", "cardkit:card:write"})
+
+
 class PlatformState:
     """Tokens, messages, resources and idempotency keys of one fake tenant."""
 
@@ -98,6 +110,7 @@ class PlatformState:
         self._messages: dict[str, KnownMessage] = {}
         self._resources: dict[tuple[str, str], Resource] = {}
         self._send_uuids: dict[str, str] = {}
+        self.scopes: set[str] = set(SCOPES)
 
     # -- tokens ----------------------------------------------------------------------------------
 
@@ -139,6 +152,31 @@ class PlatformState:
         with self._lock:
             return self._messages.get(message_id)
 
+    def forwarded_in(self, bundle_id: str) -> list[KnownMessage]:
+        """Every message inside bundle *bundle_id*, nested bundles' too (flat: level by level)."""
+        with self._lock:
+            messages = list(self._messages.values())
+        found: list[KnownMessage] = []
+        uppers = {bundle_id}
+        while True:
+            more = [m for m in messages if m.upper_message_id in uppers and m.message_id not in uppers]
+            if not more:
+                return found
+            found.extend(more)
+            uppers.update(m.message_id for m in more)
+
+    def check_read(self, message: KnownMessage) -> None:
+        """Raise what the platform answers when the app may not read *message*."""
+        with self._lock:
+            scopes = set(self.scopes)
+        if not scopes & set(READ_SCOPES):
+            raise ApiError(
+                codes.SCOPE_MISSING,
+                f"Access denied. One of the following scopes is required: [{', '.join(READ_SCOPES)}].",
+            )
+        if message.chat_type == "group" and GROUP_SCOPE not in scopes:
+            raise ApiError(codes.IM_NO_PERMISSION, "Lack of necessary permissions.")
+
     def add_resource(
         self,
         message_id: str,
@@ -165,16 +203,23 @@ class PlatformState:
             return self._resources.get((message_id, key))
 
     def register_event(
-        self, event: dict[str, Any], resources: dict[str, bytes] | None = None
+        self,
+        event: dict[str, Any],
+        resources: dict[str, bytes] | None = None,
+        *,
+        upper_message_id: str = "",
     ) -> KnownMessage:
-        """Make the message of an ``im.message.receive_v1`` event known, with its resources.
+        """Make the message of an ``im.message.receive_v1`` event known, with its resources
+        (*upper_message_id*: the bundle it is forwarded in).
 
         Keys referred to by the content get the bytes in ``resources``; keys without bytes get a 1x1
         PNG (images) or a few placeholder bytes (files). A ``resources`` key the content does not name
         raises ``ValueError``: the platform would refuse to serve it for this message.
         """
         msg = event["event"]["message"]
-        content = json.loads(msg["content"])
+        # A bundle's content is a fixed placeholder, not JSON ("Merged and Forwarded Message").
+        content = {} if msg["message_type"] == "merge_forward" else json.loads(msg["content"])
+        sender = event["event"].get("sender") or {}
         known = KnownMessage(
             message_id=msg["message_id"],
             chat_id=msg["chat_id"],
@@ -183,6 +228,20 @@ class PlatformState:
             content=msg["content"],
             root_id=msg.get("root_id", ""),
             thread_id=msg.get("thread_id", ""),
+            parent_id=msg.get("parent_id", ""),
+            upper_message_id=upper_message_id,
+            sender_open_id=(sender.get("sender_id") or {}).get("open_id", ""),
+            mentions=tuple(
+                {
+                    "key": m["key"],
+                    "id": m["id"]["open_id"],
+                    "id_type": "open_id",
+                    "name": m["name"],
+                    "tenant_key": m.get("tenant_key", ""),
+                }
+                for m in msg.get("mentions", ())
+            ),
+            create_time=msg.get("create_time", ""),
         )
         self.add_message(known)
         given = dict(resources or {})
