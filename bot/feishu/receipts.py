@@ -4,8 +4,8 @@ that the bot has it.
 When: the moment the dispatcher leaves a message waiting because the executor is full (the
 same moment its card shows its place in the queue); a message answered at once gets none.
 Removed when its answer starts. So a message costs at most one add and one delete, and only
-if it waited. Kept in memory: after a restart a left-over reaction stays (harmless), and a
-message waiting on another service gets its receipt from that one.
+if it waited. Kept in memory by the service that showed it: after a restart, or when another
+service sharing the inbox starts the message, the reaction stays (harmless: it only said "got it").
 """
 
 from __future__ import annotations
