@@ -182,7 +182,11 @@ def act(store: InboxStore, action: CardAction, policy: ActionPolicy, now: float)
     new_id = retry_of(stored.message_id)
     # The same event, as a message of its own (created now: it is not stale however old the
     # question is); answered in order in its chat like any other.
-    message = dataclasses.replace(parse_event(orjson.loads(stored.body)), message_id=new_id, created_at=now)
+    try:
+        asked = parse_event(orjson.loads(stored.body))
+    except (MalformedEvent, orjson.JSONDecodeError):  # it was read once; an unreadable row is no answer
+        return Decision(Verdict.UNKNOWN)
+    message = dataclasses.replace(asked, message_id=new_id, created_at=now)
     if not store.receive(message, stored.body, now, ordered=True):
         return Decision(Verdict.RETRIED)
     return Decision(Verdict.RETRYING, new_answer=new_id)
