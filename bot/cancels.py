@@ -23,6 +23,10 @@ log = logging.getLogger("vlbridge.bot")
 
 OnCancel = Callable[[str], None]
 
+# A target is a user (`/cancel`: all their answers) or ``answer:<message id>`` (a Stop button:
+# that answer only). Platform user ids never start so.
+ANSWER_PREFIX = "answer:"
+
 
 class Cancels(Protocol):
     def start(self, on_cancel: OnCancel) -> None:

@@ -52,6 +52,7 @@ from server.inference.api import (
 log = logging.getLogger("vlbridge.bot")
 
 Clock = Callable[[], float]
+STOP_MEMORY = 60.0  # seconds a Stop for an answer not running here is remembered
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -172,6 +173,7 @@ class Conversation:
         self._monotonic = monotonic
         self._locks: dict[str, asyncio.Lock] = {}
         self._active: dict[str, list[RequestHandle]] = {}  # sender -> running answers
+        self._stopped: dict[str, float] = {}  # message -> when a Stop for its answer came
         self._ids = itertools.count(1)
 
     def _t(self, key: str, **values: object) -> str:
@@ -232,6 +234,18 @@ class Conversation:
         """Stop the answers to *user* running in this process (a `/cancel` from any process)."""
         for handle in list(self._active.get(user, [])):
             handle.cancel()
+
+    def cancel_answer(self, message_id: str) -> None:
+        """Stop the answer to *message_id* if it runs in this process (a Stop from any process).
+        Remembered for a minute, so an answer starting meanwhile is stopped as it starts."""
+        now = self._monotonic()
+        self._stopped = {m: at for m, at in self._stopped.items() if now - at < STOP_MEMORY}
+        self._stopped[message_id] = now
+        prefix = f"feishu-{message_id}-"
+        for handles in list(self._active.values()):
+            for handle in list(handles):
+                if handle.id.startswith(prefix):
+                    handle.cancel()
 
     async def _command(
         self, message: InboundMessage, channel: ReplyChannel, command: Command, word: str
@@ -368,6 +382,8 @@ class Conversation:
         handle = self.answers.submit(InferenceRequest(id=request_id, messages=prompt))
         active = self._active.setdefault(message.sender_id, [])
         active.append(handle)
+        if message.message_id in self._stopped:  # a Stop came while it was being asked
+            handle.cancel()
         text = ""
         try:
             async for event in handle:

@@ -176,7 +176,11 @@ class FeishuConfig(_Section):
     context_hours: float = Field(24.0, gt=0)  # a chat's memory lasts this long after its last answer
     dedup_hours: float = Field(24.0, ge=12.0)
     watchdog_interval: float = Field(10.0, gt=0)
-    stream_interval: float = Field(0.3, gt=0)
+    stream_interval: float = Field(0.3, gt=0)  # before a card's first update; later gaps grow
+    stream_growth: float = Field(1.3, ge=1.0)  # each card update waits this much longer than the last
+    max_card_updates: int = Field(20, ge=1)  # streaming updates per answer card at most
+    card_actions: Literal["asker", "chat"] = "asker"  # who may press Stop / Try again on an answer
+    receipt_emoji: str = "OnIt"  # reaction on a message waiting for room; "" for none
     max_attempts: int = Field(3, ge=1)  # a message whose answer ended the process this often: failed
 
 

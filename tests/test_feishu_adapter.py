@@ -61,7 +61,7 @@ async def test_picture_in_private_chat_gets_one_streaming_card(
         await settle(adapter)
         assert len(model.done) == 1
         assert card.final_text == (model.done[0].text or "…")
-        assert card.closed_by == "settings"
+        assert card.closed_by == "update"  # replaced whole at the end: final text, buttons, streaming off
         assert len(replies_to(fake_feishu, message_id)) == 1
         assert model.requests[0].messages[-1].images == (make_png(),)
         sequences = [op.sequence for op in card.history]

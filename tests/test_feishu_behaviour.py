@@ -129,7 +129,7 @@ async def test_cardkit_failure_falls_back_to_one_plain_reply(bot: Bot) -> None:
 
 async def test_rate_limits_retried_and_invalid_token_refreshed(bot: Bot) -> None:
     bot.fake.faults.inject(Route.MESSAGE_REPLY, RATE_LIMITED, times=1)
-    bot.fake.faults.inject(Route.CARD_ELEMENT_CONTENT, TOKEN_INVALID, times=1)
+    bot.fake.faults.inject(Route.CARD_UPDATE, TOKEN_INVALID, times=1)  # the close: every answer makes it
     assert await bot.adapter._own_id()  # the first token is fetched by now
     tokens = bot.fake.records.token_fetches
     message_id = await bot.send(bot.fake.events.text("still answered?"))

@@ -36,7 +36,7 @@ import pytest
 from bot import texts
 from tests.conftest import make_png
 from tests.fakefeishu import FakeFeishu, User
-from tests.fakefeishu.records import CardRecord
+from tests.fakefeishu.records import CardOpKind, CardRecord
 from tests.feishu_service import Service, env_for, serving, write_config
 from tests.waiting import DEADLINE, until_blocking
 
@@ -73,10 +73,13 @@ def answered_once(fake: FakeFeishu, message_ids: list[str]) -> dict[str, CardRec
 
 
 def assert_complete(card: CardRecord) -> None:
-    assert card.closed_by == "settings", f"card {card.card_id} closed by {card.closed_by}"
+    # Closed by the bot (an answer card is replaced whole at the end), not by a timeout.
+    assert card.closed_by == "update", f"card {card.card_id} closed by {card.closed_by}"
     assert card.final_text, card.card_id
     assert not any(card.final_text.endswith(sentence) for sentence in NOT_AN_ANSWER), card.final_text
-    summary = card.history[-1].settings["config"]["summary"]["content"]
+    last = card.history[-1]
+    assert last.kind is CardOpKind.UPDATE, "the last operation must close the answer"
+    summary = orjson.loads(last.content)["config"]["summary"]["content"]
     assert summary == " ".join(card.final_text.split())[:60], "the last operation must close the answer"
 
 

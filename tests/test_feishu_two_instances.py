@@ -101,7 +101,11 @@ def closed_at(card: CardRecord) -> float:
 
 def answer_began(card: CardRecord) -> float:
     """When the card first showed answer text (echo answers start with ``echo:``)."""
-    return next(op.at for op in card.history if op.kind is CardOpKind.CONTENT and "echo:" in op.content)
+    return next(
+        op.at
+        for op in card.history
+        if op.kind in (CardOpKind.CONTENT, CardOpKind.UPDATE) and "echo:" in op.content  # or its final text
+    )
 
 
 def picture_size(chat: int, n: int) -> tuple[int, int]:

@@ -99,12 +99,12 @@ def test_sigterm_lets_a_streaming_card_finish(
             "the answer streaming into its card",
         )
         assert not card.closed, "the answer ended before the signal: the test proves nothing"
-        updates_before = len(card.content_updates)
+        updates_before = len(card.history)
         process.send_signal(signal.SIGTERM)
         assert process.wait(550) in (0, -signal.SIGTERM)
         [card] = [c for c in fake_feishu.records.cards() if c.card_id == card.card_id]  # records are copies
-        assert card.closed_by == "settings", card.closed_by  # closed by the bot, not by a timeout
-        assert len(card.content_updates) > updates_before, "nothing was written after the signal"
+        assert card.closed_by == "update", card.closed_by  # closed by the bot, not by a timeout
+        assert len(card.history) > updates_before, "nothing was written after the signal"
         for sentence in ("（已停止）", "稍后再试", "shutting down"):
             assert sentence not in card.final_text, card.final_text
         [reply] = fake_feishu.records.replies()  # one answer: the card, no second message

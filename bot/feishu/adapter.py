@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -31,14 +32,18 @@ from typing import Any
 import orjson
 
 from bot import texts
+from bot.cancels import ANSWER_PREFIX
 from bot.conversation import Conversation, Decision, NotNow, Policy, Settings
 from bot.dispatch import Dispatcher, Outcome
-from bot.feishu import metrics
-from bot.feishu.cards import CardStream
+from bot.feishu import actions, metrics
+from bot.feishu.cards import CardStream, button
+from bot.feishu.ids import is_retry, reply_target
 from bot.feishu.longconn import LongConnection
 from bot.feishu.messages import MalformedEvent, is_command, parse_event
 from bot.feishu.monitor import LinkState, restart_delay
 from bot.feishu.openapi import FeishuApi, FeishuApiError
+from bot.feishu.pacing import Pacing
+from bot.feishu.receipts import Receipts
 from bot.feishu.references import ReferenceReader
 from bot.feishu.webhook import Webhook
 from bot.inbox import Inbox, InboxState, StoredMessage
@@ -85,19 +90,25 @@ class FeishuChannel:
         *,
         max_image_bytes: int,
         stream_interval: float,
+        pacing: Pacing | None = None,
+        language: texts.Language = "zh",
     ) -> None:
         self.api = api
         self.inbox = inbox
         self.stored = stored
         self.max_image_bytes = max_image_bytes
         self.stream_interval = stream_interval
+        self.pacing = pacing
+        self.language = language
 
     async def fetch_images(self, pictures: PictureRef) -> list[bytes]:
         try:
             return list(
                 await asyncio.gather(
                     *(
-                        self.api.download_image(pictures.message_id, key, max_bytes=self.max_image_bytes)
+                        self.api.download_image(
+                            reply_target(pictures.message_id), key, max_bytes=self.max_image_bytes
+                        )
                         for key in pictures.keys
                     )
                 )
@@ -109,13 +120,13 @@ class FeishuChannel:
         """One sentence as the reply: on the message's card when it already has one (a queue
         place, or an answer cut by a restart), so that a message never gets two replies."""
         if self.stored.card_id:
-            card = self.answer_sink(message)
+            card = self.answer_sink(message, retry=False)
             await card.open(text)
             await card.close(text)
             return
         try:
             await self.api.reply(
-                message.message_id,
+                reply_target(message.message_id),
                 "text",
                 {"text": text},
                 in_thread=message.in_thread,
@@ -128,12 +139,21 @@ class FeishuChannel:
     async def referenced(self, message: InboundMessage, *, max_pictures: int) -> Referenced:
         return await ReferenceReader(self.api).read(message, max_pictures=max_pictures)
 
-    def answer_sink(self, message: InboundMessage) -> CardStream:
+    def answer_sink(self, message: InboundMessage, *, retry: bool = True) -> CardStream:
+        """The answer's card: "Stop" while it streams, "Try again" (with *retry*) at the end."""
+
+        def labelled(kind: actions.ActionKind, key: str, style: str) -> dict[str, Any]:
+            label = texts.text(key, self.language)
+            return button(f"btn_{kind.value}", label, actions.button_value(kind, message.message_id), style)
+
         return CardStream(
             self.api,
             message.message_id,
             in_thread=message.in_thread,
             interval=self.stream_interval,
+            pacing=self.pacing,
+            stop_button=labelled(actions.ActionKind.STOP, "button_stop", "danger"),
+            retry_button=labelled(actions.ActionKind.RETRY, "button_retry", "default") if retry else None,
             journal=InboxJournal(self.inbox, message.message_id),
             card_id=self.stored.card_id,
             reply_id=self.stored.reply_id,
@@ -176,12 +196,18 @@ class FeishuAdapter:
             on_idle=self._show_queue,
             lease=config.storage.lease_seconds,
         )
+        self.action_policy = actions.ActionPolicy(
+            who=feishu.card_actions, allowed_users=frozenset(feishu.allowed_users), language=feishu.language
+        )
+        self.pacing = Pacing(feishu.stream_interval, feishu.stream_growth, feishu.max_card_updates)
+        self.receipts = Receipts(self.api, feishu.receipt_emoji)
         self.receiver: LongConnection | Webhook
         if feishu.mode == "webhook":
             self.receiver = Webhook(
                 encrypt_key=feishu.encrypt_key.get_secret_value(),
                 verification_token=feishu.verification_token.get_secret_value(),
                 persist=self._persist,
+                on_action=self._pressed,
             )
         else:
             self.receiver = LongConnection(
@@ -191,6 +217,8 @@ class FeishuAdapter:
                 inbox=self.store,
                 on_event=self._arrived,
                 watchdog_interval=feishu.watchdog_interval,
+                actions=self.action_policy,
+                on_action=self._acted,
             )
         self.bot_id = ""
         self.identity_error = ""  # why the bot's own info (and so a tenant token) could not be had
@@ -221,7 +249,7 @@ class FeishuAdapter:
         # predecessor's. A shared one (Redis) may hold live services' messages: only ended leases.
         await self._recover(math.inf if self.store.backend == "sqlite" else self._started_at)
         self._accepting = True
-        self.conversation.cancels.start(self.conversation.cancel_local)
+        self.conversation.cancels.start(self._cancel)
         self.dispatcher.start()
         self._leases = asyncio.get_running_loop().create_task(self._keep_leases(), name="inbox-leases")
         if isinstance(self.receiver, LongConnection):
@@ -322,6 +350,36 @@ class FeishuAdapter:
             )
             self._arrived(message.message_id, new)
 
+    async def _pressed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A button press through the webhook: checked and recorded now, answered with a toast
+        (within the platform's 3 s); the cancel or the new answer follows after."""
+        try:
+            action = actions.parse_action(body)
+        except MalformedEvent as exc:
+            log.warning("card action %s ignored: %s", (body.get("header") or {}).get("event_id"), exc)
+            return {}
+        decision = await self.inbox.run(actions.act, self.inbox.db, action, self.action_policy, time.time())
+        self._acted(action.kind.value, decision.verdict.value, decision.stop, decision.new_answer)
+        return decision.response(self.action_policy.language)
+
+    def _acted(self, kind: str, verdict: str, stop: str, new_answer: str) -> None:
+        """What a press asked for, once recorded (by the webhook, or the long-connection worker)."""
+        metrics.CARD_ACTIONS.labels(kind, verdict).inc()
+        log.info(
+            "card action %s: %s%s", kind, verdict, f" ({stop or new_answer})" if stop or new_answer else ""
+        )
+        if stop:
+            self._spawn(self.conversation.cancels.publish(ANSWER_PREFIX + stop), f"stop-{stop}")
+        if new_answer:
+            self.dispatcher.wake()
+
+    def _cancel(self, target: str) -> None:
+        """A cancel from any service: a Stop button's answer, or a user's `/cancel`."""
+        if target.startswith(ANSWER_PREFIX):
+            self.conversation.cancel_answer(target.removeprefix(ANSWER_PREFIX))
+        else:
+            self.conversation.cancel_local(target)
+
     async def _own_id(self) -> str:
         async with self._bot_id_lock:
             if not self.bot_id:
@@ -362,6 +420,8 @@ class FeishuAdapter:
             stored,
             max_image_bytes=self.config.server.max_image_bytes,
             stream_interval=self.config.feishu.stream_interval,
+            pacing=self.pacing,
+            language=self.config.feishu.language,
         )
 
     async def _message(self, stored: StoredMessage) -> InboundMessage:
@@ -371,17 +431,26 @@ class FeishuAdapter:
             bot_id = await self._own_id()
             if bot_id:
                 message = parse_event(body, bot_id=bot_id)  # the bot's own @ leaves the text
+        if is_retry(stored.message_id):  # "Try again": the same event, a new answer of its own
+            message = dataclasses.replace(message, message_id=stored.message_id, created_at=stored.created_at)
         return message
 
     async def _answer(self, stored: StoredMessage) -> Outcome:
         """The dispatcher's handler: answer one stored message (now `running`)."""
         self._queue_shown.pop(stored.message_id, None)
+        if stored.message_id in self.receipts:
+            self._spawn(self.receipts.clear(stored.message_id), f"receipt-{stored.message_id}")
         try:
             message = await self._message(stored)
         except (MalformedEvent, orjson.JSONDecodeError) as exc:
             self._count("malformed")
             return Outcome(InboxState.FAILED, f"unreadable event: {exc}")
         channel = self._channel(stored)
+        stop = actions.stop_key(stored.message_id)
+        if await self.inbox.run(self.inbox.db.load_context, stop, time.time()) is not None:
+            await channel.reply_text(message, self._t("stopped"))  # Stop pressed while it waited
+            self._count("stopped")
+            return Outcome(InboxState.IGNORED, "stopped before it started")
         kept_since = stored.created_at or stored.received_at
         if (
             stored.received_at < self._started_at
@@ -485,6 +554,8 @@ class FeishuAdapter:
                 opened += 1
             self._queue_shown[stored.message_id] = ahead
             jobs.append(self._show_place(stored, ahead, first=shown is None))
+            if shown is None:
+                jobs.append(self.receipts.show(stored.message_id))
         if jobs:
             await asyncio.gather(*jobs)
         current = {stored.message_id for stored in waiting}

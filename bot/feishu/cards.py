@@ -6,9 +6,12 @@
    (`ELEMENT_ID`), then reply to the user's message with it (``msg_type=interactive``,
    ``{"type": "card", "data": {"card_id": ...}}``), in the thread when the message was in one;
 2. `update`: remember the FULL text so far; one pump task per card sends it with
-   ``PUT .../elements/{id}/content`` at most every `interval` seconds (coalescing: the newest
-   text wins; at most one call in flight, so `sequence` strictly increases per card);
-3. `close`: send the final text at once, then ``PATCH .../settings`` with
+   ``PUT .../elements/{id}/content`` as `bot.feishu.pacing.Pacing` allows (gaps growing as the
+   answer goes on, a bounded number per card; coalescing: the newest text wins; at most one
+   call in flight, so `sequence` strictly increases per card);
+3. `close`: a card with buttons (Stop while it streams) is replaced in ONE call
+   (``PUT /cardkit/v1/cards/{id}``: the final text, "Try again" instead of "Stop", streaming
+   off); a card without buttons gets the final text, then ``PATCH .../settings`` with
    ``streaming_mode: false`` (else the chat list keeps showing "generating").
 
 If CardKit fails (create/send, or an update after the API's own retries) the answer is sent
@@ -23,7 +26,9 @@ import logging
 import time
 from typing import Any, Protocol
 
+from bot.feishu.ids import reply_target
 from bot.feishu.openapi import FeishuApi, FeishuApiError
+from bot.feishu.pacing import Pacing
 
 log = logging.getLogger("vlbridge.feishu.cards")
 
@@ -31,7 +36,18 @@ ELEMENT_ID = "answer"
 MAX_CARD_TEXT = 20_000  # characters; a card may hold 30 KB
 
 
-def streaming_card(text: str) -> dict[str, Any]:
+def button(element_id: str, label: str, value: dict[str, str], kind: str = "default") -> dict[str, Any]:
+    """A card JSON 2.0 button whose press comes back as a ``card.action.trigger`` with *value*."""
+    return {
+        "tag": "button",
+        "element_id": element_id,
+        "text": {"tag": "plain_text", "content": label},
+        "type": kind,
+        "behaviors": [{"type": "callback", "value": value}],
+    }
+
+
+def streaming_card(text: str, buttons: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
     """The card JSON 2.0 a streaming answer starts from."""
     return {
         "schema": "2.0",
@@ -44,8 +60,15 @@ def streaming_card(text: str) -> dict[str, Any]:
                 "print_strategy": "fast",
             },
         },
-        "body": {"elements": [{"tag": "markdown", "content": text, "element_id": ELEMENT_ID}]},
+        "body": {"elements": [{"tag": "markdown", "content": text, "element_id": ELEMENT_ID}, *buttons]},
     }
+
+
+def final_card(text: str, buttons: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """The whole card at the end: the final text and *buttons*, streaming off, a preview."""
+    card = streaming_card(text, buttons)
+    card["config"] = closing_settings(text)["config"]
+    return card
 
 
 def closing_settings(text: str) -> dict[str, Any]:
@@ -92,16 +115,24 @@ class CardStream:
         *,
         in_thread: bool,
         interval: float,
+        pacing: Pacing | None = None,
         request_id: str = "",
         journal: CardJournal | None = None,
         card_id: str = "",
         reply_id: str = "",
         sequence: int = 0,
+        stop_button: dict[str, Any] | None = None,
+        retry_button: dict[str, Any] | None = None,
     ) -> None:
         self.api = api
-        self.message_id = message_id
+        self.message_id = message_id  # the answer's id: the user's message, or a retry of it
+        self.target = reply_target(message_id)  # the user's message the card replies to
         self.in_thread = in_thread
-        self.interval = interval
+        self.pacing = pacing or Pacing(interval=interval, growth=1.0, max_updates=1 << 62)
+        self.stop_button = stop_button
+        self.retry_button = retry_button
+        # A card that shows buttons ends with one full replacement (text, buttons, streaming off).
+        self.replace_on_close = stop_button is not None or retry_button is not None
         self.request_id = request_id or message_id
         self.journal = journal
         self.card_id = card_id
@@ -136,7 +167,8 @@ class CardStream:
         self._latest = self._sent = status
         try:
             if not self.card_id:
-                created = await self.api.create_card(streaming_card(status))
+                buttons = (self.stop_button,) if self.stop_button is not None else ()
+                created = await self.api.create_card(streaming_card(status, buttons))
                 self.card_id = created
                 if self.journal is not None:
                     self.card_id, reserved = await self.journal.card_created(created)
@@ -152,7 +184,7 @@ class CardStream:
                 # Idempotent by uuid: after a crash between the send and its record, the
                 # platform answers with the first message instead of sending a second.
                 self.reply_id = await self.api.reply(
-                    self.message_id,
+                    self.target,
                     "interactive",
                     {"type": "card", "data": {"card_id": self.card_id}},
                     in_thread=self.in_thread,
@@ -212,6 +244,25 @@ class CardStream:
         if self._pump_task is not None:
             with contextlib.suppress(Exception):
                 await self._pump_task
+        if not self.fallback and self.replace_on_close:
+            buttons = (self.retry_button,) if self.retry_button is not None else ()
+            try:
+                await self._reserve()
+                await self.api.card_replace(
+                    self.card_id, final_card(clip(text), buttons), self._next_sequence
+                )
+                self._sent = self._latest
+                return
+            except FeishuApiError as exc:
+                log.warning(
+                    "%s: card %s not replaced (%s); closing it in two steps",
+                    self.request_id,
+                    self.card_id,
+                    exc,
+                )
+            if self._sent != self._latest and not await self.show(self._latest):
+                await self._plain(text)
+                return
         if not self.fallback and self._sent == self._latest:
             try:
                 await self._reserve()
@@ -228,7 +279,7 @@ class CardStream:
     async def _plain(self, text: str) -> None:
         try:
             await self.api.reply(
-                self.message_id,
+                self.target,
                 "text",
                 {"text": clip(text, 30_000)},
                 in_thread=self.in_thread,
@@ -238,13 +289,19 @@ class CardStream:
             log.error("%s: the answer could not be delivered at all: %s", self.request_id, exc)
 
     async def _pump(self) -> None:
-        """Send the newest text, at most one call in flight and one per `interval`."""
-        while not (self._closing and self._latest == self._sent):
+        """Send the newest text, at most one call in flight, spaced as `pacing` says. On close,
+        the final text is left to `close` when the card is replaced whole."""
+        while not (self._closing and (self.replace_on_close or self._latest == self._sent)):
             if self._latest == self._sent:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            delay = self._last_send + self.interval - time.monotonic()
+            gap = self.pacing.delay(self.updates)
+            if gap is None and not self._closing:  # the card had its updates: wait for the end
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = self._last_send + (gap or 0.0) - time.monotonic()
             if delay > 0 and not self._closing:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

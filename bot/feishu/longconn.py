@@ -2,7 +2,8 @@
 
 `LongConnection` runs the SDK's `ws.Client` in a worker process (`bot.feishu.wsworker`), reads
 its JSON-line reports on the event loop and tells `on_event(message_id, new)` of each message
-the worker put into the inbox (it acks only after that).
+the worker put into the inbox (it acks only after that), and `on_action(...)` of each button
+press the worker checked and recorded (`bot.feishu.actions`; it answered the press with a toast).
 The watchdog (`bot.feishu.monitor.Watchdog`, checked every `watchdog_interval`) replaces the
 worker with a fresh one when it died, hung, stayed without a connection, or its pings went
 unanswered; consecutive failed restarts back off (first one immediate). Replacing a worker
@@ -27,6 +28,7 @@ from typing import Any
 import orjson
 
 from bot.feishu import metrics
+from bot.feishu.actions import ActionPolicy
 from bot.feishu.monitor import LinkState, Watchdog, WatchdogLimits, WorkerReport, restart_delay
 from bot.inbox_factory import StoreSpec
 
@@ -35,6 +37,8 @@ log = logging.getLogger("vlbridge.feishu.ws")
 _ROOT = str(Path(__file__).resolve().parents[2])  # so the worker imports this very bot package
 
 EventCallback = Callable[[str, bool], None]  # (message_id, new): the message is in the inbox
+# (action, verdict, answer to stop, answer added): a button press the worker checked and recorded
+ActionCallback = Callable[[str, str, str, str], None]
 
 _LOG_LEVELS = {
     "DEBUG": logging.DEBUG,
@@ -64,14 +68,18 @@ class LongConnection:
         on_event: EventCallback,
         watchdog_interval: float = 10.0,
         limits: WatchdogLimits | None = None,
+        actions: ActionPolicy | None = None,
+        on_action: ActionCallback | None = None,
     ) -> None:
         self._settings = {
             "app_id": app_id,
             "app_secret": app_secret,
             "domain": domain.rstrip("/"),
             "inbox": inbox.as_dict(),
+            "actions": (actions or ActionPolicy()).as_dict(),
         }
         self.on_event = on_event
+        self.on_action = on_action
         self.interval = watchdog_interval
         self.limits = limits or limits_for(watchdog_interval)
         self.state = LinkState.STOPPED
@@ -167,6 +175,14 @@ class LongConnection:
                     self.last_event_at = time.time()
                     metrics.EVENTS.labels("received").inc()
                     self.on_event(str(record["message_id"]), bool(record["new"]))
+                elif kind == "action":
+                    if self.on_action is not None:
+                        self.on_action(
+                            str(record["action"]),
+                            str(record["verdict"]),
+                            str(record.get("stop") or ""),
+                            str(record.get("new_answer") or ""),
+                        )
                 elif kind == "malformed":
                     metrics.EVENTS.labels("malformed").inc()
                     log.warning("event %s ignored: %s", record.get("event_id"), record.get("why"))

@@ -22,3 +22,15 @@ ANSWER_SECONDS = Histogram(
     buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160),
     registry=REGISTRY,
 )
+API_CALLS = Counter(
+    "vlbridge_feishu_api_calls_total",
+    "Feishu Open API calls made (every attempt: each counts against the tenant's quota), by kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+CARD_ACTIONS = Counter(
+    "vlbridge_feishu_card_actions_total",
+    "Buttons pressed on answer cards, by action and outcome",
+    ["action", "outcome"],
+    registry=REGISTRY,
+)

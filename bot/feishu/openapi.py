@@ -28,6 +28,7 @@ import lark_oapi as lark
 import orjson
 from lark_oapi.core.token.manager import TokenManager
 
+from bot.feishu import metrics
 from server.errors import TooLarge, VlbridgeError
 
 log = logging.getLogger("vlbridge.feishu.api")
@@ -104,17 +105,21 @@ class FeishuApi:
         paths: Mapping[str, str] | None = None,
         queries: list[tuple[str, str]] | None = None,
         raw: bool = False,
+        kind: str = "other",
     ) -> Any:
         """One call with retries; returns the JSON ``data`` object (or the body bytes if *raw*).
 
         A callable *body* is called once per attempt (CardKit needs a fresh ``sequence`` for a
-        retry: the platform may have applied the attempt whose answer was lost).
+        retry: the platform may have applied the attempt whose answer was lost). Every attempt
+        is counted in ``vlbridge_feishu_api_calls_total{kind}`` (each one counts against the
+        tenant's quota).
         """
         token_retried = False
         attempt = 0
         while True:
             attempt += 1
             self.calls += 1
+            metrics.API_CALLS.labels(kind).inc()
             try:
                 payload = body() if callable(body) else body
                 return await self._once(method, uri, what, payload, paths, queries, raw)
@@ -189,7 +194,7 @@ class FeishuApi:
 
     async def bot_open_id(self) -> str:
         """The bot's own open_id (GET /open-apis/bot/v3/info; ``bot`` is at the top level)."""
-        content = await self.call("GET", "/open-apis/bot/v3/info", what="bot info", raw=True)
+        content = await self.call("GET", "/open-apis/bot/v3/info", what="bot info", raw=True, kind="bot_info")
         info = orjson.loads(content).get("bot") or {}
         open_id = str(info.get("open_id") or "")
         if not open_id:
@@ -205,6 +210,7 @@ class FeishuApi:
             paths={"message_id": message_id, "file_key": image_key},
             queries=[("type", "image")],
             raw=True,
+            kind="resource",
         )
         if len(data) > max_bytes:
             raise TooLarge(f"picture of {len(data)} bytes; the limit is {max_bytes}")
@@ -219,6 +225,7 @@ class FeishuApi:
             "/open-apis/im/v1/messages/:message_id",
             what=f"get message {message_id}",
             paths={"message_id": message_id},
+            kind="message_get",
         )
         return [item for item in data.get("items") or () if isinstance(item, dict)]
 
@@ -237,6 +244,7 @@ class FeishuApi:
                 "reply_in_thread": in_thread,
                 "uuid": uuid[:50],
             },
+            kind="reply",
         )
         return str(data.get("message_id") or "")
 
@@ -246,6 +254,7 @@ class FeishuApi:
             "/open-apis/cardkit/v1/cards",
             what="create card",
             body={"type": "card_json", "data": orjson.dumps(card).decode()},
+            kind="card_create",
         )
         card_id = str(data.get("card_id") or "")
         if not card_id:
@@ -262,6 +271,7 @@ class FeishuApi:
             what=f"card {card_id} content",
             paths={"card_id": card_id, "element_id": element_id},
             body=lambda: {"content": content, "sequence": sequence()},
+            kind="card_update",
         )
 
     async def card_settings(
@@ -274,4 +284,38 @@ class FeishuApi:
             what=f"card {card_id} settings",
             paths={"card_id": card_id},
             body=lambda: {"settings": text, "sequence": sequence()},
+            kind="card_update",
+        )
+
+    async def card_replace(self, card_id: str, card: Mapping[str, Any], sequence: Callable[[], int]) -> None:
+        """Replace the whole card (text, buttons and settings in one call)."""
+        data = orjson.dumps(card).decode()
+        await self.call(
+            "PUT",
+            "/open-apis/cardkit/v1/cards/:card_id",
+            what=f"card {card_id} update",
+            paths={"card_id": card_id},
+            body=lambda: {"card": {"type": "card_json", "data": data}, "sequence": sequence()},
+            kind="card_update",
+        )
+
+    async def add_reaction(self, message_id: str, emoji_type: str) -> str:
+        """React to a message; returns the reaction's id (to remove it later)."""
+        data = await self.call(
+            "POST",
+            "/open-apis/im/v1/messages/:message_id/reactions",
+            what=f"reaction on {message_id}",
+            paths={"message_id": message_id},
+            body={"reaction_type": {"emoji_type": emoji_type}},
+            kind="reaction",
+        )
+        return str(data.get("reaction_id") or "")
+
+    async def delete_reaction(self, message_id: str, reaction_id: str) -> None:
+        await self.call(
+            "DELETE",
+            "/open-apis/im/v1/messages/:message_id/reactions/:reaction_id",
+            what=f"reaction {reaction_id} off {message_id}",
+            paths={"message_id": message_id, "reaction_id": reaction_id},
+            kind="reaction",
         )

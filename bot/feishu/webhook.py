@@ -4,7 +4,8 @@ Contract: persist before ack. The SDK's synchronous `handler.do` (decryption, to
 dispatch) runs on a worker thread, never on the event loop; the events it dispatches are
 collected for this one request, and `persist(events)` (the adapter: into the inbox, off the
 loop) must succeed before the 200 goes out. If it fails the platform gets a 503 and delivers
-the event again later; nothing is half-accepted.
+the event again later; nothing is half-accepted. A button press (``card.action.trigger``) is
+collected the same way and handed to `on_action`, whose answer (a toast) is the response body.
 
 Checks, in order: the body size (counted as it arrives, chunked or not) -> 413; the body is a
 JSON object -> 400; whenever an encrypt key is configured and the request is signed, the
@@ -32,7 +33,9 @@ from typing import Any
 
 import lark_oapi as lark
 import orjson
+from lark_oapi.event.callback.model.p2_card_action_trigger import P2CardActionTriggerResponse
 
+from bot.feishu.actions import is_action
 from server.errors import RequestError, TooLarge
 from server.platform import HttpRequest, HttpResponse, HttpRoute
 
@@ -45,6 +48,8 @@ SIGNATURE, TIMESTAMP, NONCE = "X-Lark-Signature", "X-Lark-Request-Timestamp", "X
 _CANONICAL = {name.lower(): name for name in (SIGNATURE, TIMESTAMP, NONCE, "X-Request-Id", "Content-Type")}
 
 Persist = Callable[[list[dict[str, Any]]], Awaitable[None]]
+# A button press (``card.action.trigger``) -> the callback's answer (a toast), within 3 s.
+OnAction = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 # The events the SDK dispatched while handling the current request (set per request).
 _collected: ContextVar[list[dict[str, Any]] | None] = ContextVar("feishu_webhook_events", default=None)
@@ -76,9 +81,17 @@ def timestamp_fresh(headers: Mapping[str, str], now: float) -> bool:
 class Webhook:
     """The webhook endpoint; `routes()` gives the framework-neutral route the service mounts."""
 
-    def __init__(self, *, encrypt_key: str, verification_token: str, persist: Persist) -> None:
+    def __init__(
+        self,
+        *,
+        encrypt_key: str,
+        verification_token: str,
+        persist: Persist,
+        on_action: OnAction | None = None,
+    ) -> None:
         self.encrypt_key = encrypt_key
         self.persist = persist
+        self.on_action = on_action
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="feishu-webhook")
         self.requests = 0
         self.rejected = 0
@@ -93,6 +106,7 @@ class Webhook:
             .register_p2_im_chat_member_bot_added_v1(_ignore)
             .register_p2_im_chat_member_bot_deleted_v1(_ignore)
             .register_p2_im_chat_access_event_bot_p2p_chat_entered_v1(_ignore)
+            .register_p2_card_action_trigger(self._pressed)
             .build()
         )
 
@@ -107,6 +121,11 @@ class Webhook:
         events = _collected.get()
         if events is not None:
             events.append(orjson.loads(lark.JSON.marshal(data)))
+
+    def _pressed(self, data: Any) -> P2CardActionTriggerResponse:
+        """A button press, collected like an event; `endpoint` writes the answer after."""
+        self._hand_over(data)
+        return P2CardActionTriggerResponse()
 
     async def endpoint(self, request: HttpRequest) -> HttpResponse:
         self.requests += 1
@@ -152,6 +171,17 @@ class Webhook:
             if unauthorized:
                 return self._refuse(request, 401, "the request could not be verified", f"SDK: {detail}")
             return self._refuse(request, 400, "the event could not be read", f"SDK: {detail}")
+        content = response.content or b""
+        pressed = [event for event in events if is_action(event)]
+        events = [event for event in events if not is_action(event)]
+        for event in pressed:
+            try:
+                content = orjson.dumps(await self.on_action(event) if self.on_action is not None else {})
+            except Exception as exc:
+                log.error(
+                    "webhook: a button press not recorded, answering 503 so that it comes again: %s", exc
+                )
+                return _json(503, "the event could not be stored; deliver it again later")
         if events:
             try:
                 await self.persist(events)
@@ -162,7 +192,7 @@ class Webhook:
                     exc,
                 )
                 return _json(503, "the event could not be stored; deliver it again later")
-        return HttpResponse(200, response.content or b"", "application/json; charset=utf-8")
+        return HttpResponse(200, content, "application/json; charset=utf-8")
 
     def _refuse(self, request: HttpRequest, status: int, answer: str, detail: str) -> HttpResponse:
         """Count and log a refused request; *answer* goes to the anonymous caller, *detail* to the log."""

@@ -14,7 +14,10 @@ Protocol (JSON lines; all times are ``time.time()`` seconds):
   ``{"t": "state", "at", "connected", "unanswered_since"}`` every `heartbeat` seconds (with
   ``"starting": true`` from the first moment until the SDK is imported, which takes seconds of
   CPU: the watchdog then knows the worker is alive, not hung),
-  ``{"t": "log", "level", "msg"}`` for the SDK's info/warning/error lines.
+  ``{"t": "log", "level", "msg"}`` for the SDK's info/warning/error lines;
+  ``{"t": "action", "action", "verdict", "stop", "new_answer"}`` per button press
+  (``card.action.trigger``), once `bot.feishu.actions.act` checked and recorded it; the
+  press's toast goes back to the platform in the ack.
 
 Persist before ack: the SDK acknowledges an event when its handler returns, so the handler
 commits the message to the inbox (`bot.store.InboxStore`: SQLite or Redis, a few ms) before it returns; the
@@ -37,6 +40,7 @@ import threading
 import time
 from typing import IO, Any
 
+from bot.feishu.actions import ActionPolicy, act, parse_action
 from bot.feishu.messages import MalformedEvent, is_command, parse_event
 from bot.inbox_factory import StoreSpec
 from bot.store import StorageError
@@ -130,6 +134,7 @@ def main() -> int:
     import lark_oapi as lark
     import lark_oapi.ws.client as ws_module
     from lark_oapi.core.log import logger as sdk_logger
+    from lark_oapi.event.callback.model.p2_card_action_trigger import P2CardActionTriggerResponse
 
     pings = _Pings()
     for handler in list(sdk_logger.handlers):
@@ -154,6 +159,29 @@ def main() -> int:
     def ignore(data: Any) -> None:
         return None
 
+    policy = ActionPolicy.from_dict(settings.get("actions") or {})
+
+    def pressed(data: Any) -> Any:
+        # Answered in the ack (the platform waits 3 s): decided from the inbox alone; a raise
+        # (storage down) means no ack, and the press comes again.
+        body = json.loads(lark.JSON.marshal(data))
+        try:
+            action = parse_action(body)
+        except MalformedEvent as exc:
+            _emit({"t": "malformed", "event_id": (body.get("header") or {}).get("event_id"), "why": str(exc)})
+            return P2CardActionTriggerResponse()
+        decision = act(inbox, action, policy, time.time())
+        _emit(
+            {
+                "t": "action",
+                "action": action.kind.value,
+                "verdict": decision.verdict.value,
+                "stop": decision.stop,
+                "new_answer": decision.new_answer,
+            }
+        )
+        return P2CardActionTriggerResponse(decision.response(policy.language))
+
     # Every type the app may be subscribed to is registered: an unregistered one is acked 500.
     handler = (
         lark.EventDispatcherHandler.builder("", "")
@@ -165,6 +193,7 @@ def main() -> int:
         .register_p2_im_chat_member_bot_added_v1(ignore)
         .register_p2_im_chat_member_bot_deleted_v1(ignore)
         .register_p2_im_chat_access_event_bot_p2p_chat_entered_v1(ignore)
+        .register_p2_card_action_trigger(pressed)
         .build()
     )
     client = lark.ws.Client(

@@ -203,6 +203,39 @@ class EventFactory:
     def sticker(self, file_key: str | None = None, **kw: Any) -> dict[str, Any]:
         return self.message("sticker", {"file_key": file_key or ids.file_key()}, **kw)
 
+    def card_action(
+        self,
+        value: Mapping[str, Any],
+        *,
+        operator: User | None = None,
+        open_message_id: str,
+        open_chat_id: str,
+        event_id: str | None = None,
+    ) -> dict[str, Any]:
+        """A button press on a card (``card.action.trigger``, the new card callback): the platform
+        sends it as an event (a data frame of type ``event`` on the long connection, a POST by
+        webhook) and shows the toast of the answer."""
+        presser = operator or self.sender
+        created = str(ids.now_ms())
+        return {
+            "schema": "2.0",
+            "header": {
+                "event_id": event_id or ids.event_id(),
+                "token": self.token,
+                "create_time": created,
+                "event_type": "card.action.trigger",
+                "tenant_key": self.tenant_key,
+                "app_id": self.app_id,
+            },
+            "event": {
+                "operator": {"tenant_key": self.tenant_key, **presser.id_block()},
+                "token": f"c-{ids.event_id()}",
+                "action": {"value": dict(value), "tag": "button"},
+                "host": "im_message",
+                "context": {"open_message_id": open_message_id, "open_chat_id": open_chat_id},
+            },
+        }
+
     def url_verification(self, challenge: str = "fakefeishu-challenge") -> dict[str, Any]:
         """The body Feishu posts when the webhook URL is configured (answer ``{"challenge": ...}``)."""
         return {"challenge": challenge, "token": self.token, "type": "url_verification"}

@@ -193,7 +193,8 @@ class FakeFeishu:
         ``max_retries`` times, while no code-200 ack came back. With no connection open the
         delivery waits for the next one. Returns once the frames are queued on the server loop.
         """
-        self.register_event(event, resources)
+        if event["header"].get("event_type") == "im.message.receive_v1":
+            self.register_event(event, resources)
         push = Push(
             event_id=str(event["header"]["event_id"]),
             payload=json.dumps(dict(event), ensure_ascii=False).encode(),

@@ -15,10 +15,12 @@ Wire facts (read in ``lark_oapi/ws/client.py``):
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import Any
 
 from lark_oapi.ws.pb.pbbp2_pb2 import Frame
 
@@ -79,6 +81,15 @@ class InboundFrame:
             return int(body["code"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"expected an ack payload with a code, got {self.payload[:200]!r}") from exc
+
+    def ack_data(self) -> Any:
+        """The handler's answer an acknowledgement carries (base64 JSON in ``data``: a card
+        callback's toast), or None."""
+        try:
+            data = json.loads(self.payload).get("data")
+            return json.loads(base64.b64decode(data)) if data else None
+        except (ValueError, TypeError, AttributeError):
+            return None
 
     def biz_rt_ms(self) -> int | None:
         raw = self.headers.get("biz_rt")

@@ -236,6 +236,7 @@ class LongConn:
             biz_rt_ms=frame.biz_rt_ms(),
             latency_s=latency,
             at=now,
+            data=frame.ack_data(),
         )
         with self.records.mutate() as t:
             t.acks.append(ack)

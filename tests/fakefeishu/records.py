@@ -172,6 +172,7 @@ class Ack:
     biz_rt_ms: int | None  # the SDK's own measure of its handler time
     latency_s: float  # from the delivery's first frame written to the ack read
     at: float = field(default_factory=time.monotonic)
+    data: Any = None  # the handler's answer carried by the ack (a card callback's toast)
 
 
 @dataclass
