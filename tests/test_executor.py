@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from protocol.pictures import ImageLimits
 from server.inference.api import (
     Delta,
     Done,
@@ -29,6 +28,7 @@ from server.inference.engine import ReadyTokens, Sequence
 from server.inference.executor import ExecutorLimits, InferenceExecutor, coalesce
 from server.inference.model.model_engine import EngineOptions, ModelEngine
 from tests.conftest import make_png
+from tests.executors import demo_executor
 
 GREEDY = SamplingParams(max_new_tokens=24)
 
@@ -36,18 +36,7 @@ GREEDY = SamplingParams(max_new_tokens=24)
 @pytest.fixture
 async def executor(demo_model_dir: Path) -> AsyncIterator[InferenceExecutor]:
     options = EngineOptions(max_batch=4, max_context_tokens=4096, max_new_tokens=64)
-    ex = InferenceExecutor(
-        lambda progress: ModelEngine.load(
-            str(demo_model_dir),
-            device="cpu",
-            dtype="float32",
-            limits=ImageLimits(),
-            options=options,
-            progress=progress,
-        ),
-        ExecutorLimits(max_batch=4, queue_size=8, request_timeout=60, max_new_tokens=64),
-        model_name="demo",
-    )
+    ex = demo_executor(demo_model_dir, options, queue_size=8)
     await ex.start()
     await ex.wait_ready(60)
     yield ex

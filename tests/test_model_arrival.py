@@ -244,17 +244,24 @@ REFUSED = {
 }
 
 
+def _ends_with_one_line(tmp_path: Path, env: dict[str, str], code: int, prefix: str, expected: str) -> str:
+    """Run `vlbridge serve` with *env* until it ends; check its exit *code* and that its last line
+    is *prefix* plus a reason matching *expected*, with no traceback and no model served. The log."""
+    with serve(tmp_path, env) as server:
+        status = server.finish(LOAD_DEADLINE)
+    log = "\n".join(server.lines)
+    assert status == code, log
+    last = server.lines[-1]
+    assert last.startswith(prefix), log
+    assert re.search(expected, last), last
+    assert "Traceback" not in log and "repo id must be" not in log and "executor ready" not in log
+    return log
+
+
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_a_model_folder_that_is_not_there_is_refused_before_the_start(tmp_path: Path, case: str) -> None:
     env, expected = REFUSED[case]
-    with serve(tmp_path, env(tmp_path)) as server:
-        code = server.finish(LOAD_DEADLINE)
-    log = "\n".join(server.lines)
-    assert code == 2, log
-    last = server.lines[-1]
-    assert last.startswith("vlbridge: config error: "), log
-    assert re.search(expected, last), last
-    assert "Traceback" not in log and "repo id must be" not in log and "executor ready" not in log
+    _ends_with_one_line(tmp_path, env(tmp_path), 2, "vlbridge: config error: ", expected)
 
 
 FAILURES = {
@@ -275,18 +282,13 @@ FAILURES = {
 @pytest.mark.parametrize("case", list(FAILURES))
 def test_a_model_that_cannot_load_ends_serve_with_one_line(tmp_path: Path, case: str) -> None:
     env, expected = FAILURES[case]
-    with serve(tmp_path, env(tmp_path)) as server:
-        code = server.finish(LOAD_DEADLINE)
-    log = "\n".join(server.lines)
-    assert code == 1, log
-    last = server.lines[-1]
-    assert last.startswith("vlbridge: the model failed to load: "), log
-    assert re.search(expected, last), last
-    assert "Traceback" not in log and "repo id must be" not in log and "executor ready" not in log
+    prefix = "vlbridge: the model failed to load: "
+    log = _ends_with_one_line(tmp_path, env(tmp_path), 1, prefix, expected)
     assert "Retrying" not in log
     # the reason once in the log, once as the last line: nothing repeated beyond that
-    reason = last.removeprefix("vlbridge: the model failed to load: ")
-    assert sum(reason in line for line in server.lines) == 2, log
+    lines = log.splitlines()
+    reason = lines[-1].removeprefix(prefix)
+    assert sum(reason in line for line in lines) == 2, log
 
 
 def test_a_model_that_cannot_load_stays_failed_in_process(tmp_path: Path) -> None:

@@ -19,11 +19,12 @@ import pytest
 from protocol.pictures import ImageLimits
 from server.errors import BadImage, Cancelled, InternalError, RequestError
 from server.inference.api import Done, Event, Failed, InferenceRequest, Turn
-from server.inference.executor import ExecutorLimits, InferenceExecutor
+from server.inference.executor import InferenceExecutor
 from server.inference.images import decode_image
 from server.inference.model.model_engine import EngineOptions, ModelEngine
 from server.inference.picture_processes import SEGMENT_PREFIX, PictureProcesses, prepare_processes
 from tests.conftest import make_png
+from tests.executors import demo_executor
 from tests.test_executor import GREEDY, collect, conversations
 from tests.waiting import DEADLINE, until, until_blocking
 
@@ -128,27 +129,16 @@ def test_after_shutdown_decoding_is_refused_as_unavailable(processes: PicturePro
     assert refused.value.code == "unavailable"
 
 
-def demo_executor(demo_model_dir: Path, prepare_processes: int) -> InferenceExecutor:
+def processes_executor(demo_model_dir: Path, prepare_processes: int) -> InferenceExecutor:
     options = EngineOptions(
         max_batch=4, max_context_tokens=4096, max_new_tokens=64, prepare_processes=prepare_processes
     )
-    return InferenceExecutor(
-        lambda progress: ModelEngine.load(
-            str(demo_model_dir),
-            device="cpu",
-            dtype="float32",
-            limits=ImageLimits(),
-            options=options,
-            progress=progress,
-        ),
-        ExecutorLimits(max_batch=4, queue_size=16, request_timeout=60, max_new_tokens=64),
-        model_name="demo",
-    )
+    return demo_executor(demo_model_dir, options)
 
 
 @pytest.fixture
 async def two_executors(demo_model_dir: Path) -> AsyncIterator[tuple[InferenceExecutor, InferenceExecutor]]:
-    threads, processes = demo_executor(demo_model_dir, 0), demo_executor(demo_model_dir, 2)
+    threads, processes = processes_executor(demo_model_dir, 0), processes_executor(demo_model_dir, 2)
     for ex in (threads, processes):
         await ex.start()
         await ex.wait_ready(120)

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from protocol.pictures import ImageLimits
 from server.inference.api import Done, InferenceRequest, SamplingParams, Turn
-from server.inference.executor import ExecutorLimits, InferenceExecutor
+from server.inference.executor import InferenceExecutor
 from server.inference.model.kvcache import PAGE, PagedKVCache, SeqCache
 from server.inference.model.model_engine import EngineOptions, ModelEngine
 from server.inference.model.prefix import PrefixCache, full_block_keys, identity, picture_start, picture_token
 from tests.conftest import make_png
+from tests.executors import demo_executor
 
 GREEDY = SamplingParams(max_new_tokens=20)
 RED = make_png(320, 256, (200, 40, 40))  # 80 visual tokens: a picture across a page boundary
@@ -37,13 +37,7 @@ async def start(model_dir: Path, *, caches: bool, max_batch_tokens: int = 262_14
         prefix_cache=caches,
         vision_cache_bytes=64 * 2**20 if caches else 0,
     )
-    executor = InferenceExecutor(
-        lambda progress: ModelEngine.load(
-            str(model_dir), device="cpu", dtype="float32", limits=ImageLimits(), options=options
-        ),
-        ExecutorLimits(max_batch=4, queue_size=16, request_timeout=120, max_new_tokens=64),
-        model_name="demo",
-    )
+    executor = demo_executor(model_dir, options, request_timeout=120)
     await executor.start()
     await executor.wait_ready(60)
     return executor
