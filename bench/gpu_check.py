@@ -253,10 +253,9 @@ def check_teacher_forcing(model: str, steps: int = 32, device: str = "cuda") -> 
             engine.prefill(seqs)
             full = engine.prefill_logits
             assert full is not None
-            columns = full.shape[1]
             reused = [seq.state.reused for seq in seqs]
             for row, (n, r) in enumerate(zip(lengths, reused, strict=True)):
-                prefill.append(_compare(full[row, columns - (n - r) :], reference[row][r:n]))
+                prefill.append(_compare(full[row], reference[row][r:n]))
             cells = torch.tensor([seq.state.cell for seq in seqs], device=device)
             for k in range(steps):
                 engine.step.tokens[cells] = torch.tensor([f[k] for f in forced], device=device)

@@ -1,9 +1,8 @@
 """ModelEngine: the Engine implementation over a loaded Qwen3-VL model.
 
-- prefill: new sequences run together in one left-padded transformers forward (vision
-  encoder and prompt batched, deepstack and M-RoPE as the model defines them); their
-  keys/values are then copied into the paged cache and each row's next M-RoPE position
-  is kept;
+- prefill: the vision encoder over the new pictures in one batch (vision.py), then the new
+  sequences' tokens packed into one forward of the language model that writes keys/values
+  straight into the paged cache (prefill.py); each row's next M-RoPE position is kept;
 - decode: `DecodeStep` advances all running rows by one token (a CUDA graph per batch
   bucket on GPUs);
 - memory: each sequence reserves pages for prompt + max_new_tokens at admission, so a
@@ -23,8 +22,6 @@ from typing import Any, Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import DynamicCache
-from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
@@ -36,7 +33,9 @@ from server.inference.profile import Profile
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row
 from .devices import cpu_threads, usable_cores
 from .kvcache import PAGE, PagedKVCache, SeqCache
-from .prefix import PrefixCache, full_block_keys, identity, picture_token
+from .positions import mrope_positions
+from .prefill import PrefillForward, pack
+from .prefix import PrefixCache, full_block_keys, identity, picture_starts
 from .prompt import Prompt
 from .runner import ModelRunner
 from .sampling import sample
@@ -99,7 +98,6 @@ class _State:
     reused: int = 0  # prompt tokens taken from the prefix cache
     shared: list[int] = field(default_factory=list)  # pages shared with the cache (the first ones)
     source: int | None = None  # cached page whose first tokens are copied at prefill (pinned)
-    prefix_pages: list[int] = field(default_factory=list)  # where the reused tokens are, in order
 
 
 class _PrefillTimer:
@@ -187,6 +185,8 @@ class ModelEngine:
         self.prefix = PrefixCache(self.kv) if options.prefix_cache else None
         self.vision = VisionEncoder(runner.model, options.vision_cache_bytes)
         self.step = DecodeStep(runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens + 1))
+        self.forward = PrefillForward(runner.model, self.kv)
+        self._merge = int(runner.model.config.vision_config.spatial_merge_size)
         self._cells = list(range(options.max_batch - 1, -1, -1))
         self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=runner.device)
         self.capture_seconds = 0.0
@@ -196,7 +196,7 @@ class ModelEngine:
             Profile(logging.getLogger("vlbridge.profile"), "prefill phases", options.profile_seconds),
             runner.device.type == "cuda",
         )
-        self.prefill_logits: torch.Tensor | None = None
+        self.prefill_logits: list[torch.Tensor] | None = None  # per row, with keep_logits
         # Pictures decoded off this process's GIL; started at warm-up, stopped by close().
         self.picture_processes = (
             PictureProcesses(options.prepare_processes) if options.prepare_processes > 0 else None
@@ -274,22 +274,18 @@ class ModelEngine:
         prompt = self.runner.prompts.build(messages, check)
         digests = [picture.digest for picture in prompt.pictures]  # the builder hashed them once
         ident = identity(prompt.input_ids, self.runner.prompts.image_token_id, digests)
-        ids = torch.tensor([prompt.input_ids])
-        if digests:
-            positions, deltas = self.runner.model.model.get_rope_index(
-                ids,
-                mm_token_type_ids=(ids == self.runner.prompts.image_token_id).int(),
-                image_grid_thw=prompt.image_grid_thw,
-            )
-            positions, next_position = positions[:, 0], len(prompt) + int(deltas[0, 0])
-        else:
-            positions = torch.arange(len(prompt)).expand(3, -1)
-            next_position = len(prompt)
+        grid = prompt.image_grid_thw.tolist() if prompt.image_grid_thw is not None else []
+        positions, next_position = mrope_positions(
+            prompt.input_ids, self.runner.prompts.image_token_id, [(t, h, w) for t, h, w in grid], self._merge
+        )
+        starts = picture_starts(prompt.input_ids, self.runner.prompts.image_token_id)
         pictures = [
-            _PromptPicture(ident.index(picture_token(digest)), Picture(digest, decoded))
-            for digest, decoded in zip(digests, prompt.pictures, strict=True)
+            _PromptPicture(start, Picture(digest, decoded))
+            for start, digest, decoded in zip(starts, digests, prompt.pictures, strict=True)
         ]
-        data = _Prompt(prompt, ident, full_block_keys(ident), positions, next_position, pictures)
+        data = _Prompt(
+            prompt, ident, full_block_keys(ident), torch.from_numpy(positions), next_position, pictures
+        )
         return PreparedPrompt(len(prompt), prompt.image_tokens, data)
 
     def reserve(self, seq: Sequence) -> bool:
@@ -312,7 +308,6 @@ class ModelEngine:
             seq.state.reused = hit.length
             seq.state.shared = hit.shared
             seq.state.source = hit.source
-            seq.state.prefix_pages = [*hit.shared, *([hit.source] if hit.source is not None else [])]
         return True
 
     def _unpin_source(self, state: _State) -> None:
@@ -329,113 +324,61 @@ class ModelEngine:
             seq.launched += 1
         return DeviceTokens(tokens, self.step.output_buffer(), len(seqs))
 
-    def _gather_prefix(self, seqs: list[Sequence], width: int) -> DynamicCache:
-        """A dense cache holding each row's reused prefix, right-aligned in *width* columns."""
-        dense = DynamicCache(config=self._model.config)
-        if not width:
-            return dense
-        slots = torch.zeros(len(seqs), width, dtype=torch.long)  # padding reads scratch slot 0
-        for row, seq in enumerate(seqs):
-            state: _State = seq.state
-            if state.reused:
-                slots[row, width - state.reused :] = _slots(state.prefix_pages, 0, state.reused)
-        index = slots.flatten().to(self.runner.device, non_blocking=True)
-        shape = (len(seqs), width, self.kv.kv_heads, self.kv.head_dim)
-        for layer in range(len(self.kv.keys)):
-            flat = (-1, self.kv.kv_heads, self.kv.head_dim)
-            keys = self.kv.keys[layer].view(flat).index_select(0, index).view(shape).transpose(1, 2)
-            values = self.kv.values[layer].view(flat).index_select(0, index).view(shape).transpose(1, 2)
-            dense.update(keys, values, layer)
-        return dense
-
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> DeviceTokens:
-        """Prefill what each row does not reuse from the prefix cache, in one batch.
-
-        Layout of row r (prefix reused: L tokens, prompt: n tokens), P and S the widest prefix
-        and suffix: [padding | L cached tokens][padding | n - L new tokens], P + S columns, the
-        attention mask marking the padding. Positions are the prompt's own M-RoPE positions
-        (computed at preparation), so a reused prefix and its continuation line up exactly.
+        """Prefill what each row does not reuse from the prefix cache, in one packed forward
+        (prefill.py): the rows' new tokens one after another, their keys/values written into the
+        rows' pages as each layer computes them. Positions are the prompt's own M-RoPE positions
+        (computed at preparation), so a reused prefix and its continuation line up exactly. A row
+        that continues a cached page part-way first copies that page's first tokens into its own.
         """
         device = self.runner.device
         timer = self.prefill_timer
         timer.start()
-        prompts: list[_Prompt] = [seq.prompt.data for seq in seqs]
-        reused = [seq.state.reused for seq in seqs]
-        lengths = [len(p.prompt) for p in prompts]
-        width = max(reused)
-        suffix = max(n - r for n, r in zip(lengths, reused, strict=True))
-        ids = torch.full((len(seqs), suffix), self.runner.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width + suffix), dtype=torch.long)
-        positions = torch.zeros((3, len(seqs), suffix), dtype=torch.long)
+        rows: list[tuple[list[int], torch.Tensor, torch.Tensor, int]] = []
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         pictures: list[_PromptPicture] = []
-        for row, (prompt, n, r) in enumerate(zip(prompts, lengths, reused, strict=True)):
-            ids[row, suffix - (n - r) :] = torch.tensor(prompt.prompt.input_ids[r:])
-            positions[:, row, suffix - (n - r) :] = prompt.positions[:, r:]
-            mask[row, width - r : width] = 1
-            mask[row, width + suffix - (n - r) :] = 1
+        for seq in seqs:
+            prompt: _Prompt = seq.prompt.data
+            state: _State = seq.state
+            n, r = len(prompt.prompt), state.reused
+            rows.append(
+                (prompt.prompt.input_ids[r:], prompt.positions[:, r:], _slots(state.cache.pages, 0, n), r)
+            )
+            if state.source is not None:
+                first = len(state.shared) * PAGE
+                copies.append((_slots([state.source], 0, r - first), _slots(state.cache.pages, first, r)))
             pictures.extend(p for p in prompt.pictures if p.start >= r)
-        dense = self._gather_prefix(seqs, width)
+        batch = pack(rows, copies, self.runner.prompts.image_token_id, device)
         timer.profile.count("rows", len(seqs))
-        timer.profile.count("new_tokens", sum(lengths) - sum(reused))
-        timer.profile.count("reused_tokens", sum(reused))
+        timer.profile.count("new_tokens", batch.query_starts[-1])
+        timer.profile.count("reused_tokens", sum(seq.state.reused for seq in seqs))
         timer.profile.count("pictures", len(pictures))
-        timer.mark("inputs")  # host tensors, reused prefixes gathered
-        inputs: dict[str, Any] = {
-            "input_ids": ids.to(device, non_blocking=True),
-            "attention_mask": mask.to(device, non_blocking=True),
-            "position_ids": positions.to(device, non_blocking=True),
-        }
+        timer.mark("inputs")
+        embeds, deepstack = None, []
         if pictures:
             with self._attention():
                 encoded = self.vision.encode([p.picture for p in pictures], device, self.runner.dtype)
-            inputs["mm_encoder_outputs"] = {
-                "image": BaseModelOutputWithDeepstackFeatures(
-                    pooler_output=tuple(e.embeds for e in encoded),
-                    deepstack_features=[
-                        tuple(level) for level in zip(*(e.deepstack for e in encoded), strict=True)
-                    ],
-                )
-            }
+            embeds = torch.cat([e.embeds for e in encoded])
+            deepstack = [torch.cat(level) for level in zip(*(e.deepstack for e in encoded), strict=True)]
         timer.mark("vision")
-        self._model.model.rope_deltas = None  # transformers keeps the last prompt's deltas on the module
         with self._attention():
-            out = self._model(
-                **inputs, cache=dense, use_cache=True, logits_to_keep=0 if self.keep_logits else 1
-            )
+            logits = self.forward.run(batch, embeds, deepstack, every_position=self.keep_logits)
         if self.keep_logits:  # correctness checks compare every prompt position (bench/gpu_check.py)
-            self.prefill_logits = out.logits
+            self.prefill_logits = list(torch.split(logits, [b - a for a, b in pairwise(batch.query_starts)]))
+            logits = logits.index_select(0, batch.last)
         timer.mark("forward")
-        # Store what each row did not share: from its first own page (a copied partial page
-        # starts there) to the end of its prompt.
-        columns = width + suffix
-        flat: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        for row, (seq, n, r) in enumerate(zip(seqs, lengths, reused, strict=True)):
-            state: _State = seq.state
-            first = len(state.shared) * PAGE
-            at = torch.arange(first, n)
-            column = torch.where(at < r, width - r + at, width + suffix - n + at)
-            flat.append(row * columns + column)
-            slots.append(_slots(state.cache.pages, first, n))
-        row_index = torch.cat(flat).to(device, non_blocking=True)
-        slot_index = torch.cat(slots).to(device, non_blocking=True)
-        for index, layer in enumerate(dense.layers):
-            # (rows, kv_heads, columns, dim) -> the stored tokens, row after row (no host sync)
-            keys = layer.keys.transpose(1, 2).flatten(0, 1).index_select(0, row_index)
-            values = layer.values.transpose(1, 2).flatten(0, 1).index_select(0, row_index)
-            self.kv.write(index, slot_index, keys, values)
-        for seq, n, prompt in zip(seqs, lengths, prompts, strict=True):
+        for seq in seqs:
             state = seq.state
-            state.cache.length = n
-            state.next_position = prompt.next_position
+            state.cache.length = len(seq.prompt.data.prompt)
+            state.next_position = seq.prompt.data.next_position
             self._unpin_source(state)  # the copy above is queued before any later reuse of the page
         blocked = self._blocked(seqs)
         blocked_dev = torch.tensor(blocked, dtype=torch.bool).to(device) if any(blocked) else None
-        tokens = sample(out.logits[:, -1, :], seqs, self._eos, blocked_dev)
+        tokens = sample(logits, seqs, self._eos, blocked_dev)
         cells = torch.tensor([s.state.cell for s in seqs], dtype=torch.long).to(device, non_blocking=True)
         published = self._publish(tokens, cells, seqs)
-        timer.mark("store")  # pages written, first tokens sampled
+        timer.mark("sample")
         timer.end()
         return published
 

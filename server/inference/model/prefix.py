@@ -56,6 +56,20 @@ def block_key(parent: bytes, tokens: tuple[int, ...] | list[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
+def _starts(ids: np.ndarray, image_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the picture tokens, the first token of each picture) as masks over *ids*."""
+    pictures = ids == image_token_id
+    starts = pictures.copy()
+    starts[1:] &= ~pictures[:-1]  # the first token of each run
+    return pictures, starts
+
+
+def picture_starts(input_ids: list[int], image_token_id: int) -> list[int]:
+    """The index of each picture's first token, in order (the same picture twice: two starts)."""
+    _, starts = _starts(np.asarray(input_ids, dtype=np.int64), image_token_id)
+    return [int(i) for i in np.flatnonzero(starts)]
+
+
 def identity(input_ids: list[int], image_token_id: int, digests: list[bytes]) -> list[int]:
     """*input_ids* with the tokens of the k-th picture replaced by `picture_token(digests[k])`.
 
@@ -65,9 +79,7 @@ def identity(input_ids: list[int], image_token_id: int, digests: list[bytes]) ->
     # numpy, not a Python loop over every token: this runs on a preparation thread, under the GIL
     # the worker and the event loop want (~1000 tokens a 1024x1024 picture).
     ids = np.asarray(input_ids, dtype=np.int64)
-    pictures = ids == image_token_id
-    starts = pictures.copy()
-    starts[1:] &= ~pictures[:-1]  # the first token of each run
+    pictures, starts = _starts(ids, image_token_id)
     if int(starts.sum()) != len(digests):
         raise ValueError(f"expected {len(digests)} pictures in the prompt, found {int(starts.sum())}")
     if digests:

@@ -1,0 +1,330 @@
+"""The prefill forward: new prompts' tokens packed one after another, keys/values straight into pages.
+
+transformers' own forward needs a left-padded batch and a dense cache: every prefill padded to
+its longest row, a reused prefix gathered out of the pages into per-layer tensors of a new width
+(and concatenated again by its cache object), the new keys/values copied back into pages after,
+and ~30 kernel launches per layer from Python. On an H200 its host time was as long as its device
+time (2B: ~50 ms of host for ~3 pictures, 40 ms for a single 1047-token prompt), so the GPU waited
+for Python, and every decode step waited for the prefill.
+
+Here, like the decode step (decode.py), the checkpoint's own modules run in transformers' order
+over the packed tokens (T rows of hidden state, no padding): each layer writes the new tokens'
+keys/values into their pages at once, then attention reads each row's whole sequence (its reused
+prefix and its new tokens, gathered from the pages) with a bottom-right causal mask, in one
+variable-length flash-attention call on CUDA (`torch.nn.attention.varlen`) or row by row with
+SDPA (CPU, or a torch that lacks it). On CUDA the layer is the decode step's fused kernels
+(kernels.py): ~9 launches per layer. Pictures' encoder outputs replace their placeholder tokens'
+embeddings and their deepstack features are added after the first layers, as transformers does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .kvcache import PagedKVCache
+
+log = logging.getLogger("vlbridge.model.prefill")
+
+# attend(q (T, heads, dim), k (K, kv_heads, dim), v, cu_q, cu_k, max_q, max_k) -> (T, heads, dim)
+Varlen = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor
+]
+
+
+@dataclass
+class Packed:
+    """A prefill's rows, packed: the tokens each row prefills (those the prefix cache did not
+    supply), row after row. Tensors on the model's device, except the Python lists."""
+
+    ids: torch.Tensor  # (T,) token ids
+    positions: torch.Tensor  # (3, T) M-RoPE positions
+    store: torch.Tensor  # (T,) flat cache slot of each new token
+    gather: torch.Tensor  # (K,) flat cache slots of each row's whole sequence, row after row
+    copy_from: torch.Tensor | None  # (C,) slots of a shared page's tokens a row continues in its own page
+    copy_to: torch.Tensor | None
+    pictures: torch.Tensor | None  # (P,) indexes of picture tokens in the packed order
+    last: torch.Tensor  # (rows,) index of each row's last token
+    query_starts: list[int]  # rows + 1 cumulative new-token counts
+    key_starts: list[int]  # rows + 1 cumulative sequence lengths
+    starts: torch.Tensor  # (2, rows + 1) int32: query_starts and key_starts on the device
+
+
+def pack(
+    rows: list[tuple[list[int], torch.Tensor, torch.Tensor, int]],
+    copies: list[tuple[torch.Tensor, torch.Tensor]],
+    image_token_id: int,
+    device: torch.device,
+) -> Packed:
+    """*rows*: (the row's new token ids, their (3, n) positions, the row's flat cache slots for its
+    whole sequence (reused prefix, then new tokens), how many of those the prefix cache supplied).
+    *copies*: (from, to) slots. Host tensors are built here and sent in one copy."""
+    ids = torch.tensor([t for new, _, _, _ in rows for t in new], dtype=torch.long)
+    positions = torch.cat([p for _, p, _, _ in rows], dim=1)
+    gather = torch.cat([slots for _, _, slots, _ in rows])
+    store = torch.cat([slots[reused:] for _, _, slots, reused in rows])
+    query_starts, key_starts = [0], [0]
+    for new, _, slots, _ in rows:
+        query_starts.append(query_starts[-1] + len(new))
+        key_starts.append(key_starts[-1] + len(slots))
+    pictures = (ids == image_token_id).nonzero().flatten()
+    last = torch.tensor(query_starts[1:], dtype=torch.long) - 1
+    copy_from = torch.cat([c[0] for c in copies]) if copies else torch.zeros(0, dtype=torch.long)
+    copy_to = torch.cat([c[1] for c in copies]) if copies else torch.zeros(0, dtype=torch.long)
+    starts = torch.tensor([query_starts, key_starts], dtype=torch.long).flatten()
+    parts = [ids, positions.flatten().long(), store, gather, copy_from, copy_to, pictures, last, starts]
+    flat = torch.cat(parts).to(device, non_blocking=True)
+    sizes = [p.numel() for p in parts]
+    ids_d, pos_d, store_d, gather_d, from_d, to_d, pic_d, last_d, starts_d = torch.split(flat, sizes)
+    return Packed(
+        ids=ids_d,
+        positions=pos_d.view(3, -1),
+        store=store_d,
+        gather=gather_d,
+        copy_from=from_d if copies else None,
+        copy_to=to_d if copies else None,
+        pictures=pic_d if pictures.numel() else None,
+        last=last_d,
+        query_starts=query_starts,
+        key_starts=key_starts,
+        starts=starts_d.view(2, -1).int(),
+    )
+
+
+def _varlen_function(heads: int, kv_heads: int, scale: float) -> Varlen | None:
+    """torch's variable-length flash attention, if this torch has it, as `Varlen`; None otherwise.
+    Its signature changed between releases: causal is `window_size=(-1, 0)` or `is_causal=True`."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    extra: dict[str, Any] = {}
+    if "window_size" in params:
+        extra["window_size"] = (-1, 0)
+    elif "is_causal" in params:
+        extra["is_causal"] = True
+    else:
+        return None
+    if "scale" in params:
+        extra["scale"] = scale
+    gqa = "enable_gqa" in params
+    if gqa:
+        extra["enable_gqa"] = True
+    groups = heads // kv_heads
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k):  # type: ignore[no-untyped-def]
+        if not gqa and groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
+
+    return attend
+
+
+def attention_by_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_starts: list[int],
+    key_starts: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Each row's new tokens attend to its whole sequence, causally (the last query sees every key)."""
+    outs = []
+    for row in range(len(query_starts) - 1):
+        qs = q[query_starts[row] : query_starts[row + 1]].transpose(0, 1)  # (heads, m, dim)
+        ks = k[key_starts[row] : key_starts[row + 1]].transpose(0, 1)  # (kv_heads, n, dim)
+        vs = v[key_starts[row] : key_starts[row + 1]].transpose(0, 1)
+        m, n = qs.shape[1], ks.shape[1]
+        if m == n:
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            keys_seen = torch.arange(m, device=q.device).unsqueeze(1) + (n - m)
+            mask = torch.arange(n, device=q.device).unsqueeze(0) <= keys_seen
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs)
+
+
+class PrefillForward:
+    """Runs packed prefills of the model's language part over the paged cache (see module doc)."""
+
+    def __init__(self, model: Any, cache: PagedKVCache) -> None:
+        text = model.model.language_model
+        self.embed = text.embed_tokens
+        self.layers = list(text.layers)
+        self.norm = text.norm
+        self.rotary = text.rotary_emb
+        self.lm_head = model.lm_head
+        self.cache = cache
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.heads = model.config.text_config.num_attention_heads
+        self.kv_heads = model.config.text_config.num_key_value_heads
+        self.scale = float(attn.scaling)
+        self.cuda = cache.keys[0].device.type == "cuda"
+        self.fused = self.cuda and hasattr(attn, "qkv_weight")
+        self.varlen = _varlen_function(self.heads, self.kv_heads, self.scale) if self.cuda else None
+        if self.varlen is not None and not self._varlen_agrees():
+            self.varlen = None
+        if self.cuda:
+            log.info("prefill attention: %s", "varlen flash" if self.varlen else "SDPA row by row")
+
+    def _varlen_agrees(self) -> bool:
+        """Check the varlen function against row-by-row SDPA once, on a row with a reused prefix
+        and one without: an API whose causal mask were aligned top-left would fail here."""
+        assert self.varlen is not None
+        dim, device, dtype = self.head_dim, self.cache.keys[0].device, self.cache.keys[0].dtype
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        query_starts, key_starts = [0, 40, 140], [0, 100, 200]
+        q = torch.randn(140, self.heads, dim, generator=generator).to(device, dtype)
+        k = torch.randn(200, self.kv_heads, dim, generator=generator).to(device, dtype)
+        v = torch.randn(200, self.kv_heads, dim, generator=generator).to(device, dtype)
+        expected = attention_by_rows(q, k, v, query_starts, key_starts, self.scale)
+        try:
+            cu_q = torch.tensor(query_starts, dtype=torch.int32, device=device)
+            cu_k = torch.tensor(key_starts, dtype=torch.int32, device=device)
+            got = self.varlen(q, k, v, cu_q, cu_k, 100, 100)
+            error = float((got.float() - expected.float()).abs().max())
+        except Exception:  # an API of another shape: row by row is always right
+            log.warning("varlen attention failed its check; prefill attends row by row", exc_info=True)
+            return False
+        if error > 0.05:
+            log.warning("varlen attention differs from SDPA by %.3f; prefill attends row by row", error)
+            return False
+        return True
+
+    def _attend(self, q: torch.Tensor, layer: int, batch: Packed) -> torch.Tensor:
+        flat = (-1, self.kv_heads, self.head_dim)
+        k = self.cache.keys[layer].view(flat).index_select(0, batch.gather)
+        v = self.cache.values[layer].view(flat).index_select(0, batch.gather)
+        if self.varlen is not None:
+            max_q = max(b - a for a, b in pairwise(batch.query_starts))
+            max_k = max(b - a for a, b in pairwise(batch.key_starts))
+            return self.varlen(q, k, v, batch.starts[0], batch.starts[1], max_q, max_k)
+        return attention_by_rows(q, k, v, batch.query_starts, batch.key_starts, self.scale)
+
+    @torch.inference_mode()
+    def run(
+        self,
+        batch: Packed,
+        embeds: torch.Tensor | None,
+        deepstack: list[torch.Tensor],
+        every_position: bool = False,
+    ) -> torch.Tensor:
+        """Logits (float) of each row's last token (rows, vocab), or of every token (T, vocab).
+        *embeds*: the pictures' encoder outputs, in the order of their tokens; *deepstack*: the
+        features added after the first layers, same order."""
+        if batch.copy_from is not None and batch.copy_to is not None:
+            flat = (-1, self.kv_heads, self.head_dim)
+            for keys, values in zip(self.cache.keys, self.cache.values, strict=True):
+                keys.view(flat).index_copy_(
+                    0, batch.copy_to, keys.view(flat).index_select(0, batch.copy_from)
+                )
+                values.view(flat).index_copy_(
+                    0, batch.copy_to, values.view(flat).index_select(0, batch.copy_from)
+                )
+        hidden = self.embed(batch.ids)
+        if embeds is not None and batch.pictures is not None:
+            hidden.index_copy_(0, batch.pictures, embeds.to(hidden.dtype))
+        cos, sin = self.rotary(hidden.unsqueeze(0), batch.positions.unsqueeze(1))
+        cos, sin = cos[0], sin[0]  # (T, dim)
+        forward = self._layers_fused if self.fused else self._layers_stock
+        hidden = forward(hidden, cos, sin, batch, deepstack)
+        chosen = hidden if every_position else hidden.index_select(0, batch.last)
+        return self.lm_head(self.norm(chosen)).float()
+
+    def _deepstack(self, hidden: torch.Tensor, batch: Packed, features: torch.Tensor) -> None:
+        if batch.pictures is not None:
+            hidden.index_add_(0, batch.pictures, features.to(hidden.dtype))
+
+    def _layers_stock(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: Packed,
+        deepstack: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The checkpoint's modules as transformers runs them (CPU; checked against its forward)."""
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
+
+        tokens = hidden.shape[0]
+        shape = (tokens, -1, self.head_dim)
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            attn = layer.self_attn
+            q = attn.q_norm(attn.q_proj(x).view(shape))
+            k = attn.k_norm(attn.k_proj(x).view(shape))
+            v = attn.v_proj(x).view(shape)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+            self.cache.write(index, batch.store, k, v)
+            hidden = residual + attn.o_proj(self._attend(q, index, batch).reshape(tokens, -1))
+            mlp = layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + (mlp[0] if isinstance(mlp, tuple) else mlp)
+            if index < len(deepstack):
+                self._deepstack(hidden, batch, deepstack[index])
+        return hidden
+
+    def _layers_fused(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: Packed,
+        deepstack: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The decode step's fused kernels (CUDA): norms with the residual add, q/k norm + rotary +
+        cache write in one kernel, SiLU*up; a layer's sum is made explicit where deepstack adds."""
+        from .kernels import qk_norm_rope_store, rms_norm, silu_mul
+
+        linear = torch.nn.functional.linear
+        tokens = hidden.shape[0]
+        cos, sin = cos.contiguous(), sin.contiguous()
+        residual: torch.Tensor | None = None
+        for index, layer in enumerate(self.layers):
+            norm = layer.input_layernorm
+            if residual is None:
+                x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon), hidden
+            else:
+                x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon, residual)
+            attn = layer.self_attn
+            q = qk_norm_rope_store(
+                linear(x, attn.qkv_weight),
+                attn.q_norm.weight,
+                attn.k_norm.weight,
+                cos,
+                sin,
+                self.cache.keys[index],
+                self.cache.values[index],
+                batch.store,
+                self.heads,
+                self.kv_heads,
+                self.head_dim,
+                attn.q_norm.variance_epsilon,
+            )
+            hidden = attn.o_proj(self._attend(q, index, batch).reshape(tokens, -1))
+            norm = layer.post_attention_layernorm
+            x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon, residual)
+            mlp = layer.mlp
+            if hasattr(mlp, "gate_up_weight"):
+                hidden = mlp.down_proj(silu_mul(linear(x, mlp.gate_up_weight)))
+            else:  # mixture of experts: the block's own forward
+                out = mlp(x.unsqueeze(1))
+                hidden = (out[0] if isinstance(out, tuple) else out).view(tokens, -1)
+            if index < len(deepstack):
+                assert residual is not None
+                hidden = hidden + residual  # transformers adds deepstack to the layer's output
+                self._deepstack(hidden, batch, deepstack[index])
+                residual = None
+        if residual is not None:
+            hidden = hidden + residual
+        return hidden
