@@ -17,12 +17,12 @@ Every refusal raises `PictureRejected` with a protocol v1 error code (`bad_image
 `too_large`) and the sentence the sender is shown; each side turns it into its own error
 type at its edge. Nothing here decodes pixels: the server's model side
 (`server/inference/images.py`) and the client's re-encoding (`client/images.py`) do.
-Pillow is the one dependency beyond the standard library; both sides already need it.
+Beyond the standard library: Pillow, which both sides already need, and pybase64 (SIMD base64:
+~0.07 ms instead of 2.5 ms for a 1.2 MB picture, time the server's parser held the GIL).
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import math
@@ -30,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Final
 
+import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from protocol.v1 import ErrorCode
@@ -61,7 +62,7 @@ class ImageLimits:
 
 def encode_base64(data: bytes) -> str:
     """*data* as a frame's ``images`` entry carries it (standard alphabet, padded)."""
-    return base64.b64encode(data).decode("ascii")
+    return pybase64.b64encode_as_string(data)
 
 
 def decode_base64(item: str, number: int, max_bytes: int) -> bytes:
@@ -83,7 +84,7 @@ def decode_base64(item: str, number: int, max_bytes: int) -> bytes:
             f"picture {number} is about {len(item) * 3 / 4e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB",
         )
     try:
-        data = base64.b64decode(item, validate=True)
+        data = pybase64.b64decode(item, validate=True)
     except (binascii.Error, ValueError):
         raise PictureRejected(ErrorCode.BAD_IMAGE, f"picture {number} is not valid base64") from None
     if len(data) > max_bytes:
