@@ -11,7 +11,8 @@
 #      58 GiB would not fit on the disk): executor in process, then the service over WebSocket
 # The 8B/30B-A3B teacher forcing passed on 2026-11-30 and is not rerun.
 # `PROBE=1` ends with bench/prefill_probe.py (masked attention at new shapes, follow-up prefill,
-# preparation on 8 threads); `ONLY_2B=1` leaves out 8B and 30B-A3B.
+# preparation on 8 threads); `ONLY_2B=1` leaves out 8B and 30B-A3B; `PREPARE=0` leaves out step 3;
+# `BASE=DIR` measures 2B from the tree in DIR too (before a change), side by side.
 # The commit measured is read from the file COMMIT at the top of the tree when there is one (write
 # it when copying a branch's tree: a copy's git metadata may name another checkout's head).
 # Files back in $OUT: run.log, the serve-*.json and gpu_check/probe json, and logs.tar.gz (the
@@ -61,15 +62,16 @@ step 190 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --roun
 keep_logs 2b
 step 30 "plot 2b" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
   2026-11-30=bench/results/h200-2026-11-30-run2/serve-2b.json now="$OUT/serve-2b.json"
-# `AB=1`: the same 2B service with the pictures decoded on the threads and fixed prefill slices
-# (the behaviour before executor.prepare_processes and executor.prefill_stall_target), in the same
-# run, so the two are compared side by side.
-if [ "${AB:-0}" = 1 ]; then
-  step 150 "serve 2b, threads and fixed slices" python3 bench/serve.py --model 2b --concurrency 32,64 \
-    --rounds 3 --scenarios ws,arriving --arrive 32,16,1.0,4 "${PROFILE[@]}" \
-    --server-env EXECUTOR_PREPARE_PROCESSES=0 --server-env EXECUTOR_PREFILL_STALL_TARGET=0 \
-    --workdir $WORK/2b-off --out "$OUT/serve-2b-off.json"
-  keep_logs 2b-off
+# `BASE=DIR`: the same 2B measurements (in process, WebSocket, arriving pictures) from another
+# tree, e.g. the commit before a change (`git archive REV` into DIR, carried with this one), in
+# the same run on the same GPU, so the two are compared side by side.
+if [ -n "${BASE:-}" ]; then
+  step 170 "serve 2b, base tree" bash -c "cd '$BASE' && python3 bench/serve.py --model 2b --concurrency 32,64 \
+    --rounds 3 --scenarios executor,ws,arriving --arrive 32,16,1.0,4 ${PROFILE[*]} \
+    --workdir $WORK/2b-base --out '$OUT/serve-2b-base.json'"
+  keep_logs 2b-base
+  step 30 "plot 2b against base" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
+    base="$OUT/serve-2b-base.json" now="$OUT/serve-2b.json"
 fi
 if [ "${GPU_CHECK:-0}" = 1 ]; then
   step 100 "gpu_check 2b" python3 bench/gpu_check.py --model 2b --out "$OUT/gpu_check-2b.json"
@@ -79,6 +81,7 @@ else
 fi
 # Picture preparation alone (bench/prepare.py): 8 threads like the server's picture pool, then
 # with one more thread spinning in Python (the worker and the event loop want the GIL too).
+if [ "${PREPARE:-1}" = 1 ]; then
 step 45 "prepare" python3 bench/prepare.py --device cuda --threads 8 --pictures 48 --out "$OUT/prepare.json"
 step 45 "prepare, busy" python3 bench/prepare.py --device cuda --threads 8 --pictures 48 --busy \
   --out "$OUT/prepare-busy.json"
@@ -89,6 +92,7 @@ step 45 "prepare, processes" python3 bench/prepare.py --device cuda --threads 8 
 step 45 "prepare, processes, busy" python3 bench/prepare.py --device cuda --threads 8 --processes 8 \
   --pictures 48 --busy --out "$WORK/prepare-processes-busy.json"
 cp "$WORK"/prepare-processes*.json "$KEEP"/ 2>/dev/null && tar -czf "$OUT/logs.tar.gz" -C "$KEEP" . 2>/dev/null
+fi
 if [ "${ONLY_2B:-0}" != 1 ]; then
   step 140 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
     --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"

@@ -1,86 +1,134 @@
-"""Where does prefill time go? Times the parts of a batched prompt on the GPU.
+"""Where does prefill time go? The engine's two prefill phases on the GPU, by kernel.
 
-python bench/profile_prefill.py --model 2b
+For 1 and 4 new 1024x1024 pictures: the vision encoder (`VisionEncoder.encode`, its cache off)
+and the packed language-model forward (`PrefillForward.run`), each timed (best of 3, host and
+device) and then profiled once: the kernels that take the most device time.
+
+python bench/profile_prefill.py --model 2b [--out profile.txt]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.architectures import build_checkpoint
+from bench.architectures import load_in_memory
 from bench.executor import noise_jpeg
-from protocol.pictures import ImageLimits
-from server.inference.api import Turn
+from server.inference.api import SamplingParams, Turn
+from server.inference.engine import Sequence
 from server.inference.model.demo import build_demo_model
+from server.inference.model.model_engine import EngineOptions, ModelEngine
+from server.inference.model.prefill import pack
 from server.inference.model.runner import ModelRunner
 
 
-def timed(fn, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any, repeats: int = 3) -> tuple[float, float]:
+    """(host seconds to launch, seconds until the device is done), best of *repeats*."""
     fn()
-    torch.cuda.synchronize()
-    best = float("inf")
+    sync()
+    host, device = float("inf"), float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - started)
-    return best
+        launched = time.perf_counter()
+        sync()
+        host = min(host, launched - started)
+        device = min(device, time.perf_counter() - started)
+    return host, device
+
+
+def kernels(fn: Any, rows: int = 22) -> str:
+    cuda = torch.cuda.is_available()
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        fn()
+        sync()
+    order = "cuda_time_total" if cuda else "cpu_time_total"
+    return str(prof.key_averages().table(sort_by=order, row_limit=rows, max_name_column_width=70))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="2b")
-    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--model", default="2b", help="2b | 8b | 30b-a3b | demo (a CPU dry run)")
+    parser.add_argument("--pictures", default="1,4")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp())
-    demo = build_demo_model(work / "demo")
-    build_checkpoint(args.model, work / args.model, demo)
-    runner = ModelRunner.load(
-        str(work / args.model),
-        device="cuda",
-        dtype="bfloat16",
-        limits=ImageLimits(max_pixels=1024 * 1024),
-        max_context_tokens=4096,
-    )
-    model = runner.model
-    images = [noise_jpeg(1024, i) for i in range(16)]
-    print("| batch | prepare ms/img (CPU) | h2d ms | vision ms | full prefill ms | prefill ms/img |")
-    print("|---|---|---|---|---|---|")
-    for batch in [int(b) for b in args.batches.split(",")]:
-        started = time.perf_counter()
-        prompts = [runner.prompts.build([Turn.user("Describe.", [images[i]])]) for i in range(batch)]
-        prepare = (time.perf_counter() - started) / batch
-        inputs = runner.model_inputs(prompts)
-        h2d = timed(lambda: runner.model_inputs(prompts))
-        pixel, grid = inputs["pixel_values"], inputs["image_grid_thw"]
-        with torch.inference_mode():
-            vision = timed(lambda: model.model.get_image_features(pixel, grid))
-            full = timed(lambda: model(**runner.model_inputs(prompts), use_cache=True, logits_to_keep=1))
-        print(
-            f"| {batch} | {prepare * 1000:.1f} | {h2d * 1000:.1f} | {vision * 1000:.1f} | "
-            f"{full * 1000:.1f} | "
-            f"{full * 1000 / batch:.1f} |",
-            flush=True,
-        )
-    batch = int(args.batches.split(",")[-1])
-    prompts = [runner.prompts.build([Turn.user("Describe.", [images[i]])]) for i in range(batch)]
-    with (
-        torch.inference_mode(),
-        torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        ) as prof,
-    ):
-        model(**runner.model_inputs(prompts), use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    import tempfile
+
+    from protocol.pictures import ImageLimits
+
+    demo = build_demo_model(Path(tempfile.mkdtemp()) / "demo")
+    if args.model == "demo":
+        from server.inference.model.loader import load_model
+
+        loaded = load_model(str(demo), "cpu", "float32")
+    else:
+        loaded = load_in_memory(args.model, demo)
+    runner = ModelRunner(loaded, ImageLimits(max_pixels=1024 * 1024), 8192)
+    engine = ModelEngine(runner, EngineOptions(max_batch=8, max_context_tokens=8192, vision_cache_bytes=0))
+    engine.warm_up()
+    device, dtype = runner.device, runner.dtype
+    report: list[str] = []
+    for count in [int(c) for c in args.pictures.split(",")]:
+        seqs = [
+            Sequence(
+                str(i),
+                engine.prepare([Turn.user("Describe.", [noise_jpeg(1024, 100 + i)])]),
+                SamplingParams(),
+                4,
+            )
+            for i in range(count)
+        ]
+        for seq in seqs:
+            assert engine.reserve(seq)
+        pictures = [p.picture for seq in seqs for p in seq.prompt.data.pictures]
+        encoded = engine.vision.encode(pictures, device, dtype)
+        embeds = torch.cat([e.embeds for e in encoded])
+        deepstack = [torch.cat(level) for level in zip(*(e.deepstack for e in encoded), strict=True)]
+        rows = [(s.prompt.data.prompt.input_ids, s.prompt.data.positions, engine_slots(s), 0) for s in seqs]
+        batch = pack(rows, [], runner.prompts.image_token_id, device)
+
+        def vision() -> None:
+            with engine._attention():
+                engine.vision.encode(pictures, device, dtype)
+
+        def forward() -> None:
+            with engine._attention():
+                engine.forward.run(batch, embeds, deepstack)
+
+        for name, fn in (("vision", vision), ("forward", forward)):
+            host, done = timed(fn)
+            line = (
+                f"{name}, {count} picture(s), {batch.query_starts[-1]} tokens: "
+                f"host {host * 1e3:.1f} ms, device done {done * 1e3:.1f} ms"
+            )
+            print(line, flush=True)
+            report.append(line)
+            table = kernels(fn)
+            print(table, flush=True)
+            report.append(table)
+        for seq in seqs:
+            engine.release(seq)
+    if args.out:
+        Path(args.out).write_text("\n".join(report))
+
+
+def engine_slots(seq: Sequence) -> torch.Tensor:
+    from server.inference.model.model_engine import _slots
+
+    return _slots(seq.state.cache.pages, 0, seq.prompt.length)
 
 
 if __name__ == "__main__":
