@@ -48,3 +48,33 @@ def test_precomputed_grid_tensors_give_the_stock_encoder_output_exactly(demo_mod
         assert len(encoded.deepstack) == len(stock.deepstack_features) > 0
         for level, features in zip(encoded.deepstack, stock.deepstack_features, strict=True):
             assert torch.equal(level, features[number])
+
+
+@torch.inference_mode()
+def test_the_patch_embedding_as_one_gemm_equals_its_convolution(demo_model_dir: Path) -> None:
+    from server.inference.model.loader import load_model
+    from server.inference.model.vision import patch_embed_as_linear
+
+    visual = load_model(str(demo_model_dir), "cpu", "float32").model.model.visual
+    embed = visual.patch_embed
+    kernel = embed.proj.kernel_size
+    patches_in = torch.randn(37, embed.in_channels * kernel[0] * kernel[1] * kernel[2])
+    stock = embed(patches_in)
+    patch_embed_as_linear(visual)
+    assert embed.forward is not type(embed).forward  # replaced
+    torch.testing.assert_close(embed(patches_in), stock, rtol=1e-5, atol=1e-5)
+
+
+def test_grid_inputs_are_computed_once_per_picture_size(demo_model_dir: Path) -> None:
+    options = EngineOptions(max_batch=2, max_context_tokens=4096, max_new_tokens=8, vision_cache_bytes=0)
+    engine = ModelEngine.load(
+        str(demo_model_dir), device="cpu", dtype="float32", limits=ImageLimits(), options=options
+    )
+    same_size = [noise_png(96, 64, 3), noise_png(96, 64, 4), make_png(320, 200)]
+    prompt = engine.prepare([Turn.user("Compare them.", same_size)])
+    engine.vision.encode([p.picture for p in prompt.data.pictures], engine.runner.device, engine.runner.dtype)
+    assert engine.vision.precompute
+    assert len(engine.vision._grids) == 2  # two sizes among three pictures
+    assert all(
+        {"position_ids", "interp_indices", "interp_weights"} <= set(e) for e in engine.vision._grids.values()
+    )
