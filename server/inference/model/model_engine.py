@@ -188,6 +188,7 @@ class ModelEngine:
         self.forward = PrefillForward(runner.model, self.kv)
         self._merge = int(runner.model.config.vision_config.spatial_merge_size)
         self._cells = list(range(options.max_batch - 1, -1, -1))
+        self._admissions = 0  # a cell given to a new sequence changes what its row's table holds
         self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=runner.device)
         self.capture_seconds = 0.0
         self.keep_logits = False  # prefill keeps the logits of every position in `prefill_logits`
@@ -304,6 +305,7 @@ class ModelEngine:
                 self.kv.drop(hit.source)
             return False
         seq.state = _State(cache, self._cells.pop())
+        self._admissions += 1
         if hit is not None:
             seq.state.reused = hit.length
             seq.state.shared = hit.shared
@@ -401,7 +403,8 @@ class ModelEngine:
             lengths.append(state.cache.length + 1)
         blocked = self._blocked(seqs)
         rows = len(seqs)
-        logits = self.step.run(cells, positions, slots, lengths, blocked, tables)
+        layout = (self._admissions, tuple(cells))  # the same rows as the last step: same tables
+        logits = self.step.run(cells, positions, slots, lengths, blocked, tables, layout)
         for seq in seqs:  # advanced only once the step is launched: a failed launch changes nothing
             seq.state.cache.length += 1
             seq.state.next_position += 1
