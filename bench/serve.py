@@ -399,9 +399,13 @@ class Server:
         self.port = free_port()
         self.http = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}/ws"
+        # Weights built in memory: the service is pointed at the demo checkpoint, whose folder its
+        # start-up checks accept (an architecture's name is no folder); serve_random.py's loader
+        # builds the named architecture instead of reading it.
+        path = str(args.demo_dir) if args.weights == "memory" else model_dir
         env = {
             **os.environ,
-            "VLBRIDGE_MODEL_PATH": model_dir,
+            "VLBRIDGE_MODEL_PATH": path,
             "VLBRIDGE_MODEL_DEVICE": args.device,
             "VLBRIDGE_MODEL_DTYPE": args.dtype,
             "VLBRIDGE_MODEL_MAX_NEW_TOKENS": str(max(args.new_tokens, 256)),

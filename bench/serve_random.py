@@ -24,7 +24,7 @@ def main() -> int:
     from server.cli import main as serve
     from server.inference.model import runner
 
-    def load(path: str, device: str = "auto", dtype: str = "auto") -> Any:
+    def load(path: str, device: str = "auto", dtype: str = "auto", *progress: Any) -> Any:
         return load_in_memory(name, demo, "bfloat16" if dtype == "auto" else dtype)
 
     runner.load_model = load  # type: ignore[assignment]  # the one place the service loads weights
