@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from server.inference.echo import ECHO_PATH
-from tests.feishu_service import Service, launched
+from tests.feishu_service import Service, launched, launched_together
 from tests.waiting import DEADLINE, until_blocking
 
 UPSTREAM_KEY = "upstream-key"  # the upstreams' bearer token: the backend must send it
@@ -53,10 +53,23 @@ def spawned(
     /health says the model is ready. Every line it logs is in `Service.lines`."""
     full_env = {**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})}
     with launched(config, full_env, python_flags) as service:
-        until_blocking(
-            lambda: service.health()["state"] == "ready", "the model to load", 4 * DEADLINE, poll=0.1
-        )
+        _until_ready(service)
         yield service
+
+
+@contextmanager
+def spawned_together(configs: Sequence[Path]) -> Iterator[list[Service]]:
+    """`spawned` for several servers, all started before the first is waited for (their
+    slow imports and model loads overlap), in the order of *configs*."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    with launched_together(configs, env) as services:
+        for service in services:
+            _until_ready(service)
+        yield services
+
+
+def _until_ready(service: Service) -> None:
+    until_blocking(lambda: service.health()["state"] == "ready", "the model to load", 4 * DEADLINE, poll=0.1)
 
 
 def base_url(service: Service) -> str:

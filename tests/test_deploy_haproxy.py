@@ -21,7 +21,7 @@ import orjson
 
 from tests.feishu_service import Service
 from tests.haproxy import DEPLOY_CONFIG, HAProxy, free_port, needs_haproxy, render, run_haproxy, wait_up
-from tests.openai_upstreams import answers_counted, echo_config, spawned
+from tests.openai_upstreams import answers_counted, echo_config, spawned_together
 from tests.waiting import DEADLINE, until, until_blocking
 
 pytestmark = needs_haproxy
@@ -40,14 +40,11 @@ def balanced(directory: Path, executor: str) -> Iterator[tuple[dict[str, Service
     docker/haproxy.cfg, both up."""
     with ExitStack() as stack:
         agents = [free_port() for _ in NAMES]
-        instances = {
-            name: stack.enter_context(
-                spawned(
-                    echo_config(directory / name, f"agent_check_port = {agent}\n", executor, grace=DEADLINE)
-                )
-            )
+        configs = [
+            echo_config(directory / name, f"agent_check_port = {agent}\n", executor, grace=DEADLINE)
             for name, agent in zip(NAMES, agents, strict=True)
-        }
+        ]
+        instances = dict(zip(NAMES, stack.enter_context(spawned_together(configs)), strict=True))
         port, socket_path = free_port(), directory / "haproxy.sock"
         ports = [instance.port for instance in instances.values()]
         config = render(DEPLOY_CONFIG.read_text(), port, ports, socket_path, agents)

@@ -190,6 +190,31 @@ async def test_full_queue_answers_busy_at_once_with_retry_after(executor: Infere
         handle.cancel()
 
 
+async def test_a_fast_executor_that_is_full_says_retry_in_one_second(demo_model_dir: Path) -> None:
+    """Once it knows its pace, a refusal names when a place frees up (at least 1 s); the 5 s
+    for an executor that has answered nothing yet must not come back because the estimate
+    rounds to 0.0 s (a Feishu answer waits `retry_after` before it asks again)."""
+    options = EngineOptions(max_batch=4, max_context_tokens=4096, max_new_tokens=64)
+    ex = demo_executor(demo_model_dir, options, queue_size=1)
+    await ex.start()
+    await ex.wait_ready(60)
+    try:
+        short = SamplingParams(max_new_tokens=1)
+        for i in range(4):  # its pace: answers of one token, each in a fraction of a second
+            assert isinstance(
+                (await collect(ex, InferenceRequest(f"w{i}", [Turn.user("hi")], short)))[-1], Done
+            )
+        handles = [ex.submit(InferenceRequest(f"q{i}", [Turn.user("hi")], short)) for i in range(8)]
+        firsts = [await anext(aiter(h)) for h in handles]
+        busy = [e for e in firsts if isinstance(e, Failed)]
+        assert busy, "a queue of 1 cannot take 8 at once"
+        assert all(e.code == "busy" and e.retry_after == 1.0 for e in busy), busy
+        for handle in handles:
+            handle.cancel()
+    finally:
+        await ex.stop()
+
+
 async def test_mixed_sampling_settings_and_stop_strings_in_one_batch(executor: InferenceExecutor) -> None:
     turns = [Turn.user("Describe it.", [make_png()])]
     [*_, greedy] = await collect(executor, InferenceRequest("g", turns, GREEDY))

@@ -24,6 +24,7 @@ from server.inference.images import decode_image
 from server.inference.model.model_engine import EngineOptions, ModelEngine
 from server.inference.picture_processes import SEGMENT_PREFIX, PictureProcesses, prepare_processes
 from tests.conftest import make_png
+from tests.dying_decoder import crash
 from tests.executors import demo_executor
 from tests.test_executor import GREEDY, collect, conversations
 from tests.waiting import DEADLINE, until, until_blocking
@@ -35,11 +36,6 @@ def segments() -> list[str]:
     """This process's shared-memory segments still there."""
     prefix = f"{SEGMENT_PREFIX}{os.getpid()}-"
     return sorted(p.name for p in SHM.iterdir() if p.name.startswith(prefix)) if SHM.is_dir() else []
-
-
-def crash(data: bytes, limits: ImageLimits, name: str) -> None:
-    """A worker that dies the way an out-of-memory kill ends one."""
-    os._exit(1)
 
 
 def array(shape: tuple[int, ...]) -> np.ndarray:

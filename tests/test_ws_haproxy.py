@@ -16,7 +16,7 @@ from pathlib import Path
 from server.logs import short_id
 from tests.feishu_service import Service
 from tests.haproxy import DEPLOY_CONFIG, HAProxy, free_port, needs_haproxy, render, run_haproxy, wait_up
-from tests.openai_upstreams import echo_config, spawned
+from tests.openai_upstreams import echo_config, spawned_together
 from tests.waiting import until
 from tests.wsclient import Client
 
@@ -54,10 +54,9 @@ async def test_a_resume_reaches_its_owner_and_one_whose_owner_died_gets_a_new_se
     tmp_path: Path,
 ) -> None:
     with ExitStack() as stack:
-        instances = {
-            name: stack.enter_context(spawned(echo_config(tmp_path / name)))
-            for name in ("vlbridge1", "vlbridge2")
-        }
+        names = ("vlbridge1", "vlbridge2")
+        configs = [echo_config(tmp_path / name) for name in names]
+        instances = dict(zip(names, stack.enter_context(spawned_together(configs)), strict=True))
         socket_path = tmp_path / "haproxy.sock"
         port = free_port()
         config = render(DEPLOY_CONFIG.read_text(), port, [s.port for s in instances.values()], socket_path)

@@ -11,7 +11,8 @@ Protocol (JSON lines; all times are ``time.time()`` seconds):
 - stdout: ``{"t": "event", "message_id", "new", "at"}`` per received message, once it is in the
   inbox (``new`` is false for a redelivery); ``{"t": "malformed", "event_id", "why"}`` for an
   event that is not a message this bot can read (acknowledged: a redelivery would not fix it);
-  ``{"t": "state", "at", "connected", "unanswered_since"}`` every `heartbeat` seconds (with
+  ``{"t": "state", "at", "connected", "unanswered_since"}`` every `heartbeat` seconds and at
+  once (within `STATE_TICK`) when the connection comes up or goes down (with
   ``"starting": true`` from the first moment until the SDK is imported, which takes seconds of
   CPU: the watchdog then knows the worker is alive, not hung),
   ``{"t": "log", "level", "msg"}`` for the SDK's info/warning/error lines;
@@ -93,6 +94,9 @@ class _SdkLog(logging.Handler):
             self.pings.pong()
         if record.levelno >= logging.INFO and not msg.startswith("receive message"):
             _emit({"t": "log", "level": record.levelname, "msg": msg})
+
+
+STATE_TICK = 0.1  # seconds between two looks at the SDK's connection (a report only on a change)
 
 
 def _stdin_watch(stdin: IO[bytes]) -> None:
@@ -206,17 +210,21 @@ def main() -> int:
     loaded.set()
 
     async def report() -> None:
+        last: bool | None = None
+        due = 0.0
         while True:
             connected = getattr(client, "_conn", None) is not None  # read-only look at SDK state
-            _emit(
-                {
-                    "t": "state",
-                    "at": time.time(),
-                    "connected": connected,
-                    "unanswered_since": pings.unanswered_since,
-                }
-            )
-            await asyncio.sleep(heartbeat)
+            if connected is not last or time.monotonic() >= due:
+                _emit(
+                    {
+                        "t": "state",
+                        "at": time.time(),
+                        "connected": connected,
+                        "unanswered_since": pings.unanswered_since,
+                    }
+                )
+                last, due = connected, time.monotonic() + heartbeat
+            await asyncio.sleep(min(heartbeat, STATE_TICK))
 
     ws_module.loop.create_task(report())
     try:

@@ -412,7 +412,7 @@ class InferenceExecutor:
 
     def _retry_after(self) -> float:
         eta = self._eta(max(1, self._pending - self.limits.max_batch))
-        return float(min(60.0, max(1.0, eta or 5.0)))
+        return float(min(60.0, max(1.0, 5.0 if eta is None else eta)))
 
     def _emit(self, job: _Job, event: Event) -> None:
         if not isinstance(event, Delta) or not job.streamed:
