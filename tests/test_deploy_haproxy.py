@@ -173,8 +173,8 @@ async def test_an_instance_stopped_with_sigterm_is_drained_without_a_failed_requ
             assert nobody.status_code == 503 and nobody.json()["error"]["code"] == "unavailable", nobody.text
         assert exit_code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
         assert failures == []
+        await until(lambda: instances[victim].logged("drained in"), "the victim's log to say it drained")
         assert not instances[victim].logged("draining: 0 running answers")  # it had one to finish
-        assert instances[victim].logged("drained in")
 
 
 @contextmanager

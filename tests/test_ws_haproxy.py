@@ -98,7 +98,12 @@ async def test_a_resume_reaches_its_owner_and_one_whose_owner_died_gets_a_new_se
             deltas = "".join(frame["text"] for frame in frames if frame["type"] == "delta")
             assert rest[-1]["type"] == "done" and rest[-1]["text"] == deltas
             said = f"session {short_id(client.session)}: resumed after seq {seen[name]}"
-            assert [n for n, instance in instances.items() if instance.logged(said)] == [name]
+            # The logs are read by a thread per instance: wait for the line, then say whose it is.
+            loggers = await until(
+                lambda said=said: [n for n, instance in instances.items() if instance.logged(said)],
+                f"an instance to log {said!r}",
+            )
+            assert loggers == [name]
 
         # An owner dies (kill -9) under a connected session: its resume reaches the other
         # instance, which says plainly that it does not know the session and opens a new one.
@@ -109,7 +114,8 @@ async def test_a_resume_reaches_its_owner_and_one_whose_owner_died_gets_a_new_se
         assert lost.hello["resumed"] is False, lost.hello
         assert lost.hello["resume_error"] == "unknown or expired session"
         assert lost.session != dead.session
-        assert instances[survivor].logged(f"resume of {short_id(dead.session)} refused")
+        refused = f"resume of {short_id(dead.session)} refused"
+        await until(lambda: instances[survivor].logged(refused), f"the survivor to log {refused!r}")
         await lost.ask("again", "hello again", max_tokens=4)
         assert (await lost.until_end("again"))[-1]["type"] == "done"
         assert (await asyncio.to_thread(proxy.table)).get(lost.session) == int(
