@@ -26,6 +26,7 @@ import torch
 
 from .attention import paged_attention_reference, paged_attention_triton
 from .kvcache import PAGE, PagedKVCache
+from .text import TextModel
 
 log = logging.getLogger("vlbridge.model.decode")
 
@@ -59,22 +60,9 @@ class DeviceTokens:
         return [int(t) for t in self._host[: self._rows].tolist()]
 
 
-class DecodeStep:
+class DecodeStep(TextModel):
     def __init__(self, model: Any, cache: PagedKVCache, max_batch: int, max_pages_per_row: int) -> None:
-        text = model.model.language_model
-        self.embed = text.embed_tokens
-        self.layers = list(text.layers)
-        self.norm = text.norm
-        self.rotary = text.rotary_emb
-        self.lm_head = model.lm_head
-        self.cache = cache
-        attn = self.layers[0].self_attn
-        self.head_dim = attn.head_dim
-        self.heads = model.config.text_config.num_attention_heads
-        self.kv_heads = model.config.text_config.num_key_value_heads
-        self.scale = float(attn.scaling)
-        self.device = cache.keys[0].device
-        self.cuda = self.device.type == "cuda"
+        super().__init__(model, cache)
         self.max_batch = max_batch
         self.buckets = batch_buckets(max_batch)
         self.scratch_cell = max_batch  # padded rows read and write this token cell
@@ -125,46 +113,18 @@ class DecodeStep:
 
     def _forward_fused(self, rows: int) -> None:
         """The CUDA step: fused kernels (kernels.py), projections fused by `fuse_projections`."""
-        from .kernels import qk_norm_rope_store, rms_norm, silu_mul
+        from .kernels import rms_norm
 
-        linear = torch.nn.functional.linear
         hidden = self.embed(self.tokens[self.inputs[CELL, :rows]])  # (rows, hidden)
         position_ids = self.inputs[POSITION, :rows].view(1, rows, 1).expand(3, rows, 1)
         cos, sin = self.rotary(hidden.unsqueeze(1), position_ids)
         cos, sin = cos.view(rows, -1), sin.view(rows, -1)
         slots = self.inputs[SLOT, :rows]
         residual: torch.Tensor | None = None
-        for index, layer in enumerate(self.layers):
-            norm = layer.input_layernorm
-            if residual is None:
-                x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon), hidden
-            else:
-                x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon, residual)
-            attn = layer.self_attn
-            q = qk_norm_rope_store(
-                linear(x, attn.qkv_weight),
-                attn.q_norm.weight,
-                attn.k_norm.weight,
-                cos,
-                sin,
-                self.cache.keys[index],
-                self.cache.values[index],
-                slots,
-                self.heads,
-                self.kv_heads,
-                self.head_dim,
-                attn.q_norm.variance_epsilon,
+        for index in range(len(self.layers)):
+            hidden, residual = self.fused_layer(
+                index, hidden, residual, cos, sin, slots, lambda q, layer: self._attention(q, layer, rows)
             )
-            out = self._attention(q, index, rows)
-            hidden = attn.o_proj(out.view(rows, -1))
-            norm = layer.post_attention_layernorm
-            x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon, residual)
-            mlp = layer.mlp
-            if hasattr(mlp, "gate_up_weight"):
-                hidden = mlp.down_proj(silu_mul(linear(x, mlp.gate_up_weight)))
-            else:  # mixture of experts: the block's own forward
-                out = mlp(x.unsqueeze(1))
-                hidden = (out[0] if isinstance(out, tuple) else out).view(rows, -1)
         x, _ = rms_norm(hidden, self.norm.weight, self.norm.variance_epsilon, residual)
         self.logits[:rows] = self.lm_head(x).float()
 

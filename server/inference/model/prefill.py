@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .kvcache import PagedKVCache
+from .text import TextModel
 
 log = logging.getLogger("vlbridge.model.prefill")
 
@@ -153,24 +154,12 @@ def attention_by_rows(
     return torch.cat(outs)
 
 
-class PrefillForward:
+class PrefillForward(TextModel):
     """Runs packed prefills of the model's language part over the paged cache (see module doc)."""
 
     def __init__(self, model: Any, cache: PagedKVCache) -> None:
-        text = model.model.language_model
-        self.embed = text.embed_tokens
-        self.layers = list(text.layers)
-        self.norm = text.norm
-        self.rotary = text.rotary_emb
-        self.lm_head = model.lm_head
-        self.cache = cache
-        attn = self.layers[0].self_attn
-        self.head_dim = attn.head_dim
-        self.heads = model.config.text_config.num_attention_heads
-        self.kv_heads = model.config.text_config.num_key_value_heads
-        self.scale = float(attn.scaling)
-        self.cuda = cache.keys[0].device.type == "cuda"
-        self.fused = self.cuda and hasattr(attn, "qkv_weight")
+        super().__init__(model, cache)
+        self.fused = self.cuda and hasattr(self.layers[0].self_attn, "qkv_weight")
         self.varlen = _varlen_function(self.heads, self.kv_heads, self.scale) if self.cuda else None
         if self.varlen is not None and not self._varlen_agrees():
             self.varlen = None
@@ -284,44 +273,13 @@ class PrefillForward:
     ) -> torch.Tensor:
         """The decode step's fused kernels (CUDA): norms with the residual add, q/k norm + rotary +
         cache write in one kernel, SiLU*up; a layer's sum is made explicit where deepstack adds."""
-        from .kernels import qk_norm_rope_store, rms_norm, silu_mul
-
-        linear = torch.nn.functional.linear
-        tokens = hidden.shape[0]
         cos, sin = cos.contiguous(), sin.contiguous()
         residual: torch.Tensor | None = None
-        for index, layer in enumerate(self.layers):
-            norm = layer.input_layernorm
-            if residual is None:
-                x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon), hidden
-            else:
-                x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon, residual)
-            attn = layer.self_attn
-            q = qk_norm_rope_store(
-                linear(x, attn.qkv_weight),
-                attn.q_norm.weight,
-                attn.k_norm.weight,
-                cos,
-                sin,
-                self.cache.keys[index],
-                self.cache.values[index],
-                batch.store,
-                self.heads,
-                self.kv_heads,
-                self.head_dim,
-                attn.q_norm.variance_epsilon,
+        for index in range(len(self.layers)):
+            hidden, residual = self.fused_layer(
+                index, hidden, residual, cos, sin, batch.store, lambda q, layer: self._attend(q, layer, batch)
             )
-            hidden = attn.o_proj(self._attend(q, index, batch).reshape(tokens, -1))
-            norm = layer.post_attention_layernorm
-            x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon, residual)
-            mlp = layer.mlp
-            if hasattr(mlp, "gate_up_weight"):
-                hidden = mlp.down_proj(silu_mul(linear(x, mlp.gate_up_weight)))
-            else:  # mixture of experts: the block's own forward
-                out = mlp(x.unsqueeze(1))
-                hidden = (out[0] if isinstance(out, tuple) else out).view(tokens, -1)
             if index < len(deepstack):
-                assert residual is not None
                 hidden = hidden + residual  # transformers adds deepstack to the layer's output
                 self._deepstack(hidden, batch, deepstack[index])
                 residual = None
