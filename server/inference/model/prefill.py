@@ -12,8 +12,8 @@ over the packed tokens (T rows of hidden state, no padding): each layer writes t
 keys/values into their pages at once, then attention reads each row's whole sequence (its reused
 prefix and its new tokens, gathered from the pages) with a bottom-right causal mask, in one
 variable-length flash-attention call on CUDA (`torch.nn.attention.varlen`) or row by row with
-SDPA (CPU, or a torch that lacks it). On CUDA the layer is the decode step's fused kernels
-(kernels.py): ~9 launches per layer. Pictures' encoder outputs replace their placeholder tokens'
+SDPA (CPU, or a torch that lacks it). On CUDA the layer is the decode step's fused layer (text.py,
+kernels.py): ~9 launches per layer. Pictures' encoder outputs replace their placeholder tokens'
 embeddings and their deepstack features are added after the first layers, as transformers does.
 """
 
