@@ -110,20 +110,21 @@ def full_vocab_tokenizer(demo_dir: Path, target: Path, vocab_size: int) -> None:
 
     The demo tokenizer has a few hundred ids; a random-weight model samples from all of
     `vocab_size`, and ids the tokenizer does not know decode to nothing, so an answer would
-    arrive as one piece at the end. Each added id is a BPE vocabulary entry " word" (byte-level
-    "Ġword") without merges: encoding text never produces it, decoding gives the word. The
-    special tokens keep their ids, so prompts tokenize exactly as with the demo tokenizer.
+    arrive as one piece at the end. Each added id is a word " word" (an added token: decoding
+    gives the word, and encoding the decoded text gives the same ids back, as a real model's
+    answers do when the next turn repeats them: the prefix cache can then reuse the answer's
+    keys and values, and a follow-up prefills its new question only). The special tokens keep
+    their ids, so prompts tokenize exactly as with the demo tokenizer.
     """
     for file in demo_dir.iterdir():
         if file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(file, target / file.name)
     data = json.loads((demo_dir / "tokenizer.json").read_text())
-    vocab: dict[str, int] = data["model"]["vocab"]
-    known = set(vocab)
-    start = max(vocab.values()) + 1
-    fillers = (f"\u0120{w}" for w in _filler_words(2 * vocab_size) if f"\u0120{w}" not in known)
-    for token_id, word in zip(range(start, vocab_size), fillers, strict=False):
-        vocab[word] = token_id
+    added: list[dict[str, Any]] = data["added_tokens"]
+    start = max(max(data["model"]["vocab"].values()), *(token["id"] for token in added)) + 1
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": False}
+    for token_id, word in zip(range(start, vocab_size), _filler_words(vocab_size), strict=False):
+        added.append({"id": token_id, "content": f" {word}", **flags})
     (target / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
 
 

@@ -12,7 +12,8 @@
 # The 8B/30B-A3B teacher forcing passed on 2026-11-30 and is not rerun.
 # `PROBE=1` ends with bench/prefill_probe.py (masked attention at new shapes, follow-up prefill,
 # preparation on 8 threads); `ONLY_2B=1` leaves out 8B and 30B-A3B; `PREPARE=0` leaves out step 3;
-# `BASE=DIR` measures 2B from the tree in DIR too (before a change), side by side.
+# `BASE=DIR` measures 2B from the tree in DIR too (before a change), side by side; `SKIP_2B=1` leaves
+# out steps 1-2 (8B and 30B-A3B in a call of their own: all steps together take over 10 minutes).
 # The commit measured is read from the file COMMIT at the top of the tree when there is one (write
 # it when copying a branch's tree: a copy's git metadata may name another checkout's head).
 # Files back in $OUT: run.log, the serve-*.json and gpu_check/probe json, and logs.tar.gz (the
@@ -28,11 +29,19 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheel install failed"; exit 1; }
 fi
+# FlashAttention 4 (bench/gpu_fa4.sh): its first part copied to /tmp/fa4parts by a call before, the
+# second carried in .fa4b.
+if ls /tmp/fa4parts/fa4part.* .fa4b/fa4part.* >/dev/null 2>&1; then
+  cat /tmp/fa4parts/fa4part.* .fa4b/fa4part.* | tar -xJ -C /tmp \
+    && export PYTHONPATH=/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH \
+    || { echo "FlashAttention 4 unpacking failed"; exit 1; }
+fi
 LOG="$OUT/run.log"
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   if [ -f COMMIT ]; then echo "commit $(cat COMMIT)"; else git log -1 --format='commit %h %s' 2>/dev/null || true; fi
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+  python3 -c 'import flash_attn.cute.interface' 2>/dev/null && echo "FlashAttention 4 importable" || echo "no FlashAttention 4"
 } 2>&1 | tee "$LOG"
 
 step() {  # step SECONDS NAME COMMAND...: run with a time limit, everything into the log
@@ -56,6 +65,7 @@ KEEP=$WORK/keep
 mkdir -p $WORK $KEEP
 # Timing lines every 2 s, to match them with the scenarios' start times printed by serve.py.
 PROFILE=(--server-env EXECUTOR_PROFILE_SECONDS=2)
+if [ "${SKIP_2B:-0}" != 1 ]; then
 step 190 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --rounds 3 \
   --followup-concurrency 1,16 --followup-rounds 4 --arrive 32,16,1.0,4 "${PROFILE[@]}" \
   --workdir $WORK/2b --out "$OUT/serve-2b.json"
@@ -78,6 +88,7 @@ if [ "${GPU_CHECK:-0}" = 1 ]; then
 else
   step 50 "teacher forcing 2b" python3 bench/gpu_check.py --model 2b --teacher-forcing-only \
     --out "$OUT/gpu_check-2b.json"
+fi
 fi
 # Picture preparation alone (bench/prepare.py): 8 threads like the server's picture pool, then
 # with one more thread spinning in Python (the worker and the event loop want the GIL too).

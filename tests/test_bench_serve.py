@@ -52,7 +52,7 @@ def test_serve_benchmark_runs_every_scenario_on_cpu(
     assert arriving["quiet"]["gaps"] + arriving["busy"]["gaps"] > 0
 
 
-def test_full_vocab_tokenizer_decodes_every_id_and_encodes_as_before(
+def test_full_vocab_tokenizer_decodes_every_id_and_round_trips(
     demo_model_dir: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoTokenizer
@@ -67,3 +67,6 @@ def test_full_vocab_tokenizer_decodes_every_id_and_encodes_as_before(
         piece = wide.decode([token_id], skip_special_tokens=True)
         assert piece.startswith(" ") and piece.strip().isalpha(), (token_id, piece)
     assert len({wide.decode([i]) for i in range(len(demo), len(demo) + 2000)}) == 2000  # all distinct
+    # An answer's text encodes back to its ids, as a real model's does when the next turn repeats it.
+    answer = [len(demo) + 3, 90_001, 5_000, 151_935, 12_345, len(demo) + 70]
+    assert wide(wide.decode(answer), add_special_tokens=False)["input_ids"] == answer

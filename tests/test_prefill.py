@@ -17,9 +17,9 @@ from bench.gpu_check import check_teacher_forcing
 from protocol.pictures import ImageLimits
 from server.inference.api import SamplingParams, Turn
 from server.inference.engine import Sequence
+from server.inference.model.flash import attention_by_rows
 from server.inference.model.kvcache import PAGE
 from server.inference.model.model_engine import EngineOptions, ModelEngine
-from server.inference.model.prefill import attention_by_rows
 from tests.conftest import make_png
 
 

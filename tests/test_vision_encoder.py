@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -78,3 +79,42 @@ def test_grid_inputs_are_computed_once_per_picture_size(demo_model_dir: Path) ->
     assert all(
         {"position_ids", "interp_indices", "interp_weights"} <= set(e) for e in engine.vision._grids.values()
     )
+
+
+@torch.inference_mode()
+def test_one_varlen_attention_call_per_layer_gives_the_stock_encoder_output(
+    demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the encoder's attention runs as one variable-length call per layer for all its pictures
+    (flash.py; FlashAttention 4 on an H200). The route through transformers (the registered attention
+    function, the offsets passed in, the output's layout) is checked here with a CPU stand-in for the
+    kernel that records its calls: same output as the stock encoder, which calls SDPA per picture."""
+    from server.inference.model import vision
+    from server.inference.model.flash import attention_by_rows
+
+    calls: list[tuple[list[int], int]] = []
+
+    def rows(q, k, v, cu_q, cu_k, max_q, max_k):  # type: ignore[no-untyped-def]
+        calls.append((cu_q.tolist(), max_q))
+        return attention_by_rows(q, k, v, cu_q.tolist(), cu_k.tolist(), q.shape[-1] ** -0.5, causal=False)
+
+    monkeypatch.setattr(vision, "varlen_attention", lambda *a, **k: ("CPU stand-in", rows))
+    options = EngineOptions(max_batch=2, max_context_tokens=4096, max_new_tokens=8, vision_cache_bytes=0)
+    engine = ModelEngine.load(
+        str(demo_model_dir), device="cpu", dtype="float32", limits=ImageLimits(), options=options
+    )
+    prompt = engine.prepare([Turn.user("Compare them.", [noise_png(96, 64, 5), noise_png(40, 400, 6)])])
+    batch = [p.picture for p in prompt.data.pictures]
+    stock = engine.model.model.get_image_features(
+        patches([p.decoded for p in batch], "cpu", torch.float32),
+        torch.cat([p.grid for p in batch]),
+        return_dict=True,
+    )
+    assert engine.model.model.visual.config._attn_implementation == vision.VARLEN_ATTENTION
+    calls.clear()
+    ours = engine.vision.encode(batch, engine.runner.device, engine.runner.dtype)
+    sizes = [int(p.grid.prod()) for p in batch]
+    assert calls and all(call == ([0, sizes[0], sum(sizes)], max(sizes)) for call in calls)
+    assert len(calls) == len(engine.model.model.visual.blocks)  # one call per layer, not per picture
+    for number, encoded in enumerate(ours):
+        torch.testing.assert_close(encoded.embeds, stock.pooler_output[number], rtol=1e-4, atol=1e-4)

@@ -11,33 +11,26 @@ Here, like the decode step (decode.py), the checkpoint's own modules run in tran
 over the packed tokens (T rows of hidden state, no padding): each layer writes the new tokens'
 keys/values into their pages at once, then attention reads each row's whole sequence (its reused
 prefix and its new tokens, gathered from the pages) with a bottom-right causal mask, in one
-variable-length flash-attention call on CUDA (`torch.nn.attention.varlen`) or row by row with
-SDPA (CPU, or a torch that lacks it). On CUDA the layer is the decode step's fused layer (text.py,
+variable-length flash-attention call on CUDA (flash.py, torch's FA2) or row by row with SDPA
+(CPU, or a torch that lacks it). On CUDA the layer is the decode step's fused layer (text.py,
 kernels.py): ~9 launches per layer. Pictures' encoder outputs replace their placeholder tokens'
 embeddings and their deepstack features are added after the first layers, as transformers does.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from .flash import Varlen, attention_by_rows, varlen_attention
 from .kvcache import PagedKVCache
 from .text import TextModel
 
 log = logging.getLogger("vlbridge.model.prefill")
-
-# attend(q (T, heads, dim), k (K, kv_heads, dim), v, cu_q, cu_k, max_q, max_k) -> (T, heads, dim)
-Varlen = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor
-]
 
 
 @dataclass
@@ -99,96 +92,28 @@ def pack(
     )
 
 
-def _varlen_function(heads: int, kv_heads: int, scale: float) -> Varlen | None:
-    """torch's variable-length flash attention, if this torch has it, as `Varlen`; None otherwise.
-    Its signature changed between releases: causal is `window_size=(-1, 0)` or `is_causal=True`."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    extra: dict[str, Any] = {}
-    if "window_size" in params:
-        extra["window_size"] = (-1, 0)
-    elif "is_causal" in params:
-        extra["is_causal"] = True
-    else:
-        return None
-    if "scale" in params:
-        extra["scale"] = scale
-    gqa = "enable_gqa" in params
-    if gqa:
-        extra["enable_gqa"] = True
-    groups = heads // kv_heads
-
-    def attend(q, k, v, cu_q, cu_k, max_q, max_k):  # type: ignore[no-untyped-def]
-        if not gqa and groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
-
-    return attend
-
-
-def attention_by_rows(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    query_starts: list[int],
-    key_starts: list[int],
-    scale: float,
-) -> torch.Tensor:
-    """Each row's new tokens attend to its whole sequence, causally (the last query sees every key)."""
-    outs = []
-    for row in range(len(query_starts) - 1):
-        qs = q[query_starts[row] : query_starts[row + 1]].transpose(0, 1)  # (heads, m, dim)
-        ks = k[key_starts[row] : key_starts[row + 1]].transpose(0, 1)  # (kv_heads, n, dim)
-        vs = v[key_starts[row] : key_starts[row + 1]].transpose(0, 1)
-        m, n = qs.shape[1], ks.shape[1]
-        if m == n:
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            keys_seen = torch.arange(m, device=q.device).unsqueeze(1) + (n - m)
-            mask = torch.arange(n, device=q.device).unsqueeze(0) <= keys_seen
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
-        outs.append(out.transpose(0, 1))
-    return torch.cat(outs)
-
-
 class PrefillForward(TextModel):
     """Runs packed prefills of the model's language part over the paged cache (see module doc)."""
 
     def __init__(self, model: Any, cache: PagedKVCache) -> None:
         super().__init__(model, cache)
         self.fused = self.cuda and hasattr(self.layers[0].self_attn, "qkv_weight")
-        self.varlen = _varlen_function(self.heads, self.kv_heads, self.scale) if self.cuda else None
-        if self.varlen is not None and not self._varlen_agrees():
-            self.varlen = None
+        self.varlen: Varlen | None = None
         if self.cuda:
-            log.info("prefill attention: %s", "varlen flash" if self.varlen else "SDPA row by row")
-
-    def _varlen_agrees(self) -> bool:
-        """Check the varlen function against row-by-row SDPA once, on a row with a reused prefix
-        and one without: an API whose causal mask were aligned top-left would fail here."""
-        assert self.varlen is not None
-        dim, device, dtype = self.head_dim, self.cache.keys[0].device, self.cache.keys[0].dtype
-        generator = torch.Generator(device="cpu").manual_seed(0)
-        query_starts, key_starts = [0, 40, 140], [0, 100, 200]
-        q = torch.randn(140, self.heads, dim, generator=generator).to(device, dtype)
-        k = torch.randn(200, self.kv_heads, dim, generator=generator).to(device, dtype)
-        v = torch.randn(200, self.kv_heads, dim, generator=generator).to(device, dtype)
-        expected = attention_by_rows(q, k, v, query_starts, key_starts, self.scale)
-        try:
-            cu_q = torch.tensor(query_starts, dtype=torch.int32, device=device)
-            cu_k = torch.tensor(key_starts, dtype=torch.int32, device=device)
-            got = self.varlen(q, k, v, cu_q, cu_k, 100, 100)
-            error = float((got.float() - expected.float()).abs().max())
-        except Exception:  # an API of another shape: row by row is always right
-            log.warning("varlen attention failed its check; prefill attends row by row", exc_info=True)
-            return False
-        if error > 0.05:
-            log.warning("varlen attention differs from SDPA by %.3f; prefill attends row by row", error)
-            return False
-        return True
+            keys = self.cache.keys[0]
+            found = varlen_attention(
+                self.heads,
+                self.kv_heads,
+                self.head_dim,
+                self.scale,
+                causal=True,
+                device=keys.device,
+                dtype=keys.dtype,
+                fa4=False,
+            )
+            if found is not None:
+                self.varlen = found[1]
+            log.info("prefill attention: %s", found[0] if found else "SDPA row by row")
 
     def _attend(self, q: torch.Tensor, layer: int, batch: Packed) -> torch.Tensor:
         flat = (-1, self.kv_heads, self.head_dim)
