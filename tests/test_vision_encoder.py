@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -118,3 +119,89 @@ def test_one_varlen_attention_call_per_layer_gives_the_stock_encoder_output(
     assert len(calls) == len(engine.model.model.visual.blocks)  # one call per layer, not per picture
     for number, encoded in enumerate(ours):
         torch.testing.assert_close(encoded.embeds, stock.pooler_output[number], rtol=1e-4, atol=1e-4)
+
+
+class _Replay:
+    """A CPU stand-in for a captured CUDA graph: replaying runs the padded forward it stands for."""
+
+    def __init__(self, graphs: Any, key: tuple[int, int], spoil: bool) -> None:
+        self.graphs, self.key, self.spoil = graphs, key, spoil
+
+    def replay(self) -> None:
+        self.graphs._forward(self.key)
+        if self.spoil:  # a graph that computed something else
+            self.graphs._out.add_(1.0)
+
+
+def _engine_with_graphs(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch, spoil: bool = False) -> Any:
+    """The demo engine on the CPU with the vision encoder's graph path on: the varlen attention by a
+    CPU stand-in and graph capture by `_Replay` (a CUDA graph needs a GPU; all else is the real code:
+    buckets, static buffers, the padding segment, the check against the eager encoder)."""
+    from server.inference.model import vision
+    from server.inference.model.flash import attention_by_rows
+    from server.inference.model.vision_graphs import VisionGraphs
+
+    calls: list[tuple[list[int], int]] = []
+
+    def rows(q, k, v, cu_q, cu_k, max_q, max_k):  # type: ignore[no-untyped-def]
+        calls.append((cu_q.tolist(), max_q))
+        return attention_by_rows(q, k, v, cu_q.tolist(), cu_k.tolist(), q.shape[-1] ** -0.5, causal=False)
+
+    monkeypatch.setattr(vision, "varlen_attention", lambda *a, **k: ("CPU stand-in", rows))
+    monkeypatch.setattr(VisionGraphs, "_record", lambda self, key: _Replay(self, key, spoil))
+    options = EngineOptions(max_batch=2, max_context_tokens=4096, max_new_tokens=8, vision_cache_bytes=0)
+    engine = ModelEngine.load(
+        str(demo_model_dir), device="cpu", dtype="float32", limits=ImageLimits(), options=options
+    )
+    engine.vision.graphs.enabled = True  # as on CUDA
+    engine.vision.graphs.limit = vision.GRAPH_PATCHES
+    engine.calls = calls
+    return engine
+
+
+def _stock_and_ours(engine: Any, pngs: list[bytes]) -> tuple[Any, list[Any], list[int]]:
+    prompt = engine.prepare([Turn.user("Compare them.", pngs)])
+    batch = [p.picture for p in prompt.data.pictures]
+    stock = engine.model.model.get_image_features(
+        patches([p.decoded for p in batch], "cpu", torch.float32),
+        torch.cat([p.grid for p in batch]),
+        return_dict=True,
+    )
+    ours = engine.vision.encode(batch, engine.runner.device, engine.runner.dtype)
+    return stock, ours, [int(p.grid.prod()) for p in batch]
+
+
+@torch.inference_mode()
+def test_vision_graphs_pad_batches_into_a_segment_of_their_own(
+    demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _engine_with_graphs(demo_model_dir, monkeypatch)
+    graphs = engine.vision.graphs
+    # The first batch of a size captures its graph and checks it; the next one of that size replays it.
+    for pngs in (
+        [noise_png(96, 64, 7), noise_png(40, 400, 8)],
+        [noise_png(40, 400, 9), noise_png(64, 96, 10)],
+    ):
+        engine.calls.clear()
+        stock, ours, sizes = _stock_and_ours(engine, pngs)
+        padded = [0, sizes[0], sum(sizes), 1024]  # the padding up to the bucket: a segment of its own
+        assert (padded, 1024) in engine.calls, engine.calls
+        for number, encoded in enumerate(ours):
+            torch.testing.assert_close(encoded.embeds, stock.pooler_output[number], rtol=1e-4, atol=1e-4)
+            for level, features in zip(encoded.deepstack, stock.deepstack_features, strict=True):
+                torch.testing.assert_close(level, features[number], rtol=1e-4, atol=1e-4)
+    assert list(graphs._graphs) == [(1024, 2)] and graphs.enabled
+    # More pictures than a graph takes: encoded eagerly, no graph.
+    stock, ours, _ = _stock_and_ours(engine, [noise_png(32, 32, s) for s in range(9)])
+    assert list(graphs._graphs) == [(1024, 2)]
+    torch.testing.assert_close(ours[8].embeds, stock.pooler_output[8], rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_a_vision_graph_that_disagrees_with_the_encoder_turns_graphs_off(
+    demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _engine_with_graphs(demo_model_dir, monkeypatch, spoil=True)
+    stock, ours, _ = _stock_and_ours(engine, [noise_png(96, 64, 11)])
+    assert not engine.vision.graphs.enabled and not engine.vision.graphs._graphs
+    torch.testing.assert_close(ours[0].embeds, stock.pooler_output[0], rtol=1e-4, atol=1e-4)  # the eager one

@@ -183,7 +183,7 @@ class ModelEngine:
         self.kv = PagedKVCache(layers, kv_heads, head_dim, pages, runner.dtype, runner.device)
         log.info("KV cache: %d tokens (%.2f GiB)", pages * 64, pages * 64 * per_token / 2**30)
         self.prefix = PrefixCache(self.kv) if options.prefix_cache else None
-        self.vision = VisionEncoder(runner.model, options.vision_cache_bytes)
+        self.vision = VisionEncoder(runner.model, options.vision_cache_bytes, graphs=options.cuda_graphs)
         self.step = DecodeStep(runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens + 1))
         self.forward = PrefillForward(runner.model, self.kv)
         self._merge = int(runner.model.config.vision_config.spatial_merge_size)

@@ -23,6 +23,12 @@ from transformers.vision_utils import (
 
 from .flash import varlen_attention
 from .pixels import Decoded, patches
+from .vision_graphs import VisionGraphs
+
+# CUDA graphs for batches of up to 8 pictures and 32768 patches (8 pictures of 1024x1024); larger
+# batches, rare and with their launches spread over more work, run eagerly.
+GRAPH_PICTURES = 8
+GRAPH_PATCHES = 32768
 
 log = logging.getLogger("vlbridge.model.vision")
 
@@ -114,12 +120,16 @@ def varlen_vision_attention(visual: Any) -> str | None:
 class VisionEncoder:
     """Encodes pictures for prefill through the model's own `get_image_features`."""
 
-    def __init__(self, model: Any, budget_bytes: int) -> None:
+    def __init__(self, model: Any, budget_bytes: int, graphs: bool = False) -> None:
         self._model = model
-        patch_embed_as_linear(model.model.visual)
-        attention = varlen_vision_attention(model.model.visual)
+        visual = model.model.visual
+        patch_embed_as_linear(visual)
+        attention = varlen_vision_attention(visual)
         if attention is not None:
             log.info("vision attention: %s, all pictures in one call per layer", attention)
+        # CUDA graphs need the varlen attention (the SDPA path splits by offsets on the host).
+        limit = GRAPH_PATCHES if graphs and attention is not None else 0
+        self.graphs = VisionGraphs(visual, limit, GRAPH_PICTURES)
         self.budget = budget_bytes
         self._cache: OrderedDict[bytes, Encoded] = OrderedDict()
         self._bytes = 0
@@ -174,22 +184,26 @@ class VisionEncoder:
             for name in per_picture[0]
         }
         cu_seqlens = get_vision_cu_seqlens(grid)
-        if "flash" in str(getattr(visual.config, "_attn_implementation", "")):
-            precomputed["cu_seqlens"] = cu_seqlens.to(device, non_blocking=True)
-            precomputed["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        else:
-            precomputed["cu_seqlens"] = cu_seqlens  # stays on the CPU: only split by
+        sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        varlen = "flash" in str(getattr(visual.config, "_attn_implementation", ""))
+
+        def eager() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            kwargs = dict(precomputed)
+            if varlen:
+                kwargs.update(cu_seqlens=cu_seqlens.to(device, non_blocking=True), max_seqlen=max(sizes))
+            else:
+                kwargs["cu_seqlens"] = cu_seqlens  # stays on the CPU: only split by
+            out = visual(pixels, grid_thw=grid.to(device, non_blocking=True), return_dict=True, **kwargs)
+            return out.pooler_output, list(out.deepstack_features)
+
         try:
-            out = visual(pixels, grid_thw=grid.to(device, non_blocking=True), return_dict=True, **precomputed)
+            merged, deepstack = self.graphs.run(pixels, precomputed, sizes, eager)
         except (RuntimeError, TypeError, ValueError):  # e.g. a device mismatch: raised at launch
             log.warning("the vision encoder refused precomputed grid tensors; using its own", exc_info=True)
             self.precompute = False
             return self._stock(pictures, device, dtype)
-        sizes = (grid.prod(-1) // merge**2).tolist()
-        return (
-            torch.split(out.pooler_output, sizes),
-            [torch.split(level, sizes) for level in out.deepstack_features],
-        )
+        tokens = [size // merge**2 for size in sizes]
+        return torch.split(merged, tokens), [torch.split(level, tokens) for level in deepstack]
 
     def _grid_inputs(self, visual: Any, grid: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """What the encoder derives from one picture's grid, on the CPU, kept by grid size (pictures of
