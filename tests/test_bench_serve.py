@@ -52,9 +52,7 @@ def test_serve_benchmark_runs_every_scenario_on_cpu(
     assert arriving["quiet"]["gaps"] + arriving["busy"]["gaps"] > 0
 
 
-def test_full_vocab_tokenizer_decodes_every_id_and_round_trips(
-    demo_model_dir: Path, tmp_path: Path
-) -> None:
+def test_full_vocab_tokenizer_decodes_every_id_and_round_trips(demo_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     full_vocab_tokenizer(demo_model_dir, tmp_path, 151_936)

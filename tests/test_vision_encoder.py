@@ -15,7 +15,7 @@ from protocol.pictures import ImageLimits
 from server.inference.api import Turn
 from server.inference.model.model_engine import EngineOptions, ModelEngine
 from server.inference.model.pixels import patches
-from server.inference.model.vision import VisionEncoder
+from server.inference.model.vision import GRAPH_PICTURES, VisionEncoder
 from tests.conftest import make_png
 
 
@@ -124,7 +124,7 @@ def test_one_varlen_attention_call_per_layer_gives_the_stock_encoder_output(
 class _Replay:
     """A CPU stand-in for a captured CUDA graph: replaying runs the padded forward it stands for."""
 
-    def __init__(self, graphs: Any, key: tuple[int, int], spoil: bool) -> None:
+    def __init__(self, graphs: Any, key: int, spoil: bool) -> None:
         self.graphs, self.key, self.spoil = graphs, key, spoil
 
     def replay(self) -> None:
@@ -184,17 +184,36 @@ def test_vision_graphs_pad_batches_into_a_segment_of_their_own(
     ):
         engine.calls.clear()
         stock, ours, sizes = _stock_and_ours(engine, pngs)
-        padded = [0, sizes[0], sum(sizes), 1024]  # the padding up to the bucket: a segment of its own
+        # The padding up to the bucket is a segment of its own; empty ones fill the fixed count.
+        padded = [0, sizes[0], sum(sizes)] + [1024] * (GRAPH_PICTURES + 2 - 3)
         assert (padded, 1024) in engine.calls, engine.calls
         for number, encoded in enumerate(ours):
             torch.testing.assert_close(encoded.embeds, stock.pooler_output[number], rtol=1e-4, atol=1e-4)
             for level, features in zip(encoded.deepstack, stock.deepstack_features, strict=True):
                 torch.testing.assert_close(level, features[number], rtol=1e-4, atol=1e-4)
-    assert list(graphs._graphs) == [(1024, 2)] and graphs.enabled
+    assert list(graphs._graphs) == [1024] and graphs.enabled
     # More pictures than a graph takes: encoded eagerly, no graph.
-    stock, ours, _ = _stock_and_ours(engine, [noise_png(32, 32, s) for s in range(9)])
-    assert list(graphs._graphs) == [(1024, 2)]
-    torch.testing.assert_close(ours[8].embeds, stock.pooler_output[8], rtol=1e-4, atol=1e-4)
+    stock, ours, _ = _stock_and_ours(engine, [noise_png(32, 32, s) for s in range(GRAPH_PICTURES + 1)])
+    assert list(graphs._graphs) == [1024]
+    torch.testing.assert_close(ours[-1].embeds, stock.pooler_output[-1], rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_vision_graphs_are_captured_at_warm_up_for_every_padded_size(
+    demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _engine_with_graphs(demo_model_dir, monkeypatch)
+    graphs = engine.vision.graphs
+    graphs.limit = 3 * 1024
+    assert engine.vision.warm_up_graphs(engine.runner.device, engine.runner.dtype) == 3
+    assert sorted(graphs._graphs) == [1024, 2048, 3072] and graphs.enabled
+    engine.calls.clear()
+    pngs = [noise_png(400, 200, seed) for seed in range(12, 16)]
+    stock, ours, sizes = _stock_and_ours(engine, pngs)  # over 1024 patches: the 2048 graph
+    assert sum(sizes) > 1024 and sorted(graphs._graphs) == [1024, 2048, 3072]  # replayed, none captured
+    assert any(max_q == 2048 for _, max_q in engine.calls), engine.calls  # (the stock run: the rest)
+    for number, encoded in enumerate(ours):
+        torch.testing.assert_close(encoded.embeds, stock.pooler_output[number], rtol=1e-4, atol=1e-4)
 
 
 @torch.inference_mode()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("vlbridge.model.flash")
 
+FA4 = "FlashAttention 4"
 # attend(q (T, heads, dim), k (K, kv_heads, dim), v, cu_q, cu_k, max_q, max_k) -> (T, heads, dim)
 Varlen = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor
@@ -168,7 +169,7 @@ def varlen_attention(
     follow-up's new turn) are bound by the host."""
     if device.type != "cuda":
         return None
-    makers = (("FlashAttention 4", _fa4),) if fa4 else ()
+    makers = ((FA4, _fa4),) if fa4 else ()
     for name, make in (*makers, ("torch varlen FA2", _torch_varlen)):
         attend = make(heads, kv_heads, scale, causal)
         if attend is not None and _agrees(attend, heads, kv_heads, dim, scale, causal, device, dtype):

@@ -264,6 +264,10 @@ class ModelEngine:
             except Exception:
                 log.exception("CUDA graph capture failed; decoding eagerly")
                 self.step.graphs.clear()
+            begun = time.monotonic()
+            graphs = self.vision.warm_up_graphs(self.runner.device, self.runner.dtype)
+            if graphs:
+                log.info("vision encoder: %d CUDA graphs in %.1f s", graphs, time.monotonic() - begun)
         log.info("warm-up took %.1f s", time.monotonic() - started)
 
     # ---- Engine protocol ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from transformers.vision_utils import (
     get_vision_position_ids,
 )
 
-from .flash import varlen_attention
+from .flash import FA4, varlen_attention
 from .pixels import Decoded, patches
 from .vision_graphs import VisionGraphs
 
@@ -127,8 +127,10 @@ class VisionEncoder:
         attention = varlen_vision_attention(visual)
         if attention is not None:
             log.info("vision attention: %s, all pictures in one call per layer", attention)
-        # CUDA graphs need the varlen attention (the SDPA path splits by offsets on the host).
-        limit = GRAPH_PATCHES if graphs and attention is not None else 0
+        # CUDA graphs need the varlen attention (the SDPA path splits by offsets on the host), and
+        # FlashAttention 4's: it sizes its grid by the tokens, torch's FA2 by the longest segment
+        # times the segments, which a graph's fixed offsets would inflate ~9 times.
+        limit = GRAPH_PATCHES if graphs and attention == FA4 else 0
         self.graphs = VisionGraphs(visual, limit, GRAPH_PICTURES)
         self.budget = budget_bytes
         self._cache: OrderedDict[bytes, Encoded] = OrderedDict()
@@ -177,8 +179,17 @@ class VisionEncoder:
         visual = self._model.model.visual
         grid = torch.cat([p.grid for p in pictures])
         pixels = patches([p.decoded for p in pictures], device, dtype)
-        merge = int(visual.spatial_merge_size)
-        per_picture = [self._grid_inputs(visual, tuple(int(v) for v in p.grid[0].tolist())) for p in pictures]
+        try:
+            return self._encode(visual, pixels, grid, device)
+        except (RuntimeError, TypeError, ValueError):  # e.g. a device mismatch: raised at launch
+            log.warning("the vision encoder refused precomputed grid tensors; using its own", exc_info=True)
+            self.precompute = False
+            return self._stock(pictures, device, dtype)
+
+    def _encode(
+        self, visual: Any, pixels: torch.Tensor, grid: torch.Tensor, device: torch.device
+    ) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
+        per_picture = [self._grid_inputs(visual, tuple(int(v) for v in g.tolist())) for g in grid]
         precomputed: dict[str, Any] = {
             name: torch.cat([entry[name] for entry in per_picture]).to(device, non_blocking=True)
             for name in per_picture[0]
@@ -196,14 +207,25 @@ class VisionEncoder:
             out = visual(pixels, grid_thw=grid.to(device, non_blocking=True), return_dict=True, **kwargs)
             return out.pooler_output, list(out.deepstack_features)
 
-        try:
-            merged, deepstack = self.graphs.run(pixels, precomputed, sizes, eager)
-        except (RuntimeError, TypeError, ValueError):  # e.g. a device mismatch: raised at launch
-            log.warning("the vision encoder refused precomputed grid tensors; using its own", exc_info=True)
-            self.precompute = False
-            return self._stock(pictures, device, dtype)
-        tokens = [size // merge**2 for size in sizes]
+        merged, deepstack = self.graphs.run(pixels, precomputed, sizes, eager)
+        tokens = [size // int(visual.spatial_merge_size) ** 2 for size in sizes]
         return torch.split(merged, tokens), [torch.split(level, tokens) for level in deepstack]
+
+    @torch.inference_mode()
+    def warm_up_graphs(self, device: torch.device, dtype: torch.dtype) -> int:
+        """Capture the encoder's graphs for every padded size now (see vision_graphs.py), each checked
+        on two random pictures of half its patches; how many there are."""
+        visual = self._model.model.visual
+        width = visual.patch_embed.proj.weight[0].numel()  # values per patch
+        generator = torch.Generator(device=device).manual_seed(0)
+        for padded in self.graphs.buckets():
+            if not self.graphs.enabled:  # off (CPU, another attention), or a graph failed its check
+                break
+            half = padded // 2  # 32 rows of patches: an even grid for the 2x2 merge
+            grid = torch.tensor([[1, 32, half // 32]] * 2)
+            pixels = torch.randn(padded, width, device=device, dtype=dtype, generator=generator)
+            self._encode(visual, pixels, grid, device)
+        return self.graphs.captured
 
     def _grid_inputs(self, visual: Any, grid: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """What the encoder derives from one picture's grid, on the CPU, kept by grid size (pictures of

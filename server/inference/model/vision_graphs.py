@@ -7,15 +7,16 @@ host for 11 ms of device work). A graph replays the same kernels for ~0.1 ms of 
 
 A graph has fixed shapes, so batches are padded: the patches to a multiple of `STEP`, as one more
 segment of the variable-length attention (the padding attends only to itself, and its outputs are
-dropped), keyed by (padded patches, pictures). The real offsets, pixels and position inputs are
-copied into static buffers (shared by all graphs, sized for the largest) before each replay; the
-attention reads its offsets on the device. The outputs are copied into shared buffers at the end
-of the graph, so the graphs' own memory (one pool) holds only what one encoding needs at a time.
-Graphs are captured on first use, up to `MAX_GRAPHS`, each checked once against the eager encoder
-on its first batch (captured with other offsets than the batch's, so a kernel that had baked its
-offsets in at capture would fail the check); a failed capture or check turns graphs off for good.
-Only with the variable-length attention (vision.py): transformers' SDPA path splits by offsets on
-the host.
+dropped), and the offsets to a fixed count (`max_pictures` + 2, empty segments after the padding:
+FlashAttention 4 sizes its grid by the total of tokens, so they cost nothing); so a graph serves
+every batch of its padded size. The real offsets, pixels and position inputs are copied into static
+buffers (shared by all graphs, sized for the largest) before each replay; the attention reads its
+offsets on the device. The outputs are copied into shared buffers at the end of the graph, so the
+graphs' own memory (one pool) holds only what one encoding needs at a time. All sizes are captured
+at warm-up (`VisionEncoder.warm_up_graphs`: ~32 graphs, a few seconds), each checked once against the
+eager encoder on a batch of two pictures (captured with other offsets than that batch's, so a
+kernel that had baked its offsets in at capture would fail the check); a failed capture or check
+turns graphs off for good. A size not captured yet is captured when first met.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch
 log = logging.getLogger("vlbridge.model.vision")
 
 STEP = 1024  # patches: graphs for multiples of this (a 1024x1024 picture is 4096)
-MAX_GRAPHS = 48
 # Encoder outputs, each (tokens, hidden): the merged embeddings, then each deepstack level.
 Outputs = tuple[torch.Tensor, list[torch.Tensor]]
 
@@ -44,21 +44,29 @@ class VisionGraphs:
         self.enabled = self.device.type == "cuda" and self.limit > 0 and max_pictures > 0
         self.unit = int(visual.spatial_merge_size) ** 2  # patches per output token
         self.offset_dtype = torch.int32  # what the attention kernels take
-        self._graphs: dict[tuple[int, int], Any] = {}  # torch.cuda.CUDAGraph
+        self._graphs: dict[int, Any] = {}  # torch.cuda.CUDAGraph by padded patches
         self._pool: Any = None
         self._inputs: dict[str, torch.Tensor] = {}  # static, `limit` rows each
-        self._offsets: dict[int, torch.Tensor] = {}  # static cu_seqlens per picture count
+        self._offsets = torch.zeros(max_pictures + 2, dtype=self.offset_dtype, device=self.device)
         self._out: torch.Tensor | None = None
         self._deep: list[torch.Tensor] = []
         self._grid = torch.ones(
             1, 3, dtype=torch.long, device=self.device
         )  # read by nothing: all precomputed
 
-    def key(self, sizes: list[int]) -> tuple[int, int] | None:
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def buckets(self) -> list[int]:
+        return list(range(STEP, self.limit + 1, STEP))
+
+    def key(self, sizes: list[int]) -> int | None:
+        """The padded size whose graph takes pictures of *sizes* patches, if one does."""
         patches = sum(sizes)
         if not self.enabled or len(sizes) > self.max_pictures or patches > self.limit:
             return None
-        return -(-patches // STEP) * STEP, len(sizes)
+        return -(-patches // STEP) * STEP
 
     def run(
         self,
@@ -75,8 +83,6 @@ class VisionGraphs:
             return eager()
         graph = self._graphs.get(key)
         if graph is None:
-            if len(self._graphs) >= MAX_GRAPHS:
-                return eager()
             expected = eager()
             try:
                 graph = self._capture(key, pixels, inputs)
@@ -93,9 +99,7 @@ class VisionGraphs:
                 self.enabled = False
                 return expected
             self._graphs[key] = graph
-            log.info(
-                "vision-encoder CUDA graph for %d patches, %d pictures (%d graphs)", *key, len(self._graphs)
-            )
+            log.debug("vision-encoder CUDA graph for %d patches (%d graphs)", key, len(self._graphs))
             return got
         self._fill(key, pixels, inputs, sizes)
         graph.replay()
@@ -113,11 +117,10 @@ class VisionGraphs:
             )
 
     def _fill(
-        self, key: tuple[int, int], pixels: torch.Tensor, inputs: dict[str, torch.Tensor], sizes: list[int]
+        self, key: int, pixels: torch.Tensor, inputs: dict[str, torch.Tensor], sizes: list[int]
     ) -> None:
         """The batch into the static inputs; the padding rows keep what they held (finite values,
         valid indices: they only feed the padding segment)."""
-        padded, pictures = key
         count = sum(sizes)
         self._inputs["pixels"][:count].copy_(pixels, non_blocking=True)
         for name, tensor in inputs.items():
@@ -125,17 +128,16 @@ class VisionGraphs:
         offsets = [0]
         for size in sizes:
             offsets.append(offsets[-1] + size)
-        offsets.append(padded)  # the padding: a segment of its own (possibly empty)
-        self._offsets[pictures].copy_(torch.tensor(offsets, dtype=self.offset_dtype), non_blocking=True)
+        offsets += [key] * (len(self._offsets) - len(offsets))  # the padding, then empty segments
+        self._offsets.copy_(torch.tensor(offsets, dtype=self.offset_dtype), non_blocking=True)
 
-    def _forward(self, key: tuple[int, int]) -> None:
-        padded, pictures = key
+    def _forward(self, padded: int) -> None:
         kwargs = {name: buffer[:padded] for name, buffer in self._inputs.items() if name != "pixels"}
         out = self.visual(
             self._inputs["pixels"][:padded],
             grid_thw=self._grid,
             return_dict=True,
-            cu_seqlens=self._offsets[pictures],
+            cu_seqlens=self._offsets,
             max_seqlen=padded,
             **kwargs,
         )
@@ -154,16 +156,13 @@ class VisionGraphs:
         for buffer, level in zip(self._deep, out.deepstack_features, strict=True):
             buffer[:tokens].copy_(level)
 
-    def _capture(self, key: tuple[int, int], pixels: torch.Tensor, inputs: dict[str, torch.Tensor]) -> Any:
-        pictures = key[1]
+    def _capture(self, key: int, pixels: torch.Tensor, inputs: dict[str, torch.Tensor]) -> Any:
         self._buffers(pixels, inputs)
-        if pictures not in self._offsets:
-            self._offsets[pictures] = torch.zeros(pictures + 2, dtype=self.offset_dtype, device=self.device)
-        # Captured over one segment of everything (other offsets than any real batch's): see module doc.
-        self._offsets[pictures].copy_(torch.tensor([0] * (pictures + 1) + [key[0]], dtype=self.offset_dtype))
+        # Captured with all pictures empty and the padding everything: see module doc.
+        self._offsets.copy_(torch.tensor([0] * (len(self._offsets) - 1) + [key], dtype=self.offset_dtype))
         return self._record(key)
 
-    def _record(self, key: tuple[int, int]) -> Any:
+    def _record(self, key: int) -> Any:
         """A CUDA graph of `_forward(key)`, warmed up outside the capture first (the allocator, lazy
         initialisations, kernel compilation) as torch's documentation asks."""
         side = torch.cuda.Stream(self.device)
