@@ -86,7 +86,7 @@ fi
 if [ "${GPU_CHECK:-0}" = 1 ]; then
   step 100 "gpu_check 2b" python3 bench/gpu_check.py --model 2b --out "$OUT/gpu_check-2b.json"
 else
-  step 50 "teacher forcing 2b" python3 bench/gpu_check.py --model 2b --teacher-forcing-only \
+  step 90 "teacher forcing 2b" python3 bench/gpu_check.py --model 2b --teacher-forcing-only \
     --out "$OUT/gpu_check-2b.json"
 fi
 fi

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,8 @@ def _fa4(heads: int, kv_heads: int, scale: float, causal: bool) -> Varlen | None
     except Exception as exc:  # not installed, or installed without what it needs
         log.debug("FlashAttention 4 not available: %s", exc)
         return None
+    # Its compiler warns, at each compilation, of an argument it treats as a constant (harmless).
+    warnings.filterwarnings("ignore", message="Argument aux_data .* JitArgument", category=UserWarning)
     run = interface.flash_attn_varlen_func
 
     def attend(q, k, v, cu_q, cu_k, max_q, max_k):  # type: ignore[no-untyped-def]
