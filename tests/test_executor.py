@@ -190,6 +190,21 @@ async def test_full_queue_answers_busy_at_once_with_retry_after(executor: Infere
         handle.cancel()
 
 
+async def test_a_burst_into_free_rows_is_taken_whole(executor: InferenceExecutor) -> None:
+    """Queue places are for what no free batch row takes: an idle executor with 4 rows and 8
+    places takes 12 at once (the Feishu bot hands over as many as rows + places allow: a refusal
+    would make a message wait up to 5 s to retry), and refuses the 13th."""
+    long = SamplingParams(max_new_tokens=64, min_new_tokens=64)
+    handles = [executor.submit(InferenceRequest(f"q{i}", [Turn.user("hi")], long)) for i in range(12)]
+    firsts = [await anext(aiter(h)) for h in handles]
+    assert not [e for e in firsts if isinstance(e, Failed)], firsts
+    more = [executor.submit(InferenceRequest(f"m{i}", [Turn.user("hi")], long)) for i in range(4)]
+    refused = [e for e in [await anext(aiter(h)) for h in more] if isinstance(e, Failed)]
+    assert refused and all(e.code == "busy" for e in refused), refused
+    for handle in handles + more:
+        handle.cancel()
+
+
 async def test_a_fast_executor_that_is_full_says_retry_in_one_second(demo_model_dir: Path) -> None:
     """Once it knows its pace, a refusal names when a place frees up (at least 1 s); the 5 s
     for an executor that has answered nothing yet must not come back because the estimate

@@ -321,7 +321,11 @@ class InferenceExecutor:
             handle.push(Failed("too_large", message))
             return handle
         with self._lock:
-            if self._pending >= self.limits.queue_size:
+            # Queue places are for requests no batch row is free for: a burst into free rows is
+            # taken whole (callers that count their room as rows + places, like the Feishu
+            # bot's dispatcher, would otherwise see it refused `busy` and wait to retry).
+            free_rows = max(0, self.limits.max_batch - len(self._running))
+            if self._pending >= self.limits.queue_size + free_rows:
                 retry = self._retry_after()
                 handle.push(
                     Failed(
