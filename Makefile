@@ -28,7 +28,7 @@ run: $(STAMP)
 	$(BIN)/vlbridge serve --config $(CONFIG) $(if $(PORT),--port $(PORT))
 
 chat: $(STAMP)
-	$(BIN)/vlbridge chat $(if $(PORT),--url ws://127.0.0.1:$(PORT)/ws) $(if $(IMG),--image "$(IMG)") $(if $(Q),"$(Q)")
+	$(BIN)/vlbridge chat $(if $(PORT),--url ws://127.0.0.1:$(PORT)/ws) $(if $(IMG),--image "$$IMG") $(if $(Q),"$$Q")
 
 lint: $(STAMP)
 	$(BIN)/ruff check bot client protocol server tests bench scripts
