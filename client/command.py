@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from client.connection import Backoff, Connection
 from client.errors import ClientError, PictureError
@@ -44,6 +44,23 @@ def run_chat(options: ChatOptions, stdin: TextIO, stdout: TextIO, stderr: TextIO
     return asyncio.run(_chat(options, pictures, stdin, Screen(stdout, stderr, color=options.color)))
 
 
+def model_status(info: dict[str, Any]) -> str | None:
+    """What the server's hello says of a model that cannot answer yet; None when it is ready (or
+    the server, older, does not say)."""
+    state = info.get("model_state")
+    detail = str(info.get("model_detail") or "")
+    said = f": {detail}" if detail else ""
+    if state == "loading":
+        progress = info.get("model_progress")
+        done = f" ({progress:.0%})" if isinstance(progress, int | float) and 0 < progress < 1 else ""
+        return f"the model is still loading{done}{said}; questions wait for it"
+    if state == "failed":
+        return f"the model failed to load{said}; questions will be refused"
+    if state == "stopped":
+        return "the service is stopping; questions will be refused"
+    return None
+
+
 async def _chat(options: ChatOptions, pictures: list[Picture], stdin: TextIO, screen: Screen) -> int:
     conn = Connection(options.url, options.token, backoff=Backoff(give_up_after=options.give_up_after))
     try:
@@ -53,6 +70,9 @@ async def _chat(options: ChatOptions, pictures: list[Picture], stdin: TextIO, sc
         await conn.close()
         return EXIT_CONNECTION
     interactive = options.question is None
+    waiting = model_status(hello.info)
+    if waiting:
+        screen.status(waiting)
     inputs: Inputs
     if interactive:
         inputs = StdinLines(stdin)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from websockets.sync.client import connect
 
 from client.connection import Connection, Disconnected
 from client.screen import Screen
@@ -290,3 +291,24 @@ async def test_a_question_the_new_session_never_got_is_asked_again() -> None:
     status = err.getvalue()
     assert "reconnected, but to a new session second" in status
     assert "it is asked again" in status and "continues" not in status
+
+
+def test_what_the_hello_says_of_a_model_that_cannot_answer_yet(echo: Running) -> None:
+    """`vlbridge chat` says so at once when the model is loading or failed (the hello's
+    `model_state`); a ready model, or an older server that does not say, adds nothing."""
+    from client.command import model_status
+
+    with connect(f"{echo.ws}?token=sesame", open_timeout=DEADLINE) as ws:
+        hello = orjson.loads(ws.recv(timeout=DEADLINE))
+    assert hello["model_state"] == "ready" and "model_detail" not in hello
+    assert model_status(hello) is None and model_status({"model": "old"}) is None
+    loading = {
+        "model_state": "loading",
+        "model_progress": 0.31,
+        "model_detail": "downloading Q/X: 2 MB of 5 MB",
+    }
+    assert model_status(loading) == (
+        "the model is still loading (31%): downloading Q/X: 2 MB of 5 MB; questions wait for it"
+    )
+    failed = {"model_state": "failed", "model_progress": 0.0, "model_detail": "CUDA out of memory"}
+    assert model_status(failed) == "the model failed to load: CUDA out of memory; questions will be refused"

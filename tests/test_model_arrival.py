@@ -23,8 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
+from websockets.sync.client import connect
 
+from client.command import model_status
 from tests.fakehub import fake_hub
 from tests.waiting import DEADLINE, until_blocking
 
@@ -142,6 +145,15 @@ def test_download_progress_in_the_log_and_health(tmp_path: Path, sharded_demo: P
             seen.append((float(body["progress"]), str(body["detail"]), str(body["state"])))  # type: ignore[arg-type]
             return seen[-1][1].startswith(("loading weights", "warming up")) or body["state"] != "loading"
 
+        def downloading_now() -> bool:
+            return str(health(port)["detail"]).startswith(f"downloading {REPO}: ")
+
+        until_blocking(downloading_now, "the download", LOAD_DEADLINE, poll=0.05)
+        with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=DEADLINE) as ws:  # a client meanwhile
+            hello = orjson.loads(ws.recv(timeout=DEADLINE))
+        assert hello["type"] == "hello" and hello["model_state"] == "loading", hello
+        assert str(hello["model_detail"]).startswith(f"downloading {REPO}: ") and hello["model_progress"] > 0
+        assert model_status(hello).startswith("the model is still loading (")  # what `vlbridge chat` shows
         until_blocking(loading_after_the_download, "the load after the download", LOAD_DEADLINE, poll=0.05)
         assert seen[-1][2] == "loading" and seen[-1][0] >= 0.55, seen[-1]  # a phase after the download
         downloading = [(p, d) for p, d, _ in seen if d.startswith(f"downloading {REPO}: ")]

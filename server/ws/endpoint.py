@@ -24,7 +24,7 @@ from protocol.v1 import HEADER_SESSION, PROTOCOL_VERSION, QUERY_LAST_SEQ, QUERY_
 from server import metrics
 from server.answers import Answer
 from server.auth import Refusal
-from server.inference.api import FINAL, Done, Events, InferenceRequest, Turn
+from server.inference.api import FINAL, Done, Events, ExecutorState, InferenceRequest, Turn
 from server.logs import short_id
 from server.wire import error_dict, event_dict
 from server.ws.frames import (
@@ -292,6 +292,7 @@ def _open_session(
     resumed = session is not None
     if session is None:
         session = hub.sessions.open(owner)
+    stats = hub.answers.stats()
     hello: dict[str, Any] = {
         "type": "hello",
         "seq": 0,
@@ -301,7 +302,8 @@ def _open_session(
         "last_seq": session.log.seq if session else 0,
         "ping_interval": server.ping_interval,
         "ping_timeout": server.ping_timeout,
-        "model": hub.answers.stats().model,
+        "model": stats.model,
+        "model_state": stats.state.value,  # loading, ready, failed or stopped
         "limits": {
             "max_images": server.max_images,
             "max_image_bytes": server.max_image_bytes,
@@ -311,6 +313,9 @@ def _open_session(
             "resume_ttl": server.resume_ttl,
         },
     }
+    if stats.state is not ExecutorState.READY:
+        hello["model_progress"] = round(stats.load_progress, 2)
+        hello["model_detail"] = stats.detail
     if resume_id and not resumed:
         hello["resume_error"] = "unknown or expired session"
     if resumed and session is not None:
