@@ -44,6 +44,7 @@ from server.inference.api import (
     Failed,
     InferenceRequest,
     Queued,
+    Reading,
     RequestHandle,
     Started,
     Turn,
@@ -392,6 +393,8 @@ class Conversation:
                     sink.update(text)
                 elif isinstance(event, Queued):
                     sink.update(self._t("queued", ahead=max(0, event.position - 1)))
+                elif isinstance(event, Reading):  # pictures being read: seconds for large ones
+                    sink.update(self._t("reading"))
                 elif isinstance(event, Started):
                     sink.update(self._t("thinking"))
                 elif isinstance(event, Done):

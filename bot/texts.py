@@ -65,6 +65,7 @@ _TEXTS: dict[str, dict[Language, str]] = {
         "zh": "抱歉，这个机器人没有对你或本群开放。",
         "en": "Sorry, this bot is not enabled for you or this chat.",
     },
+    "reading": {"zh": "正在看图片…", "en": "Looking at the picture…"},
     "thinking": {"zh": "思考中…", "en": "Thinking…"},
     "queued": {"zh": "排队中，前面还有 {ahead} 个", "en": "Queued: {ahead} ahead of you"},
     "picture_failed": {

@@ -116,6 +116,7 @@ async def running(
     mode: str = "webhook",
     max_batch: int = 8,
     queue_size: int = 8,
+    picture_delay: float = 0.0,
     **feishu: Any,
 ) -> AsyncIterator[Buttons]:
     config = feishu_config(fake, tmp_path, model="builtin:echo", mode=mode, max_new_tokens=4096, **feishu)
@@ -125,7 +126,7 @@ async def running(
         }
     )
     inner = InferenceExecutor(
-        lambda progress: EchoEngine(step_delay=step_delay),
+        lambda progress: EchoEngine(step_delay=step_delay, picture_delay=picture_delay),
         ExecutorLimits(max_batch=max_batch, queue_size=queue_size, max_new_tokens=4096),
         model_name="echo",
     )
@@ -293,6 +294,21 @@ async def test_try_again_asks_with_the_same_pictures(fake_feishu: FakeFeishu, tm
         first, retried = bot.executor.requests
         assert retried.messages == first.messages and retried.messages[-1].images  # the same pictures
         assert second.parent_id == asked and second.message_id != reply.message_id
+
+
+async def test_the_card_says_the_picture_is_being_read(fake_feishu: FakeFeishu, tmp_path: Path) -> None:
+    """A large picture takes seconds to read before the model starts: the card says so, instead
+    of a queue place of 0 or nothing."""
+    async with running(fake_feishu, tmp_path, step_delay=0.0, picture_delay=1.5) as bot:
+        event = bot.fake.events.captioned_image("what is it", ["img_a"])
+        asked = str(event["event"]["message"]["message_id"])
+        bot.fake.register_event(event, {"img_a": make_png(32, 32)})
+        await bot.deliver(event)
+        (reply,) = await bot.fake.wait_for(lambda: bot.cards_for(asked), DEADLINE, "the card")
+        card = await bot.closed(reply)
+        assert card.final_text == "echo: what is it [32x32]"
+        shown = [op.content for op in card.content_updates]
+        assert texts.text("reading", "zh") in shown, shown
 
 
 async def test_stop_on_a_waiting_message_ends_it_unasked(fake_feishu: FakeFeishu, tmp_path: Path) -> None:

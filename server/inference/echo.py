@@ -25,10 +25,15 @@ class EchoEngine:
     eos_token_ids = frozenset({_EOS})
 
     def __init__(
-        self, limits: ImageLimits | None = None, step_delay: float = 0.0, capacity: int = 1 << 30
+        self,
+        limits: ImageLimits | None = None,
+        step_delay: float = 0.0,
+        capacity: int = 1 << 30,
+        picture_delay: float = 0.0,
     ) -> None:
         self.limits = limits or ImageLimits()
         self.step_delay = step_delay
+        self.picture_delay = picture_delay  # seconds a picture takes to read, as a large one would
         self.capacity = capacity  # tokens of "memory"
         self.max_sequence_tokens = capacity - 1  # one sequence alone always fits
         self.used = 0
@@ -38,6 +43,8 @@ class EchoEngine:
         for turn in messages:
             for number, data in enumerate(turn.images, start=1):
                 check()
+                if self.picture_delay:
+                    time.sleep(self.picture_delay)  # on a preparation thread, like real decoding
                 try:
                     image = decode_image(data, self.limits)
                 except BadImage as exc:
