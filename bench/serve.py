@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -123,11 +125,13 @@ class WsClient:
         if picture is not None:
             frame["images"] = [picture]
         answer = Answer(time.monotonic())
-        await self.conn.send(json.dumps(frame))
+        # orjson: one simulated client of many in this process, its 1.3 MB frame serialised in
+        # ~0.5 ms (stdlib json: ~2 ms on the event loop all the clients share).
+        await self.conn.send(orjson.dumps(frame).decode())
         while True:
             raw = await asyncio.wait_for(self.conn.recv(), 600)
             now = time.monotonic()
-            event = json.loads(raw)
+            event = orjson.loads(raw)
             kind = event["type"]
             if kind == "ping":
                 await self.conn.send(json.dumps({"type": "pong", "ts": event["ts"]}))
