@@ -118,7 +118,9 @@ def varlen_vision_attention(visual: Any) -> str | None:
 
 
 class VisionEncoder:
-    """Encodes pictures for prefill through the model's own `get_image_features`."""
+    """Encodes pictures for prefill with the checkpoint's own encoder modules: outputs kept by
+    picture hash; on CUDA its attention one variable-length call per layer for all pictures and
+    the whole encoder replayed as CUDA graphs (vision_graphs.py)."""
 
     def __init__(self, model: Any, budget_bytes: int, graphs: bool = False) -> None:
         self._model = model
