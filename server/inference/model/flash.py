@@ -52,6 +52,8 @@ def attention_by_rows(
         ks = k[key_starts[row] : key_starts[row + 1]].transpose(0, 1)  # (kv_heads, n, dim)
         vs = v[key_starts[row] : key_starts[row + 1]].transpose(0, 1)
         m, n = qs.shape[1], ks.shape[1]
+        if m == 0:
+            continue  # an empty row (padding of a CUDA-graph batch)
         if not causal or m == n:
             out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=True)
         else:

@@ -35,6 +35,7 @@ from .devices import cpu_threads, usable_cores
 from .kvcache import PAGE, PagedKVCache, SeqCache
 from .positions import mrope_positions
 from .prefill import PrefillForward, pack
+from .prefill_graphs import GRAPH_ROWS, GRAPH_TOKENS, PrefillGraphs, check_batch
 from .prefix import PrefixCache, full_block_keys, identity, picture_starts
 from .prompt import Prompt
 from .runner import ModelRunner
@@ -268,7 +269,22 @@ class ModelEngine:
             graphs = self.vision.warm_up_graphs(self.runner.device, self.runner.dtype)
             if graphs:
                 log.info("vision encoder: %d CUDA graphs in %.1f s", graphs, time.monotonic() - begun)
+            self._warm_up_prefill_graphs()
         log.info("warm-up took %.1f s", time.monotonic() - started)
+
+    def _warm_up_prefill_graphs(self) -> None:
+        """The packed forward's CUDA graphs (prefill_graphs.py), checked on two rows written into
+        pages taken for the check and given back."""
+        levels = len(getattr(self.runner.model.config.vision_config, "deepstack_visual_indexes", ()))
+        self.forward.graphs = PrefillGraphs(self.forward, GRAPH_TOKENS, GRAPH_ROWS, levels)
+        cache = SeqCache()
+        try:
+            check = None
+            if self.kv.allocate(cache, 512):
+                check = check_batch(cache, self.runner.prompts.image_token_id, self.runner.device)
+            self.forward.graphs.warm_up(check)
+        finally:
+            self.kv.free(cache)
 
     # ---- Engine protocol ----------------------------------------------------------------------------
 

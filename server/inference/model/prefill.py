@@ -20,7 +20,7 @@ embeddings and their deepstack features are added after the first layers, as tra
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 
 from .flash import Varlen, attention_by_rows, varlen_attention
 from .kvcache import PagedKVCache
+from .prefill_graphs import PrefillGraphs
 from .text import TextModel
 
 log = logging.getLogger("vlbridge.model.prefill")
@@ -49,6 +50,9 @@ class Packed:
     query_starts: list[int]  # rows + 1 cumulative new-token counts
     key_starts: list[int]  # rows + 1 cumulative sequence lengths
     starts: torch.Tensor  # (2, rows + 1) int32: query_starts and key_starts on the device
+    max_query: int  # the most new tokens of a row (or a bound on it)
+    max_key: int  # the longest sequence of a row (or a bound on it)
+    host: dict[str, torch.Tensor] = field(default_factory=dict)  # the inputs on the CPU, by name
 
 
 def pack(
@@ -73,7 +77,8 @@ def pack(
     copy_from = torch.cat([c[0] for c in copies]) if copies else torch.zeros(0, dtype=torch.long)
     copy_to = torch.cat([c[1] for c in copies]) if copies else torch.zeros(0, dtype=torch.long)
     starts = torch.tensor([query_starts, key_starts], dtype=torch.long).flatten()
-    parts = [ids, positions.flatten().long(), store, gather, copy_from, copy_to, pictures, last, starts]
+    positions = positions.long()
+    parts = [ids, positions.flatten(), store, gather, copy_from, copy_to, pictures, last, starts]
     flat = torch.cat(parts).to(device, non_blocking=True)
     sizes = [p.numel() for p in parts]
     ids_d, pos_d, store_d, gather_d, from_d, to_d, pic_d, last_d, starts_d = torch.split(flat, sizes)
@@ -89,6 +94,16 @@ def pack(
         query_starts=query_starts,
         key_starts=key_starts,
         starts=starts_d.view(2, -1).int(),
+        max_query=max(b - a for a, b in pairwise(query_starts)),
+        max_key=max(b - a for a, b in pairwise(key_starts)),
+        host={
+            "ids": ids,
+            "positions": positions,
+            "store": store,
+            "gather": gather,
+            "pictures": pictures,
+            "last": last,
+        },
     )
 
 
@@ -114,15 +129,14 @@ class PrefillForward(TextModel):
             if found is not None:
                 self.varlen = found[1]
             log.info("prefill attention: %s", found[0] if found else "SDPA row by row")
+        self.graphs: PrefillGraphs | None = None  # set at warm-up (model_engine.py)
 
     def _attend(self, q: torch.Tensor, layer: int, batch: Packed) -> torch.Tensor:
         flat = (-1, self.kv_heads, self.head_dim)
         k = self.cache.keys[layer].view(flat).index_select(0, batch.gather)
         v = self.cache.values[layer].view(flat).index_select(0, batch.gather)
         if self.varlen is not None:
-            max_q = max(b - a for a, b in pairwise(batch.query_starts))
-            max_k = max(b - a for a, b in pairwise(batch.key_starts))
-            return self.varlen(q, k, v, batch.starts[0], batch.starts[1], max_q, max_k)
+            return self.varlen(q, k, v, batch.starts[0], batch.starts[1], batch.max_query, batch.max_key)
         return attention_by_rows(q, k, v, batch.query_starts, batch.key_starts, self.scale)
 
     @torch.inference_mode()
@@ -135,7 +149,8 @@ class PrefillForward(TextModel):
     ) -> torch.Tensor:
         """Logits (float) of each row's last token (rows, vocab), or of every token (T, vocab).
         *embeds*: the pictures' encoder outputs, in the order of their tokens; *deepstack*: the
-        features added after the first layers, same order."""
+        features added after the first layers, same order. A batch a CUDA graph takes replays it
+        (prefill_graphs.py): its logits are valid until the next prefill."""
         if batch.copy_from is not None and batch.copy_to is not None:
             flat = (-1, self.kv_heads, self.head_dim)
             for keys, values in zip(self.cache.keys, self.cache.values, strict=True):
@@ -145,6 +160,20 @@ class PrefillForward(TextModel):
                 values.view(flat).index_copy_(
                     0, batch.copy_to, values.view(flat).index_select(0, batch.copy_from)
                 )
+        if not every_position and self.graphs is not None:
+            logits = self.graphs.run(batch, embeds, deepstack)
+            if logits is not None:
+                return logits
+        return self.logits(batch, embeds, deepstack, every_position)
+
+    def logits(
+        self,
+        batch: Packed,
+        embeds: torch.Tensor | None,
+        deepstack: list[torch.Tensor],
+        every_position: bool = False,
+    ) -> torch.Tensor:
+        """The forward itself (`run` less the page copies and the graphs)."""
         hidden = self.embed(batch.ids)
         if embeds is not None and batch.pictures is not None:
             hidden.index_copy_(0, batch.pictures, embeds.to(hidden.dtype))

@@ -1,0 +1,270 @@
+"""CUDA graphs of the packed prefill forward: a slice's language-model pass in one replay.
+
+The packed forward (prefill.py) launches ~9 kernels a layer from Python. On an H200 its host time
+was 17 ms for one picture's 1043 tokens (7.5 ms of device work) and ~18-25 ms for a slice of 4-5
+pictures, most of it holding the GIL the server's event loop and preparation threads want (the
+largest share of the worker's GIL samples in `bench/server_gil.sh`). A graph replays the same
+kernels for a few microseconds of host time.
+
+A graph has fixed shapes, so a prefill is padded to a bucket of `size` tokens (`buckets`: fine
+steps for small prefills, coarser for large ones), laid out as:
+- the real rows' new tokens, then padding tokens up to `size` (at least one): token 0 at position
+  0, its keys and values stored in the scratch page (page 0, as the decode step's padded rows);
+- the keys gathered for attention: the real rows' whole sequences, then scratch slots up to
+  `size + SLACK`; the padding tokens form one more row that attends to those, and the row
+  offsets end with empty rows up to `max_rows` + 2 entries, so a graph serves every batch of up
+  to `max_rows` rows, `size - 1` new tokens and `SLACK` reused ones. The attention reads its
+  offsets on the device and its grid is sized by the bucket;
+- picture rows and each row's last token index the padding token where a batch has fewer.
+Its inputs are staged in pinned memory and copied in one transfer into static buffers, the
+pictures' encoder outputs into static buffers of their own; the logits land in a static buffer.
+A prefill these do not fit (more rows, a long reused prefix: a follow-up, or every position's
+logits) runs eagerly, as before.
+
+All buckets are captured at warm-up (largest first, one memory pool), then the graphs are checked
+against the eager forward on a batch of two rows with pictures and a reused prefix (captured with
+other offsets, so a kernel that baked its inputs in at capture fails the check); a failed capture
+or check turns the graphs off for good. On a CPU (tests) the same padded layout runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .kvcache import SeqCache
+
+if TYPE_CHECKING:
+    from .prefill import Packed, PrefillForward
+
+log = logging.getLogger("vlbridge.model.prefill")
+
+SLACK = 256  # reused prefix tokens a graph's batch may attend to beyond its new tokens
+GRAPH_TOKENS = 8192  # the largest bucket: a slice of ~7 new 1024x1024 pictures
+GRAPH_ROWS = 8  # rows a graph takes (slices hold up to ~7)
+SECTIONS = ("ids", "positions", "store", "gather", "pictures", "last", "starts")
+
+
+def buckets(limit: int) -> list[int]:
+    """Padded token counts: every 256 up to 2048 (a single picture is ~1050 tokens), then every 512."""
+    small = list(range(256, min(limit, 2048) + 1, 256))
+    return small + list(range(2048 + 512, limit + 1, 512))
+
+
+class PrefillGraphs:
+    def __init__(self, forward: PrefillForward, limit: int, max_rows: int, levels: int) -> None:
+        self.forward = forward
+        self.sizes = buckets(limit)
+        self.limit = self.sizes[-1] if self.sizes else 0
+        self.max_rows = max_rows
+        self.capture = forward.cuda  # on a CPU the padded layout runs eagerly (tests)
+        self.enabled = self.limit > 0 and (not forward.cuda or (forward.fused and forward.varlen is not None))
+        device = forward.device
+        widths = {
+            "ids": self.limit,
+            "positions": 3 * self.limit,
+            "store": self.limit,
+            "gather": self.limit + SLACK,
+            "pictures": self.limit,
+            "last": max_rows,
+            "starts": 2 * (max_rows + 2),
+        }
+        self._offsets: dict[str, int] = {}
+        total = 0
+        for name in SECTIONS:
+            self._offsets[name] = total
+            total += widths[name]
+        self._device = torch.zeros(total, dtype=torch.long, device=device)
+        self._host = [torch.zeros(total, dtype=torch.long, pin_memory=self.capture) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        hidden = forward.embed.embedding_dim
+        dtype = forward.embed.weight.dtype
+        self._embeds = torch.zeros(self.limit, hidden, dtype=dtype, device=device)
+        self._deep = [torch.zeros(self.limit, hidden, dtype=dtype, device=device) for _ in range(levels)]
+        self._logits = torch.zeros(max_rows, forward.lm_head.out_features, dtype=torch.float32, device=device)
+        self._graphs: dict[int, Any] = {}  # torch.cuda.CUDAGraph by padded size
+        self._pool: Any = None
+        self._lists: tuple[list[int], list[int]] = ([], [])  # padded offsets (CPU attention)
+
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def key(self, batch: Packed) -> int | None:
+        """The padded size whose graph takes *batch*, if one does."""
+        rows = len(batch.query_starts) - 1
+        new, keys = batch.query_starts[-1], batch.key_starts[-1]
+        if not self.enabled or rows > self.max_rows or keys - new > SLACK or new >= self.limit:
+            return None
+        return next(size for size in self.sizes if size > new)
+
+    def run(
+        self, batch: Packed, embeds: torch.Tensor | None, deepstack: list[torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Logits of each row's last token (rows, vocab), valid until the next call; None when no
+        graph takes *batch* (run it eagerly)."""
+        size = self.key(batch)
+        if size is None or (self.capture and size not in self._graphs):
+            return None
+        self._stage(size, batch, embeds, deepstack)
+        if self.capture:
+            self._graphs[size].replay()
+        else:
+            self._body(size)
+        return self._logits[: len(batch.query_starts) - 1]
+
+    # ---- the padded layout ----------------------------------------------------------------------------
+
+    def _section(self, buffer: torch.Tensor, name: str, length: int) -> torch.Tensor:
+        start = self._offsets[name]
+        return buffer[start : start + length]
+
+    def _stage(
+        self, size: int, batch: Packed | None, embeds: torch.Tensor | None, deepstack: list[torch.Tensor]
+    ) -> None:
+        """*batch* (None: no rows, the padding is everything) into the static inputs for *size*."""
+        self._turn ^= 1
+        host, copied = self._host[self._turn], self._copied[self._turn]
+        if copied is not None:
+            copied.synchronize()  # the transfer from this buffer, two prefills ago
+        parts = batch.host if batch is not None else {}
+
+        def fill(name: str, length: int, pad: int) -> None:
+            section = self._section(host, name, length)
+            real = parts[name].flatten() if name in parts else section[:0]
+            section[: real.numel()] = real
+            section[real.numel() :] = pad
+
+        fill("ids", size, 0)
+        positions = self._section(host, "positions", 3 * self.limit).view(3, self.limit)[:, :size]
+        positions.zero_()
+        if parts:
+            positions[:, : parts["positions"].shape[1]] = parts["positions"]
+        fill("store", size, 0)
+        fill("gather", size + SLACK, 0)
+        fill("pictures", size, size - 1)
+        fill("last", self.max_rows, size - 1)
+        query = [*(batch.query_starts if batch is not None else [0]), size]
+        key = [*(batch.key_starts if batch is not None else [0]), size + SLACK]
+        query += [size] * (self.max_rows + 2 - len(query))
+        key += [size + SLACK] * (self.max_rows + 2 - len(key))
+        self._section(host, "starts", 2 * (self.max_rows + 2))[:] = torch.tensor(query + key)
+        self._lists = (query, key)
+        self._device.copy_(host, non_blocking=True)
+        if self.capture:
+            event = torch.cuda.Event()
+            event.record()
+            self._copied[self._turn] = event
+        count = int(parts["pictures"].numel()) if parts else 0
+        if embeds is not None and count:
+            self._embeds[:count].copy_(embeds)
+            for buffer, level in zip(self._deep, deepstack, strict=True):
+                buffer[:count].copy_(level)
+
+    def _view(self, size: int) -> Packed:
+        from .prefill import Packed
+
+        query, key = self._lists
+        return Packed(
+            ids=self._section(self._device, "ids", size),
+            positions=self._section(self._device, "positions", 3 * self.limit).view(3, self.limit)[:, :size],
+            store=self._section(self._device, "store", size),
+            gather=self._section(self._device, "gather", size + SLACK),
+            copy_from=None,
+            copy_to=None,
+            pictures=self._section(self._device, "pictures", size),
+            last=self._section(self._device, "last", self.max_rows),
+            query_starts=query,
+            key_starts=key,
+            starts=self._section(self._device, "starts", 2 * (self.max_rows + 2)).view(2, -1).int(),
+            max_query=size,
+            max_key=size + SLACK,
+        )
+
+    def _body(self, size: int) -> None:
+        """The padded forward: what a graph records."""
+        batch = self._view(size)
+        logits = self.forward.logits(batch, self._embeds[:size], [level[:size] for level in self._deep])
+        self._logits.copy_(logits)
+
+    # ---- capture and check ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def warm_up(self, check: Packed | None) -> int:
+        """Capture every bucket (largest first), then compare the graphs with the eager forward on
+        *check* (a batch with pictures and a reused prefix); graphs captured."""
+        if not (self.enabled and self.capture):
+            return 0
+        started = time.monotonic()
+        try:
+            for size in reversed(self.sizes):
+                self._stage(size, None, None, [])
+                self._graphs[size] = self._record(size)
+        except Exception:
+            log.exception("capturing a prefill CUDA graph failed; prefilling eagerly")
+            self._off()
+            return 0
+        if check is not None and not self._agrees(check):
+            self._off()
+            return 0
+        log.info("prefill: %d CUDA graphs (up to %d tokens) in %.1f s", len(self._graphs), self.limit,
+                 time.monotonic() - started)  # fmt: skip
+        return len(self._graphs)
+
+    def _record(self, size: int) -> Any:
+        side = torch.cuda.Stream(self.forward.device)
+        side.wait_stream(torch.cuda.current_stream(self.forward.device))
+        with torch.cuda.stream(side):
+            self._body(size)  # warm-up outside the capture: allocator, lazy initialisations, kernels
+        torch.cuda.current_stream(self.forward.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._body(size)
+        self._pool = graph.pool()
+        return graph
+
+    def _agrees(self, batch: Packed) -> bool:
+        """Graph against eager on *batch* (its pictures' embeddings random)."""
+        generator = torch.Generator(device=self.forward.device).manual_seed(0)
+        count = 0 if batch.pictures is None else int(batch.pictures.numel())
+        shape = (count, self._embeds.shape[1])
+        embeds = torch.randn(shape, generator=generator, device=self.forward.device).to(self._embeds.dtype)
+        deep = [torch.randn(shape, generator=generator, device=self.forward.device).to(embeds.dtype)
+                for _ in self._deep]  # fmt: skip
+        expected = self.forward.logits(batch, embeds if count else None, deep if count else [])
+        got = self.run(batch, embeds if count else None, deep if count else [])
+        if got is None:
+            log.warning("no prefill CUDA graph takes the check's batch; graphs off")
+            return False
+        scale = float(expected.abs().max()) or 1.0
+        error = float((got - expected).abs().max()) / scale
+        if error > 0.02:
+            log.warning("a prefill CUDA graph differs from the eager forward by %.3f; graphs off", error)
+            return False
+        return True
+
+    def _off(self) -> None:
+        self.enabled = False
+        self._graphs.clear()
+        self._pool = None
+
+
+def check_batch(cache: SeqCache, image_token_id: int, device: torch.device) -> Packed:
+    """Two rows in *cache*'s first 360 slots: 200 new tokens with a picture of 64 tokens, and 60
+    new tokens after a reused prefix of 100."""
+    from .prefill import pack
+
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randint(0, image_token_id, (200,), generator=generator)
+    first[20:84] = image_token_id
+    second = torch.randint(0, image_token_id, (60,), generator=generator)
+    slots = torch.tensor([cache.slot(index) for index in range(360)])
+    rows = [
+        (first.tolist(), torch.arange(200).expand(3, -1), slots[:200], 0),
+        (second.tolist(), torch.arange(100, 160).expand(3, -1), slots[200:], 100),
+    ]
+    return pack(rows, [], image_token_id, device)
