@@ -2,7 +2,9 @@
 # Everything the GPU machine has to run, in one go (at most 9 minutes on one H200), results under $OUT:
 #   1. bench/serve.py, 2B: the whole service (WebSocket + OpenAI clients) at c=32/64 beside the
 #      in-process executor, the follow-up (c=1 with the server's own TTFT per ask, c=16) and the
-#      arriving-pictures scenarios; the server's timing lines (server/inference/profile.py)
+#      arriving-pictures scenarios, with the clients in worker processes; then ws1, the WebSocket
+#      clients all in one process (the way before, to see what the load generator adds); the
+#      server's timing lines (server/inference/profile.py)
 #   2. teacher forcing for 2B (bench/gpu_check.py): the engine's logits against stock
 #      transformers on the GPU; `GPU_CHECK=1` runs the whole 2B check (kernels, engine vs generate)
 #   3. bench/prepare.py: picture preparation on 8 threads (pictures/s) and the device's share, with
@@ -66,7 +68,9 @@ mkdir -p $WORK $KEEP
 # Timing lines every 2 s, to match them with the scenarios' start times printed by serve.py.
 PROFILE=(--server-env EXECUTOR_PROFILE_SECONDS=2)
 if [ "${SKIP_2B:-0}" != 1 ]; then
-step 190 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --rounds 3 \
+# Scenarios by importance (saved after each: a step cut short keeps what it did). ws1 costs ~15 s.
+step 230 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --rounds 3 \
+  --scenarios executor,ws,followup,arriving,ws1,openai \
   --followup-concurrency 1,16 --followup-rounds 4 --arrive 32,16,1.0,4 "${PROFILE[@]}" \
   --workdir $WORK/2b --out "$OUT/serve-2b.json"
 keep_logs 2b
@@ -74,7 +78,8 @@ step 30 "plot 2b" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
   2026-11-30=bench/results/h200-2026-11-30-run2/serve-2b.json now="$OUT/serve-2b.json"
 # `BASE=DIR`: the same 2B measurements (in process, WebSocket, arriving pictures) from another
 # tree, e.g. the commit before a change (`git archive REV` into DIR, carried with this one), in
-# the same run on the same GPU, so the two are compared side by side.
+# the same run on the same GPU, so the two are compared side by side. A tree from before
+# --client-processes runs its clients in one process: its ws compares with this run's ws1.
 if [ -n "${BASE:-}" ]; then
   step 170 "serve 2b, base tree" bash -c "cd '$BASE' && python3 bench/serve.py --model 2b --concurrency 32,64 \
     --rounds 3 --scenarios executor,ws,arriving --arrive 32,16,1.0,4 ${PROFILE[*]} \

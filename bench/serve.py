@@ -9,13 +9,21 @@ deltas p50/p99, latency p50/p95. In the same run, `bench/executor.py` measures t
 process on the same checkpoint, pictures and answer length, so the server's overhead is a
 ratio (`ws / executor`).
 
-Scenarios (`--scenarios`):
+Scenarios (`--scenarios`, run in the order given; executor always first):
   executor   the in-process executor (bench/executor.py, vlbridge system only), first, on its own
   ws         WebSocket protocol v1 clients; each ask on a fresh context (a `reset` before it)
+  ws1        opt-in: ws with all its clients in this process's one event loop (the way before
+             --client-processes), at the same levels: what the load generator's own CPU adds
   openai     streaming POST /v1/chat/completions (SSE) clients
   followup   a picture question, then a text follow-up on the same session: TTFT of each
   arriving   clients streaming long text answers while bursts of new-picture asks arrive:
              inter-token gap p99 of the streaming clients, quiet vs busy
+
+The clients of ws, openai and arriving run in `--client-processes` worker processes
+(bench/serve_clients.py), so that serialising, masking and writing 32-64 picture frames at once,
+and parsing every delta, does not queue in one event loop and count as the server's time; in
+arriving the streamers and the arrivals never share a process. Warm-ups and followup run in
+this process. The figures are computed here, over the answers the workers send back.
 
 Every ask carries a picture never sent before (except the follow-ups, which carry none), so
 caches keyed by picture content do not flatter the closed loop. Random-weight checkpoints get
@@ -28,7 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
+import contextlib
 import json
 import os
 import platform
@@ -39,155 +47,28 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.executor import GpuBusy, distinct_jpegs, noise_jpeg, pct  # noqa: E402
+from bench.executor import GpuBusy, pct  # noqa: E402
+from bench.serve_clients import (  # noqa: E402
+    ARRIVAL_TOKENS,
+    FOLLOW_UP,
+    QUESTION,
+    Answer,
+    Group,
+    Pictures,
+    Role,
+    WsClient,
+    burst_offsets,
+    run_clients,
+    split,
+)
 
-QUESTION = "Describe this picture in detail."
-FOLLOW_UP = "What else can you tell me about it?"
-
-
-# ---- pictures ---------------------------------------------------------------------------------------
-
-
-class Pictures:
-    """Distinct noise JPEGs (base64), made up front on all cores; `take()` never repeats one."""
-
-    def __init__(self, size: int, count: int) -> None:
-        self._items = [
-            base64.b64encode(data).decode() for data in distinct_jpegs(size, count, first_seed=1000)
-        ]
-        self._next = 0
-        self.size = size
-
-    def take(self) -> str:
-        if self._next >= len(self._items):  # more than planned: make one more (slower, still distinct)
-            self._items.append(base64.b64encode(noise_jpeg(self.size, 1000 + len(self._items))).decode())
-        item = self._items[self._next]
-        self._next += 1
-        return item
-
-
-# ---- one answer, as a client sees it ----------------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    sent: float
-    first: float | None = None
-    done: float | None = None
-    deltas: list[float] = field(default_factory=list)  # arrival times
-    tokens: int = 0
-    error: str | None = None
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first is None else self.first - self.sent
-
-    @property
-    def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.deltas, self.deltas[1:], strict=False)]
-
-
-class WsClient:
-    """A minimal protocol v1 client: one connection, one ask at a time."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.conn: Any = None
-        self._asks = 0
-
-    async def __aenter__(self) -> WsClient:
-        from websockets.asyncio.client import connect
-
-        self.conn = await connect(self.url, max_size=None, ping_interval=None, open_timeout=30)
-        hello = json.loads(await self.conn.recv())
-        assert hello["type"] == "hello", hello
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.conn.close()
-
-    async def reset(self) -> None:
-        await self.conn.send('{"type":"reset"}')
-
-    async def ask(self, text: str, picture: str | None, max_tokens: int) -> Answer:
-        self._asks += 1
-        ask_id = f"a{self._asks}"
-        frame: dict[str, Any] = {"type": "ask", "id": ask_id, "text": text, "max_tokens": max_tokens}
-        if picture is not None:
-            frame["images"] = [picture]
-        answer = Answer(time.monotonic())
-        # orjson: one simulated client of many in this process, its 1.3 MB frame serialised in
-        # ~0.5 ms (stdlib json: ~2 ms on the event loop all the clients share).
-        await self.conn.send(orjson.dumps(frame).decode())
-        while True:
-            raw = await asyncio.wait_for(self.conn.recv(), 600)
-            now = time.monotonic()
-            event = orjson.loads(raw)
-            kind = event["type"]
-            if kind == "ping":
-                await self.conn.send(json.dumps({"type": "pong", "ts": event["ts"]}))
-            if event.get("id") != ask_id:
-                continue
-            if kind == "delta":
-                answer.first = answer.first or now
-                answer.deltas.append(now)
-            elif kind == "done":
-                answer.done = now
-                answer.tokens = int(event["usage"]["completion_tokens"])
-                return answer
-            elif kind == "error":
-                answer.error = f"{event.get('code')}: {event.get('message')}"
-                return answer
-
-
-async def openai_ask(http: Any, base: str, picture: str, max_tokens: int) -> Answer:
-    body = {
-        "model": "bench",
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_tokens": max_tokens,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{picture}"}},
-                    {"type": "text", "text": QUESTION},
-                ],
-            }
-        ],
-    }
-    answer = Answer(time.monotonic())
-    async with http.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
-        if response.status_code != 200:
-            answer.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-            return answer
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            now = time.monotonic()
-            if line == "data: [DONE]":
-                answer.done = now
-                break
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                answer.error = str(chunk["error"])
-            if chunk.get("usage"):
-                answer.tokens = int(chunk["usage"]["completion_tokens"])
-            for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content"):
-                    answer.first = answer.first or now
-                    answer.deltas.append(now)
-    return answer
-
+SCENARIOS = ("executor", "ws", "ws1", "openai", "followup", "arriving")
 
 # ---- summaries --------------------------------------------------------------------------------------
 
@@ -249,42 +130,44 @@ def split_ttft(result: dict[str, Any], before: tuple[float, int], after: tuple[f
 # ---- scenarios --------------------------------------------------------------------------------------
 
 
+def client_processes(option: str, clients: int, cpu: bool) -> int:
+    """Worker processes for *clients* simulated clients (1: in this process's event loop).
+
+    auto: at most 8 clients a process, at most `os.cpu_count() - 2` processes (cores left to the
+    server); 1 on the CPU device, where the model itself needs the cores."""
+    if option != "auto":
+        return max(1, min(int(option), clients))
+    if cpu:
+        return 1
+    return max(1, min(-(-clients // 8), (os.cpu_count() or 1) - 2))
+
+
+def asks_per_client(c: int, requests: int) -> int:
+    """A closed-loop client's asks: the warm-up (the first wave), then its share of *requests*."""
+    return 1 + max(1, -(-requests // c))
+
+
 async def closed_loop(
-    kind: str, server: Server, pictures: Pictures, c: int, requests: int, tokens: int
+    kind: Role, server: Server, pictures: Pictures, c: int, requests: int, tokens: int, processes: int
 ) -> dict:
-    """c clients, each asking again when answered; the first answer of each is warm-up."""
-    import httpx
-
-    answers: list[Answer] = []
-    first_wave: list[float] = []
-    everything: list[Answer] = []  # the first wave too: the server's TTFT figures count it
-
-    def keep(number: int, answer: Answer) -> None:
-        everything.append(answer)
-        (answers.append(answer) if number else first_wave.append(answer.done or time.monotonic()))
-
-    async def ws_client() -> None:
-        async with WsClient(server.ws) as client:
-            for number in range(per_client):
-                await client.reset()
-                keep(number, await client.ask(QUESTION, pictures.take(), tokens))
-
-    async def openai_client(http: httpx.AsyncClient) -> None:
-        for number in range(per_client):
-            keep(number, await openai_ask(http, server.http, pictures.take(), tokens))
-
-    per_client = 1 + max(1, -(-requests // c))
+    """c clients over *processes* processes, each asking again when answered; the first answer
+    of each is warm-up."""
+    asks = asks_per_client(c, requests)
+    groups = [Group(kind, n, tokens, server.ws, server.http, asks=asks) for n in split(c, processes)]
     before = server_ttft(server)
-    with GpuBusy() as busy:
-        if kind == "ws":
-            await asyncio.gather(*[ws_client() for _ in range(c)])
-        else:
-            limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
-            async with httpx.AsyncClient(limits=limits) as http:
-                await asyncio.gather(*[openai_client(http) for _ in range(c)])
-    # Steady state: from the median completion of the first wave (it arrives all at once).
-    result = summarize(answers, statistics.median(first_wave))
+    busy = GpuBusy()
+    with contextlib.ExitStack() as sampling:  # from the start on: not while workers get ready
+        _, answered = await run_clients(
+            groups, pictures, spawn=processes > 1, started=lambda: sampling.enter_context(busy)
+        )
+    everything = [a for group in answered for a in group]  # the server's TTFT figures count the first wave
+    answers = [a for a in everything if not a.warmup]
+    # Steady state: from the median completion of the first wave (it arrives all at once); stamps
+    # from every process compare (time.monotonic: CLOCK_MONOTONIC is system-wide on Linux).
+    first_wave = [a.done for a in everything if a.warmup and a.done is not None]
+    result = summarize(answers, statistics.median(first_wave) if first_wave else None)
     result["gpu_busy"] = busy.fraction
+    result["client_processes"] = processes
     split_ttft(result, before, server_ttft(server), everything)
     return result
 
@@ -328,43 +211,35 @@ async def followup(server: Server, pictures: Pictures, c: int, rounds: int, toke
 
 
 async def arriving(
-    server: Server, pictures: Pictures, streamers: int, burst: int, every: float, seconds: float, tokens: int
+    server: Server,
+    pictures: Pictures,
+    streamers: int,
+    burst: int,
+    every: float,
+    seconds: float,
+    tokens: int,
+    processes: int,
 ) -> dict:
     """*streamers* clients stream text answers (follow-ups about a picture); after a quiet phase
     of *seconds*, a burst of *burst* new-picture asks arrives every *every* seconds for as long.
-    A gap between two deltas of a streamer belongs to the phase in which it ended."""
-    answers: list[Answer] = []
-    arrivals: list[Answer] = []
-    ready = 0
-    all_ready = asyncio.Event()
-    stop = asyncio.Event()
-
-    async def streamer() -> None:
-        nonlocal ready
-        async with WsClient(server.ws) as ws:
-            await ws.ask(QUESTION, pictures.take(), 8)  # a picture in context: follow-ups are long prompts
-            ready += 1
-            if ready == streamers:
-                all_ready.set()
-            while not stop.is_set():
-                answers.append(await ws.ask(FOLLOW_UP, None, tokens))
-
-    async def arrival() -> None:
-        async with WsClient(server.ws) as ws:
-            arrivals.append(await ws.ask(QUESTION, pictures.take(), 16))
-
-    tasks = [asyncio.create_task(streamer()) for _ in range(streamers)]
-    await asyncio.wait_for(all_ready.wait(), 600)
-    quiet = time.monotonic()
-    await asyncio.sleep(seconds)
-    busy = time.monotonic()
-    bursts: list[asyncio.Task[None]] = []
-    while time.monotonic() < busy + seconds:
-        bursts.extend(asyncio.create_task(arrival()) for _ in range(burst))
-        await asyncio.sleep(every)
-    end = time.monotonic()
-    stop.set()
-    await asyncio.gather(*tasks, *bursts)
+    A gap between two deltas of a streamer belongs to the phase in which it ended. Over more than
+    one process, the streamers and the arrivals never share one (an arrival's upload would delay
+    a streamer's reads)."""
+    spread, rest = 1, 1  # processes for the streamers and for the arrivals (or both in this one)
+    if processes > 1:
+        spread = max(1, min(processes - 1, round(processes * streamers / (streamers + burst))))
+        rest = processes - spread
+    shares = split(streamers, spread), split(burst, rest)
+    groups = [Group(Role.STREAMER, n, tokens, server.ws, server.http) for n in shares[0]]
+    groups += [
+        Group(Role.ARRIVAL, n, ARRIVAL_TOKENS, server.ws, server.http, every=every, seconds=seconds)
+        for n in shares[1]
+    ]
+    # The phases: from the one start the parent stamps; the streamers stop at the end.
+    quiet, answered = await run_clients(groups, pictures, spawn=processes > 1, stop_after=2 * seconds)
+    busy, end = quiet + seconds, quiet + 2 * seconds
+    answers = [a for group in answered[: len(shares[0])] for a in group]
+    arrivals = [a for group in answered[len(shares[0]) :] for a in group]
 
     def gaps(low: float, high: float) -> dict[str, float]:
         found = [
@@ -380,6 +255,8 @@ async def arriving(
         "streamers": streamers,
         "burst": burst,
         "every_s": every,
+        "client_processes": len(groups) if processes > 1 else 1,
+        **({"streamer_processes": len(shares[0])} if processes > 1 else {}),
         "quiet": gaps(quiet, busy),
         "busy": gaps(busy, end),
         "streamed": summarize(answers),
@@ -489,6 +366,42 @@ def requests(c: int, rounds: float) -> int:
     return max(c, int(c * rounds)) if c > 1 else max(3, int(rounds * 2))
 
 
+def arrive(args: argparse.Namespace) -> tuple[int, int, float, float]:
+    """--arrive: streamers, burst, every (s), phase (s)."""
+    streamers, burst, every, phase_s = args.arrive.split(",")
+    return int(streamers), int(burst), float(every), float(phase_s)
+
+
+def processes_for(args: argparse.Namespace, clients: int) -> int:
+    return client_processes(args.client_processes, clients, args.device == "cpu")
+
+
+def processes_option(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"expected auto or a number of processes, got {value!r}")
+    return value
+
+
+def planned_pictures(
+    args: argparse.Namespace, scenarios: list[str], levels: list[int], openai_levels: list[int],
+    follow_levels: list[int],
+) -> int:  # fmt: skip
+    """The pictures this process hands out: warm-ups, followup, and the scenarios whose clients
+    run here (worker processes make their own)."""
+    streamers, burst, every, phase_s = arrive(args)
+    planned = 0
+    for name in {"ws", "ws1", "openai"} & set(scenarios):
+        for c in openai_levels if name == "openai" else levels:
+            planned += 2 * asks_per_client(2, 2)  # the warm-up, at most 2 clients
+            if name == "ws1" or processes_for(args, c) == 1:
+                planned += c * asks_per_client(c, requests(c, args.rounds))
+    if "followup" in scenarios:
+        planned += sum(c * (args.followup_rounds + 1) for c in follow_levels)
+    if "arriving" in scenarios and processes_for(args, streamers + burst) == 1:
+        planned += streamers + burst * len(burst_offsets(every, phase_s))
+    return planned
+
+
 def build_model(args: argparse.Namespace, work: Path) -> tuple[str, str]:
     from server.inference.model.demo import build_demo_model
 
@@ -516,7 +429,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--concurrency", default=None, help="comma list (default 1,32,64; cpu: 1,4)")
     parser.add_argument("--openai-concurrency", default=None, help="comma list (default: the largest level)")
-    parser.add_argument("--scenarios", default="executor,ws,openai,followup,arriving")
+    parser.add_argument(
+        "--scenarios", default="executor,ws,openai,followup,arriving", help=f"of {','.join(SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=processes_option,
+        default="auto",
+        help="worker processes for the clients of ws, openai and arriving (1: all in this one); "
+        "auto: 8 clients a process, at most cpu_count - 2 (cpu device: 1)",
+    )
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128 (cpu: 16)")
     parser.add_argument("--image-size", type=int, default=None, help="default 1024 (cpu: 224)")
     parser.add_argument("--rounds", type=float, default=4.0, help="measured requests per client per level")
@@ -542,15 +464,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.new_tokens = args.new_tokens or (16 if cpu else 128)
     args.image_size = args.image_size or (224 if cpu else 1024)
     args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
-    streamers, burst, every, phase_s = (float(x) for x in args.arrive.split(","))
+    streamers, burst, _, _ = arrive(args)
     scenarios = args.scenarios.split(",")
+    if unknown := set(scenarios) - set(SCENARIOS):
+        parser.error(f"unknown scenarios {sorted(unknown)}: expected some of {','.join(SCENARIOS)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vlbridge-serve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    planned = sum(requests(c, args.rounds) + 2 * c for c in levels) * ("ws" in scenarios)
-    planned += sum(requests(c, args.rounds) + 2 * c for c in openai_levels) * ("openai" in scenarios)
-    planned += sum(c * (args.followup_rounds + 1) for c in follow_levels) * ("followup" in scenarios)
-    planned += int(streamers + burst * phase_s / every + burst) * ("arriving" in scenarios)
+    planned = planned_pictures(args, scenarios, levels, openai_levels, follow_levels)
     pictures = Pictures(args.image_size, planned)  # before torch is imported: the pool forks
 
     model_dir, weights = build_model(args, work)
@@ -565,7 +486,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "host": platform.node(),
         "server_env": args.server_env,
     }
-    results: dict[str, Any] = {"info": info, "executor": {}, "ws": {}, "openai": {}, "followup": {}}
+    results: dict[str, Any] = {
+        "info": info,
+        "executor": {},
+        "ws": {},
+        "ws1": {},
+        "openai": {},
+        "followup": {},
+    }
 
     def save() -> None:
         if args.out:
@@ -578,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["executor_error"] = str(exc)
         save()
     server = Server(
-        model_dir, args, max(levels + openai_levels + [int(streamers + burst * 4)]), work / "serve.log"
+        model_dir, args, max(levels + openai_levels + [streamers + burst * 4]), work / "serve.log"
     )
     info["server_start_s"] = round(server.start_s, 1)
     print(json.dumps(info), flush=True)
@@ -606,8 +534,9 @@ def run_scenarios(
     openai_levels: list[int],
     follow_levels: list[int],
 ) -> None:
-    """Each scenario in turn; one that fails is recorded and the next one still runs."""
-    streamers, burst, every, phase_s = (float(x) for x in args.arrive.split(","))
+    """Each scenario in the order given; one that fails is recorded and the next one still runs."""
+    streamers, burst, every, phase_s = arrive(args)
+    tokens = args.new_tokens
 
     def attempt(name: str, run: Any) -> Any:
         print(f"--- {name} starts at {time.strftime('%H:%M:%S')}", flush=True)
@@ -617,39 +546,44 @@ def run_scenarios(
             print(f"{name} failed: {exc!r}", flush=True)
             return {"error": repr(exc)}
 
-    for kind, kind_levels in (("ws", levels), ("openai", openai_levels)):
-        if kind not in scenarios:
-            continue
-        for c in kind_levels:
+    def closed(name: str) -> None:
+        kind = Role.OPENAI if name == "openai" else Role.WS
+        for c in openai_levels if name == "openai" else levels:
+            processes = 1 if name == "ws1" else processes_for(args, c)
+            # The warm-up warms the server (its figures are dropped): in this process, no spawn.
             attempt(
-                "warm-up",
-                lambda: asyncio.run(closed_loop(kind, server, pictures, min(c, 2), 2, args.new_tokens)),
+                "warm-up", lambda: asyncio.run(closed_loop(kind, server, pictures, min(c, 2), 2, tokens, 1))
             )
-            results[kind][c] = attempt(
-                kind,
+            results[name][c] = attempt(
+                name,
                 lambda: asyncio.run(
-                    closed_loop(kind, server, pictures, c, requests(c, args.rounds), args.new_tokens)
+                    closed_loop(kind, server, pictures, c, requests(c, args.rounds), tokens, processes)
                 ),
             )
-            print(kind, c, json.dumps(results[kind][c]), flush=True)
+            print(name, c, json.dumps(results[name][c]), flush=True)
             save()
-    if "followup" in scenarios:
-        for c in follow_levels:
-            results["followup"][c] = attempt(
-                "followup",
-                lambda: asyncio.run(followup(server, pictures, c, args.followup_rounds, args.new_tokens)),
+
+    for name in scenarios:
+        if name in ("ws", "ws1", "openai"):
+            closed(name)
+        elif name == "followup":
+            for c in follow_levels:
+                results["followup"][c] = attempt(
+                    "followup",
+                    lambda: asyncio.run(followup(server, pictures, c, args.followup_rounds, tokens)),
+                )
+                print("followup", c, json.dumps(results["followup"][c]), flush=True)
+                save()
+        elif name == "arriving":
+            processes = processes_for(args, streamers + burst)
+            results["arriving"] = attempt(
+                "arriving",
+                lambda: asyncio.run(
+                    arriving(server, pictures, streamers, burst, every, phase_s, tokens, processes)
+                ),
             )
-            print("followup", c, json.dumps(results["followup"][c]), flush=True)
+            print("arriving", json.dumps(results["arriving"]), flush=True)
             save()
-    if "arriving" in scenarios:
-        results["arriving"] = attempt(
-            "arriving",
-            lambda: asyncio.run(
-                arriving(server, pictures, int(streamers), int(burst), every, phase_s, args.new_tokens)
-            ),
-        )
-        print("arriving", json.dumps(results["arriving"]), flush=True)
-        save()
 
 
 def _ms(value: float | None) -> str:
@@ -662,8 +596,8 @@ def print_tables(results: dict[str, Any], levels: list[int]) -> None:
         f"\n{info['model']} on {info['device']}, {info['dtype']}, {info['image']}, "
         f"max {info['new_tokens']} new tokens, weights {info['weights']}"
     )
-    header = ("system", "conc", "req/s", "tok/s", "tokens", "TTFT p50/p95 ms", "gap p50/p99 ms",
-              "lat p50/p95 ms", "GPU busy", "x executor")  # fmt: skip
+    header = ("system", "conc", "client procs", "req/s", "tok/s", "tokens", "TTFT p50/p95 ms",
+              "gap p50/p99 ms", "lat p50/p95 ms", "GPU busy", "x executor")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     executor = {int(k): v for k, v in results["executor"].items()}
@@ -671,18 +605,19 @@ def print_tables(results: dict[str, Any], levels: list[int]) -> None:
         base = executor.get(c)
         if base and base.get("rps"):
             print(
-                f"| executor | {c} | {base['rps']:.2f} | {base['tok_s']:.0f} | {info['new_tokens']} | "
+                f"| executor | {c} | - | {base['rps']:.2f} | {base['tok_s']:.0f} | {info['new_tokens']} | "
                 f"{_ms(base['ttft_p50'])}/{_ms(base['ttft_p95'])} | - | "
                 f"{_ms(base['lat_p50'])}/{_ms(base['lat_p95'])} | {base.get('gpu_busy') or '-'} | 1 |"
             )
-        for kind in ("ws", "openai"):
+        for kind in ("ws", "ws1", "openai"):  # ws1: ws with its clients in one process
             r = results[kind].get(c)
             if not r or "rps" not in r:
                 continue
             ratio = f"{r['rps'] / base['rps']:.2f}" if base and base.get("rps") else "-"
             busy = f"{r['gpu_busy']:.0%}" if r.get("gpu_busy") is not None else "-"
             print(
-                f"| {kind} | {c} | {r['rps']:.2f} | {r['tok_s']:.0f} | {r['tokens_mean']:.0f} | "
+                f"| {kind} | {c} | {r['client_processes']} | {r['rps']:.2f} | {r['tok_s']:.0f} | "
+                f"{r['tokens_mean']:.0f} | "
                 f"{_ms(r['ttft_p50'])}/{_ms(r['ttft_p95'])} | {_ms(r['gap_p50'])}/{_ms(r['gap_p99'])} | "
                 f"{_ms(r['lat_p50'])}/{_ms(r['lat_p95'])} | {busy} | {ratio} |"
             )
@@ -710,7 +645,8 @@ def print_tables(results: dict[str, Any], levels: list[int]) -> None:
     if "quiet" in results.get("arriving", {}):
         r = results["arriving"]
         print(
-            f"arriving: {r['streamers']} streaming clients; gap p50/p99/max quiet "
+            f"arriving: {r['streamers']} streaming clients ({r['client_processes']} client processes); "
+            f"gap p50/p99/max quiet "
             f"{_ms(r['quiet']['gap_p50'])}/{_ms(r['quiet']['gap_p99'])}/{_ms(r['quiet']['gap_max'])} ms, "
             f"with a burst of {r['burst']} new pictures every {r['every_s']} s "
             f"{_ms(r['busy']['gap_p50'])}/{_ms(r['busy']['gap_p99'])}/{_ms(r['busy']['gap_max'])} ms; "

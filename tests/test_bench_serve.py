@@ -1,18 +1,40 @@
-"""bench/serve.py in its CPU mode (demo model, small counts) and the full-vocabulary tokenizer."""
+"""bench/serve.py in its CPU mode (demo model, small counts), its clients' processes, and the
+full-vocabulary tokenizer."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import socket
 from pathlib import Path
 
 import pytest
 
 from bench.architectures import full_vocab_tokenizer
-from bench.serve import main
+from bench.serve import client_processes, main
+from bench.serve_clients import Group, Pictures, Role, burst_offsets, run_clients, split
 
-pytestmark = pytest.mark.slow
+
+def test_clients_are_spread_evenly_and_bursts_cover_the_busy_phase() -> None:
+    assert split(64, 8) == [8] * 8 and split(5, 2) == [3, 2] and split(1, 4) == [1] and split(0, 2) == []
+    assert burst_offsets(1.0, 4) == [0, 1, 2, 3] and burst_offsets(0.5, 1.5) == [0, 0.5, 1.0]
+    assert client_processes("auto", 64, cpu=True) == 1 and client_processes("4", 2, cpu=False) == 2
 
 
+@pytest.mark.parametrize("spawn", [False, True], ids=["in-process", "workers"])
+async def test_a_client_error_surfaces_instead_of_hanging(spawn: bool) -> None:
+    with socket.socket() as refusing:  # bound, not listening: every connection is refused
+        refusing.bind(("127.0.0.1", 0))
+        ws = f"ws://127.0.0.1:{refusing.getsockname()[1]}/ws"
+        groups = [
+            Group(Role.WS, 2, 4, ws, "http://unused", asks=2),
+            Group(Role.ARRIVAL, 1, 4, ws, "http://unused", every=0.5, seconds=1.0),  # ready, then called off
+        ]
+        with pytest.raises(RuntimeError, match="ws clients: ConnectionRefusedError"):
+            await asyncio.wait_for(run_clients(groups, Pictures(32, 4), spawn=spawn, stop_after=2.0), 60)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_serve_benchmark_runs_every_scenario_on_cpu(
     demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -21,17 +43,22 @@ def test_serve_benchmark_runs_every_scenario_on_cpu(
     # work, the server's threads (worker, preparation) each spinning an OpenMP team slow it ~8x.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "serve.json"
+    # Two client processes: ws and openai spread their 2 clients over them, arriving puts its
+    # streamers in one and its arrivals in the other; ws1 keeps its clients in this process.
     results = main(
         [
             "--device", "cpu", "--model", str(demo_model_dir), "--concurrency", "2", "--rounds", "2",
             "--new-tokens", "12", "--image-size", "96", "--followup-concurrency", "1",
             "--followup-rounds", "1", "--arrive", "2,2,0.5,1.5", "--workdir", str(tmp_path / "work"),
             "--out", str(out), "--server-env", "EXECUTOR_PROFILE_SECONDS=0.5",
+            "--scenarios", "executor,ws,ws1,openai,followup,arriving", "--client-processes", "2",
         ]
     )  # fmt: skip
     assert out.exists()
     executor, ws, openai = results["executor"][2], results["ws"][2], results["openai"][2]
-    for figures in (ws, openai):
+    ws1 = results["ws1"][2]
+    assert ws["client_processes"] == openai["client_processes"] == 2 and ws1["client_processes"] == 1
+    for figures in (ws, ws1, openai):
         assert figures["errors"] == 0, figures["first_error"]
         assert figures["requests"] >= 2 and figures["rps"] > 0 and figures["tokens_mean"] > 0
         assert 0 < figures["ttft_p50"] <= figures["lat_p50"]
@@ -47,11 +74,13 @@ def test_serve_benchmark_runs_every_scenario_on_cpu(
     for series in ("executor over", "prepare n=", "decode_step n=", "prefill phases over", "host_vision n="):
         assert series in profile, profile
     arriving = results["arriving"]
+    assert arriving["client_processes"] == 2 and arriving["streamer_processes"] == 1
     assert arriving["arrivals"]["requests"] > 0 and arriving["arrivals"]["errors"] == 0
     assert arriving["streamed"]["errors"] == 0
     assert arriving["quiet"]["gaps"] + arriving["busy"]["gaps"] > 0
 
 
+@pytest.mark.slow
 def test_full_vocab_tokenizer_decodes_every_id_and_round_trips(demo_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
