@@ -144,18 +144,19 @@ def test_the_same_picture_again_after_a_reused_prefix(engine: ModelEngine) -> No
 def test_the_padded_layout_of_the_prefill_graphs_changes_no_logit_and_no_real_page(
     engine: ModelEngine,
 ) -> None:
-    """prefill_graphs.py's padded batch, run eagerly on the CPU (what a CUDA graph records): the
-    padding tokens, the padding row, the empty rows and the picture and last-token indexes that
-    point at padding change neither the rows' logits nor the keys/values of their pages."""
+    """prefill_graphs.py's padded batches, run eagerly on the CPU (what a CUDA graph records): the
+    padding tokens and row, the empty rows and the picture and last-token indexes that point at
+    padding change neither the rows' logits nor the keys/values of their pages, for two rows with
+    a picture and a reused prefix and for a follow-up with a long reused prefix."""
     from server.inference.model.kvcache import SeqCache
-    from server.inference.model.prefill_graphs import SLACK, PrefillGraphs, check_batch
+    from server.inference.model.prefill_graphs import PrefillGraphs, check_batches
 
     forward = engine.forward
     cache = SeqCache()
     assert engine.kv.allocate(cache, 512)
     try:
-        batch = check_batch(cache, engine.runner.prompts.image_token_id, forward.device)
-        assert batch.pictures is not None and batch.key_starts[-1] - batch.query_starts[-1] == 100 <= SLACK
+        rows, follow_up = check_batches(cache, engine.runner.prompts.image_token_id, forward.device)
+        assert rows.pictures is not None and follow_up.pictures is None
         generator = torch.Generator().manual_seed(3)
         hidden = forward.embed.embedding_dim
         embeds = torch.randn(64, hidden, generator=generator)
@@ -166,20 +167,24 @@ def test_the_padded_layout_of_the_prefill_graphs_changes_no_logit_and_no_real_pa
         def pages() -> list[torch.Tensor]:
             return [keys.view(flat)[real].clone() for keys in forward.cache.keys]
 
-        with torch.inference_mode():
-            expected = forward.logits(batch, embeds, deep)
-            written = pages()
-            for keys in forward.cache.keys:
-                keys.view(flat)[real] = 0  # the padded run must write them again, the same
-            graphs = PrefillGraphs(forward, 1024, 4, 3)
-            assert graphs.key(batch) == 512  # 260 new tokens: the smallest bucket above them
-            got = graphs.run(batch, embeds, deep)
-        assert got is not None
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-        for before, after in zip(written, pages(), strict=True):
-            torch.testing.assert_close(after, before)
-        # What no graph takes runs eagerly: more rows than a graph has, or a long reused prefix.
-        assert PrefillGraphs(forward, 1024, 1, 3).key(batch) is None
-        assert PrefillGraphs(forward, 256, 4, 3).key(batch) is None
+        graphs = PrefillGraphs(forward, 1024, 4, 3)
+        for batch, pictures, bucket in (
+            (rows, (embeds, deep), (512, 256)),
+            (follow_up, (None, []), (256, 1024)),
+        ):
+            with torch.inference_mode():
+                expected = forward.logits(batch, *pictures)
+                written = pages()
+                for keys in forward.cache.keys:
+                    keys.view(flat)[batch.host["store"]] = 0  # the padded run must write them again
+                assert graphs.key(batch) == bucket  # the smallest that holds the batch
+                got = graphs.run(batch, *pictures)
+            assert got is not None
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            for before, after in zip(written, pages(), strict=True):
+                torch.testing.assert_close(after, before)
+        # What no graph takes runs eagerly: more rows than a graph has, or more new tokens.
+        assert PrefillGraphs(forward, 1024, 1, 3).key(rows) is None
+        assert PrefillGraphs(forward, 256, 4, 3).key(rows) is None
     finally:
         engine.kv.free(cache)

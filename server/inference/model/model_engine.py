@@ -35,7 +35,7 @@ from .devices import cpu_threads, usable_cores
 from .kvcache import PAGE, PagedKVCache, SeqCache
 from .positions import mrope_positions
 from .prefill import PrefillForward, pack
-from .prefill_graphs import GRAPH_ROWS, GRAPH_TOKENS, PrefillGraphs, check_batch
+from .prefill_graphs import GRAPH_ROWS, GRAPH_TOKENS, PrefillGraphs, check_batches
 from .prefix import PrefixCache, full_block_keys, identity, picture_starts
 from .prompt import Prompt
 from .runner import ModelRunner
@@ -279,10 +279,10 @@ class ModelEngine:
         self.forward.graphs = PrefillGraphs(self.forward, GRAPH_TOKENS, GRAPH_ROWS, levels)
         cache = SeqCache()
         try:
-            check = None
+            checks = []
             if self.kv.allocate(cache, 512):
-                check = check_batch(cache, self.runner.prompts.image_token_id, self.runner.device)
-            self.forward.graphs.warm_up(check)
+                checks = check_batches(cache, self.runner.prompts.image_token_id, self.runner.device)
+            self.forward.graphs.warm_up(checks)
         finally:
             self.kv.free(cache)
 

@@ -6,25 +6,26 @@ pictures, most of it holding the GIL the server's event loop and preparation thr
 largest share of the worker's GIL samples in `bench/server_gil.sh`). A graph replays the same
 kernels for a few microseconds of host time.
 
-A graph has fixed shapes, so a prefill is padded to a bucket of `size` tokens (`buckets`: fine
-steps for small prefills, coarser for large ones), laid out as:
+A graph has fixed shapes, so a prefill is padded to a bucket (`buckets`): `size` new tokens (fine
+steps for small prefills, coarser for large ones) and `slack` reused ones (a follow-up's new turn
+reuses the whole conversation before it: small `size`, large `slack`), laid out as:
 - the real rows' new tokens, then padding tokens up to `size` (at least one): token 0 at position
   0, its keys and values stored in the scratch page (page 0, as the decode step's padded rows);
 - the keys gathered for attention: the real rows' whole sequences, then scratch slots up to
-  `size + SLACK`; the padding tokens form one more row that attends to those, and the row
-  offsets end with empty rows up to `max_rows` + 2 entries, so a graph serves every batch of up
-  to `max_rows` rows, `size - 1` new tokens and `SLACK` reused ones. The attention reads its
-  offsets on the device and its grid is sized by the bucket;
+  `size + slack`; the padding tokens form one more row, attending to as many scratch keys as it
+  has tokens (the keys after it are read by no row), and the row offsets end with empty rows up
+  to `max_rows` + 2 entries; so a graph serves every batch of up to `max_rows` rows, `size - 1`
+  new tokens and `slack` reused ones. The attention reads its offsets on the device;
 - picture rows and each row's last token index the padding token where a batch has fewer.
 Its inputs are staged in pinned memory and copied in one transfer into static buffers, the
 pictures' encoder outputs into static buffers of their own; the logits land in a static buffer.
-A prefill these do not fit (more rows, a long reused prefix: a follow-up, or every position's
-logits) runs eagerly, as before.
+A prefill these do not fit (more rows or tokens, or every position's logits) runs eagerly.
 
 All buckets are captured at warm-up (largest first, one memory pool), then the graphs are checked
-against the eager forward on a batch of two rows with pictures and a reused prefix (captured with
-other offsets, so a kernel that baked its inputs in at capture fails the check); a failed capture
-or check turns the graphs off for good. On a CPU (tests) the same padded layout runs eagerly.
+against the eager forward on a batch of two rows with a picture and a reused prefix and on a
+follow-up (captured with other offsets, so a kernel that baked its inputs in at capture fails the
+check); a failed capture or check turns the graphs off for good. On a CPU (tests) the same padded
+layout runs eagerly.
 """
 
 from __future__ import annotations
@@ -42,23 +43,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vlbridge.model.prefill")
 
-SLACK = 256  # reused prefix tokens a graph's batch may attend to beyond its new tokens
+SLACKS = (256, 1024, 2048, 4096, 8192, 16384)  # reused tokens a batch may attend to beyond its new ones
+FOLLOW_UP = 1024  # new tokens up to which the larger slacks have graphs (a follow-up's turn)
 GRAPH_TOKENS = 8192  # the largest bucket: a slice of ~7 new 1024x1024 pictures
 GRAPH_ROWS = 8  # rows a graph takes (slices hold up to ~7)
 SECTIONS = ("ids", "positions", "store", "gather", "pictures", "last", "starts")
 
 
-def buckets(limit: int) -> list[int]:
-    """Padded token counts: every 256 up to 2048 (a single picture is ~1050 tokens), then every 512."""
-    small = list(range(256, min(limit, 2048) + 1, 256))
-    return small + list(range(2048 + 512, limit + 1, 512))
+def buckets(limit: int) -> list[tuple[int, int]]:
+    """(new tokens, reused tokens) padded to: new every 256 up to 2048 (a single picture is ~1050
+    tokens), then every 512, with the smallest slack; small prefills with every slack too."""
+    sizes = list(range(256, min(limit, 2048) + 1, 256)) + list(range(2048 + 512, limit + 1, 512))
+    small = SLACKS[0]
+    return [(size, slack) for size in sizes for slack in SLACKS if slack == small or size <= FOLLOW_UP]
 
 
 class PrefillGraphs:
     def __init__(self, forward: PrefillForward, limit: int, max_rows: int, levels: int) -> None:
         self.forward = forward
-        self.sizes = buckets(limit)
-        self.limit = self.sizes[-1] if self.sizes else 0
+        self.buckets = buckets(limit)
+        self.limit = max((size for size, _ in self.buckets), default=0)
         self.max_rows = max_rows
         self.capture = forward.cuda  # on a CPU the padded layout runs eagerly (tests)
         self.enabled = self.limit > 0 and (not forward.cuda or (forward.fused and forward.varlen is not None))
@@ -67,7 +71,7 @@ class PrefillGraphs:
             "ids": self.limit,
             "positions": 3 * self.limit,
             "store": self.limit,
-            "gather": self.limit + SLACK,
+            "gather": self.limit + SLACKS[-1],
             "pictures": self.limit,
             "last": max_rows,
             "starts": 2 * (max_rows + 2),
@@ -86,7 +90,7 @@ class PrefillGraphs:
         self._embeds = torch.zeros(self.limit, hidden, dtype=dtype, device=device)
         self._deep = [torch.zeros(self.limit, hidden, dtype=dtype, device=device) for _ in range(levels)]
         self._logits = torch.zeros(max_rows, forward.lm_head.out_features, dtype=torch.float32, device=device)
-        self._graphs: dict[int, Any] = {}  # torch.cuda.CUDAGraph by padded size
+        self._graphs: dict[tuple[int, int], Any] = {}  # torch.cuda.CUDAGraph by bucket
         self._pool: Any = None
         self._lists: tuple[list[int], list[int]] = ([], [])  # padded offsets (CPU attention)
 
@@ -94,27 +98,27 @@ class PrefillGraphs:
     def captured(self) -> int:
         return len(self._graphs)
 
-    def key(self, batch: Packed) -> int | None:
-        """The padded size whose graph takes *batch*, if one does."""
+    def key(self, batch: Packed) -> tuple[int, int] | None:
+        """The bucket whose graph takes *batch*, if one does."""
         rows = len(batch.query_starts) - 1
-        new, keys = batch.query_starts[-1], batch.key_starts[-1]
-        if not self.enabled or rows > self.max_rows or keys - new > SLACK or new >= self.limit:
+        new, reused = batch.query_starts[-1], batch.key_starts[-1] - batch.query_starts[-1]
+        if not self.enabled or rows > self.max_rows:
             return None
-        return next(size for size in self.sizes if size > new)
+        return next(((size, slack) for size, slack in self.buckets if size > new and slack >= reused), None)
 
     def run(
         self, batch: Packed, embeds: torch.Tensor | None, deepstack: list[torch.Tensor]
     ) -> torch.Tensor | None:
         """Logits of each row's last token (rows, vocab), valid until the next call; None when no
         graph takes *batch* (run it eagerly)."""
-        size = self.key(batch)
-        if size is None or (self.capture and size not in self._graphs):
+        bucket = self.key(batch)
+        if bucket is None or (self.capture and bucket not in self._graphs):
             return None
-        self._stage(size, batch, embeds, deepstack)
+        self._stage(bucket, batch, embeds, deepstack)
         if self.capture:
-            self._graphs[size].replay()
+            self._graphs[bucket].replay()
         else:
-            self._body(size)
+            self._body(bucket)
         return self._logits[: len(batch.query_starts) - 1]
 
     # ---- the padded layout ----------------------------------------------------------------------------
@@ -124,9 +128,14 @@ class PrefillGraphs:
         return buffer[start : start + length]
 
     def _stage(
-        self, size: int, batch: Packed | None, embeds: torch.Tensor | None, deepstack: list[torch.Tensor]
+        self,
+        bucket: tuple[int, int],
+        batch: Packed | None,
+        embeds: torch.Tensor | None,
+        deepstack: list[torch.Tensor],
     ) -> None:
-        """*batch* (None: no rows, the padding is everything) into the static inputs for *size*."""
+        """*batch* (None: no rows, the padding is everything) into the static inputs of *bucket*."""
+        size, slack = bucket
         self._turn ^= 1
         host, copied = self._host[self._turn], self._copied[self._turn]
         if copied is not None:
@@ -145,13 +154,14 @@ class PrefillGraphs:
         if parts:
             positions[:, : parts["positions"].shape[1]] = parts["positions"]
         fill("store", size, 0)
-        fill("gather", size + SLACK, 0)
+        fill("gather", size + slack, 0)
         fill("pictures", size, size - 1)
         fill("last", self.max_rows, size - 1)
-        query = [*(batch.query_starts if batch is not None else [0]), size]
-        key = [*(batch.key_starts if batch is not None else [0]), size + SLACK]
+        query = list(batch.query_starts) if batch is not None else [0]
+        key = list(batch.key_starts) if batch is not None else [0]
+        end = key[-1] + size - query[-1]  # the padding row: as many keys as tokens
         query += [size] * (self.max_rows + 2 - len(query))
-        key += [size + SLACK] * (self.max_rows + 2 - len(key))
+        key += [end] * (self.max_rows + 2 - len(key))
         self._section(host, "starts", 2 * (self.max_rows + 2))[:] = torch.tensor(query + key)
         self._lists = (query, key)
         self._device.copy_(host, non_blocking=True)
@@ -165,15 +175,16 @@ class PrefillGraphs:
             for buffer, level in zip(self._deep, deepstack, strict=True):
                 buffer[:count].copy_(level)
 
-    def _view(self, size: int) -> Packed:
+    def _view(self, bucket: tuple[int, int]) -> Packed:
         from .prefill import Packed
 
+        size, slack = bucket
         query, key = self._lists
         return Packed(
             ids=self._section(self._device, "ids", size),
             positions=self._section(self._device, "positions", 3 * self.limit).view(3, self.limit)[:, :size],
             store=self._section(self._device, "store", size),
-            gather=self._section(self._device, "gather", size + SLACK),
+            gather=self._section(self._device, "gather", size + slack),
             copy_from=None,
             copy_to=None,
             pictures=self._section(self._device, "pictures", size),
@@ -182,48 +193,49 @@ class PrefillGraphs:
             key_starts=key,
             starts=self._section(self._device, "starts", 2 * (self.max_rows + 2)).view(2, -1).int(),
             max_query=size,
-            max_key=size + SLACK,
+            max_key=size + slack,
         )
 
-    def _body(self, size: int) -> None:
+    def _body(self, bucket: tuple[int, int]) -> None:
         """The padded forward: what a graph records."""
-        batch = self._view(size)
+        batch = self._view(bucket)
+        size = bucket[0]
         logits = self.forward.logits(batch, self._embeds[:size], [level[:size] for level in self._deep])
         self._logits.copy_(logits)
 
     # ---- capture and check ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def warm_up(self, check: Packed | None) -> int:
+    def warm_up(self, checks: list[Packed]) -> int:
         """Capture every bucket (largest first), then compare the graphs with the eager forward on
-        *check* (a batch with pictures and a reused prefix); graphs captured."""
+        *checks* (see `check_batches`); graphs captured."""
         if not (self.enabled and self.capture):
             return 0
         started = time.monotonic()
         try:
-            for size in reversed(self.sizes):
-                self._stage(size, None, None, [])
-                self._graphs[size] = self._record(size)
+            for bucket in sorted(self.buckets, key=lambda b: b[0] + b[1], reverse=True):
+                self._stage(bucket, None, None, [])
+                self._graphs[bucket] = self._record(bucket)
         except Exception:
             log.exception("capturing a prefill CUDA graph failed; prefilling eagerly")
             self._off()
             return 0
-        if check is not None and not self._agrees(check):
+        if not all(self._agrees(check) for check in checks):
             self._off()
             return 0
         log.info("prefill: %d CUDA graphs (up to %d tokens) in %.1f s", len(self._graphs), self.limit,
                  time.monotonic() - started)  # fmt: skip
         return len(self._graphs)
 
-    def _record(self, size: int) -> Any:
+    def _record(self, bucket: tuple[int, int]) -> Any:
         side = torch.cuda.Stream(self.forward.device)
         side.wait_stream(torch.cuda.current_stream(self.forward.device))
         with torch.cuda.stream(side):
-            self._body(size)  # warm-up outside the capture: allocator, lazy initialisations, kernels
+            self._body(bucket)  # warm-up outside the capture: allocator, lazy initialisations, kernels
         torch.cuda.current_stream(self.forward.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._body(size)
+            self._body(bucket)
         self._pool = graph.pool()
         return graph
 
@@ -253,18 +265,21 @@ class PrefillGraphs:
         self._pool = None
 
 
-def check_batch(cache: SeqCache, image_token_id: int, device: torch.device) -> Packed:
-    """Two rows in *cache*'s first 360 slots: 200 new tokens with a picture of 64 tokens, and 60
-    new tokens after a reused prefix of 100."""
+def check_batches(cache: SeqCache, image_token_id: int, device: torch.device) -> list[Packed]:
+    """Batches for checking the graphs, in *cache*'s first 360 slots: two rows (200 new tokens with
+    a picture of 64 tokens; 60 new tokens after a reused prefix of 100), and a follow-up (30 new
+    tokens after 300 reused)."""
     from .prefill import pack
 
     generator = torch.Generator().manual_seed(0)
     first = torch.randint(0, image_token_id, (200,), generator=generator)
     first[20:84] = image_token_id
     second = torch.randint(0, image_token_id, (60,), generator=generator)
+    follow = torch.randint(0, image_token_id, (30,), generator=generator)
     slots = torch.tensor([cache.slot(index) for index in range(360)])
     rows = [
         (first.tolist(), torch.arange(200).expand(3, -1), slots[:200], 0),
         (second.tolist(), torch.arange(100, 160).expand(3, -1), slots[200:], 100),
     ]
-    return pack(rows, [], image_token_id, device)
+    follow_up = [(follow.tolist(), torch.arange(300, 330).expand(3, -1), slots[:330], 300)]
+    return [pack(rows, [], image_token_id, device), pack(follow_up, [], image_token_id, device)]
