@@ -78,6 +78,8 @@ def summarize(answers: list[Answer], started: float | None = None) -> dict[str, 
     good = [a for a in answers if a.error is None and a.done is not None]
     errors = [a.error for a in answers if a.error is not None]
     ttft = [t for a in good if (t := a.ttft) is not None]
+    # ask sent -> the server's first frame about it: upload, parsing and submission, and back
+    accept = [a.accepted - a.sent for a in good if a.accepted is not None]
     gaps = [g for a in good for g in a.gaps]
     result: dict[str, Any] = {
         "requests": len(good),
@@ -88,6 +90,8 @@ def summarize(answers: list[Answer], started: float | None = None) -> dict[str, 
         "deltas_max": max((len(a.deltas) for a in good), default=0),
         "ttft_p50": pct(ttft, 50),
         "ttft_p95": pct(ttft, 95),
+        "accept_p50": pct(accept, 50),
+        "accept_p95": pct(accept, 95),
         "gap_p50": pct(gaps, 50),
         "gap_p99": pct(gaps, 99),
         "gap_max": max(gaps) if gaps else float("nan"),
@@ -626,7 +630,8 @@ def print_tables(results: dict[str, Any], levels: list[int]) -> None:
             if r.get("server_ttft_mean") is not None:
                 print(
                     f"{kind} c={c}: TTFT mean at the client {_ms(r['ttft_mean'])} ms, inside the server "
-                    f"(submission to first token) {_ms(r['server_ttft_mean'])} ms"
+                    f"(submission to first token) {_ms(r['server_ttft_mean'])} ms; accepted (the "
+                    f"server's first frame) p50/p95 {_ms(r.get('accept_p50'))}/{_ms(r.get('accept_p95'))} ms"
                 )
     for c, r in results["followup"].items():
         if "first" not in r:

@@ -79,6 +79,7 @@ class Pictures:
 @dataclass
 class Answer:
     sent: float
+    accepted: float | None = None  # the server's first frame about the ask (WebSocket: `queued`)
     first: float | None = None
     done: float | None = None
     deltas: list[float] = field(default_factory=list)  # arrival times
@@ -136,6 +137,7 @@ class WsClient:
                 await self.conn.send(json.dumps({"type": "pong", "ts": event["ts"]}))
             if event.get("id") != ask_id:
                 continue
+            answer.accepted = answer.accepted or now
             if kind == "delta":
                 answer.first = answer.first or now
                 answer.deltas.append(now)
