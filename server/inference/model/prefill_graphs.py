@@ -47,6 +47,11 @@ SLACKS = (256, 1024, 2048, 4096, 8192, 16384)  # reused tokens a batch may atten
 FOLLOW_UP = 1024  # new tokens up to which the larger slacks have graphs (a follow-up's turn)
 GRAPH_TOKENS = 8192  # the largest bucket: a slice of ~7 new 1024x1024 pictures
 GRAPH_ROWS = 8  # rows a graph takes (slices hold up to ~7)
+# Largest relative difference from the eager forward a graph may show: bf16 rounding differs with
+# the padded GEMM shapes and accumulates over the layers (0.027 seen on an H200 for 2B, as the
+# engine against transformers in teacher forcing: 0.025-0.030); a wrong page, offset or padding
+# index gives differences of the order of the logits themselves (tests/test_prefill.py).
+TOLERANCE = 0.1
 SECTIONS = ("ids", "positions", "store", "gather", "pictures", "last", "starts")
 
 
@@ -254,9 +259,14 @@ class PrefillGraphs:
             return False
         scale = float(expected.abs().max()) or 1.0
         error = float((got - expected).abs().max()) / scale
-        if error > 0.02:
+        if error > TOLERANCE:
             log.warning("a prefill CUDA graph differs from the eager forward by %.3f; graphs off", error)
             return False
+        log.info(
+            "prefill CUDA graph %s against the eager forward: relative difference %.3f",
+            self.key(batch),
+            error,
+        )
         return True
 
     def _off(self) -> None:
