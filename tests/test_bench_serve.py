@@ -73,7 +73,8 @@ def test_serve_benchmark_runs_every_scenario_on_cpu(
     assert not math.isnan(follow["followup"]["ttft_p50"])
     assert 0 < follow["followup"]["server_ttft_p50"] <= follow["followup"]["ttft_p50"]
     profile = "\n".join(results["profile"])  # the server logged where its time went
-    for series in ("executor over", "prepare n=", "decode_step n=", "prefill phases over", "host_vision n="):
+    series_names = ("executor over", "prepare n=", "decode_step n=", "prefill phases over", "host_vision n=")
+    for series in (*series_names, "relay over", "handoff n="):
         assert series in profile, profile
     arriving = results["arriving"]
     assert arriving["client_processes"] == 2 and arriving["streamer_processes"] == 1

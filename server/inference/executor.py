@@ -277,6 +277,9 @@ class InferenceExecutor:
         self.unit_seconds = 0.0
         # worker-owned: time to first token split into its parts, decode cadence, prefill stalls
         self.profile = Profile(logging.getLogger("vlbridge.profile"), "executor", limits.profile_seconds)
+        # Recorded on the event loop: how long handed-over events wait for it (`handoff`).
+        self.relay_profile = Profile(logging.getLogger("vlbridge.profile"), "relay", limits.profile_seconds)
+        self._woken = 0.0  # when the pending _deliver was scheduled; guarded by _lock
         self._memory: tuple[int, int] | None = None  # (used, total) device bytes, sampled by the worker
         self._memory_at = -MEMORY_SAMPLE_INTERVAL
 
@@ -447,6 +450,8 @@ class InferenceExecutor:
         with self._lock:
             self._handed.extend(events)
             wake, self._delivery_due = not self._delivery_due, True
+            if wake:
+                self._woken = time.monotonic()
         if wake:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
                 self._loop.call_soon_threadsafe(self._deliver)
@@ -455,6 +460,8 @@ class InferenceExecutor:
         with self._lock:
             batch, self._handed = self._handed, []
             self._delivery_due = False
+            woken = self._woken
+        self.relay_profile.record("handoff", time.monotonic() - woken)
         for handle, events in coalesce(batch).items():
             handle.push(*events)
 
