@@ -273,7 +273,7 @@ class ModelEngine:
         log.info("warm-up took %.1f s", time.monotonic() - started)
 
     def _warm_up_prefill_graphs(self) -> None:
-        """The packed forward's CUDA graphs (prefill_graphs.py), checked on two rows written into
+        """The packed forward's CUDA graphs (prefill_graphs.py), checked on batches written into
         pages taken for the check and given back."""
         levels = len(getattr(self.runner.model.config.vision_config, "deepstack_visual_indexes", ()))
         self.forward.graphs = PrefillGraphs(self.forward, GRAPH_TOKENS, GRAPH_ROWS, levels)
