@@ -117,6 +117,11 @@ if [ "${ONLY_2B:-0}" != 1 ]; then
     --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/30b-a3b --out "$OUT/serve-30b-a3b.json"
   keep_logs 30b-a3b
 fi
+# `KERNELS=1`: where the GPU time goes, by kernel (bench/profile_prefill.py): 2B's vision encoder
+# and packed forward for 1 and 4 pictures, and the decode step at 64 rows of ~1100 tokens.
+if [ "${KERNELS:-0}" = 1 ]; then
+  step 150 "kernels 2b" python3 bench/profile_prefill.py --model 2b --out "$OUT/profile-2b.txt"
+fi
 if [ "${PROBE:-0}" = 1 ]; then
   step 90 "prefill probe 2b" python3 bench/prefill_probe.py --model 2b --out "$OUT/probe-2b.json"
 fi

@@ -1,8 +1,10 @@
-"""Where does prefill time go? The engine's two prefill phases on the GPU, by kernel.
+"""Where does the engine's GPU time go? The prefill phases and the decode step, by kernel.
 
 For 1 and 4 new 1024x1024 pictures: the vision encoder (`VisionEncoder.encode`, its cache off)
 and the packed language-model forward (`PrefillForward.run`), each timed (best of 3, host and
-device) and then profiled once: the kernels that take the most device time.
+device) and then profiled once: the kernels that take the most device time. Then the decode step
+(`--decode-rows`, default 64, 0: none) over rows of `--decode-context` tokens (text prompts,
+prefilled first), timed and profiled the same way (a CUDA graph replay on a GPU).
 
 python bench/profile_prefill.py --model 2b [--out profile.txt]
 """
@@ -63,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="2b", help="2b | 8b | 30b-a3b | demo (a CPU dry run)")
     parser.add_argument("--pictures", default="1,4")
+    parser.add_argument("--decode-rows", type=int, default=64)
+    parser.add_argument("--decode-context", type=int, default=1100, help="tokens of each decode row")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import tempfile
@@ -77,7 +81,8 @@ def main() -> None:
     else:
         loaded = load_in_memory(args.model, demo)
     runner = ModelRunner(loaded, ImageLimits(max_pixels=1024 * 1024), 8192)
-    engine = ModelEngine(runner, EngineOptions(max_batch=8, max_context_tokens=8192, vision_cache_bytes=0))
+    options = EngineOptions(max_batch=max(8, args.decode_rows), max_context_tokens=8192, vision_cache_bytes=0)
+    engine = ModelEngine(runner, options)
     engine.warm_up()
     device, dtype = runner.device, runner.dtype
     report: list[str] = []
@@ -109,20 +114,52 @@ def main() -> None:
                 engine.forward.run(batch, embeds, deepstack)
 
         for name, fn in (("vision", vision), ("forward", forward)):
-            host, done = timed(fn)
-            line = (
-                f"{name}, {count} picture(s), {batch.query_starts[-1]} tokens: "
-                f"host {host * 1e3:.1f} ms, device done {done * 1e3:.1f} ms"
-            )
-            print(line, flush=True)
-            report.append(line)
-            table = kernels(fn)
-            print(table, flush=True)
-            report.append(table)
+            report += measured(f"{name}, {count} picture(s), {batch.query_starts[-1]} tokens", fn)
         for seq in seqs:
             engine.release(seq)
+    if args.decode_rows:
+        report += decode_step(engine, args.decode_rows, args.decode_context)
     if args.out:
         Path(args.out).write_text("\n".join(report))
+
+
+def measured(title: str, fn: Any) -> list[str]:
+    """*fn* timed (host, device) and profiled by kernel: the report's lines, printed as they come."""
+    host, done = timed(fn)
+    lines = [f"{title}: host {host * 1e3:.1f} ms, device done {done * 1e3:.1f} ms", kernels(fn)]
+    for line in lines:
+        print(line, flush=True)
+    return lines
+
+
+def decode_step(engine: ModelEngine, rows: int, context: int) -> list[str]:
+    """One decode step over *rows* text rows of about *context* tokens each (prefilled 8 at a time)."""
+
+    def text(count: int) -> str:
+        return " ".join(f"w{i % 97}" for i in range(count))
+
+    per_word = engine.prepare([Turn.user(text(100))]).length / 100  # tokens a word, with this tokenizer
+    words = text(max(1, int(context / per_word)))
+    seqs = [
+        Sequence(f"d{i}", engine.prepare([Turn.user(f"{i} {words}")]), SamplingParams(), 64)
+        for i in range(rows)
+    ]
+    for start in range(0, rows, 8):
+        chunk = seqs[start : start + 8]
+        for seq in chunk:
+            assert engine.reserve(seq), "no room for the decode rows: lower --decode-rows or --decode-context"
+        for seq, token in zip(chunk, engine.prefill(chunk).tokens(), strict=True):
+            seq.tokens.append(token)
+
+    def step() -> None:
+        for seq, token in zip(seqs, engine.decode(seqs).tokens(), strict=True):
+            seq.tokens.append(token)
+
+    tokens = seqs[0].prompt.length
+    lines = measured(f"decode step, {rows} rows of ~{tokens} tokens", step)
+    for seq in seqs:
+        engine.release(seq)
+    return lines
 
 
 def engine_slots(seq: Sequence) -> torch.Tensor:
