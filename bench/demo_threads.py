@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import platform
 import subprocess
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from protocol.pictures import ImageLimits  # noqa: E402
 from server.inference.api import Done, InferenceRequest, SamplingParams, Started, Turn  # noqa: E402
 from server.inference.executor import ExecutorLimits, InferenceExecutor  # noqa: E402
+from server.inference.loading import LoadProgress  # noqa: E402
 from server.inference.model.demo import build_demo_model  # noqa: E402
 from server.inference.model.model_engine import EngineOptions, ModelEngine  # noqa: E402
 from tests.conftest import make_png  # noqa: E402
@@ -81,6 +83,12 @@ async def answer_seconds(executor: InferenceExecutor, tokens: int, n: int) -> fl
     raise RuntimeError("the answer did not finish")
 
 
+def _load(model: Path, options: EngineOptions, progress: LoadProgress) -> ModelEngine:
+    return ModelEngine.load(
+        str(model), device="cpu", dtype="float32", limits=ImageLimits(), options=options, progress=progress
+    )
+
+
 async def measure(model: Path, threads: list[int], tokens: int, repeat: int) -> list[Run]:
     runs = []
     for count in threads:
@@ -90,14 +98,7 @@ async def measure(model: Path, threads: list[int], tokens: int, repeat: int) -> 
             max_batch=1, max_context_tokens=4096, max_new_tokens=tokens, cpu_threads=count
         )
         executor = InferenceExecutor(
-            lambda progress, options=options: ModelEngine.load(
-                str(model),
-                device="cpu",
-                dtype="float32",
-                limits=ImageLimits(),
-                options=options,
-                progress=progress,
-            ),
+            functools.partial(_load, model, options),
             ExecutorLimits(max_batch=1, queue_size=4, request_timeout=900, max_new_tokens=tokens),
             model_name="demo",
         )

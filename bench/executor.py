@@ -109,7 +109,7 @@ class GpuBusy:
 
 async def run_vlbridge(
     engine: Any, images: list[bytes], concurrency: int, requests: int, tokens: int, offset: int = 0
-) -> dict:
+) -> dict[str, Any]:
     """Closed loop of *concurrency* clients; request n sends images[(offset + n) % len(images)]."""
     limits = ExecutorLimits(
         max_batch=max(concurrency, 1), queue_size=4 * requests, request_timeout=600, max_new_tokens=tokens
@@ -218,7 +218,9 @@ def generate_batch(
     return time.monotonic() - started
 
 
-def run_static(runner: Any, images: list[bytes], concurrency: int, tokens: int, compiled: bool) -> dict:
+def run_static(
+    runner: Any, images: list[bytes], concurrency: int, tokens: int, compiled: bool
+) -> dict[str, Any]:
     import torch
 
     repeats = 3 if concurrency == 1 else 1
@@ -247,7 +249,7 @@ def run_static(runner: Any, images: list[bytes], concurrency: int, tokens: int, 
     }
 
 
-def sequential_from(single: dict, concurrencies: list[int]) -> dict[int, dict]:
+def sequential_from(single: dict[str, Any], concurrencies: list[int]) -> dict[int, dict[str, Any]]:
     """Plain generate serving one request at a time, from its measured batch-1 numbers.
 
     FIFO single server with c closed-loop clients: throughput 1/service; a request waits for
@@ -273,7 +275,7 @@ def sequential_from(single: dict, concurrencies: list[int]) -> dict[int, dict]:
 # ---- cold start -------------------------------------------------------------------------------------
 
 
-def cold_start(model_dir: str, device: str, max_batch: int) -> dict:
+def cold_start(model_dir: str, device: str, max_batch: int) -> dict[str, Any]:
     """Seconds from `vlbridge serve` process start until /health says healthy."""
     import socket
     import subprocess
@@ -299,7 +301,7 @@ def cold_start(model_dir: str, device: str, max_batch: int) -> dict:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    states = []
+    states: list[Any] = []
     try:
         while time.monotonic() - started < 300:
             if proc.poll() is not None:
@@ -392,6 +394,7 @@ def main() -> None:
     else:
         from bench.architectures import build_checkpoint
 
+        assert demo is not None  # an architecture's name, not a folder
         model_dir = str(work / args.model)
         info["build_s"] = round(build_checkpoint(args.model, Path(model_dir), demo, dtype), 1)
         info["weights"] = "RANDOM (real architecture, meaningless answers)"
@@ -405,7 +408,7 @@ def main() -> None:
         info["cold_start"] = cold_start(model_dir, args.device, max(levels))
         print(json.dumps(info["cold_start"]), flush=True)
 
-    results: dict[str, dict[int, dict]] = {s: {} for s in systems}
+    results: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in systems}
 
     def save() -> None:  # after every measurement: a run cut short still leaves its numbers
         if args.out:
@@ -427,6 +430,7 @@ def main() -> None:
             from bench.architectures import load_in_memory
             from server.inference.model.runner import ModelRunner
 
+            assert demo is not None, "--in-memory takes an architecture's name"
             loaded = load_in_memory(args.model, demo, dtype)
             engine = ModelEngine(ModelRunner(loaded, limits, options.max_context_tokens), options)
             engine.warm_up()
@@ -466,6 +470,7 @@ def main() -> None:
 
             if not cpu:
                 torch.cuda.empty_cache()
+            assert demo is not None, "--in-memory takes an architecture's name"
             runner = ModelRunner(load_in_memory(args.model, demo, dtype), limits, size * size // 1024 + 256)
         else:
             runner = ModelRunner.load(
@@ -501,7 +506,9 @@ def main() -> None:
     save()
 
 
-def print_table(info: dict, results: dict[str, dict[int, dict]], levels: list[int]) -> None:
+def print_table(
+    info: dict[str, Any], results: dict[str, dict[int, dict[str, Any]]], levels: list[int]
+) -> None:
     print(
         f"\n{info['model']} on {info.get('gpu', info['device'])}, {info['dtype']}, {info['image']}, "
         f"{info['new_tokens']} forced new tokens, weights {info['weights']}"

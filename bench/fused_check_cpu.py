@@ -42,6 +42,7 @@ def run():  # type: ignore[no-untyped-def]
         assert engine.reserve(s)
     engine.keep_logits = True
     engine.prefill(seqs)
+    assert engine.prefill_logits is not None
     pre = [logits.clone() for logits in engine.prefill_logits]
     steps = []
     for _ in range(5):
@@ -56,7 +57,7 @@ a_pre, a_steps = run()
 kernels = __import__("server.inference.model.kernels", fromlist=["fuse_projections"])  # imports triton
 kernels.fuse_projections(engine.model)
 engine.forward.fused = True
-engine.step._forward = engine.step._forward_fused
+setattr(engine.step, "_forward", engine.step._forward_fused)  # noqa: B010  # the fused step, eagerly
 b_pre, b_steps = run()
 for x, y in zip(a_pre, b_pre, strict=True):
     print(

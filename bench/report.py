@@ -12,13 +12,14 @@ import json
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.executor import print_table
 
 
-def load(path: str) -> tuple[dict, dict[str, dict[int, dict]]]:
+def load(path: str) -> tuple[dict[str, Any], dict[str, dict[int, dict[str, Any]]]]:
     data = json.loads(Path(path).read_text())
     results = {system: {int(c): r for c, r in levels.items()} for system, levels in data["results"].items()}
     return data["info"], results

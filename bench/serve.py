@@ -153,7 +153,7 @@ def asks_per_client(c: int, requests: int) -> int:
 
 async def closed_loop(
     kind: Role, server: Server, pictures: Pictures, c: int, requests: int, tokens: int, processes: int
-) -> dict:
+) -> dict[str, Any]:
     """c clients over *processes* processes, each asking again when answered; the first answer
     of each is warm-up."""
     asks = asks_per_client(c, requests)
@@ -176,7 +176,7 @@ async def closed_loop(
     return result
 
 
-async def followup(server: Server, pictures: Pictures, c: int, rounds: int, tokens: int) -> dict:
+async def followup(server: Server, pictures: Pictures, c: int, rounds: int, tokens: int) -> dict[str, Any]:
     """Each client: a question with a new picture, then a text follow-up on the same conversation."""
     first: list[Answer] = []
     second: list[Answer] = []
@@ -223,7 +223,7 @@ async def arriving(
     seconds: float,
     tokens: int,
     processes: int,
-) -> dict:
+) -> dict[str, Any]:
     """*streamers* clients stream text answers (follow-ups about a picture); after a quiet phase
     of *seconds*, a burst of *burst* new-picture asks arrives every *every* seconds for as long.
     A gap between two deltas of a streamer belongs to the phase in which it ended. Over more than
@@ -338,7 +338,9 @@ class Server:
         self.log.close()
 
 
-def executor_figures(model_dir: str, args: argparse.Namespace, levels: list[int], work: Path) -> dict:
+def executor_figures(
+    model_dir: str, args: argparse.Namespace, levels: list[int], work: Path
+) -> dict[int, Any]:
     """bench/executor.py's in-process executor on the same checkpoint, in a child process (it
     frees the GPU when it exits, before the server loads the model)."""
     out = work / "executor.json"

@@ -27,7 +27,7 @@ def main() -> int:
     def load(path: str, device: str = "auto", dtype: str = "auto", *progress: Any) -> Any:
         return load_in_memory(name, demo, "bfloat16" if dtype == "auto" else dtype)
 
-    runner.load_model = load  # type: ignore[assignment]  # the one place the service loads weights
+    setattr(runner, "load_model", load)  # noqa: B010  # the one place the service loads weights
     return serve(["serve"])
 
 

@@ -185,7 +185,7 @@ async def idle_worker(url: str, connections: int) -> None:
     they are open, then its counts for each "mark" read on stdin and once more at the end
     (anything else, or the end of stdin, ends it)."""
     stats, hold, ready = IdleStats(), asyncio.Event(), asyncio.Semaphore(0)
-    tasks = []
+    tasks: list[asyncio.Task[Any]] = []
     for start in range(0, connections, 250):  # open in waves so the accept backlog keeps up
         wave = min(250, connections - start)
         tasks.extend(asyncio.create_task(idle_session(url, stats, hold, ready)) for _ in range(wave))
@@ -491,7 +491,10 @@ async def executor_only(concurrency: int, duration: float) -> float:
     config = Config(
         model=ModelConfig(path="builtin:echo"), executor=ExecutorConfig(max_batch=256, queue_size=4096)
     )
+    from server.inference.executor import InferenceExecutor
+
     executor = build_executor(config)
+    assert isinstance(executor, InferenceExecutor)  # the echo engine runs in the real executor
     await executor.start()
     await executor.wait_ready(30)
     count = 0

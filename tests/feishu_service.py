@@ -71,7 +71,7 @@ class Service:
     lines: list[str] = field(default_factory=list)
 
     def health(self) -> dict[str, Any]:
-        return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=DEADLINE).json()  # type: ignore[no-any-return]
+        return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=DEADLINE).json()
 
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=DEADLINE).text

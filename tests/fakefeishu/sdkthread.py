@@ -85,7 +85,9 @@ class LarkWsThread:
         names: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
 
         def collect() -> None:
-            names.set_result(sorted(task.get_coro().__qualname__ for task in asyncio.all_tasks(loop)))
+            names.set_result(
+                sorted(getattr(task.get_coro(), "__qualname__", "?") for task in asyncio.all_tasks(loop))
+            )
 
         try:
             loop.call_soon_threadsafe(collect)
