@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-SYSTEMS = ("executor", "ws", "openai")
+SYSTEMS = ("executor", "ws", "ws1", "openai")  # ws1: WebSocket clients all in one process
 
 
 def main() -> None:
