@@ -51,7 +51,8 @@ async def measure(asks: int, blocks: int = 7) -> tuple[float, int]:
     assert session is not None
     now = time.monotonic()
     gate = FloodGate(1e9, 2e9, now)
-    conn = SocketLink(socket, socket.send, session, service.hub.pings.keepalive(now), gate)  # type: ignore[arg-type]
+    keepalive = service.hub.pings.keepalive(now)
+    conn = SocketLink(socket, socket.send, session, keepalive, gate, service.hub.profile)  # type: ignore[arg-type]
     session.link = conn
     texts = [orjson.dumps({"type": "ask", "id": f"q{n}", "text": "hi"}).decode() for n in range(asks)]
     per_block = asks // blocks

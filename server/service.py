@@ -55,7 +55,7 @@ class Service:
         self.answers = answers if isinstance(answers, AnswerGateway) else AnswerGateway(answers)
         self.auth = Authenticator(server.auth_tokens, server.allowed_origins)
         self.image_limits = image_limits(config)  # checked at every edge before a picture is queued
-        self.hub = Hub(server, self.answers, self.auth, self.image_limits)
+        self.hub = Hub(server, self.answers, self.auth, self.image_limits, config.executor.profile_seconds)
         self.platforms = tuple(platforms)
         self.agent = (
             AgentCheck(server.host, server.agent_check_port, self.agent_line)

@@ -74,7 +74,7 @@ def test_serve_benchmark_runs_every_scenario_on_cpu(
     assert 0 < follow["followup"]["server_ttft_p50"] <= follow["followup"]["ttft_p50"]
     profile = "\n".join(results["profile"])  # the server logged where its time went
     series_names = ("executor over", "prepare n=", "decode_step n=", "prefill phases over", "host_vision n=")
-    for series in (*series_names, "relay over", "handoff n="):
+    for series in (*series_names, "relay over", "handoff n=", "websocket over", "write_wait n="):
         assert series in profile, profile
     arriving = results["arriving"]
     assert arriving["client_processes"] == 2 and arriving["streamer_processes"] == 1

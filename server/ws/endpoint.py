@@ -25,6 +25,7 @@ from server import metrics
 from server.answers import Answer
 from server.auth import Refusal
 from server.inference.api import FINAL, Done, Events, ExecutorState, InferenceRequest, Turn
+from server.inference.profile import Profile
 from server.logs import short_id
 from server.wire import error_dict, event_dict
 from server.ws.frames import (
@@ -71,12 +72,14 @@ class SocketLink:
     __slots__ = (
         "_close",
         "_outbox",
+        "_queued",
         "_reading",
         "_writer",
         "gate",
         "keepalive",
         "label",
         "loop",
+        "profile",
         "send_many",
         "session",
         "state",
@@ -91,8 +94,11 @@ class SocketLink:
         session: Session,
         keepalive: Keepalive,
         gate: FloodGate,
+        profile: Profile,
     ) -> None:
         self.ws = ws
+        self.profile = profile  # the hub's: how long frames wait to be written (`write_wait`)
+        self._queued = 0.0  # when the outbox got its first frame
         self.loop = asyncio.get_running_loop()  # asyncio.get_running_loop() costs a getpid() on 3.11
         self.send_many = send_many
         # vlbridge's transport (server.ws.transport) writes several frames at once, also without a coroutine
@@ -124,6 +130,7 @@ class SocketLink:
         outbox = self._outbox
         if outbox is None:
             self._outbox = [data]
+            self._queued = time.monotonic()
             self._wake()
             return
         outbox.append(data)
@@ -174,6 +181,7 @@ class SocketLink:
             try:
                 if self.write_now(self._outbox):
                     self._outbox = None
+                    self.profile.record("write_wait", time.monotonic() - self._queued)
             except OSError:
                 self.state = LinkState.ENDED  # the peer is gone; the reading side notices and cleans up
                 return
@@ -254,6 +262,7 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
         session,
         hub.pings.keepalive(now),
         FloodGate(server.max_frames_per_second, 2 * server.max_frames_per_second, now),
+        hub.profile,
     )
     previous, session.link = session.link, conn
     if previous is not None:

@@ -22,6 +22,7 @@ from protocol.v1 import CloseCode
 from server.answers import CANCEL_WAIT, AnswerGateway
 from server.auth import Authenticator
 from server.config import ServerConfig
+from server.inference.profile import Profile
 from server.ws.frames import FrameLimits
 from server.ws.keepalive import PingManager
 from server.ws.sessions import Session, SessionLimits, SessionRegistry
@@ -39,9 +40,17 @@ class HubState(Enum):
 
 class Hub:
     def __init__(
-        self, server: ServerConfig, answers: AnswerGateway, auth: Authenticator, image_limits: ImageLimits
+        self,
+        server: ServerConfig,
+        answers: AnswerGateway,
+        auth: Authenticator,
+        image_limits: ImageLimits,
+        profile_seconds: float = 0.0,
     ) -> None:
         self.config = server
+        # On the event loop: how long the sessions' frames wait to be written (`write_wait`,
+        # from the first frame queued to the write), a log line every *profile_seconds* while busy.
+        self.profile = Profile(logging.getLogger("vlbridge.profile"), "websocket", profile_seconds)
         self.image_limits = image_limits  # what a picture must pass before its ask is queued
         self.answers = answers
         self.auth = auth
