@@ -20,7 +20,7 @@ embeddings and their deepstack features are added after the first layers, as tra
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -34,25 +34,84 @@ from .text import TextModel
 log = logging.getLogger("vlbridge.model.prefill")
 
 
+# The inputs a prefill sends to the device, in `Packed.host` and in the one copy made of them.
+INPUTS = ("ids", "positions", "store", "gather", "copy_from", "copy_to", "pictures", "last")
+OPTIONAL = ("copy_from", "copy_to", "pictures")  # None on the device when empty
+
+
 @dataclass
 class Packed:
     """A prefill's rows, packed: the tokens each row prefills (those the prefix cache did not
-    supply), row after row. Tensors on the model's device, except the Python lists."""
+    supply), row after row. Its tensors are built on the CPU (`host`) and reach the model's
+    device in one copy when first read: a batch a CUDA graph takes (prefill_graphs.py) stages
+    `host` itself and never sends them."""
 
-    ids: torch.Tensor  # (T,) token ids
-    positions: torch.Tensor  # (3, T) M-RoPE positions
-    store: torch.Tensor  # (T,) flat cache slot of each new token
-    gather: torch.Tensor  # (K,) flat cache slots of each row's whole sequence, row after row
-    copy_from: torch.Tensor | None  # (C,) slots of a shared page's tokens a row continues in its own page
-    copy_to: torch.Tensor | None
-    pictures: torch.Tensor | None  # (P,) indexes of picture tokens in the packed order
-    last: torch.Tensor  # (rows,) index of each row's last token
+    host: dict[str, torch.Tensor]  # INPUTS on the CPU (positions (3, T)); copies and pictures may be empty
     query_starts: list[int]  # rows + 1 cumulative new-token counts
     key_starts: list[int]  # rows + 1 cumulative sequence lengths
-    starts: torch.Tensor  # (2, rows + 1) int32: query_starts and key_starts on the device
     max_query: int  # the most new tokens of a row (or a bound on it)
     max_key: int  # the longest sequence of a row (or a bound on it)
-    host: dict[str, torch.Tensor] = field(default_factory=dict)  # the inputs on the CPU, by name
+    device: torch.device
+    sent: dict[str, torch.Tensor | None] | None = None  # the inputs on the device, once sent
+
+    def _on_device(self) -> dict[str, torch.Tensor | None]:
+        if self.sent is None:
+            starts = torch.tensor([self.query_starts, self.key_starts], dtype=torch.long)
+            parts = [self.host[name].flatten() for name in INPUTS] + [starts.flatten()]
+            flat = torch.cat(parts)
+            if self.device.type == "cuda":  # pinned: the copy does not wait for the work queued before it
+                flat = flat.pin_memory()
+            sent = torch.split(flat.to(self.device, non_blocking=True), [p.numel() for p in parts])
+            self.sent = {
+                name: None if name in OPTIONAL and not tensor.numel() else tensor
+                for name, tensor in zip(INPUTS, sent[:-1], strict=True)
+            }
+            positions = self.sent["positions"]
+            assert positions is not None
+            self.sent["positions"] = positions.view(3, -1)
+            self.sent["starts"] = sent[-1].view(2, -1).int()
+        return self.sent
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        tensor = self._on_device()[name]
+        assert tensor is not None
+        return tensor
+
+    @property
+    def ids(self) -> torch.Tensor:  # (T,) token ids
+        return self._tensor("ids")
+
+    @property
+    def positions(self) -> torch.Tensor:  # (3, T) M-RoPE positions
+        return self._tensor("positions")
+
+    @property
+    def store(self) -> torch.Tensor:  # (T,) flat cache slot of each new token
+        return self._tensor("store")
+
+    @property
+    def gather(self) -> torch.Tensor:  # (K,) flat cache slots of each row's whole sequence, row after row
+        return self._tensor("gather")
+
+    @property
+    def copy_from(self) -> torch.Tensor | None:  # (C,) slots of a shared page's tokens a row continues
+        return self._on_device()["copy_from"]
+
+    @property
+    def copy_to(self) -> torch.Tensor | None:  # (C,) in its own page
+        return self._on_device()["copy_to"]
+
+    @property
+    def pictures(self) -> torch.Tensor | None:  # (P,) indexes of picture tokens in the packed order
+        return self._on_device()["pictures"]
+
+    @property
+    def last(self) -> torch.Tensor:  # (rows,) index of each row's last token
+        return self._tensor("last")
+
+    @property
+    def starts(self) -> torch.Tensor:  # (2, rows + 1) int32: query_starts and key_starts
+        return self._tensor("starts")
 
 
 def pack(
@@ -63,47 +122,30 @@ def pack(
 ) -> Packed:
     """*rows*: (the row's new token ids, their (3, n) positions, the row's flat cache slots for its
     whole sequence (reused prefix, then new tokens), how many of those the prefix cache supplied).
-    *copies*: (from, to) slots. Host tensors are built here and sent in one copy."""
+    *copies*: (from, to) slots."""
     ids = torch.tensor([t for new, _, _, _ in rows for t in new], dtype=torch.long)
-    positions = torch.cat([p for _, p, _, _ in rows], dim=1)
-    gather = torch.cat([slots for _, _, slots, _ in rows])
-    store = torch.cat([slots[reused:] for _, _, slots, reused in rows])
     query_starts, key_starts = [0], [0]
     for new, _, slots, _ in rows:
         query_starts.append(query_starts[-1] + len(new))
         key_starts.append(key_starts[-1] + len(slots))
-    pictures = (ids == image_token_id).nonzero().flatten()
-    last = torch.tensor(query_starts[1:], dtype=torch.long) - 1
-    copy_from = torch.cat([c[0] for c in copies]) if copies else torch.zeros(0, dtype=torch.long)
-    copy_to = torch.cat([c[1] for c in copies]) if copies else torch.zeros(0, dtype=torch.long)
-    starts = torch.tensor([query_starts, key_starts], dtype=torch.long).flatten()
-    positions = positions.long()
-    parts = [ids, positions.flatten(), store, gather, copy_from, copy_to, pictures, last, starts]
-    flat = torch.cat(parts).to(device, non_blocking=True)
-    sizes = [p.numel() for p in parts]
-    ids_d, pos_d, store_d, gather_d, from_d, to_d, pic_d, last_d, starts_d = torch.split(flat, sizes)
+    empty = torch.zeros(0, dtype=torch.long)
+    host = {
+        "ids": ids,
+        "positions": torch.cat([p for _, p, _, _ in rows], dim=1).long(),
+        "store": torch.cat([slots[reused:] for _, _, slots, reused in rows]),
+        "gather": torch.cat([slots for _, _, slots, _ in rows]),
+        "copy_from": torch.cat([c[0] for c in copies]) if copies else empty,
+        "copy_to": torch.cat([c[1] for c in copies]) if copies else empty,
+        "pictures": (ids == image_token_id).nonzero().flatten(),
+        "last": torch.tensor(query_starts[1:], dtype=torch.long) - 1,
+    }
     return Packed(
-        ids=ids_d,
-        positions=pos_d.view(3, -1),
-        store=store_d,
-        gather=gather_d,
-        copy_from=from_d if copies else None,
-        copy_to=to_d if copies else None,
-        pictures=pic_d if pictures.numel() else None,
-        last=last_d,
-        query_starts=query_starts,
-        key_starts=key_starts,
-        starts=starts_d.view(2, -1).int(),
-        max_query=max(b - a for a, b in pairwise(query_starts)),
-        max_key=max(b - a for a, b in pairwise(key_starts)),
-        host={
-            "ids": ids,
-            "positions": positions,
-            "store": store,
-            "gather": gather,
-            "pictures": pictures,
-            "last": last,
-        },
+        host,
+        query_starts,
+        key_starts,
+        max(b - a for a, b in pairwise(query_starts)),
+        max(b - a for a, b in pairwise(key_starts)),
+        device,
     )
 
 

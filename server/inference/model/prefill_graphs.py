@@ -185,21 +185,19 @@ class PrefillGraphs:
 
         size, slack = bucket
         query, key = self._lists
-        return Packed(
-            ids=self._section(self._device, "ids", size),
-            positions=self._section(self._device, "positions", 3 * self.limit).view(3, self.limit)[:, :size],
-            store=self._section(self._device, "store", size),
-            gather=self._section(self._device, "gather", size + slack),
-            copy_from=None,
-            copy_to=None,
-            pictures=self._section(self._device, "pictures", size),
-            last=self._section(self._device, "last", self.max_rows),
-            query_starts=query,
-            key_starts=key,
-            starts=self._section(self._device, "starts", 2 * (self.max_rows + 2)).view(2, -1).int(),
-            max_query=size,
-            max_key=size + slack,
-        )
+        positions = self._section(self._device, "positions", 3 * self.limit).view(3, self.limit)
+        sent: dict[str, torch.Tensor | None] = {
+            "ids": self._section(self._device, "ids", size),
+            "positions": positions[:, :size],
+            "store": self._section(self._device, "store", size),
+            "gather": self._section(self._device, "gather", size + slack),
+            "copy_from": None,
+            "copy_to": None,
+            "pictures": self._section(self._device, "pictures", size),
+            "last": self._section(self._device, "last", self.max_rows),
+            "starts": self._section(self._device, "starts", 2 * (self.max_rows + 2)).view(2, -1).int(),
+        }
+        return Packed({}, query, key, size, size + slack, self.forward.device, sent)
 
     def _body(self, bucket: tuple[int, int]) -> None:
         """The padded forward: what a graph records."""
