@@ -191,12 +191,13 @@ class SocketLink:
     async def _write(self) -> None:
         try:
             while self._outbox:
-                batch, self._outbox = self._outbox, None
+                batch, self._outbox, queued = self._outbox, None, self._queued
                 if self.send_many is not None:
                     await self.send_many({"type": SEND_MANY, "texts": batch})
                 else:
                     for data in batch:
                         await self.ws.send({"type": "websocket.send", "text": data.decode()})
+                self.profile.record("write_wait", time.monotonic() - queued)  # waited for room too
             if self.state is LinkState.CLOSING:
                 code, reason = self._close
                 metrics.WS_CLOSED.labels(str(code)).inc()
