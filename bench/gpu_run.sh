@@ -15,7 +15,8 @@
 # `PROBE=1` ends with bench/prefill_probe.py (masked attention at new shapes, follow-up prefill,
 # preparation on 8 threads); `ONLY_2B=1` leaves out 8B and 30B-A3B; `PREPARE=0` leaves out step 3;
 # `BASE=DIR` measures 2B from the tree in DIR too (before a change), side by side; `SKIP_2B=1` leaves
-# out steps 1-2 (8B and 30B-A3B in a call of their own: all steps together take over 10 minutes).
+# out steps 1-2 (8B and 30B-A3B in a call of their own: all steps together take over 10 minutes);
+# `TF=0` leaves out the teacher forcing.
 # The commit measured is read from the file COMMIT at the top of the tree when there is one (write
 # it when copying a branch's tree: a copy's git metadata may name another checkout's head).
 # Files back in $OUT: run.log, the serve-*.json and gpu_check/probe json, and logs.tar.gz (the
@@ -90,7 +91,7 @@ if [ -n "${BASE:-}" ]; then
 fi
 if [ "${GPU_CHECK:-0}" = 1 ]; then
   step 100 "gpu_check 2b" python3 bench/gpu_check.py --model 2b --out "$OUT/gpu_check-2b.json"
-else
+elif [ "${TF:-1}" = 1 ]; then
   step 90 "teacher forcing 2b" python3 bench/gpu_check.py --model 2b --teacher-forcing-only \
     --out "$OUT/gpu_check-2b.json"
 fi
@@ -117,10 +118,14 @@ if [ "${ONLY_2B:-0}" != 1 ]; then
     --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/30b-a3b --out "$OUT/serve-30b-a3b.json"
   keep_logs 30b-a3b
 fi
-# `KERNELS=1`: where the GPU time goes, by kernel (bench/profile_prefill.py): 2B's vision encoder
-# and packed forward for 1 and 4 pictures, and the decode step at 64 rows of ~1100 tokens.
+# `KERNELS=1`: where the GPU time goes, by kernel (bench/profile_prefill.py): the vision encoder
+# and packed forward for 1 and 4 pictures, and the decode step at 64 rows of ~1100 tokens, for
+# each model of KERNEL_MODELS (default 2b; e.g. "2b 8b 30b-a3b").
 if [ "${KERNELS:-0}" = 1 ]; then
-  step 150 "kernels 2b" python3 bench/profile_prefill.py --model 2b --out "$OUT/profile-2b.txt"
+  for model in ${KERNEL_MODELS:-2b}; do
+    step 150 "kernels $model" python3 bench/profile_prefill.py --model "$model" --out "$WORK/profile-$model.txt"
+    cp "$WORK/profile-$model.txt" "$KEEP/" 2>/dev/null && tar -czf "$OUT/logs.tar.gz" -C "$KEEP" . 2>/dev/null
+  done
 fi
 if [ "${PROBE:-0}" = 1 ]; then
   step 90 "prefill probe 2b" python3 bench/prefill_probe.py --model 2b --out "$OUT/probe-2b.json"

@@ -81,6 +81,15 @@ def summarize(answers: list[Answer], started: float | None = None) -> dict[str, 
     # ask sent -> the server's first frame about it: upload, parsing and submission, and back
     accept = [a.accepted - a.sent for a in good if a.accepted is not None]
     gaps = [g for a in good for g in a.gaps]
+    # What the client waits beyond the server's own times (WebSocket `done` carries them): before
+    # the submission plus the relay back, of the first text and of the end. Equal when the first
+    # text travels like any other frame.
+    outside_first = [
+        t - a.server_first for a in good if (t := a.ttft) is not None and a.server_first is not None
+    ]
+    outside_done = [a.done - a.sent - a.server_total for a in good if a.done and a.server_total is not None]
+    # `started` leaves the worker with the first text (the hand-off after the prefill's tokens)
+    started_first = [a.first - a.started for a in good if a.first is not None and a.started is not None]
     result: dict[str, Any] = {
         "requests": len(good),
         "errors": len(errors),
@@ -98,6 +107,12 @@ def summarize(answers: list[Answer], started: float | None = None) -> dict[str, 
         "lat_p50": pct([a.done - a.sent for a in good if a.done], 50),
         "lat_p95": pct([a.done - a.sent for a in good if a.done], 95),
     }
+    if outside_first and outside_done:
+        result["outside_first_p50"], result["outside_done_p50"] = (
+            pct(outside_first, 50),
+            pct(outside_done, 50),
+        )
+        result["started_first_p50"] = pct(started_first, 50)
     if started is not None and good:
         window = [a for a in good if a.done and a.done > started]
         wall = max(a.done for a in window if a.done) - started if window else float("nan")
@@ -634,6 +649,12 @@ def print_tables(results: dict[str, Any], levels: list[int]) -> None:
                     f"{kind} c={c}: TTFT mean at the client {_ms(r['ttft_mean'])} ms, inside the server "
                     f"(submission to first token) {_ms(r['server_ttft_mean'])} ms; accepted (the "
                     f"server's first frame) p50/p95 {_ms(r.get('accept_p50'))}/{_ms(r.get('accept_p95'))} ms"
+                )
+            if r.get("outside_first_p50") is not None:
+                print(
+                    f"{kind} c={c}: beyond the server's own times (before submission + relay back), p50: "
+                    f"first text {_ms(r['outside_first_p50'])} ms, end {_ms(r['outside_done_p50'])} ms; "
+                    f"`started` to the first text {_ms(r['started_first_p50'])} ms"
                 )
     for c, r in results["followup"].items():
         if "first" not in r:

@@ -80,10 +80,13 @@ class Pictures:
 class Answer:
     sent: float
     accepted: float | None = None  # the server's first frame about the ask (WebSocket: `queued`)
+    started: float | None = None  # the server's `started` frame (WebSocket): admitted, prefill done
     first: float | None = None
     done: float | None = None
     deltas: list[float] = field(default_factory=list)  # arrival times
     tokens: int = 0
+    server_first: float | None = None  # the server's own time to first token (`done`'s timings)
+    server_total: float | None = None  # and to the end of the answer, both from its submission
     error: str | None = None
     warmup: bool = False  # a closed-loop client's first ask: the first wave, not measured
 
@@ -138,12 +141,16 @@ class WsClient:
             if event.get("id") != ask_id:
                 continue
             answer.accepted = answer.accepted or now
-            if kind == "delta":
+            if kind == "started":
+                answer.started = now
+            elif kind == "delta":
                 answer.first = answer.first or now
                 answer.deltas.append(now)
             elif kind == "done":
                 answer.done = now
                 answer.tokens = int(event["usage"]["completion_tokens"])
+                timings = event.get("timings") or {}
+                answer.server_first, answer.server_total = timings.get("first_token"), timings.get("total")
                 return answer
             elif kind == "error":
                 answer.error = f"{event.get('code')}: {event.get('message')}"
