@@ -8,8 +8,9 @@ new tokens attend causally to its whole sequence). On CUDA, in order of preferen
   on an H200 (`bench/attention_kernels.py`, 2026-12-01): five 4096-patch pictures at head dim 64
   in 0.79 ms per layer, against 1.32 ms for torch's FA2 called once per picture (transformers' SDPA
   path) and 1.20 ms for torch's FA2 varlen;
-- torch's variable-length FA2 (`torch.nn.attention.varlen`), which the language model's prefill
-  keeps (see `varlen_attention`).
+  in the prefill it also replaces FA2 plus the copies that repeat the shared key/value heads
+  (`bench/profile_prefill.py`, 2B, one picture's 1043 tokens: 1.9 + 0.4 ms of its 9.3);
+- torch's variable-length FA2 (`torch.nn.attention.varlen`).
 Each is checked once against row-by-row SDPA before it is used (a kernel that disagrees, or a
 package of another API, is skipped with a warning), so a wrong install costs speed, not answers.
 """
@@ -164,18 +165,14 @@ def varlen_attention(
     causal: bool,
     device: torch.device,
     dtype: torch.dtype,
-    fa4: bool = True,
 ) -> tuple[str, Varlen] | None:
     """The fastest variable-length attention that passes its check on *device*, with its name;
-    None on a CPU or when none does (then attend row by row). `fa4=False` leaves FlashAttention 4
-    out: its Python wrapper costs more host time per call than torch's C++ op, which is worth it
-    only where the device work is large (the vision encoder's pictures), not in the language
-    model's prefill, whose attention is a small share of its time and whose small prefills (a
-    follow-up's new turn) are bound by the host."""
+    None on a CPU or when none does (then attend row by row). FlashAttention 4's Python wrapper
+    costs more host time per call than torch's C++ op; both callers replay it in CUDA graphs
+    (the vision encoder's and the prefill's), where host time is not spent per call."""
     if device.type != "cuda":
         return None
-    makers = ((FA4, _fa4),) if fa4 else ()
-    for name, make in (*makers, ("torch varlen FA2", _torch_varlen)):
+    for name, make in ((FA4, _fa4), ("torch varlen FA2", _torch_varlen)):
         attend = make(heads, kv_heads, scale, causal)
         if attend is not None and _agrees(attend, heads, kv_heads, dim, scale, causal, device, dtype):
             return name, attend

@@ -87,24 +87,26 @@ def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
     HEADS: tl.constexpr,
     KV_HEADS: tl.constexpr,
     DIM: tl.constexpr,
+    QK_PAD: tl.constexpr,
+    KV_PAD: tl.constexpr,
 ):
+    """One token's q and k heads (rows of a [QK_PAD, DIM / 2] block per half) and its v heads."""
     row = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    half = tl.arange(0, DIM // 2)
-    is_q = head < HEADS
-    kv_head = head - HEADS
+    head = tl.arange(0, QK_PAD)[:, None]  # the q heads, then the k heads
+    half = tl.arange(0, DIM // 2)[None, :]
+    live = (head < HEADS + KV_HEADS) & (half < DIM // 2)
+    is_q = (head < HEADS) & live
+    is_k = (head >= HEADS) & live
     base = QKV + row * stride_qkv + head * DIM
-    x1 = tl.load(base + half).to(tl.float32)
-    x2 = tl.load(base + DIM // 2 + half).to(tl.float32)
-    var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / DIM
+    x1 = tl.load(base + half, mask=live, other=0.0).to(tl.float32)
+    x2 = tl.load(base + DIM // 2 + half, mask=live, other=0.0).to(tl.float32)
+    var = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1))[:, None] / DIM
     inv = tl.rsqrt(var + eps)
     dtype = QOUT.dtype.element_ty
-    if is_q:
-        w1 = tl.load(QW + half).to(tl.float32)
-        w2 = tl.load(QW + DIM // 2 + half).to(tl.float32)
-    else:
-        w1 = tl.load(KW + half).to(tl.float32)
-        w2 = tl.load(KW + DIM // 2 + half).to(tl.float32)
+    w1 = tl.where(is_q, tl.load(QW + half).to(tl.float32), tl.load(KW + half).to(tl.float32))
+    w2 = tl.where(
+        is_q, tl.load(QW + DIM // 2 + half).to(tl.float32), tl.load(KW + DIM // 2 + half).to(tl.float32)
+    )
     n1 = (w1 * (x1 * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     n2 = (w2 * (x2 * inv).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     c1 = tl.load(COS + row * stride_cs + half).to(tl.float32)
@@ -113,19 +115,18 @@ def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
     s2 = tl.load(SIN + row * stride_cs + DIM // 2 + half).to(tl.float32)
     o1 = (n1 * c1 - n2 * s1).to(dtype)  # rotate_half: (-x2, x1)
     o2 = (n2 * c2 + n1 * s2).to(dtype)
-    if is_q:
-        out = QOUT + (row * HEADS + head) * DIM
-        tl.store(out + half, o1)
-        tl.store(out + DIM // 2 + half, o2)
-    else:
-        slot = tl.load(SLOTS + row).to(tl.int64)
-        kout = KCACHE + (slot * KV_HEADS + kv_head) * DIM
-        tl.store(kout + half, o1)
-        tl.store(kout + DIM // 2 + half, o2)
-        vin = QKV + row * stride_qkv + (HEADS + KV_HEADS + kv_head) * DIM
-        vout = VCACHE + (slot * KV_HEADS + kv_head) * DIM
-        tl.store(vout + half, tl.load(vin + half))
-        tl.store(vout + DIM // 2 + half, tl.load(vin + DIM // 2 + half))
+    out = QOUT + (row * HEADS + head) * DIM
+    tl.store(out + half, o1, mask=is_q)
+    tl.store(out + DIM // 2 + half, o2, mask=is_q)
+    slot = tl.load(SLOTS + row).to(tl.int64)
+    kout = KCACHE + (slot * KV_HEADS + head - HEADS) * DIM
+    tl.store(kout + half, o1, mask=is_k)
+    tl.store(kout + DIM // 2 + half, o2, mask=is_k)
+    kv = tl.arange(0, KV_PAD)[:, None]
+    dim = tl.arange(0, DIM)[None, :]
+    values = (kv < KV_HEADS) & (dim < DIM)
+    vin = QKV + row * stride_qkv + (HEADS + KV_HEADS + kv) * DIM + dim
+    tl.store(VCACHE + (slot * KV_HEADS + kv) * DIM + dim, tl.load(vin, mask=values), mask=values)
 
 
 def qk_norm_rope_store(
@@ -142,10 +143,14 @@ def qk_norm_rope_store(
     dim: int,
     eps: float,
 ) -> torch.Tensor:
-    """Per-head RMSNorm of q and k, rotary, k/v into the cache at *slots*; returns q (rows, heads, dim)."""
+    """Per-head RMSNorm of q and k, rotary, k/v into the cache at *slots*; returns q (rows, heads, dim).
+
+    One program per token, all its heads at once: a program per (token, head) of 64 values each
+    took 20 us per layer for one picture's 1043 tokens on an H200 (2B, `bench/profile_prefill.py`),
+    several times what its bytes need."""
     rows = qkv.shape[0]
     q = torch.empty((rows, heads, dim), dtype=qkv.dtype, device=qkv.device)
-    _qk_norm_rope_kernel[(rows, heads + kv_heads)](
+    _qk_norm_rope_kernel[(rows,)](
         qkv,
         q_weight,
         k_weight,
@@ -161,7 +166,9 @@ def qk_norm_rope_store(
         HEADS=heads,
         KV_HEADS=kv_heads,
         DIM=dim,
-        num_warps=1,
+        QK_PAD=triton.next_power_of_2(heads + kv_heads),
+        KV_PAD=triton.next_power_of_2(kv_heads),
+        num_warps=4,
     )
     return q
 

@@ -11,10 +11,11 @@ Here, like the decode step (decode.py), the checkpoint's own modules run in tran
 over the packed tokens (T rows of hidden state, no padding): each layer writes the new tokens'
 keys/values into their pages at once, then attention reads each row's whole sequence (its reused
 prefix and its new tokens, gathered from the pages) with a bottom-right causal mask, in one
-variable-length flash-attention call on CUDA (flash.py, torch's FA2) or row by row with SDPA
-(CPU, or a torch that lacks it). On CUDA the layer is the decode step's fused layer (text.py,
-kernels.py): ~9 launches per layer. Pictures' encoder outputs replace their placeholder tokens'
-embeddings and their deepstack features are added after the first layers, as transformers does.
+variable-length flash-attention call on CUDA (flash.py: FlashAttention 4 where installed, else
+torch's FA2) or row by row with SDPA (CPU, or a torch that lacks it). On CUDA the layer is the
+decode step's fused layer (text.py, kernels.py): ~9 launches per layer. Pictures' encoder
+outputs replace their placeholder tokens' embeddings and their deepstack features are added
+after the first layers, as transformers does.
 """
 
 from __future__ import annotations
@@ -166,7 +167,6 @@ class PrefillForward(TextModel):
                 causal=True,
                 device=keys.device,
                 dtype=keys.dtype,
-                fa4=False,
             )
             if found is not None:
                 self.varlen = found[1]
