@@ -111,7 +111,7 @@ step 45 "prepare, processes, busy" python3 bench/prepare.py --device cuda --thre
 cp "$WORK"/prepare-processes*.json "$KEEP"/ 2>/dev/null && tar -czf "$OUT/logs.tar.gz" -C "$KEEP" . 2>/dev/null
 fi
 if [ "${ONLY_2B:-0}" != 1 ]; then
-  step 140 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
+  step 180 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
     --scenarios executor,ws "${PROFILE[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"
   keep_logs 8b
   step 160 "serve 30b-a3b" python3 bench/serve.py --model 30b-a3b --weights memory --concurrency 64 --rounds 3 \

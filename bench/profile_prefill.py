@@ -61,6 +61,7 @@ def kernels(fn: Any, rows: int = 22) -> str:
     return str(prof.key_averages().table(sort_by=order, row_limit=rows, max_name_column_width=70))
 
 
+@torch.inference_mode()  # as the server runs the engine: the vision graphs refuse tensors made outside
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="2b", help="2b | 8b | 30b-a3b | demo (a CPU dry run)")
