@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.architectures import full_vocab_tokenizer
 from bench.serve import client_processes, main
@@ -100,3 +101,37 @@ def test_full_vocab_tokenizer_decodes_every_id_and_round_trips(demo_model_dir: P
     # An answer's text encodes back to its ids, as a real model's does when the next turn repeats it.
     answer = [len(demo) + 3, 90_001, 5_000, 151_935, 12_345, len(demo) + 70]
     assert wide(wide.decode(answer), add_special_tokens=False)["input_ids"] == answer
+
+
+@torch.inference_mode()
+def test_a_muted_random_model_answers_a_picture_with_text_from_its_first_token(demo_model_dir: Path) -> None:
+    """bench/architectures.py's random checkpoints never sample an id that decodes to no text
+    (a random 2B answered pictures with a lone byte ~30 times before any word: run of 2026-12-02)."""
+    from transformers import AutoTokenizer
+
+    from bench.architectures import mute_silent_ids, silent_ids
+    from protocol.pictures import ImageLimits
+    from server.inference.api import SamplingParams, Turn
+    from server.inference.engine import Sequence
+    from server.inference.model.model_engine import EngineOptions, ModelEngine
+    from tests.conftest import make_png
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    silent = silent_ids(demo_model_dir)
+    assert tokenizer.eos_token_id in silent and tokenizer.convert_tokens_to_ids("<|image_pad|>") in silent
+    assert tokenizer.encode("a", add_special_tokens=False)[0] not in silent  # a letter has text
+    assert any("\ufffd" in tokenizer.decode([i]) for i in silent)  # lone bytes of longer characters
+
+    options = EngineOptions(max_batch=2, max_context_tokens=4096, max_new_tokens=24)
+    engine = ModelEngine.load(
+        str(demo_model_dir), device="cpu", dtype="float32", limits=ImageLimits(), options=options
+    )
+    mute_silent_ids(engine.model, demo_model_dir)
+    seq = Sequence("a", engine.prepare([Turn.user("What is it?", [make_png(64, 64, (200, 30, 30))])]),
+                   SamplingParams(24, min_new_tokens=24), 24)  # fmt: skip
+    assert engine.reserve(seq)
+    seq.tokens.extend(engine.prefill([seq]).tokens())
+    for _ in range(23):
+        seq.tokens.extend(engine.decode([seq]).tokens())
+    assert not set(seq.tokens) & set(silent), seq.tokens
+    assert all(engine.detokenize([token]) for token in seq.tokens)
