@@ -88,7 +88,8 @@ def summarize(answers: list[Answer], started: float | None = None) -> dict[str, 
         t - a.server_first for a in good if (t := a.ttft) is not None and a.server_first is not None
     ]
     outside_done = [a.done - a.sent - a.server_total for a in good if a.done and a.server_total is not None]
-    # `started` leaves the worker with the first text (the hand-off after the prefill's tokens)
+    # `started` is handed over with the first token's text (after the prefill's tokens): a gap
+    # between the two at the client is tokens without text of their own
     started_first = [a.first - a.started for a in good if a.first is not None and a.started is not None]
     result: dict[str, Any] = {
         "requests": len(good),
@@ -108,10 +109,8 @@ def summarize(answers: list[Answer], started: float | None = None) -> dict[str, 
         "lat_p95": pct([a.done - a.sent for a in good if a.done], 95),
     }
     if outside_first and outside_done:
-        result["outside_first_p50"], result["outside_done_p50"] = (
-            pct(outside_first, 50),
-            pct(outside_done, 50),
-        )
+        result["outside_first_p50"] = pct(outside_first, 50)
+        result["outside_done_p50"] = pct(outside_done, 50)
         result["started_first_p50"] = pct(started_first, 50)
     if started is not None and good:
         window = [a for a in good if a.done and a.done > started]
