@@ -181,7 +181,9 @@ def _compare(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float,
     return err.max().item(), err.median().item(), top1
 
 
-def check_teacher_forcing(model: str, steps: int = 32, device: str = "cuda") -> dict[str, object]:
+def check_teacher_forcing(
+    model: str, steps: int = 32, device: str = "cuda", kv_cache_dtype: str = "auto"
+) -> dict[str, object]:
     """Engine vs stock transformers by teacher forcing, bf16, a batch of mixed picture sizes.
 
     `model="demo", device="cpu"` runs the same check on the demo model in float32 (a dry run
@@ -234,7 +236,13 @@ def check_teacher_forcing(model: str, steps: int = 32, device: str = "cuda") -> 
 
     engine = ModelEngine(
         runner,
-        EngineOptions(max_batch=8, max_context_tokens=4096, max_new_tokens=steps + 8, memory_fraction=0.4),
+        EngineOptions(
+            max_batch=8,
+            max_context_tokens=4096,
+            max_new_tokens=steps + 8,
+            memory_fraction=0.4,
+            kv_cache_dtype="fp8" if kv_cache_dtype == "fp8" else "auto",
+        ),
     )
     engine.warm_up()
     engine.keep_logits = True
@@ -291,9 +299,10 @@ if __name__ == "__main__":
     parser.add_argument("--teacher-forcing-only", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the teacher-forcing check")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="the engine's")
     args = parser.parse_args()
     if args.device == "cpu":
-        print(json.dumps(check_teacher_forcing("demo", 8, "cpu"), indent=1))
+        print(json.dumps(check_teacher_forcing("demo", 8, "cpu", args.kv_cache_dtype), indent=1))
         sys.exit(0)
     results: dict[str, object] = {"model": args.model}
     if not args.teacher_forcing_only:
@@ -301,6 +310,7 @@ if __name__ == "__main__":
         check_fused_kernels()
         asyncio.run(check_engine(args.model))
     if args.model != "demo":
-        results["teacher_forcing"] = check_teacher_forcing(args.model)
+        results["teacher_forcing"] = check_teacher_forcing(args.model, kv_cache_dtype=args.kv_cache_dtype)
+        results["kv_cache_dtype"] = args.kv_cache_dtype
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -365,6 +365,7 @@ def executor_figures(
         "--systems", "vlbridge", "--concurrency", ",".join(map(str, levels)),
         "--new-tokens", str(args.new_tokens), "--image-size", str(args.image_size),
         "--rounds", str(args.rounds), "--workdir", str(work / "executor"), "--out", str(out),
+        "--kv-cache-dtype", args.kv_cache_dtype,
     ]  # fmt: skip
     if args.weights == "memory":
         command.append("--in-memory")
@@ -473,6 +474,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "by the server and the in-process executor alike (30B-A3B does not fit on the disk)",
     )
     parser.add_argument("--server-env", action="append", default=[], help="SECTION_KEY=value for the server")
+    parser.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="model.kv_cache_dtype, both sides"
+    )
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
@@ -484,6 +488,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.new_tokens = args.new_tokens or (16 if cpu else 128)
     args.image_size = args.image_size or (224 if cpu else 1024)
     args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
+    if args.kv_cache_dtype != "auto":
+        args.server_env.append(f"MODEL_KV_CACHE_DTYPE={args.kv_cache_dtype}")
     streamers, burst, _, _ = arrive(args)
     scenarios = args.scenarios.split(",")
     if unknown := set(scenarios) - set(SCENARIOS):

@@ -110,6 +110,9 @@ class ModelConfig(_Section):
     max_decode_pixels: int = Field(16_777_216, ge=32 * 32)
     max_context_tokens: int = Field(16384, ge=64)
     cuda_graphs: bool = True
+    # keys and values in the paged cache: "auto" = the model's dtype; "fp8" = float8 e4m3, half the
+    # bytes of bf16 (twice the tokens in the same memory, half the decode step's reads), unscaled
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     # torch threads on the CPU; "auto": 1 for tiny models (the demo), else usable cores - 1
     cpu_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
     download_log_seconds: float = Field(5.0, gt=0)  # a hub download's progress is logged this often

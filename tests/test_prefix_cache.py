@@ -28,7 +28,9 @@ RED = make_png(320, 256, (200, 40, 40))  # 80 visual tokens: a picture across a 
 BLUE = make_png(320, 256, (30, 60, 220))  # same size, other content
 
 
-async def start(model_dir: Path, *, caches: bool, max_batch_tokens: int = 262_144) -> InferenceExecutor:
+async def start(
+    model_dir: Path, *, caches: bool, max_batch_tokens: int = 262_144, kv_cache_dtype: str = "auto"
+) -> InferenceExecutor:
     options = EngineOptions(
         max_batch=4,
         max_batch_tokens=max_batch_tokens,
@@ -36,6 +38,7 @@ async def start(model_dir: Path, *, caches: bool, max_batch_tokens: int = 262_14
         max_new_tokens=64,
         prefix_cache=caches,
         vision_cache_bytes=64 * 2**20 if caches else 0,
+        kv_cache_dtype="fp8" if kv_cache_dtype == "fp8" else "auto",
     )
     executor = demo_executor(model_dir, options, request_timeout=120)
     await executor.start()
@@ -116,6 +119,29 @@ async def test_eviction_under_memory_pressure_keeps_answers_exact(demo_model_dir
     finally:
         await plain.stop()
         await tight.stop()
+
+
+@pytest.mark.slow
+async def test_a_float8_kv_cache_gives_the_same_answers_with_and_without_the_caches(
+    demo_model_dir: Path,
+) -> None:
+    """`model.kv_cache_dtype = "fp8"`: keys and values written, gathered for the prefill, copied
+    between pages and read by the decode step as float8 (the CPU paths; the CUDA kernels are
+    checked on a GPU by bench/gpu_check.py): a reused prefix is the same bytes as a recomputed one."""
+    plain = await start(demo_model_dir, caches=False, kv_cache_dtype="fp8")
+    cached = await start(demo_model_dir, caches=True, kv_cache_dtype="fp8")
+    wide = await start(demo_model_dir, caches=False)
+    try:
+        expected = await scenario(plain)
+        assert await scenario(cached) == expected
+        engine = cached._engine
+        assert isinstance(engine, ModelEngine) and engine.prefix is not None
+        assert engine.prefix.hits >= 4
+        assert all(pool.dtype == torch.float8_e4m3fn for pool in (*engine.kv.keys, *engine.kv.values))
+        assert expected != await scenario(wide)  # the float8 rounding shows in greedy answers: it is used
+    finally:
+        for executor in (plain, cached, wide):
+            await executor.stop()
 
 
 # ---- the pure parts -----------------------------------------------------------------------------------

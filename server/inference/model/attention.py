@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kvcache import PAGE
+from .kvcache import PAGE, raw, widened
 
 
 def paged_attention_reference(
@@ -32,8 +32,9 @@ def paged_attention_reference(
     out = torch.empty_like(query)
     for row, length in enumerate(lengths):
         pages = page_table[row, : -(-length // PAGE)].long()
-        k = keys[pages].reshape(-1, kv_heads, dim)[:length].transpose(0, 1)  # (kv_heads, len, dim)
-        v = values[pages].reshape(-1, kv_heads, dim)[:length].transpose(0, 1)
+        k = widened(raw(keys)[pages], keys.dtype, query.dtype).reshape(-1, kv_heads, dim)[:length]
+        v = widened(raw(values)[pages], values.dtype, query.dtype).reshape(-1, kv_heads, dim)[:length]
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (kv_heads, len, dim)
         groups = heads // kv_heads
         k = k.repeat_interleave(groups, dim=0).unsqueeze(0)
         v = v.repeat_interleave(groups, dim=0).unsqueeze(0)
@@ -90,8 +91,8 @@ def _build_kernel() -> Any:
             page = tl.load(TABLE + row * stride_tr + p).to(tl.int64)
             offs = page * stride_kp + t[:, None] * stride_kt + kv_head * stride_kh + d[None, :]
             valid = (p * PAGE_SIZE + t) < length
-            k = tl.load(K + offs, mask=valid[:, None], other=0.0)
-            v = tl.load(V + offs, mask=valid[:, None], other=0.0)
+            k = tl.load(K + offs, mask=valid[:, None], other=0.0).to(q.dtype)  # float8 pools widen
+            v = tl.load(V + offs, mask=valid[:, None], other=0.0).to(q.dtype)
             scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (GROUPS_PAD, PAGE)
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))

@@ -89,8 +89,10 @@ def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
     DIM: tl.constexpr,
     QK_PAD: tl.constexpr,
     KV_PAD: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
-    """One token's q and k heads (rows of a [QK_PAD, DIM / 2] block per half) and its v heads."""
+    """One token's q and k heads (rows of a [QK_PAD, DIM / 2] block per half) and its v heads;
+    into a float8 cache (KV_FP8) clamped to +-448 first, as `kvcache.stored`."""
     row = tl.program_id(0).to(tl.int64)
     head = tl.arange(0, QK_PAD)[:, None]  # the q heads, then the k heads
     half = tl.arange(0, DIM // 2)[None, :]
@@ -120,13 +122,18 @@ def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
     tl.store(out + DIM // 2 + half, o2, mask=is_q)
     slot = tl.load(SLOTS + row).to(tl.int64)
     kout = KCACHE + (slot * KV_HEADS + head - HEADS) * DIM
-    tl.store(kout + half, o1, mask=is_k)
-    tl.store(kout + DIM // 2 + half, o2, mask=is_k)
     kv = tl.arange(0, KV_PAD)[:, None]
     dim = tl.arange(0, DIM)[None, :]
     values = (kv < KV_HEADS) & (dim < DIM)
-    vin = QKV + row * stride_qkv + (HEADS + KV_HEADS + kv) * DIM + dim
-    tl.store(VCACHE + (slot * KV_HEADS + kv) * DIM + dim, tl.load(vin, mask=values), mask=values)
+    v = tl.load(QKV + row * stride_qkv + (HEADS + KV_HEADS + kv) * DIM + dim, mask=values)
+    if KV_FP8:
+        cached = KCACHE.dtype.element_ty
+        o1 = tl.minimum(tl.maximum(o1.to(tl.float32), -448.0), 448.0).to(cached)
+        o2 = tl.minimum(tl.maximum(o2.to(tl.float32), -448.0), 448.0).to(cached)
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -448.0), 448.0).to(cached)
+    tl.store(kout + half, o1, mask=is_k)
+    tl.store(kout + DIM // 2 + half, o2, mask=is_k)
+    tl.store(VCACHE + (slot * KV_HEADS + kv) * DIM + dim, v, mask=values)
 
 
 def qk_norm_rope_store(
@@ -168,6 +175,7 @@ def qk_norm_rope_store(
         DIM=dim,
         QK_PAD=triton.next_power_of_2(heads + kv_heads),
         KV_PAD=triton.next_power_of_2(kv_heads),
+        KV_FP8=keys.dtype == torch.float8_e4m3fn,
         num_warps=4,
     )
     return q

@@ -32,7 +32,7 @@ from server.inference.profile import Profile
 
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row
 from .devices import cpu_threads, usable_cores
-from .kvcache import PAGE, PagedKVCache, SeqCache
+from .kvcache import FP8, PAGE, PagedKVCache, SeqCache
 from .positions import mrope_positions
 from .prefill import PrefillForward, pack
 from .prefill_graphs import GRAPH_ROWS, GRAPH_TOKENS, PrefillGraphs, check_batches
@@ -64,6 +64,7 @@ class EngineOptions:
     max_context_tokens: int = 16_384
     max_new_tokens: int = 512
     cuda_graphs: bool = True
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"  # "auto": the model's dtype (kvcache.py)
     memory_fraction: float = 0.7  # of the GPU memory left after loading, for the KV cache (rest: prefill)
     prefix_cache: bool = True  # keep finished sequences' KV pages for prompts that start alike
     vision_cache_bytes: int = 512 * 2**20  # encoder outputs kept by picture hash; 0: off
@@ -173,7 +174,8 @@ class ModelEngine:
         text = runner.model.config.text_config
         layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
         head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
-        per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, runner.dtype)
+        kv_dtype = FP8 if options.kv_cache_dtype == "fp8" else runner.dtype
+        per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, kv_dtype)
         row_tokens = options.max_context_tokens + options.max_new_tokens
         self.max_sequence_tokens = row_tokens  # what one row's page table holds (+1 spare token)
         tokens = min(options.max_batch_tokens, options.max_batch * (row_tokens + 1))  # no more than usable
@@ -181,8 +183,8 @@ class ModelEngine:
             free, _ = torch.cuda.mem_get_info(runner.device)
             tokens = min(tokens, int(free * options.memory_fraction) // per_token)
         pages = max(2, tokens // 64 + 1)
-        self.kv = PagedKVCache(layers, kv_heads, head_dim, pages, runner.dtype, runner.device)
-        log.info("KV cache: %d tokens (%.2f GiB)", pages * 64, pages * 64 * per_token / 2**30)
+        self.kv = PagedKVCache(layers, kv_heads, head_dim, pages, kv_dtype, runner.device)
+        log.info("KV cache: %d tokens (%.2f GiB, %s)", pages * 64, pages * 64 * per_token / 2**30, kv_dtype)
         self.prefix = PrefixCache(self.kv) if options.prefix_cache else None
         self.vision = VisionEncoder(runner.model, options.vision_cache_bytes, graphs=options.cuda_graphs)
         self.step = DecodeStep(runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens + 1))

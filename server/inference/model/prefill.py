@@ -174,9 +174,7 @@ class PrefillForward(TextModel):
         self.graphs: PrefillGraphs | None = None  # set at warm-up (model_engine.py)
 
     def _attend(self, q: torch.Tensor, layer: int, batch: Packed) -> torch.Tensor:
-        flat = (-1, self.kv_heads, self.head_dim)
-        k = self.cache.keys[layer].view(flat).index_select(0, batch.gather)
-        v = self.cache.values[layer].view(flat).index_select(0, batch.gather)
+        k, v = self.cache.gather(layer, batch.gather, q.dtype)
         if self.varlen is not None:
             return self.varlen(q, k, v, batch.starts[0], batch.starts[1], batch.max_query, batch.max_key)
         return attention_by_rows(q, k, v, batch.query_starts, batch.key_starts, self.scale)
@@ -194,14 +192,7 @@ class PrefillForward(TextModel):
         features added after the first layers, same order. A batch a CUDA graph takes replays it
         (prefill_graphs.py): its logits are valid until the next prefill."""
         if batch.copy_from is not None and batch.copy_to is not None:
-            flat = (-1, self.kv_heads, self.head_dim)
-            for keys, values in zip(self.cache.keys, self.cache.values, strict=True):
-                keys.view(flat).index_copy_(
-                    0, batch.copy_to, keys.view(flat).index_select(0, batch.copy_from)
-                )
-                values.view(flat).index_copy_(
-                    0, batch.copy_to, values.view(flat).index_select(0, batch.copy_from)
-                )
+            self.cache.copy(batch.copy_from, batch.copy_to)
         if not every_position and self.graphs is not None:
             logits = self.graphs.run(batch, embeds, deepstack)
             if logits is not None:
