@@ -149,3 +149,42 @@ def paged_attention_triton(
         num_warps=4,
     )
     return out
+
+
+def float8_cache_agrees(
+    heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """On CUDA, whether the kernels that write and read a float8 KV cache (kvcache.py) work on
+    *device*: the fused q/k kernel's float8 keys and values equal its *dtype* ones as
+    `kvcache.stored` rounds them, and the decode attention over float8 pools matches the
+    reference over the same pools. A device or Triton without float8 fails here (or raises), and
+    the engine keeps a cache of the model's dtype instead of answering with garbage."""
+    from .kernels import qk_norm_rope_store
+    from .kvcache import FP8, stored
+
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    rows = 3
+    qkv, cos, sin = rand(rows, (heads + 2 * kv_heads) * dim), rand(rows, dim), rand(rows, dim)
+    weight = rand(dim)
+    slots = torch.tensor([5, PAGE + 7, 2 * PAGE + 1], device=device)
+    pools = {}
+    for pool_dtype in (dtype, FP8):
+        keys = torch.zeros(3, PAGE, kv_heads, dim, dtype=pool_dtype, device=device)
+        values = torch.zeros_like(keys)
+        qk_norm_rope_store(qkv, weight, weight, cos, sin, keys, values, slots, heads, kv_heads, dim, 1e-6)
+        pools[pool_dtype] = (keys, values)
+    (wide_k, wide_v), (keys, values) = pools[dtype], pools[FP8]
+    for got, wide in ((keys, wide_k), (values, wide_v)):
+        if not torch.equal(got.view(torch.uint8), stored(wide, FP8).view(torch.uint8)):
+            return False
+    query = rand(2, heads, dim)
+    table = torch.tensor([[0, 1, 2], [2, 0, 1]], device=device)
+    lengths = [3 * PAGE - 10, PAGE + 20]
+    expected = paged_attention_reference(query, keys, values, table, lengths, dim**-0.5)
+    got = paged_attention_triton(query, keys, values, table, torch.tensor(lengths, device=device), dim**-0.5)
+    error = float((got.float() - expected.float()).abs().max()) / max(float(expected.abs().max()), 1e-6)
+    return error < 0.05

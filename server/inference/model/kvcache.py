@@ -10,7 +10,9 @@ The pool holds the model's dtype, or float8 e4m3 (`FP8`, `model.kv_cache_dtype =
 of bf16's bytes, so twice the tokens in the same memory and half of what a decode step reads
 (its attention streams every row's keys and values: 2.45 of its 4.6 ms at 64 rows of ~1070
 tokens for 2B on an H200). Unscaled, as vLLM's fp8 cache without calibrated scales: values are
-clamped to the format's +-448 when written and widened to the queries' dtype when read.
+clamped to the format's +-448 when written and widened to the queries' dtype when read. On CUDA
+its kernels are checked at start-up (`attention.float8_cache_agrees`); where they disagree with
+the reference the engine keeps the model's dtype, with a warning.
 
 Pages are reference counted: a page holding a cached prefix (prefix.py) can be in several
 sequences' page tables at once, read-only. When a page loses its last user, `on_unused`

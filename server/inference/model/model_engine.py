@@ -74,6 +74,23 @@ class EngineOptions:
     progress_log_seconds: float = 5.0  # a hub download's progress goes to the log this often
 
 
+def _float8_works(text: Any, head_dim: int, runner: ModelRunner) -> bool:
+    """The float8 KV cache's kernels checked on this GPU (`attention.float8_cache_agrees`)."""
+    from .attention import float8_cache_agrees
+
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    try:
+        if float8_cache_agrees(heads, kv_heads, head_dim, runner.dtype, runner.device):
+            log.info("KV cache in float8: its kernels agree with the reference on this GPU")
+            return True
+        log.warning("the float8 KV cache's kernels disagree with the reference on this GPU; caching in %s",
+                    runner.dtype)  # fmt: skip
+    except Exception:
+        log.warning("the float8 KV cache's kernels failed on this GPU; caching in %s", runner.dtype,
+                    exc_info=True)  # fmt: skip
+    return False
+
+
 @dataclass
 class _PromptPicture:
     start: int  # index of its first token in the prompt
@@ -175,6 +192,8 @@ class ModelEngine:
         layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
         head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
         kv_dtype = FP8 if options.kv_cache_dtype == "fp8" else runner.dtype
+        if kv_dtype == FP8 and runner.device.type == "cuda" and not _float8_works(text, head_dim, runner):
+            kv_dtype = runner.dtype
         per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, kv_dtype)
         row_tokens = options.max_context_tokens + options.max_new_tokens
         self.max_sequence_tokens = row_tokens  # what one row's page table holds (+1 spare token)
