@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -182,7 +183,7 @@ def _compare(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float,
 
 
 def check_teacher_forcing(
-    model: str, steps: int = 32, device: str = "cuda", kv_cache_dtype: str = "auto"
+    model: str, steps: int = 32, device: str = "cuda", kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 ) -> dict[str, object]:
     """Engine vs stock transformers by teacher forcing, bf16, a batch of mixed picture sizes.
 
@@ -241,7 +242,7 @@ def check_teacher_forcing(
             max_context_tokens=4096,
             max_new_tokens=steps + 8,
             memory_fraction=0.4,
-            kv_cache_dtype="fp8" if kv_cache_dtype == "fp8" else "auto",
+            kv_cache_dtype=kv_cache_dtype,
         ),
     )
     engine.warm_up()

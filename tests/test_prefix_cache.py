@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -29,7 +30,11 @@ BLUE = make_png(320, 256, (30, 60, 220))  # same size, other content
 
 
 async def start(
-    model_dir: Path, *, caches: bool, max_batch_tokens: int = 262_144, kv_cache_dtype: str = "auto"
+    model_dir: Path,
+    *,
+    caches: bool,
+    max_batch_tokens: int = 262_144,
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto",
 ) -> InferenceExecutor:
     options = EngineOptions(
         max_batch=4,
@@ -38,7 +43,7 @@ async def start(
         max_new_tokens=64,
         prefix_cache=caches,
         vision_cache_bytes=64 * 2**20 if caches else 0,
-        kv_cache_dtype="fp8" if kv_cache_dtype == "fp8" else "auto",
+        kv_cache_dtype=kv_cache_dtype,
     )
     executor = demo_executor(model_dir, options, request_timeout=120)
     await executor.start()
@@ -127,7 +132,8 @@ async def test_a_float8_kv_cache_gives_the_same_answers_with_and_without_the_cac
 ) -> None:
     """`model.kv_cache_dtype = "fp8"`: keys and values written, gathered for the prefill, copied
     between pages and read by the decode step as float8 (the CPU paths; the CUDA kernels are
-    checked on a GPU by bench/gpu_check.py): a reused prefix is the same bytes as a recomputed one."""
+    checked at start-up on a GPU, `attention.float8_cache_agrees`): a reused prefix is the same
+    bytes as a recomputed one."""
     plain = await start(demo_model_dir, caches=False, kv_cache_dtype="fp8")
     cached = await start(demo_model_dir, caches=True, kv_cache_dtype="fp8")
     wide = await start(demo_model_dir, caches=False)

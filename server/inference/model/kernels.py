@@ -71,6 +71,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
+def _float8(x, POOL):  # type: ignore[no-untyped-def]
+    """*x* as a float8 pool keeps it: clamped to +-448 (kvcache.FP8_MAX), then rounded."""
+    return tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0).to(POOL.dtype.element_ty)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
     QKV,
     QW,
@@ -127,10 +133,7 @@ def _qk_norm_rope_kernel(  # type: ignore[no-untyped-def]
     values = (kv < KV_HEADS) & (dim < DIM)
     v = tl.load(QKV + row * stride_qkv + (HEADS + KV_HEADS + kv) * DIM + dim, mask=values)
     if KV_FP8:
-        cached = KCACHE.dtype.element_ty
-        o1 = tl.minimum(tl.maximum(o1.to(tl.float32), -448.0), 448.0).to(cached)
-        o2 = tl.minimum(tl.maximum(o2.to(tl.float32), -448.0), 448.0).to(cached)
-        v = tl.minimum(tl.maximum(v.to(tl.float32), -448.0), 448.0).to(cached)
+        o1, o2, v = _float8(o1, KCACHE), _float8(o2, KCACHE), _float8(v, KCACHE)
     tl.store(kout + half, o1, mask=is_k)
     tl.store(kout + DIM // 2 + half, o2, mask=is_k)
     tl.store(VCACHE + (slot * KV_HEADS + kv) * DIM + dim, v, mask=values)
