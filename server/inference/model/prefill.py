@@ -158,15 +158,14 @@ class PrefillForward(TextModel):
         self.fused = self.cuda and hasattr(self.layers[0].self_attn, "qkv_weight")
         self.varlen: Varlen | None = None
         if self.cuda:
-            keys = self.cache.keys[0]
-            found = varlen_attention(
+            found = varlen_attention(  # over keys and values widened to the queries' dtype (`_attend`)
                 self.heads,
                 self.kv_heads,
                 self.head_dim,
                 self.scale,
                 causal=True,
-                device=keys.device,
-                dtype=keys.dtype,
+                device=self.device,
+                dtype=self.embed.weight.dtype,
             )
             if found is not None:
                 self.varlen = found[1]
