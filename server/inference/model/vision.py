@@ -119,8 +119,9 @@ def varlen_vision_attention(visual: Any) -> str | None:
 
 class VisionEncoder:
     """Encodes pictures for prefill with the checkpoint's own encoder modules: outputs kept by
-    picture hash; on CUDA its attention one variable-length call per layer for all pictures and
-    the whole encoder replayed as CUDA graphs (vision_graphs.py)."""
+    picture hash; on CUDA its attention one variable-length call per layer for all pictures, its
+    blocks' elementwise work fused (vision_blocks.py) and the whole encoder replayed as CUDA
+    graphs (vision_graphs.py)."""
 
     def __init__(self, model: Any, budget_bytes: int, graphs: bool = False) -> None:
         self._model = model
@@ -129,6 +130,11 @@ class VisionEncoder:
         attention = varlen_vision_attention(visual)
         if attention is not None:
             log.info("vision attention: %s, all pictures in one call per layer", attention)
+        if next(visual.parameters()).device.type == "cuda":
+            from .vision_blocks import fuse_vision_blocks  # Triton: imported on CUDA only
+
+            if fuse_vision_blocks(visual):
+                log.info("vision blocks: LayerNorms, residual adds and GELU fused")
         # CUDA graphs need the varlen attention (the SDPA path splits by offsets on the host), and
         # FlashAttention 4's: it sizes its grid by the tokens, torch's FA2 by the longest segment
         # times the segments, which a graph's fixed offsets would inflate ~9 times.

@@ -1,0 +1,148 @@
+"""The vision encoder's blocks with their elementwise work fused, on CUDA.
+
+A stock Qwen3-VL vision block is `x + attn(norm1(x))`, then `x + mlp(norm2(x))` with the MLP
+`fc2(gelu_tanh(fc1(h)))`. Around its GEMMs and attention it launches two LayerNorms, two
+residual adds and a GELU, each a full pass over the picture's patches: on an H200 ~55 us a
+layer for one 1024x1024 picture (torch's LayerNorm 11.5 us at 4096x1024, GELU 19.7 us over the
+4096-wide intermediate, adds 6.2 us), ~1.4 ms of the encoder's 9.4 ms a picture
+(bench/profile_prefill.py, 2026-12-02). Here each block runs:
+
+    LayerNorm (Triton) | attention | add + LayerNorm (one Triton pass) | fc1 with GELU in the
+    GEMM's epilogue (cuBLASLt, `torch._addmm_activation`) | fc2 | add
+
+with the stock rounding points: the residual sum is rounded to the model's dtype before it is
+normalised, LayerNorm computes in float32 and rounds once; the epilogue's GELU is the tanh
+approximation the checkpoint names (`gelu_pytorch_tanh`), applied to the float32 GEMM result
+(the stock code rounds fc1's output first: a difference within bf16 rounding).
+
+`fuse_vision_blocks` checks the fused pieces against the stock ones on the device first
+(`_pieces_agree`); disagreeing, the blocks stay stock with a warning. Only CUDA: on the CPU
+cuBLASLt's epilogue does not exist (`_addmm_activation` computes the exact GELU there).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger("vlbridge.model.vision")
+
+TANH_GELU = "gelu_pytorch_tanh"
+
+
+@triton.jit
+def _layer_norm_kernel(  # type: ignore[no-untyped-def]
+    X, D, W, B, Y, SUM, N, eps, HAS_D: tl.constexpr, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_D:
+        d = tl.load(D + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (x + d).to(Y.dtype.element_ty)  # the residual add rounds like the stock `x + d`
+        tl.store(SUM + row * N + offs, s, mask=mask)
+        x = s.to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    centered = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) / N
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    y = centered * tl.rsqrt(var + eps) * w + b
+    tl.store(Y + row * N + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def layer_norm(x: torch.Tensor, norm: Any, delta: torch.Tensor | None = None) -> Any:
+    """`norm(x)` for a `torch.nn.LayerNorm` over the last dim; with *delta*: (norm(x + delta), x + delta)."""
+    n = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    total = torch.empty_like(x) if delta is not None else out
+    _layer_norm_kernel[(x.numel() // n,)](
+        x,
+        delta.contiguous() if delta is not None else x,
+        norm.weight,
+        norm.bias,
+        out,
+        total,
+        n,
+        norm.eps,
+        HAS_D=delta is not None,
+        BLOCK=triton.next_power_of_2(n),
+        num_warps=4 if n <= 1024 else 8,
+    )
+    return out if delta is None else (out, total)
+
+
+def gelu_fc1(fc1: Any, h: torch.Tensor) -> torch.Tensor:
+    """`gelu_tanh(fc1(h))` as one cuBLASLt GEMM with a bias + GELU epilogue."""
+    flat = h.reshape(-1, h.shape[-1])
+    out = torch._addmm_activation(fc1.bias, flat, fc1.weight.t(), use_gelu=True)
+    return out.view(*h.shape[:-1], out.shape[-1])
+
+
+def _block_forward(block: Any, gelu: bool) -> Any:
+    attn, mlp, norm1, norm2 = block.attn, block.mlp, block.norm1, block.norm2
+
+    def forward(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        attended = attn(layer_norm(hidden_states, norm1), cu_seqlens=cu_seqlens, **kwargs)
+        h, x = layer_norm(hidden_states, norm2, attended)
+        inner = gelu_fc1(mlp.linear_fc1, h) if gelu else mlp.act_fn(mlp.linear_fc1(h))
+        return x + mlp.linear_fc2(inner)
+
+    return forward
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).abs().max()) / max(
+        float(expected.float().abs().max()), 1e-6
+    )
+
+
+@torch.inference_mode()
+def _pieces_agree(block: Any, gelu: bool) -> bool:
+    """The fused LayerNorm, add + LayerNorm and GELU GEMM against the stock modules of *block*, on
+    random patches of its device and dtype (bf16 rounding passes, a wrong kernel does not)."""
+    weight = block.norm1.weight
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(weight.device, weight.dtype)
+
+    x, delta = rand(333, weight.shape[0]), rand(333, weight.shape[0])
+    checks = [(layer_norm(x, block.norm1), block.norm1(x))]
+    normed, total = layer_norm(x, block.norm2, delta)
+    checks += [(total, x + delta), (normed, block.norm2(x + delta))]
+    if gelu:
+        fc1 = block.mlp.linear_fc1
+        checks.append((gelu_fc1(fc1, normed), torch.nn.functional.gelu(fc1(normed), approximate="tanh")))
+    return all(_relative_error(got, expected) < 0.02 for got, expected in checks)
+
+
+def fuse_vision_blocks(visual: Any) -> bool:
+    """Run *visual*'s blocks fused (see the module doc) if its pieces agree with the stock ones on its
+    device; whether they do. Blocks of another shape than Qwen3-VL's are left as they are."""
+    blocks = list(getattr(visual, "blocks", []))
+    needed = ("attn", "mlp", "norm1", "norm2")
+    if not blocks or not all(hasattr(b, name) for b in blocks for name in needed):
+        return False
+    if not all(isinstance(getattr(b, n), torch.nn.LayerNorm) for b in blocks for n in ("norm1", "norm2")):
+        return False
+    gelu = getattr(visual.config, "hidden_act", None) == TANH_GELU
+    try:
+        agree = _pieces_agree(blocks[0], gelu)
+    except Exception:  # a Triton or cuBLASLt that cannot run them here
+        log.warning(
+            "fused vision blocks failed their check; the encoder runs its stock blocks", exc_info=True
+        )
+        return False
+    if not agree:
+        log.warning("fused vision blocks disagree with the stock ones on this GPU; keeping the stock blocks")
+        return False
+    for block in blocks:
+        block.forward = _block_forward(block, gelu)
+    return True
