@@ -112,6 +112,14 @@ def summarize(answers: list[Answer], started: float | None = None) -> dict[str, 
         result["outside_first_p50"] = pct(outside_first, 50)
         result["outside_done_p50"] = pct(outside_done, 50)
         result["started_first_p50"] = pct(started_first, 50)
+    # The server's own TTFT in two: submission to joining the batch (preparation, then the queue),
+    # and from there to the first token (the prefill and its sampling)
+    split = [
+        (a.server_queued, a.server_first) for a in good if a.server_queued is not None and a.server_first
+    ]
+    if split:
+        result["server_queued_p50"] = pct([queued for queued, _ in split], 50)
+        result["server_prefill_p50"] = pct([first - queued for queued, first in split], 50)
     if started is not None and good:
         window = [a for a in good if a.done and a.done > started]
         wall = max(a.done for a in window if a.done) - started if window else float("nan")
@@ -675,6 +683,13 @@ def print_tables(results: dict[str, Any], levels: list[int]) -> None:
             f"text follow-up {_ms(r['followup']['ttft_p50'])} ms (p95 {_ms(r['first']['ttft_p95'])} / "
             f"{_ms(r['followup']['ttft_p95'])})"
         )
+        if "server_queued_p50" in r["followup"]:
+            print(
+                f"follow-up c={c}: inside the server, p50: prepared and queued "
+                f"{_ms(r['first']['server_queued_p50'])} / {_ms(r['followup']['server_queued_p50'])} ms, "
+                f"prefill to the first token {_ms(r['first']['server_prefill_p50'])} / "
+                f"{_ms(r['followup']['server_prefill_p50'])} ms (first question / follow-up)"
+            )
     if "quiet" in results.get("arriving", {}):
         r = results["arriving"]
         print(

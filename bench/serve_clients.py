@@ -85,6 +85,7 @@ class Answer:
     done: float | None = None
     deltas: list[float] = field(default_factory=list)  # arrival times
     tokens: int = 0
+    server_queued: float | None = None  # the server's own time to joining the batch (prepared, queued)
     server_first: float | None = None  # the server's own time to first token (`done`'s timings)
     server_total: float | None = None  # and to the end of the answer, both from its submission
     error: str | None = None
@@ -151,6 +152,7 @@ class WsClient:
                 answer.tokens = int(event["usage"]["completion_tokens"])
                 timings = event.get("timings") or {}
                 answer.server_first, answer.server_total = timings.get("first_token"), timings.get("total")
+                answer.server_queued = timings.get("queued")
                 return answer
             elif kind == "error":
                 answer.error = f"{event.get('code')}: {event.get('message')}"

@@ -73,6 +73,10 @@ def test_serve_benchmark_runs_every_scenario_on_cpu(
     assert follow["first"]["requests"] == follow["followup"]["requests"] == 1
     assert not math.isnan(follow["followup"]["ttft_p50"])
     assert 0 < follow["followup"]["server_ttft_p50"] <= follow["followup"]["ttft_p50"]
+    # the server's own TTFT in two (the `done` frame's timings): prepared and queued, then prefilled
+    asked = follow["followup"]
+    assert asked["server_queued_p50"] > 0 and asked["server_prefill_p50"] > 0
+    assert asked["server_queued_p50"] + asked["server_prefill_p50"] <= asked["ttft_p50"]
     profile = "\n".join(results["profile"])  # the server logged where its time went
     series_names = ("executor over", "prepare n=", "decode_step n=", "prefill phases over", "host_vision n=")
     for series in (*series_names, "relay over", "handoff n=", "websocket over", "write_wait n="):
