@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,61 @@ def test_the_picture_cache_keeps_the_most_recent_within_its_budget(demo_model_di
     assert one.picture_hits == 1
     one.build([Turn.user("?", [red])])
     assert one.picture_hits == 1
+
+
+def _tokenized_whole(builder: PromptBuilder, turns: list[Turn]) -> list[int]:
+    """The prompt's ids the plain way: the chat template's text with each picture's pads written
+    out, tokenized in one piece."""
+    splice, builder.splice = builder.splice, False
+    try:
+        whole = builder.build(turns)
+    finally:
+        builder.splice = splice
+    return whole.input_ids
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [
+        _conversation(),
+        [Turn.user("", [make_png(96, 64), make_png(64, 96)])],  # pictures side by side, no text
+        [Turn.user(" leading space, then\n\na picture ", [make_png()]), Turn.assistant("Ünïcode 文字 ok")],
+        [Turn("system", "<|vision_end|> typed by hand"), Turn.user("?!", [make_png(128, 32)])],
+    ],
+)
+def test_spliced_pad_ids_equal_tokenizing_the_whole_text(builder: PromptBuilder, turns: list[Turn]) -> None:
+    assert builder.splice  # the demo checkpoint's pad is a special token, like Qwen3-VL's
+    prompt = builder.build(turns)
+    assert prompt.input_ids == _tokenized_whole(builder, turns)
+    assert prompt.input_ids.count(builder.image_token_id) == prompt.image_tokens > 0
+
+
+def test_a_follow_up_hashes_the_pictures_it_carries_again_only_once(
+    demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.inference.model import prompt as prompt_module
+
+    hashed: list[int] = []
+    blake2b = prompt_module.hashlib.blake2b
+
+    def counting(data: bytes, digest_size: int) -> object:
+        hashed.append(len(data))
+        return blake2b(data, digest_size=digest_size)
+
+    monkeypatch.setattr(prompt_module, "hashlib", types.SimpleNamespace(blake2b=counting))
+    one = PromptBuilder(load_model(str(demo_model_dir), "cpu", "float32"), ImageLimits(), 4096)
+    red = make_png(96, 64, (200, 40, 40))
+    first = [Turn.user("What is this?", [red])]
+    follow_up = [*first, Turn.assistant("A box."), Turn.user("Which colour?")]
+    one.build(first)
+    one.build(follow_up)
+    assert hashed == [len(red)]  # the history's own bytes object: its hash is known
+    same_content = bytes(bytearray(red))  # another object (e.g. sent again over the OpenAI API)
+    again = one.build([Turn.user("What is this?", [same_content])])
+    assert len(hashed) == 2 and one.picture_hits == 2  # hashed again, and found decoded by that hash
+    assert again.input_ids == one.build(first).input_ids
+    blue = make_png(64, 96, (40, 40, 200))
+    monkeypatch.setattr(prompt_module, "DIGEST_CACHE_BYTES", max(len(red), len(blue)))  # room for one
+    one.build([Turn.user("?", [blue])])  # evicts the oldest kept
+    one.build(first)
+    assert len(hashed) == 4

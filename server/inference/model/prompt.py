@@ -8,7 +8,13 @@ processor's work (resize, normalize, patchify) is left to the device, at prefill
 
 Decoded pictures are kept by content hash (`PICTURE_CACHE_BYTES`): every follow-up question
 of a conversation carries its pictures again, and decoding them again would otherwise be most
-of a text follow-up's preparation.
+of a text follow-up's preparation. What remained of it (2.3 ms for a follow-up about a
+1024x1024 JPEG on the 2-core VM) was mostly two things, now gone (0.5 ms): hashing the ~1 MB
+picture again (0.8 ms), so hashes are kept by the picture's bytes object (`DIGEST_CACHE_BYTES`;
+a session's history hands the same objects in again); and tokenizing ~1000 copies of the pad's
+text (1.0 ms), so each picture's pad ids are spliced in between the tokenized pieces around
+them: the tokenizer splits at special tokens before anything else, so those pieces tokenize
+alone to the same ids (`tests/test_prompt.py` compares the two).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from .pixels import Decoded, PixelSpec, patches
 
 IMAGE_PAD = "<|image_pad|>"
 PICTURE_CACHE_BYTES = 256 * 2**20  # decoded pictures kept (uint8): ~80 of 1024x1024
+DIGEST_CACHE_BYTES = 64 * 2**20  # pictures' bytes objects whose hashes are kept (held while kept)
 
 
 @dataclass
@@ -77,6 +84,9 @@ class PromptBuilder:
         self.merge = self.spec.merge
         self.pin = loaded.device.type == "cuda"  # kept pinned: copied to the device without waiting
         self.image_token_id = int(loaded.model.config.image_token_id)
+        # The pad's ids are spliced in where the pad is a special token of its own (see the module doc)
+        pad = self.tokenizer.added_tokens_decoder.get(self.image_token_id)
+        self.splice = pad is not None and pad.content == IMAGE_PAD and pad.special
         self.picture_cache_bytes = picture_cache_bytes
         self.picture_hits = 0  # pictures taken from the cache (tests, benchmarks)
         # Pictures decoded in worker processes (off this process's GIL) when set; else on the
@@ -84,6 +94,8 @@ class PromptBuilder:
         self.processes: PictureProcesses | None = None
         self._cache: OrderedDict[bytes, Decoded] = OrderedDict()
         self._cache_bytes = 0
+        self._digests: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()  # id(data): (data, digest)
+        self._digest_bytes = 0
         self._lock = threading.Lock()
 
     def _messages(self, turns: list[Turn]) -> list[dict[str, Any]]:
@@ -98,7 +110,7 @@ class PromptBuilder:
     def _pictures(self, turns: list[Turn], check: Check) -> list[Decoded]:
         """Every picture of *turns*, decoded once (or taken from the cache), in order."""
         datas = [img for turn in turns for img in turn.images]
-        digests = [hashlib.blake2b(data, digest_size=16).digest() for data in datas]
+        digests = [self._digest(data) for data in datas]
         found: dict[bytes, Decoded] = {}
         with self._lock:
             for digest in digests:
@@ -168,6 +180,23 @@ class PromptBuilder:
             raise BadImage(f"picture {number}: {exc}") from None
         return picture.pinned() if self.pin else picture
 
+    def _digest(self, data: bytes) -> bytes:
+        """*data*'s content hash, kept by the object while it is among the most recent."""
+        with self._lock:
+            known = self._digests.get(id(data))
+            if known is not None and known[0] is data:  # held here, so its id is still its own
+                self._digests.move_to_end(id(data))
+                return known[1]
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        with self._lock:
+            if len(data) <= DIGEST_CACHE_BYTES and id(data) not in self._digests:  # (another thread's)
+                self._digests[id(data)] = (data, digest)
+                self._digest_bytes += len(data)
+                while self._digest_bytes > DIGEST_CACHE_BYTES:
+                    _, (dropped, _) = self._digests.popitem(last=False)
+                    self._digest_bytes -= len(dropped)
+        return digest
+
     def _keep(self, entries: list[tuple[bytes, Decoded]]) -> None:
         with self._lock:
             for digest, entry in entries:
@@ -230,10 +259,7 @@ class PromptBuilder:
         pieces = text.split(IMAGE_PAD)
         if len(pieces) - 1 != len(counts):
             raise BadImage(f"the chat template placed {len(pieces) - 1} pictures, expected {len(counts)}")
-        expanded = pieces[0] + "".join(
-            IMAGE_PAD * n + piece for n, piece in zip(counts, pieces[1:], strict=True)
-        )
-        ids: list[int] = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+        ids = self._tokens(pieces, counts)
         if len(ids) > self.max_context_tokens:
             return TooLarge(
                 f"the conversation is {len(ids)} tokens; the model accepts {self.max_context_tokens}. "
@@ -241,6 +267,20 @@ class PromptBuilder:
             )
         grid = torch.cat([picture.grid for picture in pictures]) if pictures else None
         return Prompt(ids, pictures, grid, sum(counts))
+
+    def _tokens(self, pieces: list[str], counts: list[int]) -> list[int]:
+        """The ids of *pieces* with counts[i] pad tokens between piece i and piece i + 1."""
+        if not self.splice:
+            expanded = pieces[0] + "".join(
+                IMAGE_PAD * n + piece for n, piece in zip(counts, pieces[1:], strict=True)
+            )
+            return list(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
+        encoded: list[list[int]] = self.tokenizer(pieces, add_special_tokens=False)["input_ids"]
+        ids = list(encoded[0])
+        for n, piece in zip(counts, encoded[1:], strict=True):
+            ids += [self.image_token_id] * n
+            ids += piece
+        return ids
 
 
 def _given(value: object) -> object:
