@@ -170,7 +170,7 @@ def test_the_padded_layout_of_the_prefill_graphs_changes_no_logit_and_no_real_pa
         graphs = PrefillGraphs(forward, 1024, 4, 3)
         for batch, pictures, bucket in (
             (rows, (embeds, deep), (512, 256)),
-            (follow_up, (None, []), (256, 1024)),
+            (follow_up, (None, []), (64, 1024)),
         ):
             with torch.inference_mode():
                 expected = forward.logits(batch, *pictures)

@@ -56,9 +56,12 @@ SECTIONS = ("ids", "positions", "store", "gather", "pictures", "last", "starts")
 
 
 def buckets(limit: int) -> list[tuple[int, int]]:
-    """(new tokens, reused tokens) padded to: new every 256 up to 2048 (a single picture is ~1050
-    tokens), then every 512, with the smallest slack; small prefills with every slack too."""
-    sizes = list(range(256, min(limit, 2048) + 1, 256)) + list(range(2048 + 512, limit + 1, 512))
+    """(new tokens, reused tokens) padded to: new 64 and 128 (a text follow-up's turn is tens of
+    tokens: padded to 256 it cost ~4x the GEMM work it needs), then every 256 up to 2048 (a single
+    picture is ~1050 tokens), then every 512, with the smallest slack; small prefills with every
+    slack too."""
+    sizes = [size for size in (64, 128) if size <= limit]
+    sizes += list(range(256, min(limit, 2048) + 1, 256)) + list(range(2048 + 512, limit + 1, 512))
     small = SLACKS[0]
     return [(size, slack) for size in sizes for slack in SLACKS if slack == small or size <= FOLLOW_UP]
 
