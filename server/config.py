@@ -111,7 +111,7 @@ class ModelConfig(_Section):
     max_context_tokens: int = Field(16384, ge=64)
     cuda_graphs: bool = True
     # keys and values in the paged cache: "auto" = the model's dtype; "fp8" = float8 e4m3, half the
-    # bytes of bf16 (twice the tokens in the same memory, half the decode step's reads), unscaled
+    # bytes of bf16: twice the tokens in the same memory (not faster on an H200, less exact; README)
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     # torch threads on the CPU; "auto": 1 for tiny models (the demo), else usable cores - 1
     cpu_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
