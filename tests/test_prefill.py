@@ -188,3 +188,46 @@ def test_the_padded_layout_of_the_prefill_graphs_changes_no_logit_and_no_real_pa
         assert PrefillGraphs(forward, 256, 4, 3).key(rows) is None
     finally:
         engine.kv.free(cache)
+
+
+def test_a_prefill_a_graph_takes_sends_only_its_page_copies(engine: ModelEngine) -> None:
+    """The graph path stages a batch's host tensors itself (prefill_graphs.py): running it sends
+    the row's page copies to the device, not the whole batch a second time (it did, on every
+    prefill), and the copy is made: the logits equal those of the row with the tokens already in
+    its own page."""
+    from server.inference.model.kvcache import SeqCache
+    from server.inference.model.prefill import pack
+    from server.inference.model.prefill_graphs import PrefillGraphs
+
+    forward = engine.forward
+    cache = SeqCache()
+    assert engine.kv.allocate(cache, 2 * PAGE)
+    try:
+        shared = torch.tensor([cache.slot(index) for index in range(10)])  # a cached page's first tokens
+        own = torch.tensor([cache.slot(index) for index in range(PAGE, PAGE + 30)])  # the row's page
+        generator = torch.Generator().manual_seed(5)
+        flat = (-1, forward.kv_heads, forward.head_dim)
+        pools = [*forward.cache.keys, *forward.cache.values]
+        for pool in pools:
+            pool.view(flat)[shared] = torch.randn(10, *flat[1:], generator=generator)
+        image = engine.runner.prompts.image_token_id
+        new = torch.randint(0, image, (20,), generator=generator).tolist()
+        rows = [(new, torch.arange(10, 30).expand(3, -1), own, 10)]
+        for pool in pools:  # the reference: the reused tokens in the row's own page already
+            pool.view(flat)[own[:10]] = pool.view(flat)[shared]
+        with torch.inference_mode():
+            expected = forward.run(pack(rows, [], image, forward.device), None, []).clone()
+        for pool in pools:
+            pool.view(flat)[own] = 0
+        taken = pack(rows, [(shared, own[:10])], image, forward.device)
+        forward.graphs = PrefillGraphs(forward, 1024, 4, 3)  # on the CPU: the padded layout, eagerly
+        try:
+            assert forward.graphs.key(taken) == (64, 256)
+            with torch.inference_mode():
+                got = forward.run(taken, None, [])
+        finally:
+            forward.graphs = None
+        assert taken.sent is None  # only the copies went to the device
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        engine.kv.free(cache)

@@ -45,7 +45,7 @@ class Packed:
     """A prefill's rows, packed: the tokens each row prefills (those the prefix cache did not
     supply), row after row. Its tensors are built on the CPU (`host`) and reach the model's
     device in one copy when first read: a batch a CUDA graph takes (prefill_graphs.py) stages
-    `host` itself and never sends them."""
+    `host` itself and sends only its page copies (`copies`)."""
 
     host: dict[str, torch.Tensor]  # INPUTS on the CPU (positions (3, T)); copies and pictures may be empty
     query_starts: list[int]  # rows + 1 cumulative new-token counts
@@ -94,13 +94,21 @@ class Packed:
     def gather(self) -> torch.Tensor:  # (K,) flat cache slots of each row's whole sequence, row after row
         return self._tensor("gather")
 
-    @property
-    def copy_from(self) -> torch.Tensor | None:  # (C,) slots of a shared page's tokens a row continues
-        return self._on_device()["copy_from"]
-
-    @property
-    def copy_to(self) -> torch.Tensor | None:  # (C,) in its own page
-        return self._on_device()["copy_to"]
+    def copies(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """On the device, the slots of the shared pages' tokens rows continue and their places in
+        the rows' own pages, (C,) each; None without copies. A batch not sent yet sends only these:
+        one a CUDA graph takes needs nothing else of it on the device."""
+        if self.sent is not None:
+            source, target = self.sent["copy_from"], self.sent["copy_to"]
+            return None if source is None or target is None else (source, target)
+        source, target = self.host["copy_from"], self.host["copy_to"]
+        if not source.numel():
+            return None
+        pair = torch.cat([source, target])
+        if self.device.type == "cuda":
+            pair = pair.pin_memory()
+        sent = pair.to(self.device, non_blocking=True)
+        return sent[: source.numel()], sent[source.numel() :]
 
     @property
     def pictures(self) -> torch.Tensor | None:  # (P,) indexes of picture tokens in the packed order
@@ -190,8 +198,9 @@ class PrefillForward(TextModel):
         *embeds*: the pictures' encoder outputs, in the order of their tokens; *deepstack*: the
         features added after the first layers, same order. A batch a CUDA graph takes replays it
         (prefill_graphs.py): its logits are valid until the next prefill."""
-        if batch.copy_from is not None and batch.copy_to is not None:
-            self.cache.copy(batch.copy_from, batch.copy_to)
+        copies = batch.copies()
+        if copies is not None:
+            self.cache.copy(*copies)
         if not every_position and self.graphs is not None:
             logits = self.graphs.run(batch, embeds, deepstack)
             if logits is not None:
