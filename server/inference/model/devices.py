@@ -101,3 +101,12 @@ def placement(device_spec: str, dtype_spec: str) -> Placement:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return Placement(f"cuda:{index}", dtype_name, _BYTES[dtype_name], int(free))
     return Placement("cpu", dtype_name, _BYTES[dtype_name], int(psutil.virtual_memory().available))
+
+
+def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """*tensor* (on the CPU) on *device*, without waiting for the work queued there: from pinned
+    memory, asynchronously. A blocking copy (`torch.tensor(..., device=cuda)`, `.to(cuda)`) waits for
+    every kernel launched before it, and the driver may make one from pageable memory wait too."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

@@ -31,7 +31,7 @@ from server.inference.picture_processes import PictureProcesses
 from server.inference.profile import Profile
 
 from .decode import DecodeStep, DeviceTokens, max_pages_per_row
-from .devices import cpu_threads, usable_cores
+from .devices import cpu_threads, send, usable_cores
 from .kvcache import FP8, PAGE, PagedKVCache, SeqCache
 from .positions import mrope_positions
 from .prefill import PrefillForward, pack
@@ -39,7 +39,7 @@ from .prefill_graphs import GRAPH_ROWS, GRAPH_TOKENS, PrefillGraphs, check_batch
 from .prefix import PrefixCache, full_block_keys, identity, picture_starts
 from .prompt import Prompt
 from .runner import ModelRunner
-from .sampling import on_device, sample
+from .sampling import sample
 from .vision import Picture, VisionEncoder
 
 log = logging.getLogger("vlbridge.model")
@@ -417,9 +417,9 @@ class ModelEngine:
             state.next_position = seq.prompt.data.next_position
             self._unpin_source(state)  # the copy above is queued before any later reuse of the page
         blocked = self._blocked(seqs)
-        blocked_dev = on_device(blocked, torch.bool, device) if any(blocked) else None
+        blocked_dev = send(torch.tensor(blocked, dtype=torch.bool), device) if any(blocked) else None
         tokens = sample(logits, seqs, self._eos, blocked_dev)
-        cells = on_device([s.state.cell for s in seqs], torch.long, device)
+        cells = send(torch.tensor([s.state.cell for s in seqs]), device)
         published = self._publish(tokens, cells, seqs)
         timer.mark("sample")
         timer.end()

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .devices import send
 from .flash import Varlen, attention_by_rows, varlen_attention
 from .kvcache import PagedKVCache
 from .prefill_graphs import PrefillGraphs
@@ -59,10 +60,7 @@ class Packed:
         if self.sent is None:
             starts = torch.tensor([self.query_starts, self.key_starts], dtype=torch.long)
             parts = [self.host[name].flatten() for name in INPUTS] + [starts.flatten()]
-            flat = torch.cat(parts)
-            if self.device.type == "cuda":  # pinned: the copy does not wait for the work queued before it
-                flat = flat.pin_memory()
-            sent = torch.split(flat.to(self.device, non_blocking=True), [p.numel() for p in parts])
+            sent = torch.split(send(torch.cat(parts), self.device), [p.numel() for p in parts])
             self.sent = {
                 name: None if name in OPTIONAL and not tensor.numel() else tensor
                 for name, tensor in zip(INPUTS, sent[:-1], strict=True)
@@ -104,10 +102,7 @@ class Packed:
         source, target = self.host["copy_from"], self.host["copy_to"]
         if not source.numel():
             return None
-        pair = torch.cat([source, target])
-        if self.device.type == "cuda":
-            pair = pair.pin_memory()
-        sent = pair.to(self.device, non_blocking=True)
+        sent = send(torch.cat([source, target]), self.device)
         return sent[: source.numel()], sent[source.numel() :]
 
     @property

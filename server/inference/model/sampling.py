@@ -6,22 +6,14 @@ import torch
 
 from server.inference.engine import Sequence
 
-
-def on_device(
-    values: list[int] | list[float] | list[bool], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """*values* as a tensor on *device*, without waiting for the work queued there: staged in pinned
-    memory and copied asynchronously. `torch.tensor(values, device=cuda)` and a blocking `.to(cuda)`
-    copy synchronously: the host waits for every kernel launched before them."""
-    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
+from .devices import send
 
 
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], eos: torch.Tensor, blocked: torch.Tensor | None
 ) -> torch.Tensor:
     """One token per row of *logits* (rows, vocab), as a device tensor; no host sync (the rows'
-    settings reach the device through `on_device`).
+    settings reach the device through `devices.send`).
 
     Greedy rows (temperature 0) take the argmax; the others sample with temperature and
     top-p. Rows flagged in *blocked* (below their `min_new_tokens`) cannot pick an
@@ -33,9 +25,9 @@ def sample(
     hot = [row for row, seq in enumerate(seqs) if seq.params.temperature > 0]
     if hot:
         device = logits.device
-        rows = on_device(hot, torch.long, device)
-        temps = on_device([seqs[r].params.temperature for r in hot], torch.float32, device)
-        top_p = on_device([seqs[r].params.top_p for r in hot], torch.float32, device)
+        rows = send(torch.tensor(hot), device)
+        temps = send(torch.tensor([seqs[r].params.temperature for r in hot]), device)
+        top_p = send(torch.tensor([seqs[r].params.top_p for r in hot]), device)
         probs = torch.softmax(logits[rows].float() / temps.unsqueeze(1), dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p.unsqueeze(1)

@@ -21,6 +21,7 @@ from transformers.vision_utils import (
     get_vision_position_ids,
 )
 
+from .devices import send
 from .flash import FA4, varlen_attention
 from .pixels import Decoded, patches
 from .vision_graphs import VisionGraphs
@@ -198,9 +199,8 @@ class VisionEncoder:
         self, visual: Any, pixels: torch.Tensor, grid: torch.Tensor, device: torch.device
     ) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
         per_picture = [self._grid_inputs(visual, tuple(int(v) for v in g.tolist())) for g in grid]
-        precomputed: dict[str, Any] = {
-            name: torch.cat([entry[name] for entry in per_picture]).to(device, non_blocking=True)
-            for name in per_picture[0]
+        precomputed: dict[str, Any] = {  # ~256 KB a picture: from pageable memory the copy could wait
+            name: send(torch.cat([entry[name] for entry in per_picture]), device) for name in per_picture[0]
         }
         cu_seqlens = get_vision_cu_seqlens(grid)
         sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
