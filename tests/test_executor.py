@@ -122,14 +122,17 @@ async def test_event_loop_stays_responsive_while_decoding(executor: InferenceExe
 
     tick = asyncio.create_task(ticker())
     convs = conversations()
-    await asyncio.gather(
-        *[collect(executor, InferenceRequest(f"r{i}", t, GREEDY)) for i, t in enumerate(convs)]
-    )
+    for round_ in range(20):  # rounds of answers until the ticker has enough samples taken meanwhile
+        await asyncio.gather(
+            *[collect(executor, InferenceRequest(f"r{round_}-{i}", t, GREEDY)) for i, t in enumerate(convs)]
+        )
+        if len(gaps) > 50:
+            break
     stop.set()
     await tick
     gaps.sort()
     p99 = gaps[int(len(gaps) * 0.99) - 1]
-    assert len(gaps) > 20
+    assert len(gaps) > 50
     assert p99 < 0.1, f"event loop stalled: p99 extra latency {p99 * 1000:.1f} ms"
 
 
