@@ -33,7 +33,9 @@ def sample(
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p.unsqueeze(1)
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         # p_i / E_i with E_i ~ Exp(1) is largest at i with probability p_i (what vLLM samples with):
-        # torch.multinomial checks its input with an .item(), a host sync per step
-        picked = (sorted_probs / torch.empty_like(sorted_probs).exponential_()).argmax(dim=-1)
+        # torch.multinomial checks its input with an .item(), a host sync per step. E_i > 0, or a
+        # token of probability 0 would win as 0 / 0 (some backends' exponential_ can give 0).
+        noise = torch.empty_like(sorted_probs).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)
+        picked = (sorted_probs / noise).argmax(dim=-1)
         choice[rows] = order.gather(1, picked.unsqueeze(1)).squeeze(1)
     return choice
