@@ -81,14 +81,15 @@ step 230 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --roun
 keep_logs 2b
 step 30 "plot 2b" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
   2026-11-30=bench/results/h200-2026-11-30-run2/serve-2b.json now="$OUT/serve-2b.json"
-# `BASE=DIR`: the same 2B measurements (in process, WebSocket, arriving pictures) from another
-# tree, e.g. the commit before a change (`git archive REV` into DIR, carried with this one), in
-# the same run on the same GPU, so the two are compared side by side. A tree from before
-# --client-processes runs its clients in one process: its ws compares with this run's ws1.
+# `BASE=DIR`: the same 2B measurements (in process, WebSocket, arriving pictures, the c=1
+# follow-up) from another tree, e.g. the commit before a change (`git archive REV` into DIR,
+# carried with this one), in the same run on the same GPU, so the two are compared side by side.
+# A tree from before --client-processes runs its clients in one process: its ws compares with
+# this run's ws1.
 if [ -n "${BASE:-}" ]; then
-  step 170 "serve 2b, base tree" bash -c "cd '$BASE' && python3 bench/serve.py --model 2b --concurrency 32,64 \
-    --rounds 3 --scenarios executor,ws,arriving --arrive 32,16,1.0,4 ${PROFILE[*]} \
-    --workdir $WORK/2b-base --out '$OUT/serve-2b-base.json'"
+  step 180 "serve 2b, base tree" bash -c "cd '$BASE' && python3 bench/serve.py --model 2b --concurrency 32,64 \
+    --rounds 3 --scenarios executor,ws,arriving,followup --arrive 32,16,1.0,4 --followup-concurrency 1 \
+    --followup-rounds 4 ${PROFILE[*]} --workdir $WORK/2b-base --out '$OUT/serve-2b-base.json'"
   keep_logs 2b-base
   step 30 "plot 2b against base" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
     base="$OUT/serve-2b-base.json" now="$OUT/serve-2b.json"
