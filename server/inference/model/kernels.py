@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the CUDA decode step (and the norms/MLP of prefill).
+"""Fused Triton kernels for the CUDA decode step (and the norms/MLP of prefill, the vision LayerNorms).
 
 A stock decoder layer launches ~55 small kernels per token step (each RMSNorm is seven
 elementwise passes, rotary another ten); at small batch the step is bound by launches,
@@ -24,9 +24,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(  # type: ignore[no-untyped-def]
-    X, RES, W, Y, SUM, stride_x, stride_r, stride_y, N, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr
-):
+def _norm_kernel(  # type: ignore[no-untyped-def]
+    X, RES, W, B, Y, SUM, stride_x, stride_r, stride_y, N, eps,
+    HAS_RES: tl.constexpr, LAYER: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """A row of X (or of X + RES, stored to SUM) normalised: RMSNorm as Qwen3's (rounded to the
+    output dtype before the weight), or with LAYER a LayerNorm as torch's (float32, one rounding)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -36,24 +39,37 @@ def _rms_norm_kernel(  # type: ignore[no-untyped-def]
         s = (x + r).to(Y.dtype.element_ty)  # the residual add rounds like the stock `a + b`
         tl.store(SUM + row * stride_y + offs, s, mask=mask)
         x = s.to(tl.float32)
-    var = tl.sum(x * x, axis=0) / N
-    normed = (x * tl.rsqrt(var + eps)).to(Y.dtype.element_ty).to(tl.float32)
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + offs, (w * normed).to(Y.dtype.element_ty), mask=mask)
+    if LAYER:
+        mean = tl.sum(x, axis=0) / N
+        centered = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(centered * centered, axis=0) / N
+        b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+        y = centered * tl.rsqrt(var + eps) * w + b
+    else:
+        var = tl.sum(x * x, axis=0) / N
+        y = w * (x * tl.rsqrt(var + eps)).to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * stride_y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> Any:
-    """RMSNorm over the last dim; with *residual*: returns (norm(x + residual), x + residual)."""
+def _norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+) -> Any:
     n = x.shape[-1]
     rows = x.numel() // n
     x2 = x.reshape(rows, n)
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     total = torch.empty_like(out) if residual is not None else out
     r2 = residual.reshape(rows, n) if residual is not None else x2
-    _rms_norm_kernel[(rows,)](
+    _norm_kernel[(rows,)](
         x2,
         r2,
         weight,
+        bias if bias is not None else weight,
         out,
         total,
         x2.stride(0),
@@ -62,12 +78,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         n,
         eps,
         HAS_RES=residual is not None,
+        LAYER=bias is not None,
         BLOCK=triton.next_power_of_2(n),
         num_warps=4 if n <= 1024 else 8,
     )
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), total.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> Any:
+    """RMSNorm over the last dim; with *residual*: returns (norm(x + residual), x + residual)."""
+    return _norm(x, weight, None, eps, residual)
+
+
+def layer_norm(norm: Any, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+    """`norm(x)` for a `torch.nn.LayerNorm` *norm* (with a bias) over the last dim; with *residual*:
+    (norm(x + residual), x + residual)."""
+    return _norm(
+        x.contiguous(), norm.weight, norm.bias, norm.eps, None if residual is None else residual.contiguous()
+    )
 
 
 @triton.jit

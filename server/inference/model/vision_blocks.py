@@ -7,7 +7,7 @@ layer for one 1024x1024 picture (torch's LayerNorm 11.5 us at 4096x1024, GELU 19
 4096-wide intermediate, adds 6.2 us), ~1.4 ms of the encoder's 9.4 ms a picture
 (bench/profile_prefill.py, 2026-12-02). Here each block runs:
 
-    LayerNorm (Triton) | attention | add + LayerNorm (one Triton pass) | fc1 with GELU in the
+    LayerNorm | attention | add + LayerNorm (one pass; kernels.py's norm kernel) | fc1 with GELU in the
     GEMM's epilogue (cuBLASLt, `torch._addmm_activation`) | fc2 | add
 
 with the stock rounding points: the residual sum is rounded to the model's dtype before it is
@@ -27,56 +27,12 @@ import logging
 from typing import Any
 
 import torch
-import triton
-import triton.language as tl
+
+from .kernels import layer_norm
 
 log = logging.getLogger("vlbridge.model.vision")
 
 TANH_GELU = "gelu_pytorch_tanh"
-
-
-@triton.jit
-def _layer_norm_kernel(  # type: ignore[no-untyped-def]
-    X, D, W, B, Y, SUM, N, eps, HAS_D: tl.constexpr, BLOCK: tl.constexpr
-):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(X + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_D:
-        d = tl.load(D + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-        s = (x + d).to(Y.dtype.element_ty)  # the residual add rounds like the stock `x + d`
-        tl.store(SUM + row * N + offs, s, mask=mask)
-        x = s.to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    centered = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(centered * centered, axis=0) / N
-    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
-    y = centered * tl.rsqrt(var + eps) * w + b
-    tl.store(Y + row * N + offs, y.to(Y.dtype.element_ty), mask=mask)
-
-
-def layer_norm(x: torch.Tensor, norm: Any, delta: torch.Tensor | None = None) -> Any:
-    """`norm(x)` for a `torch.nn.LayerNorm` over the last dim; with *delta*: (norm(x + delta), x + delta)."""
-    n = x.shape[-1]
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    total = torch.empty_like(x) if delta is not None else out
-    _layer_norm_kernel[(x.numel() // n,)](
-        x,
-        delta.contiguous() if delta is not None else x,
-        norm.weight,
-        norm.bias,
-        out,
-        total,
-        n,
-        norm.eps,
-        HAS_D=delta is not None,
-        BLOCK=triton.next_power_of_2(n),
-        num_warps=4 if n <= 1024 else 8,
-    )
-    return out if delta is None else (out, total)
 
 
 def gelu_fc1(fc1: Any, h: torch.Tensor) -> torch.Tensor:
@@ -90,8 +46,8 @@ def _block_forward(block: Any, gelu: bool) -> Any:
     attn, mlp, norm1, norm2 = block.attn, block.mlp, block.norm1, block.norm2
 
     def forward(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        attended = attn(layer_norm(hidden_states, norm1), cu_seqlens=cu_seqlens, **kwargs)
-        h, x = layer_norm(hidden_states, norm2, attended)
+        attended = attn(layer_norm(norm1, hidden_states), cu_seqlens=cu_seqlens, **kwargs)
+        h, x = layer_norm(norm2, hidden_states, attended)
         inner = gelu_fc1(mlp.linear_fc1, h) if gelu else mlp.act_fn(mlp.linear_fc1(h))
         return x + mlp.linear_fc2(inner)
 
@@ -115,8 +71,8 @@ def _pieces_agree(block: Any, gelu: bool) -> bool:
         return torch.randn(*shape, generator=generator).to(weight.device, weight.dtype)
 
     x, delta = rand(333, weight.shape[0]), rand(333, weight.shape[0])
-    checks = [(layer_norm(x, block.norm1), block.norm1(x))]
-    normed, total = layer_norm(x, block.norm2, delta)
+    checks = [(layer_norm(block.norm1, x), block.norm1(x))]
+    normed, total = layer_norm(block.norm2, x, delta)
     checks += [(total, x + delta), (normed, block.norm2(x + delta))]
     if gelu:
         fc1 = block.mlp.linear_fc1
