@@ -231,3 +231,13 @@ def test_a_prefill_a_graph_takes_sends_only_its_page_copies(engine: ModelEngine)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     finally:
         engine.kv.free(cache)
+
+
+def test_the_start_up_checks_measure_differences_against_the_references_largest_value() -> None:
+    """agreement.relative_error, by which the graphs, fused kernels and float8 cache are checked."""
+    from server.inference.model.agreement import relative_error
+
+    reference = torch.tensor([1.0, -4.0], dtype=torch.bfloat16)
+    assert relative_error(reference, reference) == 0
+    assert relative_error(torch.tensor([1.0, -3.0]), reference) == 0.25
+    assert relative_error(torch.tensor([0.5, 0.0]), torch.zeros(2)) == 0.5  # an all-zero reference: absolute

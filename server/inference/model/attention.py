@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .agreement import relative_error
 from .kvcache import PAGE, raw, widened
 
 
@@ -186,5 +187,4 @@ def float8_cache_agrees(
     lengths = [3 * PAGE - 10, PAGE + 20]
     expected = paged_attention_reference(query, keys, values, table, lengths, dim**-0.5)
     got = paged_attention_triton(query, keys, values, table, torch.tensor(lengths, device=device), dim**-0.5)
-    error = float((got.float() - expected.float()).abs().max()) / max(float(expected.abs().max()), 1e-6)
-    return error < 0.05
+    return relative_error(got, expected) < 0.05

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .agreement import relative_error
 from .kvcache import SeqCache
 
 if TYPE_CHECKING:
@@ -258,8 +259,7 @@ class PrefillGraphs:
         if got is None:
             log.warning("no prefill CUDA graph takes the check's batch; graphs off")
             return False
-        scale = float(expected.abs().max()) or 1.0
-        error = float((got - expected).abs().max()) / scale
+        error = relative_error(got, expected)
         if error > TOLERANCE:
             log.warning("a prefill CUDA graph differs from the eager forward by %.3f; graphs off", error)
             return False

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .agreement import relative_error
 from .kernels import layer_norm
 
 log = logging.getLogger("vlbridge.model.vision")
@@ -54,12 +55,6 @@ def _block_forward(block: Any, gelu: bool) -> Any:
     return forward
 
 
-def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got.float() - expected.float()).abs().max()) / max(
-        float(expected.float().abs().max()), 1e-6
-    )
-
-
 @torch.inference_mode()
 def _pieces_agree(block: Any, gelu: bool) -> bool:
     """The fused LayerNorm, add + LayerNorm and GELU GEMM against the stock modules of *block*, on
@@ -77,7 +72,7 @@ def _pieces_agree(block: Any, gelu: bool) -> bool:
     if gelu:
         fc1 = block.mlp.linear_fc1
         checks.append((gelu_fc1(fc1, normed), torch.nn.functional.gelu(fc1(normed), approximate="tanh")))
-    return all(_relative_error(got, expected) < 0.02 for got, expected in checks)
+    return all(relative_error(got, expected) < 0.02 for got, expected in checks)
 
 
 def _qwen_shaped(block: Any) -> bool:

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .agreement import relative_error
+
 log = logging.getLogger("vlbridge.model.vision")
 
 STEP = 1024  # patches: graphs for multiples of this (a 1024x1024 picture is 4096)
@@ -184,8 +186,5 @@ class VisionGraphs:
 
 
 def _relative_error(got: Outputs, expected: Outputs) -> float:
-    worst = 0.0
-    for a, b in zip([got[0], *got[1]], [expected[0], *expected[1]], strict=True):
-        scale = float(b.float().abs().max()) or 1.0
-        worst = max(worst, float((a.float() - b.float()).abs().max()) / scale)
-    return worst
+    pairs = zip([got[0], *got[1]], [expected[0], *expected[1]], strict=True)
+    return max(relative_error(a, b) for a, b in pairs)
