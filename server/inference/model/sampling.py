@@ -26,8 +26,10 @@ def sample(
     if hot:
         device = logits.device
         rows = send(torch.tensor(hot), device)
-        temps = send(torch.tensor([seqs[r].params.temperature for r in hot]), device)
-        top_p = send(torch.tensor([seqs[r].params.top_p for r in hot]), device)
+        params = [seqs[r].params for r in hot]
+        temps, top_p = send(
+            torch.tensor([[p.temperature for p in params], [p.top_p for p in params]]), device
+        )
         probs = torch.softmax(logits[rows].float() / temps.unsqueeze(1), dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p.unsqueeze(1)
