@@ -85,11 +85,15 @@ step 30 "plot 2b" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
 # follow-up) from another tree, e.g. the commit before a change (`git archive REV` into DIR,
 # carried with this one), in the same run on the same GPU, so the two are compared side by side.
 # A tree from before --client-processes runs its clients in one process: its ws compares with
-# this run's ws1.
+# this run's ws1. `BASE_ENV=SECTION_KEY=value` sets a config key for the base's server, e.g.
+# `BASE=. BASE_ENV=EXECUTOR_MODEL_PROCESS=false`: this tree with the model in the server's process.
 if [ -n "${BASE:-}" ]; then
-  step 180 "serve 2b, base tree" bash -c "cd '$BASE' && python3 bench/serve.py --model 2b --concurrency 32,64 \
-    --rounds 3 --scenarios executor,ws,arriving,followup --arrive 32,16,1.0,4 --followup-concurrency 1 \
-    --followup-rounds 4 ${PROFILE[*]} --workdir $WORK/2b-base --out '$OUT/serve-2b-base.json'"
+  BASE_ARGS=()
+  [ -n "${BASE_ENV:-}" ] && BASE_ARGS=(--server-env "$BASE_ENV")
+  step 180 "serve 2b, base tree${BASE_ENV:+ with $BASE_ENV}" bash -c "cd '$BASE' && python3 bench/serve.py --model 2b \
+    --concurrency 32,64 --rounds 3 --scenarios executor,ws,arriving,followup --arrive 32,16,1.0,4 \
+    --followup-concurrency 1 --followup-rounds 4 ${PROFILE[*]} ${BASE_ARGS[*]} --workdir $WORK/2b-base \
+    --out '$OUT/serve-2b-base.json'"
   keep_logs 2b-base
   step 30 "plot 2b against base" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
     base="$OUT/serve-2b-base.json" now="$OUT/serve-2b.json"

@@ -18,7 +18,8 @@ import difflib
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import orjson
 from pydantic import (
@@ -161,6 +162,9 @@ class ExecutorConfig(_Section):
     vision_cache_mb: int = Field(512, ge=0)  # vision-encoder outputs kept by picture hash; 0 = off
     stream_interval: float = Field(0.02, ge=0, le=1)  # seconds between text hand-offs of an answer
     profile_seconds: float = Field(10.0, ge=0)  # a log line of step/prefill timings this often; 0 = off
+    # the executor (model, worker thread, preparation) in a process of its own, so the thread that
+    # feeds the GPU shares no GIL with the web server; "auto": when the model runs on a GPU
+    model_process: bool | Literal["auto"] = "auto"
 
 
 class FeishuConfig(_Section):
@@ -245,26 +249,33 @@ def _describe(value: Any) -> str:
 
 
 def _env_value(raw: str, annotation: Any) -> Any:
-    """Turn an environment string into the TOML-ish value its field expects."""
+    """Turn an environment string into the TOML-ish value its field expects (for a union such as
+    `int | "auto"`, the first of its types that takes the string)."""
+    if get_origin(annotation) in (Union, UnionType):
+        for member in get_args(annotation):
+            value = _env_value(raw, member)
+            if value is not raw:
+                return value
+        return raw
     kind = getattr(annotation, "__origin__", annotation)
     if kind is tuple:
         raw = raw.strip()
         if raw.startswith("["):
             return orjson.loads(raw)
         return [part.strip() for part in raw.split(",") if part.strip()]
-    if annotation is bool:
+    if kind is bool:
         lowered = raw.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
             return True
         if lowered in ("0", "false", "no", "off", ""):
             return False
         return raw
-    if annotation is int:
+    if kind is int:
         try:
             return int(raw)
         except ValueError:
             return raw
-    if annotation is float:
+    if kind is float:
         try:
             return float(raw)
         except ValueError:
