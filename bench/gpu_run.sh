@@ -86,7 +86,7 @@ step 30 "plot 2b" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
 # carried with this one), in the same run on the same GPU, so the two are compared side by side.
 # A tree from before --client-processes runs its clients in one process: its ws compares with
 # this run's ws1. `BASE_ENV=SECTION_KEY=value` sets a config key for the base's server, e.g.
-# `BASE=. BASE_ENV=EXECUTOR_MODEL_PROCESS=false`: this tree with the model in the server's process.
+# `BASE=. BASE_ENV=EXECUTOR_STREAM_INTERVAL=0.05`: this tree with another setting, side by side.
 if [ -n "${BASE:-}" ]; then
   BASE_ARGS=()
   [ -n "${BASE_ENV:-}" ] && BASE_ARGS=(--server-env "$BASE_ENV")

@@ -15,7 +15,6 @@ from server.inference.engine import Engine
 from server.inference.executor import ExecutorLimits, InferenceExecutor
 from server.inference.instant import INSTANT_PATH, InstantExecutor
 from server.inference.loading import LoadProgress
-from server.inference.model_process import ModelProcess
 from server.inference.picture_processes import prepare_processes
 
 if TYPE_CHECKING:
@@ -80,38 +79,13 @@ def model_label(config: Config) -> str:
 
 
 def build_executor(config: Config) -> Executor:
-    """An executor whose engine loads on the worker thread when the executor starts, in a
-    process of its own when `executor.model_process` says so (or, for `builtin:instant`, the
-    zero-cost backend that has neither; for ``backend = "openai"``, one that asks
-    OpenAI-compatible servers and imports no model code)."""
+    """An executor whose engine loads on the worker thread when the executor starts
+    (or, for `builtin:instant`, the zero-cost backend that has neither; for
+    ``backend = "openai"``, one that asks OpenAI-compatible servers and imports no model code)."""
     if config.model.backend == "openai":
         return build_openai_executor(config)
     if config.model.path == INSTANT_PATH:
         return InstantExecutor()
-    if in_own_process(config):
-        return ModelProcess(config, build_local_executor, model_name=model_label(config))
-    return build_local_executor(config)
-
-
-NVIDIA_DEVICE = Path("/dev/nvidiactl")  # there when the machine (or container) has NVIDIA GPUs
-
-
-def in_own_process(config: Config) -> bool:
-    """Whether the model runs in a process of its own: `executor.model_process`, where "auto"
-    means when it runs on a GPU (`model.device` cuda, or auto on a machine with NVIDIA GPUs;
-    known without importing torch here), where the thread that feeds the GPU must not wait
-    for the web server's GIL. Built-in engines stay in this process."""
-    setting = config.executor.model_process
-    if setting != "auto":
-        return bool(setting)
-    device = config.model.device
-    if device == "cpu" or config.model.path in (ECHO_PATH, INSTANT_PATH):
-        return False
-    return device.startswith("cuda") or NVIDIA_DEVICE.exists()
-
-
-def build_local_executor(config: Config) -> InferenceExecutor:
-    """The executor over the configured engine, in this process (the model process calls it too)."""
     limits = image_limits(config)
     path = config.model.path
 

@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 
 from bot.inbox import StorageError
 from server.config import Config, env_name, load_config
-from server.errors import ConfigError, ListenError, ModelLoadError, ModelStopped
+from server.errors import ConfigError, ListenError, ModelLoadError
 from server.logs import configure_logging
 
 if TYPE_CHECKING:
     from server.inference.executor import InferenceExecutor
-    from server.inference.model_process import ModelProcess
 
 log = logging.getLogger("vlbridge")
 
@@ -51,7 +50,6 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.backend import build_executor
     from server.inference.executor import InferenceExecutor
-    from server.inference.model_process import ModelProcess
     from server.preflight import check_startable
     from server.webserver import Server, listen, uvicorn_config
 
@@ -80,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
         port,
     )
     # A model that cannot load ends the process (non-zero), so that a restart policy sees it.
-    loader = executor if isinstance(executor, InferenceExecutor | ModelProcess) else None
+    loader = executor if isinstance(executor, InferenceExecutor) else None
     fatal = (lambda: loader.load_failure) if loader is not None else None
     server = Server(uvicorn_config(app, config), app.state.service, fatal)
     try:
@@ -90,13 +88,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise
     _exit_if_left_behind(loader, 0)
     if server.fatal_reason is not None:
-        if isinstance(loader, ModelProcess) and loader.lost:
-            raise ModelStopped(server.fatal_reason)
         raise ModelLoadError(server.fatal_reason)
     return 0
 
 
-def _exit_if_left_behind(loader: InferenceExecutor | ModelProcess | None, code: int) -> None:
+def _exit_if_left_behind(loader: InferenceExecutor | None, code: int) -> None:
     """Exit now when a model load was left running at shutdown: its download threads would
     otherwise hold the interpreter's exit until they end (minutes)."""
     if loader is not None and loader.left_behind:
@@ -323,9 +319,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except ModelLoadError as exc:
         print(f"vlbridge: the model failed to load: {exc}", file=sys.stderr)
-        return 1
-    except ModelStopped as exc:
-        print(f"vlbridge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -162,9 +162,6 @@ class ExecutorConfig(_Section):
     vision_cache_mb: int = Field(512, ge=0)  # vision-encoder outputs kept by picture hash; 0 = off
     stream_interval: float = Field(0.02, ge=0, le=1)  # seconds between text hand-offs of an answer
     profile_seconds: float = Field(10.0, ge=0)  # a log line of step/prefill timings this often; 0 = off
-    # the executor (model, worker thread, preparation) in a process of its own, so the thread that
-    # feeds the GPU shares no GIL with the web server; "auto": when the model runs on a GPU
-    model_process: bool | Literal["auto"] = "auto"
 
 
 class FeishuConfig(_Section):

@@ -5,7 +5,6 @@
     ├── ModelLoadError         the model or its processor could not be loaded; the message
     │   │                      is one line saying what to do
     │   └── LoadCancelled      the service stopped while the model was downloading or loading
-    ├── ModelStopped           the model's own process ended while serving (the service ends too)
     ├── ListenError            the listening address cannot be taken (port in use, ...)
     ├── InvalidFrame           (server.ws.frames) a WebSocket frame the server will not act on;
     │                          carries the wire code; the session stays usable
@@ -59,11 +58,6 @@ class ConfigError(VlbridgeError):
 
 class ModelLoadError(VlbridgeError):
     """The model, tokenizer or image processor could not be loaded."""
-
-
-class ModelStopped(VlbridgeError):
-    """The model's process ended while serving (killed, out of memory, a crash in a kernel): the
-    service ends too, so that its restart policy starts it again."""
 
 
 class LoadCancelled(ModelLoadError):

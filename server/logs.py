@@ -131,12 +131,3 @@ def configure_logging(fmt: str = "text", level: str = "info") -> None:
     for name in ("httpx", "httpx2", "httpcore", "urllib3", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-
-
-def current_settings() -> tuple[str, str]:
-    """(format, level) of the logging `configure_logging` installed (("text", "info") before it
-    ran), for a process of the service's own to log the same way."""
-    root = logging.getLogger()
-    json = any(isinstance(handler.formatter, JsonFormatter) for handler in root.handlers)
-    level = logging.getLevelName(root.level).lower() if root.level else "info"
-    return ("json" if json else "text", level)

@@ -92,26 +92,25 @@ def decode_into_shared(data: bytes, limits: ImageLimits, name: str) -> tuple[int
     return tuple(int(n) for n in pixels.shape)
 
 
-_MAIN_LOCK = threading.Lock()  # one swap of __main__ at a time (see plain_main)
+_MAIN_LOCK = threading.Lock()  # one swap of __main__ at a time (see _plain_main)
 
 
 @contextlib.contextmanager
-def plain_main() -> Iterator[None]:
-    """While a spawned process may be started (here `submit` starts one when none is idle; the
-    model process too): a spawned child runs the parent's main script again, as `__mp_main__`,
-    unless the parent was started with `-m`. A console script without an `if __name__ ==
-    "__main__"` guard around its `main()` would start a second server in every child. The
-    children need nothing from the main script, so they are shown an empty one."""
-    with _MAIN_LOCK:
-        main = sys.modules.get("__main__")
-        if main is None or getattr(main, "__spec__", None) is not None or not getattr(main, "__file__", None):
-            yield  # run with -m (the child imports it as a module, guarded) or interactively
-            return
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            yield
-        finally:
-            sys.modules["__main__"] = main
+def _plain_main() -> Iterator[None]:
+    """While a worker process may be started (`submit` starts one when none is idle): a spawned
+    child runs the parent's main script again, as `__mp_main__`, unless the parent was started
+    with `-m`. A console script without an `if __name__ == "__main__"` guard around its
+    `main()` would start a second server in every worker. The workers need nothing from the
+    main script, so they are shown an empty one. Callers hold `_MAIN_LOCK`."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, "__spec__", None) is not None or not getattr(main, "__file__", None):
+        yield  # run with -m (the child imports it as a module, guarded) or interactively
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _ready() -> int:
@@ -185,7 +184,7 @@ class PictureProcesses:
 
     @staticmethod
     def _submit(pool: ProcessPoolExecutor, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        with plain_main():
+        with _MAIN_LOCK, _plain_main():
             return pool.submit(fn, *args)
 
     def pids(self) -> list[int]:
