@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -106,6 +107,43 @@ async def test_batched_staggered_and_cancelled_requests_match_running_alone(
         assert events[-1].code == "cancelled"
     assert executor.stats().active == 0
     assert max(executor.batch_sizes) > 1  # it really batched
+
+
+async def test_two_steps_launched_ahead_answer_as_one_and_fit_their_rows(demo_model_dir: Path) -> None:
+    """As on a GPU: the executor launches two decode steps beyond the last it read (`steps_ahead`
+    2), so it sees an answer's end two steps late. The same tokens as one step ahead, batched,
+    staggered and cancelled; answers that end at their row's last token (the sequence limit)
+    do not overrun their pages with the two surplus steps; every page is back afterwards."""
+    convs = conversations()
+    options = EngineOptions(max_batch=4, max_context_tokens=256, max_new_tokens=64)
+    one = demo_executor(demo_model_dir, options, queue_size=8)
+    two = demo_executor(demo_model_dir, dataclasses.replace(options, steps_ahead=2), queue_size=8)
+    limit = SamplingParams(max_new_tokens=10_000, min_new_tokens=10_000)  # clamped to the row's end
+    results: list[list[tuple[int, ...]]] = []
+    for ex in (one, two):
+        await ex.start()
+        await ex.wait_ready(60)
+        try:
+            cancelled = ex.submit(InferenceRequest("cancel", convs[1], SamplingParams(max_new_tokens=64)))
+            answers = await asyncio.gather(
+                *[collect(ex, InferenceRequest(f"q{i}", t, GREEDY)) for i, t in enumerate(convs)],
+                *[collect(ex, InferenceRequest(f"full{i}", convs[i], limit)) for i in (2, 4)],
+            )
+            async for event in cancelled:
+                if isinstance(event, Delta):
+                    cancelled.cancel()
+            dones = [events[-1] for events in answers]
+            assert all(isinstance(done, Done) for done in dones), dones
+            results.append([done.token_ids for done in dones if isinstance(done, Done)])
+            engine = ex._engine
+            assert isinstance(engine, ModelEngine) and engine.steps_ahead == (1 if ex is one else 2)
+            for done in dones[-2:]:  # the whole row: prompt + answer = the sequence limit
+                assert isinstance(done, Done) and done.finish_reason is FinishReason.LENGTH
+                assert done.usage.prompt_tokens + done.usage.completion_tokens == engine.max_sequence_tokens
+        finally:
+            await ex.stop()
+        assert not any(engine.kv.refs)
+    assert results[1] == results[0]
 
 
 async def test_event_loop_stays_responsive_while_decoding(executor: InferenceExecutor) -> None:

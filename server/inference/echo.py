@@ -23,6 +23,7 @@ class EchoEngine:
     name = ECHO_PATH
     device = "none"
     eos_token_ids = frozenset({_EOS})
+    steps_ahead = 1
 
     def __init__(
         self,
@@ -57,7 +58,7 @@ class EchoEngine:
         return PreparedPrompt(length=length, image_tokens=len(sizes), data=tokens)
 
     def reserve(self, seq: Sequence) -> bool:
-        need = seq.prompt.length + seq.max_new_tokens + 1
+        need = seq.prompt.length + seq.max_new_tokens + self.steps_ahead
         if self.used + need > self.capacity:
             return False
         self.used += need

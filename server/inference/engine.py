@@ -5,10 +5,12 @@ The executor owns one engine on its worker thread and calls it step by step:
 claims memory for a sequence; `prefill` launches new sequences' prompts and `decode`
 launches one step for every running sequence. Both return a `StepResult` at once: the
 work may still be running on the device, and `tokens()` waits for it. This lets the
-executor launch step N+1 before it processes step N's tokens, so the CPU-side work
-(detokenizing, streaming, scheduling) overlaps the GPU's. A sequence's newest token may
-therefore still be on the device when its next step is launched: the engine keeps
-tokens device-resident and counts launched steps itself (`Sequence.launched`).
+executor launch up to `steps_ahead` steps beyond those whose tokens it has processed, so
+the CPU-side work (detokenizing, streaming, scheduling, a prefill's host work) overlaps the
+GPU's. A sequence's newest tokens may therefore still be on the device when its next step
+is launched: the engine keeps tokens device-resident and counts launched steps itself
+(`Sequence.launched`), and reserves room for `steps_ahead` tokens past a sequence's end
+(steps launched before the executor saw that it finished).
 `release` frees a sequence. An engine never sees asyncio, queues or clients.
 """
 
@@ -70,6 +72,7 @@ class Engine(Protocol):
     device: str
     eos_token_ids: frozenset[int]
     max_sequence_tokens: int  # prompt + answer of one sequence, at most
+    steps_ahead: int  # steps launched beyond the last one collected (1: step N+1 before N's tokens)
 
     def prepare(self, messages: list[Turn], check: Check = keep_going) -> PreparedPrompt:
         """Build the prompt; thread-safe; raises RequestError subclasses for bad input.
@@ -80,7 +83,7 @@ class Engine(Protocol):
         """
 
     def reserve(self, seq: Sequence) -> bool:
-        """Claim memory for the whole sequence (prompt + max_new_tokens + 1); False: not now."""
+        """Claim memory for the whole sequence (prompt + max_new_tokens + steps_ahead); False: not now."""
 
     def prefill(self, seqs: list[Sequence]) -> StepResult:
         """Launch the prompts of reserved sequences; the result is each one's first token."""

@@ -569,8 +569,8 @@ class InferenceExecutor:
             self._admit(engine, inflight)
             if self._running:
                 self._launch_step(engine, inflight)
-            # Collect all but the newest launch: the device works on that one meanwhile.
-            keep = 1 if self._running else 0
+            # Collect all but the newest launches: the device works on those meanwhile.
+            keep = engine.steps_ahead if self._running else 0
             while len(inflight) > keep:
                 self._collect(inflight.popleft())
             self._publish_positions()

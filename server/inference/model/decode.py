@@ -61,7 +61,9 @@ class DeviceTokens:
 
 
 class DecodeStep(TextModel):
-    def __init__(self, model: Any, cache: PagedKVCache, max_batch: int, max_pages_per_row: int) -> None:
+    def __init__(
+        self, model: Any, cache: PagedKVCache, max_batch: int, max_pages_per_row: int, steps_ahead: int = 1
+    ) -> None:
         super().__init__(model, cache)
         self.max_batch = max_batch
         self.buckets = batch_buckets(max_batch)
@@ -79,7 +81,7 @@ class DecodeStep(TextModel):
                 torch.zeros(5, max_batch, dtype=torch.long, pin_memory=pin),
                 torch.zeros(max_batch, max_pages_per_row, dtype=torch.long, pin_memory=pin),
             )
-            for _ in range(2)
+            for _ in range(steps_ahead + 1)  # a step is staged while steps_ahead are uncollected
         ]
         self._turn = 0
         self._outputs = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pin) for _ in range(8)]
@@ -161,7 +163,8 @@ class DecodeStep(TextModel):
     def _stage(self, columns: list[list[int]], tables: list[list[int]] | None, width: int) -> None:
         """Copy the step inputs (CELL..BLOCKED rows, page tables) to the device in two copies;
         *tables* None: the device's page tables are those of the last step (same rows, same order)."""
-        self._turn ^= 1  # the other set's copy finished: its step was collected before this launch
+        # the oldest set's copy finished: its step was collected before this launch
+        self._turn = (self._turn + 1) % len(self._staged)
         inputs, table = self._staged[self._turn]
         rows = len(columns[0])
         host_inputs = inputs.numpy()

@@ -72,6 +72,9 @@ class EngineOptions:
     cpu_threads: int | Literal["auto"] = "auto"  # torch threads on the CPU: devices.cpu_threads
     prepare_processes: int = 0  # worker processes decoding pictures (picture_processes.py); 0: threads
     progress_log_seconds: float = 5.0  # a hub download's progress goes to the log this often
+    # decode steps launched beyond the last one collected; 0: 2 on a GPU (its queue then holds
+    # a step more while the host prepares a prefill or is held up), 1 on the CPU
+    steps_ahead: int = 0
 
 
 def _float8_works(text: Any, head_dim: int, runner: ModelRunner) -> bool:
@@ -196,8 +199,12 @@ class ModelEngine:
             kv_dtype = runner.dtype
         per_token = PagedKVCache.bytes_per_token(layers, kv_heads, head_dim, kv_dtype)
         row_tokens = options.max_context_tokens + options.max_new_tokens
-        self.max_sequence_tokens = row_tokens  # what one row's page table holds (+1 spare token)
-        tokens = min(options.max_batch_tokens, options.max_batch * (row_tokens + 1))  # no more than usable
+        self.steps_ahead = options.steps_ahead or (2 if runner.device.type == "cuda" else 1)
+        self.max_sequence_tokens = row_tokens  # what one row's page table holds (+ steps_ahead spare)
+        spare = self.steps_ahead
+        tokens = min(
+            options.max_batch_tokens, options.max_batch * (row_tokens + spare)
+        )  # no more than usable
         if runner.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(runner.device)
             tokens = min(tokens, int(free * options.memory_fraction) // per_token)
@@ -206,7 +213,9 @@ class ModelEngine:
         log.info("KV cache: %d tokens (%.2f GiB, %s)", pages * 64, pages * 64 * per_token / 2**30, kv_dtype)
         self.prefix = PrefixCache(self.kv) if options.prefix_cache else None
         self.vision = VisionEncoder(runner.model, options.vision_cache_bytes, graphs=options.cuda_graphs)
-        self.step = DecodeStep(runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens + 1))
+        self.step = DecodeStep(
+            runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens + spare), self.steps_ahead
+        )
         self.forward = PrefillForward(runner.model, self.kv)
         self._merge = int(runner.model.config.vision_config.spatial_merge_size)
         self._cells = list(range(options.max_batch - 1, -1, -1))
@@ -339,8 +348,9 @@ class ModelEngine:
         if hit is not None and self.prefix is not None:
             self.prefix.use(hit)  # pinned first: the allocation below may evict idle cached pages
             cache.pages = list(hit.shared)
-        # +1: a step may be launched for a sequence before the host has seen that it finished
-        if not self.kv.allocate(cache, seq.prompt.length + seq.max_new_tokens + 1):
+        # A sequence's last step writes its last token but one; the steps_ahead launched before the
+        # host has seen that it finished write that token and those after it: one spare is left.
+        if not self.kv.allocate(cache, seq.prompt.length + seq.max_new_tokens + self.steps_ahead):
             self.kv.free(cache)
             if hit is not None and hit.source is not None:
                 self.kv.drop(hit.source)
