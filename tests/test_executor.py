@@ -120,18 +120,24 @@ async def test_two_steps_launched_ahead_answer_as_one_and_fit_their_rows(demo_mo
     two = demo_executor(demo_model_dir, dataclasses.replace(options, steps_ahead=2), queue_size=8)
     limit = SamplingParams(max_new_tokens=10_000, min_new_tokens=10_000)  # clamped to the row's end
     results: list[list[tuple[int, ...]]] = []
+
+    async def cancelled_midway(ex: InferenceExecutor) -> Event:
+        handle = ex.submit(InferenceRequest("cancel", convs[1], SamplingParams(64, min_new_tokens=64)))
+        async for event in handle:
+            if isinstance(event, Delta):
+                handle.cancel()
+        return event
+
     for ex in (one, two):
         await ex.start()
         await ex.wait_ready(60)
         try:
-            cancelled = ex.submit(InferenceRequest("cancel", convs[1], SamplingParams(max_new_tokens=64)))
-            answers = await asyncio.gather(
+            *answers, end = await asyncio.gather(
                 *[collect(ex, InferenceRequest(f"q{i}", t, GREEDY)) for i, t in enumerate(convs)],
                 *[collect(ex, InferenceRequest(f"full{i}", convs[i], limit)) for i in (2, 4)],
+                cancelled_midway(ex),
             )
-            async for event in cancelled:
-                if isinstance(event, Delta):
-                    cancelled.cancel()
+            assert isinstance(end, Failed) and end.code == "cancelled", end
             dones = [events[-1] for events in answers]
             assert all(isinstance(done, Done) for done in dones), dones
             results.append([done.token_ids for done in dones if isinstance(done, Done)])

@@ -201,10 +201,8 @@ class ModelEngine:
         row_tokens = options.max_context_tokens + options.max_new_tokens
         self.steps_ahead = options.steps_ahead or (2 if runner.device.type == "cuda" else 1)
         self.max_sequence_tokens = row_tokens  # what one row's page table holds (+ steps_ahead spare)
-        spare = self.steps_ahead
-        tokens = min(
-            options.max_batch_tokens, options.max_batch * (row_tokens + spare)
-        )  # no more than usable
+        row_room = row_tokens + self.steps_ahead
+        tokens = min(options.max_batch_tokens, options.max_batch * row_room)  # no more than usable
         if runner.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(runner.device)
             tokens = min(tokens, int(free * options.memory_fraction) // per_token)
@@ -214,7 +212,7 @@ class ModelEngine:
         self.prefix = PrefixCache(self.kv) if options.prefix_cache else None
         self.vision = VisionEncoder(runner.model, options.vision_cache_bytes, graphs=options.cuda_graphs)
         self.step = DecodeStep(
-            runner.model, self.kv, options.max_batch, max_pages_per_row(row_tokens + spare), self.steps_ahead
+            runner.model, self.kv, options.max_batch, max_pages_per_row(row_room), self.steps_ahead
         )
         self.forward = PrefillForward(runner.model, self.kv)
         self._merge = int(runner.model.config.vision_config.spatial_merge_size)
