@@ -6,9 +6,9 @@ only the attention with paged attention. After a prompt, all three M-RoPE compon
 a text token's position are equal, so a row's position is one integer.
 
 Tokens stay on the device: every sequence owns a cell of `tokens`, sampling writes the
-new token there, and the next step reads its input from there. So step N+1 can be
-launched before the host has seen step N's tokens, and the host copy of each step's
-tokens arrives asynchronously (`DeviceTokens`).
+new token there, and the next step reads its input from there. So steps N+1 and N+2 can
+be launched before the host has seen step N's tokens (`steps_ahead`), and the host copy of
+each step's tokens arrives asynchronously (`DeviceTokens`).
 
 On CUDA the step for each batch-size bucket is captured once as a CUDA graph over
 static buffers, removing the per-step Python and kernel-launch overhead that bounds
