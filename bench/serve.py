@@ -80,6 +80,7 @@ def summarize(answers: list[Answer], started: float | None = None) -> dict[str, 
     ttft = [t for a in good if (t := a.ttft) is not None]
     # ask sent -> the server's first frame about it: upload, parsing and submission, and back
     accept = [a.accepted - a.sent for a in good if a.accepted is not None]
+    upload = [a.uploaded - a.sent for a in good if a.uploaded is not None]  # of which the sending
     gaps = [g for a in good for g in a.gaps]
     # What the client waits beyond the server's own times (WebSocket `done` carries them): before
     # the submission plus the relay back, of the first text and of the end. Equal when the first
@@ -102,6 +103,8 @@ def summarize(answers: list[Answer], started: float | None = None) -> dict[str, 
         "ttft_p95": pct(ttft, 95),
         "accept_p50": pct(accept, 50),
         "accept_p95": pct(accept, 95),
+        "upload_p50": pct(upload, 50),
+        "upload_p95": pct(upload, 95),
         "gap_p50": pct(gaps, 50),
         "gap_p99": pct(gaps, 99),
         "gap_max": max(gaps) if gaps else float("nan"),
@@ -661,7 +664,9 @@ def print_tables(results: dict[str, Any], levels: list[int]) -> None:
                 print(
                     f"{kind} c={c}: TTFT mean at the client {_ms(r['ttft_mean'])} ms, inside the server "
                     f"(submission to first token) {_ms(r['server_ttft_mean'])} ms; accepted (the "
-                    f"server's first frame) p50/p95 {_ms(r.get('accept_p50'))}/{_ms(r.get('accept_p95'))} ms"
+                    f"server's first frame) p50/p95 {_ms(r.get('accept_p50'))}/{_ms(r.get('accept_p95'))} "
+                    f"ms, of which sent (the client's send returned) {_ms(r.get('upload_p50'))}/"
+                    f"{_ms(r.get('upload_p95'))} ms"
                 )
             if r.get("outside_first_p50") is not None:
                 print(

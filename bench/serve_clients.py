@@ -79,6 +79,7 @@ class Pictures:
 @dataclass
 class Answer:
     sent: float
+    uploaded: float | None = None  # the ask's frame handed to the kernel (WebSocket: `send` returned)
     accepted: float | None = None  # the server's first frame about the ask (WebSocket: `queued`)
     started: float | None = None  # the server's `started` frame (WebSocket): admitted, prefill done
     first: float | None = None
@@ -132,6 +133,7 @@ class WsClient:
         # orjson: its 1.3 MB frame serialised in ~0.5 ms (stdlib json: ~2 ms on the event loop
         # that the clients of a group share).
         await self.conn.send(orjson.dumps(frame).decode())
+        answer.uploaded = time.monotonic()  # websockets' send returns once its buffer has drained
         while True:
             raw = await asyncio.wait_for(self.conn.recv(), TIMEOUT)
             now = time.monotonic()

@@ -5,7 +5,9 @@
 #   bash bench/server_gil.sh OUT_DIR [SECONDS]
 # py-spy travels as a wheel in .whl/ like the other dependencies (bench/gpu_wheels.sh); the
 # folded stacks land in OUT_DIR/gil-*.txt and a summary per thread and function in
-# OUT_DIR/gil-summary.txt (bench/gil_summary.py).
+# OUT_DIR/gil-summary.txt (bench/gil_summary.py). Meanwhile `top` records the CPU of the server's
+# threads and of the machine's busiest processes (OUT_DIR/top-*.txt): is a thread short of the GIL
+# or of a core?
 set -u
 out=$1
 seconds=${2:-6}
@@ -23,8 +25,14 @@ sample() {  # sample NAME MARKER: once MARKER is in the log, record SECONDS of t
   sleep 1.5  # past the scenario's first wave
   local pid
   pid=$(pgrep -f "server.cli serve" | head -1)
-  [ -n "$pid" ] && py-spy record --pid "$pid" --duration "$seconds" --gil --threads --nonblocking \
+  [ -n "$pid" ] || return
+  top -H -b -d "$seconds" -n 2 -p "$pid" 2>&1 | awk '/^top -/{n++} n==2' | head -n 40 >"$out/top-$name.txt" &
+  local threads=$!
+  top -b -d "$seconds" -n 2 2>&1 | awk '/^top -/{n++} n==2' | head -n 30 >"$out/top-$name-machine.txt" &
+  local machine=$!
+  py-spy record --pid "$pid" --duration "$seconds" --gil --threads --nonblocking \
     --format raw -o "$out/gil-$name.txt" >"$out/gil-$name.log" 2>&1
+  wait $threads $machine
 }
 sample ws "--- ws starts"
 sample arriving "--- arriving starts"
@@ -32,3 +40,5 @@ wait $bench
 python3 bench/gil_summary.py "$out"/gil-*.txt >"$out/gil-summary.txt" 2>&1
 tail -n 25 "$log"
 cat "$out/gil-summary.txt"
+grep -h "websocket over\|relay over" "$log" /tmp/vlbridge-gil/*.log 2>/dev/null | tail -n 12
+head -n 30 "$out"/top-ws*.txt

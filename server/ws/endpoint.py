@@ -370,8 +370,11 @@ async def _serve(hub: Hub, conn: SocketLink) -> int:
     reaches this loop is the rest, in order: the disconnect, binary frames, and frames
     large enough to be parsed on a thread (the fast path stays off until they are done).
     """
+    read_seconds: Callable[[], float] | None = None
     if conn.send_many is not None:  # vlbridge's transport
-        conn.ws.scope["extensions"][FRAMES]["listen"](lambda text: _on_text(hub, conn, text))
+        frames = conn.ws.scope["extensions"][FRAMES]
+        frames["listen"](lambda text: _on_text(hub, conn, text))
+        read_seconds = frames["read_seconds"]
     while True:
         message = await conn.ws.receive()
         if message["type"] == "websocket.disconnect":
@@ -381,8 +384,11 @@ async def _serve(hub: Hub, conn: SocketLink) -> int:
         if now is None or text is None:
             continue
         try:
-            if len(text) > PARSE_IN_THREAD:
+            if len(text) > PARSE_IN_THREAD:  # a picture: how long it took to arrive and to parse
+                if read_seconds is not None:
+                    conn.profile.record("frame_read", read_seconds())
                 frame = await asyncio.to_thread(parse_client_frame, text, hub.frame_limits)
+                conn.profile.record("frame_parse", time.monotonic() - now)
             else:
                 frame = parse_client_frame(text, hub.frame_limits)
         except InvalidFrame as exc:

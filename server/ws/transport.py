@@ -13,7 +13,10 @@ question. The extension ``vlbridge.frames`` (in the scope's ``extensions``) offe
   the buffer is full;
 - ``listen(callback)``: text frames are passed to ``callback(text) -> bool`` straight from
   the read callback while the app waits in receive() with nothing queued; a frame it
-  declines, and everything behind it, takes uvicorn's queue as usual, so order is kept.
+  declines, and everything behind it, takes uvicorn's queue as usual, so order is kept;
+- ``read_seconds() -> float``: how long the last whole text frame took to arrive, from the
+  read that brought its first bytes to the one that completed it (for the server's profile:
+  a large picture frame is many reads, each waiting for the event loop).
 
 Everything else is uvicorn's. The endpoint falls back to plain ASGI under any other server.
 """
@@ -21,6 +24,7 @@ Everything else is uvicorn's. The endpoint falls back to plain ASGI under any ot
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,11 +43,22 @@ _LONG = struct.Struct("!BBQ")
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     text_listener: Callable[[str], bool] | None = None
     app_waiting = False  # the app is inside receive(), nothing queued for it
+    frame_began: float | None = None  # the read that brought the first bytes of the frame being read
+    frame_read = 0.0  # seconds the last whole text frame took to arrive
+
+    def data_received(self, data: bytes) -> None:
+        if self.frame_began is None:
+            self.frame_began = time.monotonic()
+        super().data_received(data)
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         if self.response.status_code == 101:  # the app task runs later, so the scope is still ours
-            self.scope["extensions"][FRAMES] = {"write_now": self.write_now, "listen": self.listen}
+            self.scope["extensions"][FRAMES] = {
+                "write_now": self.write_now,
+                "listen": self.listen,
+                "read_seconds": lambda: self.frame_read,
+            }
 
     def listen(self, callback: Callable[[str], bool]) -> None:
         """Pass text frames to *callback* from the read callback while the app waits in
@@ -51,6 +66,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.text_listener = callback
 
     def send_receive_event_to_app(self) -> None:
+        if self.frame_began is not None:
+            self.frame_read, self.frame_began = time.monotonic() - self.frame_began, None
         listener = self.text_listener
         if (
             listener is None
