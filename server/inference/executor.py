@@ -152,6 +152,7 @@ LOAD_WAIT = 600.0  # seconds a request being prepared waits for the model to loa
 # SIGTERM or Ctrl-C for long
 LOAD_STOP_WAIT = 1.5
 MEMORY_SAMPLE_INTERVAL = 1.0  # seconds between the worker's samples of device memory
+SWITCH_INTERVAL = 0.001  # seconds: the GIL switch interval the executor sets at most (see start)
 
 
 def prefill_cost(prompt: PreparedPrompt) -> int:
@@ -291,7 +292,7 @@ class InferenceExecutor:
         # The worker feeds the GPU between short waits; with Python's default 5 ms GIL switch
         # interval a preprocessing thread in pure-Python code could keep it from the GIL (and the
         # GPU idle) for 5 ms at a time.
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._loop = asyncio.get_running_loop()
         self._state = ExecutorState.LOADING
         self._accepting = True

@@ -52,7 +52,11 @@ CLOSE_NORMAL = (CloseCode.NORMAL, CloseCode.GOING_AWAY)
 CLOSE_ABUSE = (CloseCode.POLICY, CloseCode.TOO_BIG)
 # where an HTTP 403 denial cannot be sent
 _DENIAL_CLOSE = {"unauthorized": CloseCode.UNAUTHORIZED, "forbidden": CloseCode.FORBIDDEN}
-PARSE_IN_THREAD = 256 * 1024  # frames this large are parsed (base64 pictures) off the event loop
+# Frames this large (pictures) are profiled: how long they took to arrive (`frame_read`) and to
+# parse (`frame_parse`). They are parsed on the event loop like the rest: orjson and base64 hold
+# the GIL throughout, so a thread would block the loop as long and add two hand-offs of the GIL,
+# each waiting behind the executor's worker (H200, 2B, c=64: 30 ms p50 for a 1.25 MB frame).
+PROFILED_FRAME = 256 * 1024
 # the session's id in the handshake response, for a load balancer (see websocket_endpoint)
 SESSION_HEADER = HEADER_SESSION.lower().encode()
 
@@ -365,55 +369,46 @@ async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
 async def _serve(hub: Hub, conn: SocketLink) -> int:
     """Read frames until the connection ends; return its close code.
 
-    With vlbridge's transport, text frames of ordinary size are handed to `_on_text`
-    straight from the socket's read callback (no queue, no task switch per frame); what
-    reaches this loop is the rest, in order: the disconnect, binary frames, and frames
-    large enough to be parsed on a thread (the fast path stays off until they are done).
+    With vlbridge's transport, text frames are handed to `_on_text` straight from the
+    socket's read callback (no queue, no task switch per frame); what reaches this loop is
+    the rest, in order: the disconnect, binary frames, and, under another ASGI server, all.
     """
     read_seconds: Callable[[], float] | None = None
     if conn.send_many is not None:  # vlbridge's transport
         frames = conn.ws.scope["extensions"][FRAMES]
-        frames["listen"](lambda text: _on_text(hub, conn, text))
         read_seconds = frames["read_seconds"]
+        frames["listen"](lambda text: _on_text(hub, conn, text, read_seconds))
     while True:
         message = await conn.ws.receive()
         if message["type"] == "websocket.disconnect":
             return int(message.get("code") or CloseCode.NO_STATUS)
-        text = message.get("text")
-        now = _admit(hub, conn, text)
-        if now is None or text is None:
-            continue
-        try:
-            if len(text) > PARSE_IN_THREAD:  # a picture: how long it took to arrive and to parse
-                if read_seconds is not None:
-                    conn.profile.record("frame_read", read_seconds())
-                frame = await asyncio.to_thread(parse_client_frame, text, hub.frame_limits)
-                conn.profile.record("frame_parse", time.monotonic() - now)
-            else:
-                frame = parse_client_frame(text, hub.frame_limits)
-        except InvalidFrame as exc:
-            _reject(conn.session, exc)
-            continue
-        _dispatch(hub, conn, frame, now)
+        _handle(hub, conn, message.get("text"), read_seconds)
 
 
-def _on_text(hub: Hub, conn: SocketLink, text: str) -> bool:
-    """Handle one text frame now; False leaves a large one to `_serve` (parsed on a thread)."""
-    if len(text) > PARSE_IN_THREAD:
-        return False
+def _on_text(hub: Hub, conn: SocketLink, text: str, read_seconds: Callable[[], float] | None = None) -> bool:
+    """Handle one text frame now, in the socket's read callback."""
     conn.reading()
     try:
-        now = _admit(hub, conn, text)
-        if now is not None:
-            try:
-                frame = parse_client_frame(text, hub.frame_limits)
-            except InvalidFrame as exc:
-                _reject(conn.session, exc)
-            else:
-                _dispatch(hub, conn, frame, now)
+        _handle(hub, conn, text, read_seconds)
     finally:
         conn.received()
     return True
+
+
+def _handle(hub: Hub, conn: SocketLink, text: str | None, read_seconds: Callable[[], float] | None) -> None:
+    now = _admit(hub, conn, text)
+    if now is None or text is None:
+        return
+    try:
+        frame = parse_client_frame(text, hub.frame_limits)
+    except InvalidFrame as exc:
+        _reject(conn.session, exc)
+        return
+    if len(text) > PROFILED_FRAME:
+        if read_seconds is not None:
+            conn.profile.record("frame_read", read_seconds())
+        conn.profile.record("frame_parse", time.monotonic() - now)
+    _dispatch(hub, conn, frame, now)
 
 
 def _admit(hub: Hub, conn: SocketLink, text: str | None) -> float | None:
