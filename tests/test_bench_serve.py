@@ -67,6 +67,7 @@ def test_serve_benchmark_runs_every_scenario_on_cpu(
         assert 0 < figures["server_ttft_mean"] <= figures["ttft_mean"]
     for figures in (ws, ws1):  # the server's `queued` comes before the first text
         assert 0 < figures["accept_p50"] <= figures["ttft_p50"]
+        assert 0 < figures["upload_p50"] <= figures["accept_p50"]  # sent, then answered
     assert executor["rps"] > 0
     assert max(ws["deltas_max"], openai["deltas_max"]) > 1  # answers stream, not one piece at the end
     follow = results["followup"][1]
