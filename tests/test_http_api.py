@@ -11,7 +11,6 @@ import orjson
 import pytest
 from PIL import Image
 
-from server.http.common import OFF_LOOP_BYTES
 from server.inference.echo import ECHO_PATH
 from server.inference.instant import INSTANT_PATH
 from tests.conftest import make_png, png_declaring
@@ -26,6 +25,7 @@ def server():
 
 
 AUTH = {"Authorization": "Bearer tok"}
+LARGE = 256 * 1024  # bytes of base64: a picture as large as phones send
 
 
 def sse_events(body: str) -> list[tuple[str, dict]]:
@@ -242,12 +242,12 @@ def test_a_picture_over_the_decoding_budget_is_refused_before_queueing(route: st
         assert running.service.answers.stats().requests_total == 0
 
 
-def test_chat_completions_parse_large_pictures_off_the_event_loop_alike() -> None:
+def test_chat_completions_take_large_pictures_and_refuse_large_garbage() -> None:
     noise = Image.frombytes("RGB", (400, 300), os.urandom(400 * 300 * 3))
     buffer = io.BytesIO()
     noise.save(buffer, "PNG")
     picture = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    assert len(picture) > OFF_LOOP_BYTES  # parsed, decoded and checked on a thread
+    assert len(picture) > LARGE  # a picture of the size users send, not a few bytes
 
     def ask(url: str) -> httpx.Response:
         content = [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}]
@@ -262,5 +262,5 @@ def test_chat_completions_parse_large_pictures_off_the_event_loop_alike() -> Non
         answer = ask(picture)
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"] == "echo: what? [400x300]"
-        refused = ask("data:image/png;base64," + "@" * (OFF_LOOP_BYTES + 1))
+        refused = ask("data:image/png;base64," + "@" * (LARGE + 1))
         assert refused.status_code == 400 and "base64" in refused.json()["error"]["message"], refused.text

@@ -35,7 +35,7 @@ async def analyze(request: Request) -> Response:
         return from_request_error(shutting_down(), ROUTE)
     try:
         prompt, images, params = await _read_form(request)
-        await check_images(images, ctx.image_limits)
+        check_images(images, ctx.image_limits)
     except RequestError as exc:
         return from_request_error(exc, ROUTE)
     ask_id = "an-" + secrets.token_hex(8)

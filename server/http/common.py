@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
@@ -18,21 +17,6 @@ from server.config import ServerConfig
 from server.errors import RequestError
 from server.http.errors import forbidden_origin, route_of, unauthorized
 from server.inference.api import Done, Event, Failed
-
-OFF_LOOP_BYTES = 256 * 1024  # inputs this large are parsed, decoded and checked on a thread
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-
-async def off_loop(size: int, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    """``fn(*args, **kwargs)``, on a thread when *size* (bytes of input) passes `OFF_LOOP_BYTES`.
-
-    A request carrying pictures brings megabytes of JSON and base64: parsed on the event loop,
-    every other connection's frames (the running answers' text included) wait for it."""
-    if size > OFF_LOOP_BYTES:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    return fn(*args, **kwargs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +44,13 @@ def check_auth(request: HTTPConnection) -> Response | None:
     return None
 
 
-async def check_images(images: list[bytes], limits: ImageLimits) -> None:
+def check_images(images: list[bytes], limits: ImageLimits) -> None:
     """Refuse what is clearly not a usable picture before any queueing (raises RequestError).
 
     Only headers are read here (format, bytes, dimensions, decoding budget: what the
     executor's decoder would refuse); the executor decodes fully and reports what is left."""
     try:
-        await off_loop(sum(len(data) for data in images), _sniff_all, images, limits)
+        _sniff_all(images, limits)
     except PictureRejected as exc:
         raise RequestError.from_code(exc.code, exc.message) from None
 

@@ -36,7 +36,6 @@ from server.http.common import (
     collect_while_connected,
     context_of,
     first_event,
-    off_loop,
 )
 from server.http.errors import from_request_error
 from server.http.openai_params import refuse_unsupported
@@ -69,7 +68,7 @@ async def chat_completions(request: Request) -> Response:
         messages = await _messages(
             body, server.max_images, server.max_image_bytes, server.allow_remote_images
         )
-        await check_images([data for turn in messages for data in turn.images], ctx.image_limits)
+        check_images([data for turn in messages for data in turn.images], ctx.image_limits)
         params = _params(body)
     except RequestError as exc:
         return from_request_error(exc, ROUTE)
@@ -95,7 +94,7 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         raise UnsupportedMediaType("send the request as application/json")
     raw = await read_body(request, limit)
     try:
-        body = await off_loop(len(raw), orjson.loads, raw)
+        body = orjson.loads(raw)  # on the loop: orjson holds the GIL, a thread would only add hand-offs
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
@@ -156,7 +155,7 @@ async def _content(
 async def _image(url: str, number: int, max_bytes: int, remote: bool) -> bytes:
     if url.startswith("data:"):
         try:
-            return await off_loop(len(url), decode_base64, url, number, max_bytes)
+            return decode_base64(url, number, max_bytes)
         except PictureRejected as exc:
             raise RequestError.from_code(exc.code, exc.message) from None
     if url.startswith(("http://", "https://")):
