@@ -7,7 +7,8 @@
 # folded stacks land in OUT_DIR/gil-*.txt and a summary per thread and function in
 # OUT_DIR/gil-summary.txt (bench/gil_summary.py). Meanwhile `top` records the CPU of the server's
 # threads and of the machine's busiest processes (OUT_DIR/top-*.txt): is a thread short of the GIL
-# or of a core?
+# or of a core? Everything is also packed into OUT_DIR/gil.tar.gz (the device tool brings back
+# at most 8 files of a call).
 set -u
 out=$1
 seconds=${2:-6}
@@ -40,5 +41,7 @@ wait $bench
 python3 bench/gil_summary.py "$out"/gil-*.txt >"$out/gil-summary.txt" 2>&1
 tail -n 25 "$log"
 cat "$out/gil-summary.txt"
-grep -h "websocket over\|relay over" "$log" /tmp/vlbridge-gil/*.log 2>/dev/null | tail -n 12
+grep -h "websocket over\|relay over" /tmp/vlbridge-gil/serve.log 2>/dev/null | tail -n 12
 head -n 30 "$out"/top-ws*.txt
+grep -h "vlbridge.profile" /tmp/vlbridge-gil/serve.log >"$out/serve-gil-profile.log" 2>/dev/null
+tar -czf "$out/gil.tar.gz" -C "$out" --exclude gil.tar.gz . 2>/dev/null
