@@ -15,8 +15,8 @@ question. The extension ``vlbridge.frames`` (in the scope's ``extensions``) offe
   the read callback while the app waits in receive() with nothing queued; a frame it
   declines, and everything behind it, takes uvicorn's queue as usual, so order is kept;
 - ``read_seconds() -> float``: how long the last whole text frame took to arrive, from the
-  read that brought its first bytes to the one that completed it (for the server's profile:
-  a large picture frame is many reads, each waiting for the event loop).
+  first read after the frame before it to the read that completed it (for the server's
+  profile: a large picture frame is many reads, each waiting for the event loop).
 
 Everything else is uvicorn's. The endpoint falls back to plain ASGI under any other server.
 """
@@ -43,7 +43,7 @@ _LONG = struct.Struct("!BBQ")
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     text_listener: Callable[[str], bool] | None = None
     app_waiting = False  # the app is inside receive(), nothing queued for it
-    frame_began: float | None = None  # the read that brought the first bytes of the frame being read
+    frame_began: float | None = None  # the first read since the last frame was complete
     frame_read = 0.0  # seconds the last whole text frame took to arrive
 
     def data_received(self, data: bytes) -> None:
