@@ -90,8 +90,8 @@ step 30 "plot 2b" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
 if [ -n "${BASE:-}" ]; then
   BASE_ARGS=()
   [ -n "${BASE_ENV:-}" ] && BASE_ARGS=(--server-env "$BASE_ENV")
-  step 180 "serve 2b, base tree${BASE_ENV:+ with $BASE_ENV}" bash -c "cd '$BASE' && python3 bench/serve.py --model 2b \
-    --concurrency 32,64 --rounds 3 --scenarios executor,ws,arriving,followup --arrive 32,16,1.0,4 \
+  step 200 "serve 2b, base tree${BASE_ENV:+ with $BASE_ENV}" bash -c "cd '$BASE' && python3 bench/serve.py --model 2b \
+    --concurrency 32,64 --rounds 3 --scenarios executor,ws,arriving,followup,openai --arrive 32,16,1.0,4 \
     --followup-concurrency 1 --followup-rounds 4 ${PROFILE[*]} ${BASE_ARGS[*]} --workdir $WORK/2b-base \
     --out '$OUT/serve-2b-base.json'"
   keep_logs 2b-base
