@@ -385,14 +385,13 @@ async def _serve(hub: Hub, conn: SocketLink) -> int:
         _handle(hub, conn, message.get("text"), read_seconds)
 
 
-def _on_text(hub: Hub, conn: SocketLink, text: str, read_seconds: Callable[[], float] | None = None) -> bool:
+def _on_text(hub: Hub, conn: SocketLink, text: str, read_seconds: Callable[[], float] | None = None) -> None:
     """Handle one text frame now, in the socket's read callback."""
     conn.reading()
     try:
         _handle(hub, conn, text, read_seconds)
     finally:
         conn.received()
-    return True
 
 
 def _handle(hub: Hub, conn: SocketLink, text: str | None, read_seconds: Callable[[], float] | None) -> None:

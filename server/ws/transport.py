@@ -11,9 +11,9 @@ question. The extension ``vlbridge.frames`` (in the scope's ``extensions``) offe
   transport's buffer is full;
 - ``write_now(texts) -> bool``: the same without a coroutine, False (nothing written) while
   the buffer is full;
-- ``listen(callback)``: text frames are passed to ``callback(text) -> bool`` straight from
-  the read callback while the app waits in receive() with nothing queued; a frame it
-  declines, and everything behind it, takes uvicorn's queue as usual, so order is kept;
+- ``listen(callback)``: text frames are passed to ``callback(text)`` straight from the read
+  callback while the app waits in receive() with nothing queued; the others (and all while
+  something is queued, so order is kept) take uvicorn's queue as usual;
 - ``read_seconds() -> float``: how long the last whole text frame took to arrive, from the
   first read after the frame before it to the read that completed it (for the server's
   profile: a large picture frame is many reads, each waiting for the event loop).
@@ -41,7 +41,7 @@ _LONG = struct.Struct("!BBQ")
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
-    text_listener: Callable[[str], bool] | None = None
+    text_listener: Callable[[str], None] | None = None
     app_waiting = False  # the app is inside receive(), nothing queued for it
     frame_began: float | None = None  # the first read since the last frame was complete
     frame_read = 0.0  # seconds the last whole text frame took to arrive
@@ -60,9 +60,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                 "read_seconds": lambda: self.frame_read,
             }
 
-    def listen(self, callback: Callable[[str], bool]) -> None:
+    def listen(self, callback: Callable[[str], None]) -> None:
         """Pass text frames to *callback* from the read callback while the app waits in
-        receive() with nothing queued; a frame it declines (False) is queued as usual."""
+        receive() with nothing queued."""
         self.text_listener = callback
 
     def send_receive_event_to_app(self) -> None:
@@ -86,14 +86,10 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             return
         self.frames = []
         try:
-            taken = listener(text)
+            listener(text)
         except Exception:
             self.logger.exception("handling a WebSocket frame failed")
             self.transport.close()
-            return
-        if not taken:
-            self.frames = [data]
-            super().send_receive_event_to_app()
 
     async def receive(self) -> Any:
         self.app_waiting = self.queue.empty()
