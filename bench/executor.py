@@ -349,6 +349,9 @@ def main() -> None:
     parser.add_argument(
         "--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="model.kv_cache_dtype"
     )
+    parser.add_argument(
+        "--weights-dtype", default="auto", choices=["auto", "fp8"], help="model.weights_dtype"
+    )
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args()
 
@@ -427,6 +430,7 @@ def main() -> None:
             max_new_tokens=tokens,
             memory_fraction=args.kv_fraction,
             kv_cache_dtype=args.kv_cache_dtype,
+            weights_dtype=args.weights_dtype,
             # as `vlbridge serve` sizes them (executor.prepare_processes = -1): like for like
             prepare_processes=prepare_processes(-1, os.cpu_count() or 1),
         )

@@ -183,7 +183,11 @@ def _compare(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float,
 
 
 def check_teacher_forcing(
-    model: str, steps: int = 32, device: str = "cuda", kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    model: str,
+    steps: int = 32,
+    device: str = "cuda",
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto",
+    weights_dtype: Literal["auto", "fp8"] = "auto",
 ) -> dict[str, object]:
     """Engine vs stock transformers by teacher forcing, bf16, a batch of mixed picture sizes.
 
@@ -243,6 +247,7 @@ def check_teacher_forcing(
             max_new_tokens=steps + 8,
             memory_fraction=0.4,
             kv_cache_dtype=kv_cache_dtype,
+            weights_dtype=weights_dtype,
         ),
     )
     engine.warm_up()
@@ -301,9 +306,11 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the teacher-forcing check")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="the engine's")
+    parser.add_argument("--weights-dtype", default="auto", choices=["auto", "fp8"], help="the engine's")
     args = parser.parse_args()
     if args.device == "cpu":
-        print(json.dumps(check_teacher_forcing("demo", 8, "cpu", args.kv_cache_dtype), indent=1))
+        report = check_teacher_forcing("demo", 8, "cpu", args.kv_cache_dtype, args.weights_dtype)
+        print(json.dumps(report, indent=1))
         sys.exit(0)
     results: dict[str, object] = {"model": args.model}
     if not args.teacher_forcing_only:
@@ -311,7 +318,10 @@ if __name__ == "__main__":
         check_fused_kernels()
         asyncio.run(check_engine(args.model))
     if args.model != "demo":
-        results["teacher_forcing"] = check_teacher_forcing(args.model, kv_cache_dtype=args.kv_cache_dtype)
+        results["teacher_forcing"] = check_teacher_forcing(
+            args.model, kv_cache_dtype=args.kv_cache_dtype, weights_dtype=args.weights_dtype
+        )
         results["kv_cache_dtype"] = args.kv_cache_dtype
+        results["weights_dtype"] = args.weights_dtype
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

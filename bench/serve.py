@@ -376,7 +376,7 @@ def executor_figures(
         "--systems", "vlbridge", "--concurrency", ",".join(map(str, levels)),
         "--new-tokens", str(args.new_tokens), "--image-size", str(args.image_size),
         "--rounds", str(args.rounds), "--workdir", str(work / "executor"), "--out", str(out),
-        "--kv-cache-dtype", args.kv_cache_dtype,
+        "--kv-cache-dtype", args.kv_cache_dtype, "--weights-dtype", args.weights_dtype,
     ]  # fmt: skip
     if args.weights == "memory":
         command.append("--in-memory")
@@ -488,6 +488,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="model.kv_cache_dtype, both sides"
     )
+    parser.add_argument(
+        "--weights-dtype", default="auto", choices=["auto", "fp8"], help="model.weights_dtype, both sides"
+    )
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
@@ -501,6 +504,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
     if args.kv_cache_dtype != "auto":
         args.server_env.append(f"MODEL_KV_CACHE_DTYPE={args.kv_cache_dtype}")
+    if args.weights_dtype != "auto":
+        args.server_env.append(f"MODEL_WEIGHTS_DTYPE={args.weights_dtype}")
     streamers, burst, _, _ = arrive(args)
     scenarios = args.scenarios.split(",")
     if unknown := set(scenarios) - set(SCENARIOS):

@@ -117,6 +117,7 @@ def build_executor(config: Config) -> Executor:
                 max_new_tokens=config.model.max_new_tokens,
                 cuda_graphs=config.model.cuda_graphs,
                 kv_cache_dtype=config.model.kv_cache_dtype,
+                weights_dtype=config.model.weights_dtype,
                 prefix_cache=config.executor.prefix_cache,
                 vision_cache_bytes=config.executor.vision_cache_mb * 2**20,
                 profile_seconds=config.executor.profile_seconds,

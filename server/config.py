@@ -114,6 +114,10 @@ class ModelConfig(_Section):
     # keys and values in the paged cache: "auto" = the model's dtype; "fp8" = float8 e4m3, half the
     # bytes of bf16: twice the tokens in the same memory (not faster on an H200, less exact; README)
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    # the language model's linear layers: "auto" = the model's dtype; "fp8" = float8 e4m3 weights
+    # and activations, scaled per channel and per token (W8A8): half the weights' bytes, faster
+    # on GPUs with float8 tensor cores (H100/H200), less exact (README)
+    weights_dtype: Literal["auto", "fp8"] = "auto"
     # torch threads on the CPU; "auto": 1 for tiny models (the demo), else usable cores - 1
     cpu_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
     download_log_seconds: float = Field(5.0, gt=0)  # a hub download's progress is logged this often

@@ -226,6 +226,20 @@ def _silu_mul_kernel(GU, OUT, stride_gu, stride_out, N, BLOCK: tl.constexpr):  #
     tl.store(OUT + row * stride_out + offs, (act * up).to(dtype), mask=mask)
 
 
+@triton.jit
+def quantize_rows_kernel(X, Q, SCALE, stride_x, N, tiny, fp8_max, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """A row of X as float8 values and one float32 scale (float8.quantize_rows): the row's largest
+    magnitude maps to fp8_max."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), tiny) / fp8_max
+    q = tl.minimum(tl.maximum(x / scale, -fp8_max), fp8_max)
+    tl.store(Q + row * N + offs, q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(SCALE + row, scale)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for a (..., 2 * n) tensor holding [gate | up]."""
     n = gate_up.shape[-1] // 2
@@ -296,18 +310,22 @@ def vision_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
 _STOCK_VISION_ROPE: Any = None
 
 
-def _fuse(linears: list[Any]) -> torch.Tensor:
+def _fuse(linears: list[Any]) -> torch.nn.Linear:
+    """One bias-free linear layer over the concatenated weights of *linears*, whose weights
+    become views of it (no extra memory)."""
     fused = torch.cat([linear.weight.data for linear in linears])
     start = 0
     for linear in linears:
         rows = linear.weight.shape[0]
-        linear.weight.data = fused[start : start + rows]  # a view: the fused tensor holds the memory
+        linear.weight.data = fused[start : start + rows]
         start += rows
-    return fused
+    module = torch.nn.Linear(fused.shape[1], fused.shape[0], bias=False, device="meta")
+    module.weight = torch.nn.Parameter(fused, requires_grad=False)
+    return module
 
 
 def fuse_projections(model: Any) -> None:
-    """Give each text layer `qkv_weight` (and `gate_up_weight` for dense MLPs); patch norms and MLPs.
+    """Give each text layer a `qkv` projection (and `gate_up` for dense MLPs); patch norms and MLPs.
 
     After this, transformers' own forward (used by prefill) runs the fused RMSNorm, the
     fused gate/up + SiLU*up and the fused vision rotary embedding too.
@@ -317,10 +335,10 @@ def fuse_projections(model: Any) -> None:
         attn = layer.self_attn
         if any(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj)):
             raise ValueError("biased q/k/v projections are not supported by the fused decode step")
-        attn.qkv_weight = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        attn.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         mlp = layer.mlp
         if hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):
-            mlp.gate_up_weight = _fuse([mlp.gate_proj, mlp.up_proj])
+            mlp.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
             mlp.forward = _fused_mlp_forward(mlp)
     for module in text.modules():
         if type(module).__name__.endswith("RMSNorm"):
@@ -348,7 +366,7 @@ def restore_stock_functions() -> None:
 
 def _fused_mlp_forward(mlp: Any) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return mlp.down_proj(silu_mul(torch.nn.functional.linear(x, mlp.gate_up_weight)))
+        return mlp.down_proj(silu_mul(mlp.gate_up(x)))
 
     return forward
 

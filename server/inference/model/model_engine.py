@@ -65,6 +65,7 @@ class EngineOptions:
     max_new_tokens: int = 512
     cuda_graphs: bool = True
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"  # "auto": the model's dtype (kvcache.py)
+    weights_dtype: Literal["auto", "fp8"] = "auto"  # the language model's linear layers (float8.py)
     memory_fraction: float = 0.7  # of the GPU memory left after loading, for the KV cache (rest: prefill)
     prefix_cache: bool = True  # keep finished sequences' KV pages for prompts that start alike
     vision_cache_bytes: int = 512 * 2**20  # encoder outputs kept by picture hash; 0: off
@@ -75,6 +76,18 @@ class EngineOptions:
     # decode steps launched beyond the last one collected; 0: 2 on a GPU (its queue then holds
     # a step more while the host prepares a prefill or is held up), 1 on the CPU
     steps_ahead: int = 0
+
+
+def _quantize(runner: ModelRunner) -> torch.dtype:
+    """The language model's linear layers in float8 where its GEMMs work (float8.py); the
+    weights' dtype it runs with."""
+    from . import float8
+
+    if runner.device.type == "cuda" and not float8.works(runner.device, runner.dtype):
+        return runner.dtype
+    replaced = float8.quantize_language_model(runner.model)
+    log.info("weights: %d linear layers of the language model in float8 (model.weights_dtype)", replaced)
+    return float8.FP8
 
 
 def _float8_works(text: Any, head_dim: int, runner: ModelRunner) -> bool:
@@ -191,6 +204,9 @@ class ModelEngine:
             from .kernels import fuse_projections
 
             fuse_projections(runner.model)
+        self.weights_dtype = runner.dtype
+        if options.weights_dtype == "fp8":
+            self.weights_dtype = _quantize(runner)
         text = runner.model.config.text_config
         layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
         head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)

@@ -158,7 +158,7 @@ class PrefillForward(TextModel):
 
     def __init__(self, model: Any, cache: PagedKVCache) -> None:
         super().__init__(model, cache)
-        self.fused = self.cuda and hasattr(self.layers[0].self_attn, "qkv_weight")
+        self.fused = self.cuda and hasattr(self.layers[0].self_attn, "qkv")
         self.varlen: Varlen | None = None
         if self.cuda:
             found = varlen_attention(  # over keys and values widened to the queries' dtype (`_attend`)

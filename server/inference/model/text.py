@@ -69,7 +69,7 @@ class TextModel:
 
         attn = self.layers[index].self_attn
         return qk_norm_rope_store(
-            torch.nn.functional.linear(x, attn.qkv_weight),
+            attn.qkv(x),
             attn.q_norm.weight,
             attn.k_norm.weight,
             cos,
@@ -90,7 +90,7 @@ class TextModel:
         from .kernels import silu_mul
 
         mlp = layer.mlp
-        if hasattr(mlp, "gate_up_weight"):
-            return mlp.down_proj(silu_mul(torch.nn.functional.linear(x, mlp.gate_up_weight)))
+        if hasattr(mlp, "gate_up"):
+            return mlp.down_proj(silu_mul(mlp.gate_up(x)))
         out = mlp(x.unsqueeze(1))
         return (out[0] if isinstance(out, tuple) else out).view(x.shape[0], -1)
