@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -182,6 +182,33 @@ def _compare(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float,
     return err.max().item(), err.median().item(), top1
 
 
+FLOAT8_REFERENCE = "against the float8 reference"  # float8.simulated: the same roundings, plain arithmetic
+
+
+def _reference(runner: Any, extended: list[Any]) -> list[torch.Tensor]:
+    """Stock transformers' logits at every position of each extended prompt, on the CPU."""
+    with torch.inference_mode():
+        inputs = runner.model_inputs(extended)
+        logits = runner.model(**inputs).logits
+        width = inputs["input_ids"].shape[1]
+        reference = [logits[row, width - len(e) :].cpu() for row, e in enumerate(extended)]
+    del logits, inputs
+    return reference
+
+
+def _summary(
+    prefill: list[tuple[float, float, float]], decode: list[tuple[float, float, float]]
+) -> dict[str, float]:
+    return {
+        "prefill_max_rel_err": max(e[0] for e in prefill),
+        "prefill_median_rel_err": statistics.median(e[1] for e in prefill),
+        "prefill_top1": statistics.mean(e[2] for e in prefill),
+        "decode_max_rel_err": max(e[0] for e in decode),
+        "decode_median_rel_err": statistics.median(e[1] for e in decode),
+        "decode_top1": statistics.mean(e[2] for e in decode),
+    }
+
+
 def check_teacher_forcing(
     model: str,
     steps: int = 32,
@@ -229,12 +256,13 @@ def check_teacher_forcing(
         from server.inference.model.kernels import restore_stock_functions
 
         restore_stock_functions()
-    with torch.inference_mode():
-        inputs = runner.model_inputs(extended)
-        logits = runner.model(**inputs).logits
-        width = inputs["input_ids"].shape[1]
-        reference = [logits[row, width - len(e) :].cpu() for row, e in enumerate(extended)]
-    del logits, inputs
+    references = {"stock": _reference(runner, extended)}
+    if weights_dtype == "fp8":  # the same float8 roundings in plain arithmetic: bugs apart from rounding
+        from server.inference.model.float8 import simulated
+
+        with simulated(runner.model):
+            references[FLOAT8_REFERENCE] = _reference(runner, extended)
+    reference = references["stock"]
     if device != "cpu":
         torch.cuda.empty_cache()
     print(f"teacher forcing {model}: stock forward over {sum(map(len, extended))} tokens done")
@@ -262,38 +290,37 @@ def check_teacher_forcing(
         ]
         for seq in seqs:
             assert engine.reserve(seq)
-        prefill, decode = [], []
+        prefill: dict[str, list[tuple[float, float, float]]] = {ref: [] for ref in references}
+        decode: dict[str, list[tuple[float, float, float]]] = {ref: [] for ref in references}
         with torch.inference_mode():
             engine.prefill(seqs)
             full = engine.prefill_logits
             assert full is not None
             reused = [seq.state.reused for seq in seqs]
-            for row, (n, r) in enumerate(zip(lengths, reused, strict=True)):
-                prefill.append(_compare(full[row], reference[row][r:n]))
+            for ref, logits in references.items():
+                for row, (n, r) in enumerate(zip(lengths, reused, strict=True)):
+                    prefill[ref].append(_compare(full[row], logits[row][r:n]))
             cells = torch.tensor([seq.state.cell for seq in seqs], device=device)
             for k in range(steps):
                 engine.step.tokens[cells] = torch.tensor([f[k] for f in forced], device=device)
                 engine.decode(seqs)
                 step_logits = engine.step.logits[: len(seqs)].clone()
-                for row, n in enumerate(lengths):
-                    decode.append(_compare(step_logits[row : row + 1], reference[row][n + k : n + k + 1]))
+                for ref, logits in references.items():
+                    for row, n in enumerate(lengths):
+                        decode[ref].append(
+                            _compare(step_logits[row : row + 1], logits[row][n + k : n + k + 1])
+                        )
         for seq in seqs:
             engine.release(seq)
-        result = {
-            "reused_tokens": reused,
-            "prefill_max_rel_err": max(e[0] for e in prefill),
-            "prefill_median_rel_err": statistics.median(e[1] for e in prefill),
-            "prefill_top1": statistics.mean(e[2] for e in prefill),
-            "decode_max_rel_err": max(e[0] for e in decode),
-            "decode_median_rel_err": statistics.median(e[1] for e in decode),
-            "decode_top1": statistics.mean(e[2] for e in decode),
-        }
+        result: dict[str, object] = {"reused_tokens": reused, **_summary(prefill["stock"], decode["stock"])}
+        if FLOAT8_REFERENCE in references:
+            result[FLOAT8_REFERENCE] = _summary(prefill[FLOAT8_REFERENCE], decode[FLOAT8_REFERENCE])
         report[name] = result
         print(f"teacher forcing {model} [{name}]: {json.dumps(result)}", flush=True)
     report["vision_cache_hits"] = engine.vision.hits
     report["seconds"] = round(time.monotonic() - started, 1)
     engine.close()
-    del engine, runner, loaded, reference
+    del engine, runner, loaded, reference, references
     if device != "cpu":
         torch.cuda.empty_cache()
     return report

@@ -23,7 +23,9 @@ start-up a GPU whose kernels fail or disagree keeps the model's dtype, with a wa
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,8 +47,10 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, n) activations: float8 values and float32 scales (rows, 1), one per row."""
-    if x.is_cuda:
-        return _quantize_rows_triton(x)
+    return _quantize_rows_triton(x) if x.is_cuda else _quantize_rows_torch(x)
+
+
+def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=TINY) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
@@ -129,7 +133,45 @@ def works(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _dequantized(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T through the same roundings in float32: the float8 GEMM's reference."""
-    xq, xs = quantize_rows(x)
-    wq, ws = quantize_weight(weight)
-    return (xq.float() * xs) @ (wq.float() * ws.unsqueeze(-1)).t()
+    """x @ weight.T through float8's roundings, multiplied in float32: a float8 GEMM's reference."""
+    values, scale = quantize_weight(weight)
+    return _reference_product(x, values, scale)
+
+
+def _reference_product(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    q, row_scale = _quantize_rows_torch(x)
+    return (q.float() * row_scale) @ (values.float() * scale.unsqueeze(-1)).t()
+
+
+class _Reference(torch.nn.Module):
+    """A linear layer computed as `Float8Linear` would be, in plain float32 arithmetic (torch's
+    rounding of the activations, no float8 GEMM): the reference that tells the engine's bugs
+    from float8's rounding."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.values, self.scale = quantize_weight(weight.detach())
+        self.out_dtype = weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _reference_product(x.reshape(-1, x.shape[-1]), self.values, self.scale)
+        return out.to(self.out_dtype).view(*x.shape[:-1], -1)
+
+
+@contextlib.contextmanager
+def simulated(model: Any) -> Iterator[None]:
+    """Within: the decoder layers' linear layers of *model* (stock, not yet fused) compute as
+    `quantize_language_model` would make them, by `_Reference`; restored on exit. Teacher
+    forcing of `model.weights_dtype = "fp8"` compares the engine with this forward."""
+    swapped = []
+    for layer in model.model.language_model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name, child in list(block.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(block, name, _Reference(child.weight))
+                    swapped.append((block, name, child))
+    try:
+        yield
+    finally:
+        for block, name, child in swapped:
+            setattr(block, name, child)
