@@ -9,7 +9,10 @@ whose input token is forced to the fixed one. Logits are compared at every posit
 error (L2 over the vocabulary) and top-1 agreement. A second round runs the same prompts again,
 now through the prefix cache (only the last prompt token is computed) and the vision cache.
 Unlike comparing greedy answers, this separates bf16 rounding (small errors, rare top-1 flips
-between near-ties) from bugs (large errors from the position where they occur).
+between near-ties) from bugs (large errors from the position where they occur). With
+`--weights-dtype fp8` the engine is also compared with stock transformers whose linear layers
+round weights and activations as float8 does (`float8.simulated`): what float8 costs against
+the plain model, whether the engine computes what it should against the simulated one.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@
 # out steps 1-2 (8B and 30B-A3B in a call of their own: all steps together take over 10 minutes);
 # `TF=0` leaves out the teacher forcing; `KV=fp8` runs the service, the executor and the teacher
 # forcing of this tree with a float8 KV cache (model.kv_cache_dtype; a BASE tree runs its default,
-# so BASE=<this tree> compares the two side by side).
+# so BASE=<this tree> compares the two side by side); `WEIGHTS=fp8` the same with float8 weights
+# (model.weights_dtype; the teacher forcing then also compares with the float8 reference).
 # The commit measured is read from the file COMMIT at the top of the tree when there is one (write
 # it when copying a branch's tree: a copy's git metadata may name another checkout's head).
 # Files back in $OUT: run.log, the serve-*.json and gpu_check/probe json, and logs.tar.gz (the
@@ -70,13 +71,14 @@ KEEP=$WORK/keep
 mkdir -p $WORK $KEEP
 # Timing lines every 2 s, to match them with the scenarios' start times printed by serve.py.
 PROFILE=(--server-env EXECUTOR_PROFILE_SECONDS=2)
-KVARGS=()
-[ -n "${KV:-}" ] && KVARGS=(--kv-cache-dtype "$KV")
+DTYPES=()
+[ -n "${KV:-}" ] && DTYPES+=(--kv-cache-dtype "$KV")
+[ -n "${WEIGHTS:-}" ] && DTYPES+=(--weights-dtype "$WEIGHTS")
 if [ "${SKIP_2B:-0}" != 1 ]; then
 # Scenarios by importance (saved after each: a step cut short keeps what it did). ws1 costs ~15 s.
 step 230 "serve 2b" python3 bench/serve.py --model 2b --concurrency 32,64 --rounds 3 \
   --scenarios executor,ws,followup,arriving,ws1,openai \
-  --followup-concurrency 1,16 --followup-rounds 4 --arrive 32,16,1.0,4 "${PROFILE[@]}" "${KVARGS[@]}" \
+  --followup-concurrency 1,16 --followup-rounds 4 --arrive 32,16,1.0,4 "${PROFILE[@]}" "${DTYPES[@]}" \
   --workdir $WORK/2b --out "$OUT/serve-2b.json"
 keep_logs 2b
 step 30 "plot 2b" python3 bench/plot_serve.py --out "$OUT/serve-2b.png" \
@@ -101,7 +103,7 @@ fi
 if [ "${GPU_CHECK:-0}" = 1 ]; then
   step 100 "gpu_check 2b" python3 bench/gpu_check.py --model 2b --out "$OUT/gpu_check-2b.json"
 elif [ "${TF:-1}" = 1 ]; then
-  step 90 "teacher forcing 2b" python3 bench/gpu_check.py --model 2b --teacher-forcing-only "${KVARGS[@]}" \
+  step 90 "teacher forcing 2b" python3 bench/gpu_check.py --model 2b --teacher-forcing-only "${DTYPES[@]}" \
     --out "$OUT/gpu_check-2b.json"
 fi
 fi
@@ -121,10 +123,10 @@ cp "$WORK"/prepare-processes*.json "$KEEP"/ 2>/dev/null && tar -czf "$OUT/logs.t
 fi
 if [ "${ONLY_2B:-0}" != 1 ]; then
   step 180 "serve 8b" python3 bench/serve.py --model 8b --weights memory --concurrency 64 --rounds 3 \
-    --scenarios executor,ws "${PROFILE[@]}" "${KVARGS[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"
+    --scenarios executor,ws "${PROFILE[@]}" "${DTYPES[@]}" --workdir $WORK/8b --out "$OUT/serve-8b.json"
   keep_logs 8b
   step 160 "serve 30b-a3b" python3 bench/serve.py --model 30b-a3b --weights memory --concurrency 64 --rounds 3 \
-    --scenarios executor,ws "${PROFILE[@]}" "${KVARGS[@]}" --workdir $WORK/30b-a3b --out "$OUT/serve-30b-a3b.json"
+    --scenarios executor,ws "${PROFILE[@]}" "${DTYPES[@]}" --workdir $WORK/30b-a3b --out "$OUT/serve-30b-a3b.json"
   keep_logs 30b-a3b
 fi
 # `KERNELS=1`: where the GPU time goes, by kernel (bench/profile_prefill.py): the vision encoder
