@@ -16,9 +16,10 @@ the experts of a mixture-of-experts model (30B-A3B): torch's float8 grouped GEMM
 (`_scaled_grouped_mm`) took 2.2x the time of bf16's `grouped_mm` at a prefill's size on an
 H200, and its CUDA graphs disagreed with its eager runs (bench/float8_gemms.py, docs/executor.md).
 
-The logits are no longer the checkpoint's bf16 ones, so this is opt-in and checked by teacher
-forcing against bf16 with tolerances of its own (`bench/gpu_check.py --weights-dtype fp8`); at
-start-up a GPU whose kernels fail or disagree keeps the model's dtype, with a warning (`works`).
+The logits are no longer the checkpoint's bf16 ones, so this is opt-in. Checked: at start-up
+against the same product in float32 arithmetic (`works`: a GPU whose kernels fail or disagree
+keeps the model's dtype, with a warning); by teacher forcing (`bench/gpu_check.py --weights-dtype
+fp8`) against bf16 and against stock transformers with the same roundings (`simulated`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("vlbridge.executor")
+log = logging.getLogger("vlbridge.model")
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn
@@ -92,9 +93,9 @@ class Float8Linear(torch.nn.Module):
 
 
 def quantize_language_model(model: Any) -> int:
-    """Replace the decoder layers' linear layers by float8 ones, in place; the
-    number replaced. The parts of a fused projection (`kernels.fuse_projections`: `qkv`,
-    `gate_up`) are removed, so that the fused weight's memory, which they view, is freed."""
+    """Replace the decoder layers' linear layers by float8 ones, in place; the number replaced.
+    The parts of a fused projection (`kernels.fuse_projections`: `qkv`, `gate_up`) are removed,
+    so that the fused weight's memory, which they view, is freed."""
     replaced = 0
     for layer in model.model.language_model.layers:
         for block in (layer.self_attn, layer.mlp):
