@@ -265,7 +265,6 @@ def check_teacher_forcing(
 
         with simulated(runner.model):
             references[FLOAT8_REFERENCE] = _reference(runner, extended)
-    reference = references["stock"]
     if device != "cpu":
         torch.cuda.empty_cache()
     print(f"teacher forcing {model}: stock forward over {sum(map(len, extended))} tokens done")
@@ -323,7 +322,7 @@ def check_teacher_forcing(
     report["vision_cache_hits"] = engine.vision.hits
     report["seconds"] = round(time.monotonic() - started, 1)
     engine.close()
-    del engine, runner, loaded, reference, references
+    del engine, runner, loaded, references
     if device != "cpu":
         torch.cuda.empty_cache()
     return report
