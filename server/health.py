@@ -47,18 +47,15 @@ def assess(stats: ExecutorStats, platforms_healthy: bool, draining: bool) -> Ass
 
 
 def agent_line(stats: ExecutorStats, assessment: Assessment) -> str:
-    """One HAProxy agent-check reply: ``ready up 75%``, ``drain`` or ``down``.
-
-    "drain" puts the server in HAProxy's DRAIN administrative state, which stays until an
-    agent reply says "ready": hence "ready" in every serving reply, or an instance drained
-    while its model loaded would get no new traffic once it serves.
+    """One HAProxy agent-check reply: ``up 75%``, ``drain`` or ``down`` (`AgentCheck` adds the
+    "ready" that ends a drain of its own).
 
     A full executor (every batch and queue place taken) says "up 0%", not the 1 of /health:
     a new question there would only be refused as busy, and HAProxy's leastconn gives an
     instance with no connection of its own the same rank whatever its weight, unless that
     weight is 0 (then it takes no new work; resumes still reach it by the stick table)."""
     if assessment.serving:
-        return f"ready up {0 if stats.load >= 1 else assessment.weight}%"
+        return f"up {0 if stats.load >= 1 else assessment.weight}%"
     if assessment.draining or stats.state is ExecutorState.LOADING:
         return "drain"
     return "down"

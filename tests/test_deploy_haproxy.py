@@ -29,7 +29,7 @@ pytestmark = needs_haproxy
 NAMES = ("vlbridge1", "vlbridge2")
 ROUNDS = 20  # new requests in each measurement
 # One answer at a time and three waiting: an instance with four long answers is full (its
-# agent says "ready up 0%"), a fifth question there would be refused as busy.
+# agent says "up 0%"), a fifth question there would be refused as busy.
 SMALL = "max_batch = 1\nqueue_size = 3"
 LONG = "x" * 999_000  # an answer of a minute or more: ended by going away, never waited for
 

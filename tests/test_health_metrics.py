@@ -26,8 +26,8 @@ def stats(state: ExecutorState = ExecutorState.READY, active: int = 0, queued: i
 def test_weight_falls_as_the_executor_fills_and_agent_words_follow() -> None:
     idle, half, full = stats(), stats(active=2, queued=3), stats(active=2, queued=8)
     assert [assess(s, True, False).weight for s in (idle, half, full)] == [100, 50, 1]
-    assert agent_line(half, assess(half, True, False)) == "ready up 50%"
-    assert agent_line(full, assess(full, True, False)) == "ready up 0%"  # only busy answers there
+    assert agent_line(half, assess(half, True, False)) == "up 50%"
+    assert agent_line(full, assess(full, True, False)) == "up 0%"  # only busy answers there
     assert assess(idle, False, False).status is Status.DEGRADED
     assert agent_line(idle, assess(idle, True, True)) == "drain"  # shutting down
     loading = stats(ExecutorState.LOADING)
@@ -162,6 +162,30 @@ def read_agent(port: int) -> str:
         return sock.makefile().readline().strip()
 
 
+def test_the_agent_says_ready_only_where_it_is_owed() -> None:
+    """ "ready" ends any DRAIN in HAProxy, an operator's too: said in the first serving reply to
+    a load balancer and in the first after this agent told it "drain", not in every one."""
+    line = ["up 100%"]
+    agent = AgentCheck("127.0.0.1", 0, lambda: line[0])
+    assert agent.reply("10.0.0.1") == "ready up 100%"  # may hold a drain of a previous process
+    assert agent.reply("10.0.0.1") == "up 100%"  # an operator's drain stays
+    assert agent.reply("10.0.0.2") == "ready up 100%"  # each load balancer on its own
+    line[0] = "down"
+    assert agent.reply("10.0.0.1") == "down"
+    line[0] = "up 40%"
+    assert agent.reply("10.0.0.1") == "up 40%"  # "down" is no administrative state
+    line[0] = "drain"
+    assert agent.reply("10.0.0.1") == "drain"
+    assert agent.reply("10.0.0.1") == "drain"
+    line[0] = "up 70%"
+    assert agent.reply("10.0.0.1") == "ready up 70%"  # ends its own drain
+    assert agent.reply("10.0.0.1") == "up 70%"
+    assert agent.reply("10.0.0.2") == "up 70%"  # never drained by this agent
+    for n in range(100):  # many peers: the oldest are forgotten and owed "ready" again
+        agent.reply(f"10.1.0.{n}")
+    assert agent.reply("10.0.0.2") == "ready up 70%"
+
+
 def test_agent_check_answers_one_line_from_the_load() -> None:
     port = free_port()
     with serve(make_config(agent_check_port=port)) as running:
@@ -230,6 +254,44 @@ async def test_an_instance_the_agent_drained_while_loading_gets_traffic_once_rea
                 executor[0] = stats()  # the model has loaded
                 await asyncio.to_thread(
                     until_blocking, lambda: state() == ("UP", "100"), "the server back in service", poll=0.05
+                )
+    finally:
+        await agent.stop()
+
+
+@needs_haproxy
+async def test_an_operators_drain_outlasts_the_agents_replies(tmp_path) -> None:
+    """`set server ... state drain` on HAProxy's runtime API takes an instance out by hand; the
+    agent's serving replies ("up 100%") leave it drained, and "set ... state ready" ends it.
+    Run on the deployment's configuration."""
+    executor = [stats()]
+    agent = AgentCheck("127.0.0.1", 0, lambda: agent_line(executor[0], assess(executor[0], True, False)))
+    await agent.start()
+    try:
+        with serve(make_config()) as running:
+            front_port, stats_socket = free_port(), tmp_path / "haproxy.sock"
+            config = render(DEPLOY_CONFIG.read_text(), front_port, [running.port], stats_socket, [agent.port])
+            with run_haproxy(config, tmp_path, front_port, stats_socket) as proxy:
+
+                def status() -> str:
+                    return proxy.servers()["vlbridge1"]["status"]
+
+                def after_replies(count: int) -> None:
+                    seen = agent.answered
+                    until_blocking(
+                        lambda: agent.answered >= seen + count, f"{count} agent replies", poll=0.05
+                    )
+
+                await asyncio.to_thread(after_replies, 1)  # its "ready" (a first reply) came
+                await asyncio.to_thread(until_blocking, lambda: status() == "UP", "the server up", poll=0.05)
+                proxy.command("set server vlbridge/vlbridge1 state drain")
+                # three: HAProxy asks again only once it has acted on the reply before, so the
+                # second, sent after the command, has been applied
+                await asyncio.to_thread(after_replies, 3)
+                assert status().startswith("DRAIN")
+                proxy.command("set server vlbridge/vlbridge1 state ready")
+                await asyncio.to_thread(
+                    until_blocking, lambda: status() == "UP", "the drain ended", poll=0.05
                 )
     finally:
         await agent.stop()
