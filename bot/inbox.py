@@ -79,7 +79,7 @@ log = logging.getLogger("vlbridge.inbox")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 10_000
 SYNC_WITHIN = 1.0  # seconds from a commit to its fsync (durable against a power cut from then on)
 
@@ -104,6 +104,7 @@ CREATE TABLE IF NOT EXISTS messages (
     reply_id     TEXT NOT NULL DEFAULT '',
     sequence     INTEGER NOT NULL DEFAULT 0,         -- highest CardKit sequence reserved
     lease_until  REAL NOT NULL DEFAULT 0,            -- running: held by its process until then
+    receipt_id   TEXT NOT NULL DEFAULT '',           -- version 5: the reaction shown while it waits
     UNIQUE (platform, message_id)
 );
 CREATE INDEX IF NOT EXISTS messages_state ON messages (platform, state, seq);
@@ -126,7 +127,7 @@ CREATE INDEX IF NOT EXISTS questions_user ON questions (platform, user, at);
 
 _COLUMNS = (
     "seq, message_id, chat_id, context_key, sender_id, text, image_keys, created_at, received_at,"
-    " body, state, attempts, reason, updated_at, card_id, reply_id, sequence"
+    " body, state, attempts, reason, updated_at, card_id, reply_id, sequence, receipt_id"
 )
 
 
@@ -221,6 +222,8 @@ class InboxDb:
             columns = {row[1] for row in db.execute("PRAGMA table_info(messages)").fetchall()}
             if columns and "lease_until" not in columns:  # version 2: leases came with version 3
                 db.execute("ALTER TABLE messages ADD COLUMN lease_until REAL NOT NULL DEFAULT 0")
+            if columns and "receipt_id" not in columns:  # receipts were kept in memory before 5
+                db.execute("ALTER TABLE messages ADD COLUMN receipt_id TEXT NOT NULL DEFAULT ''")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -360,11 +363,29 @@ class InboxDb:
 
     # -- the reply --------------------------------------------------------------------------------
 
-    def note_reply(self, message_id: str, *, card_id: str | None = None, reply_id: str | None = None) -> None:
+    def note_reply(
+        self,
+        message_id: str,
+        *,
+        card_id: str | None = None,
+        reply_id: str | None = None,
+        receipt_id: str | None = None,
+    ) -> None:
         if card_id is not None:
             self._set(message_id, "card_id = ?", card_id)
         if reply_id is not None:
             self._set(message_id, "reply_id = ?", reply_id)
+        if receipt_id is not None:
+            self._set(message_id, "receipt_id = ?", receipt_id)
+
+    def take_receipt(self, message_id: str, receipt_id: str) -> bool:
+        cursor = self._db.execute(
+            "UPDATE messages SET receipt_id = '' WHERE platform = ? AND message_id = ? AND receipt_id = ?"
+            " AND receipt_id != ''",
+            (self.platform, message_id, receipt_id),
+        )
+        self._sync.touch()
+        return cursor.rowcount == 1
 
     def claim_card(self, message_id: str, card_id: str) -> tuple[str, int]:
         row = self._db.execute(

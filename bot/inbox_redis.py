@@ -77,7 +77,7 @@ if redis.call('EXISTS', key) == 1 then return 0 end
 local seq = redis.call('INCR', p .. 'seq')
 redis.call('HSET', key, 'seq', seq, 'message_id', id, 'context_key', ctx, 'received_at', at,
   'state', 'received', 'attempts', 0, 'reason', '', 'updated_at', at, 'card_id', '',
-  'reply_id', '', 'sequence', 0, unpack(ARGV, 5))
+  'reply_id', '', 'sequence', 0, 'receipt_id', '', unpack(ARGV, 5))
 redis.call('ZADD', p .. 'state:received', seq, id)
 redis.call('ZADD', p .. 'ctx:' .. ctx, seq, id)
 redis.call('ZADD', p .. 'heads', 'NX', seq, ctx)
@@ -133,6 +133,16 @@ local key = ARGV[1] .. 'm:' .. ARGV[2]
 if redis.call('EXISTS', key) == 0 then return {} end
 if redis.call('HGET', key, 'card_id') == '' then redis.call('HSET', key, 'card_id', ARGV[3]) end
 return redis.call('HMGET', key, 'card_id', 'sequence')
+"""
+
+# ARGV: prefix, message_id, receipt_id. 1 when this call cleared the receipt, else 0.
+_TAKE_RECEIPT = """
+local key = ARGV[1] .. 'm:' .. ARGV[2]
+if ARGV[3] ~= '' and redis.call('HGET', key, 'receipt_id') == ARGV[3] then
+  redis.call('HSET', key, 'receipt_id', '')
+  return 1
+end
+return 0
 """
 
 _SET = """
@@ -315,6 +325,7 @@ def _row(fields: Mapping[Any, Any]) -> StoredMessage:
         card_id=_text(fields.get(b"card_id")),
         reply_id=_text(fields.get(b"reply_id")),
         sequence=int(fields.get(b"sequence") or 0),
+        receipt_id=_text(fields.get(b"receipt_id")),
     )
 
 
@@ -350,6 +361,7 @@ class RedisInboxDb:
         self._move_script = script(_MOVE)
         self._set_script = script(_SET)
         self._claim_card = script(_CLAIM_CARD)
+        self._take_receipt = script(_TAKE_RECEIPT)
         self._raise_sequence = script(_RAISE_SEQUENCE)
         self._in_state = script(_IN_STATE)
         self._renew = script(_RENEW)
@@ -488,14 +500,24 @@ class RedisInboxDb:
     # -- the reply --------------------------------------------------------------------------------
 
     @_storage_errors
-    def note_reply(self, message_id: str, *, card_id: str | None = None, reply_id: str | None = None) -> None:
+    def note_reply(
+        self,
+        message_id: str,
+        *,
+        card_id: str | None = None,
+        reply_id: str | None = None,
+        receipt_id: str | None = None,
+    ) -> None:
         pairs: list[str] = []
-        if card_id is not None:
-            pairs += ["card_id", card_id]
-        if reply_id is not None:
-            pairs += ["reply_id", reply_id]
+        for name, value in (("card_id", card_id), ("reply_id", reply_id), ("receipt_id", receipt_id)):
+            if value is not None:
+                pairs += [name, value]
         if pairs:
             self._set_script(args=[self.prefix, message_id, *pairs])
+
+    @_storage_errors
+    def take_receipt(self, message_id: str, receipt_id: str) -> bool:
+        return bool(self._take_receipt(args=[self.prefix, message_id, receipt_id]))
 
     @_storage_errors
     def claim_card(self, message_id: str, card_id: str) -> tuple[str, int]:

@@ -72,11 +72,12 @@ class StoredMessage:
     card_id: str
     reply_id: str
     sequence: int
+    receipt_id: str = ""  # the reaction shown while it waited, until its answer starts (receipts.py)
 
     @classmethod
     def from_row(cls, row: tuple[object, ...]) -> StoredMessage:
         (seq, mid, chat, key, sender, text, keys, created, received, body, state, attempts) = row[:12]
-        reason, updated, card, reply, sequence = row[12:]
+        reason, updated, card, reply, sequence, receipt = row[12:]
         return cls(
             seq=int(str(seq)),
             message_id=str(mid),
@@ -95,6 +96,7 @@ class StoredMessage:
             card_id=str(card),
             reply_id=str(reply),
             sequence=int(str(sequence)),
+            receipt_id=str(receipt),
         )
 
     def as_json(self) -> dict[str, object]:
@@ -173,8 +175,20 @@ class InboxStore(Protocol):
     def retry(self, message_id: str) -> StoredMessage:
         """failed -> received, attempts and reason reset (an admin asks for another try)."""
 
-    def note_reply(self, message_id: str, *, card_id: str | None = None, reply_id: str | None = None) -> None:
-        """Record the reply's card id and/or reply message id (nothing for an unknown message)."""
+    def note_reply(
+        self,
+        message_id: str,
+        *,
+        card_id: str | None = None,
+        reply_id: str | None = None,
+        receipt_id: str | None = None,
+    ) -> None:
+        """Record the reply's card id, reply message id and/or the receipt's reaction id (nothing
+        for an unknown message)."""
+
+    def take_receipt(self, message_id: str, receipt_id: str) -> bool:
+        """Clear the message's receipt if it is *receipt_id*: whether this call cleared it (of
+        services racing to remove one receipt, exactly one is told to)."""
 
     def claim_card(self, message_id: str, card_id: str) -> tuple[str, int]:
         """Record *card_id* as the message's card unless one is recorded (another service opened

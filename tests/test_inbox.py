@@ -92,10 +92,26 @@ def test_a_version_2_inbox_gets_leases(tmp_path: Path) -> None:
     db.close()
     old = sqlite3.connect(path)  # as version 2 left it: no lease column
     old.execute("ALTER TABLE messages DROP COLUMN lease_until")
+    old.execute("ALTER TABLE messages DROP COLUMN receipt_id")
     old.execute("PRAGMA user_version = 2")
     old.commit()
     old.close()
     db = InboxDb(path, platform="feishu")
     [taken] = db.claim(now=2.0, lease_until=100.0)  # a version 2 lease: ended long ago
     assert (taken.message_id, taken.state, taken.attempts) == ("om_running", InboxState.RUNNING, 1)
+    db.close()
+
+
+def test_a_version_4_inbox_gets_receipts(tmp_path: Path) -> None:
+    path = tmp_path / "inbox.sqlite3"
+    InboxDb(path, platform="feishu").close()
+    old = sqlite3.connect(path)  # as version 4 left it: receipts were kept in memory
+    old.execute("ALTER TABLE messages DROP COLUMN receipt_id")
+    old.execute("PRAGMA user_version = 4")
+    old.commit()
+    old.close()
+    db = InboxDb(path, platform="feishu")
+    db.receive(message("om_waiting"), b"{}", 1.0)
+    db.note_reply("om_waiting", receipt_id="r_1")
+    assert db.take_receipt("om_waiting", "r_1")
     db.close()

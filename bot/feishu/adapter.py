@@ -200,7 +200,7 @@ class FeishuAdapter:
             who=feishu.card_actions, allowed_users=frozenset(feishu.allowed_users), language=feishu.language
         )
         self.pacing = Pacing(feishu.stream_interval, feishu.stream_growth, feishu.max_card_updates)
-        self.receipts = Receipts(self.api, feishu.receipt_emoji)
+        self.receipts = Receipts(self.api, feishu.receipt_emoji, self.inbox)
         self.receiver: LongConnection | Webhook
         if feishu.mode == "webhook":
             self.receiver = Webhook(
@@ -438,8 +438,8 @@ class FeishuAdapter:
     async def _answer(self, stored: StoredMessage) -> Outcome:
         """The dispatcher's handler: answer one stored message (now `running`)."""
         self._queue_shown.pop(stored.message_id, None)
-        if stored.message_id in self.receipts:
-            self._spawn(self.receipts.clear(stored.message_id), f"receipt-{stored.message_id}")
+        if self.receipts.owed(stored):
+            self._spawn(self.receipts.clear(stored), f"receipt-{stored.message_id}")
         try:
             message = await self._message(stored)
         except (MalformedEvent, orjson.JSONDecodeError) as exc:

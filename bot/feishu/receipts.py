@@ -4,8 +4,13 @@ that the bot has it.
 When: the moment the dispatcher leaves a message waiting because the executor is full (the
 same moment its card shows its place in the queue); a message answered at once gets none.
 Removed when its answer starts. So a message costs at most one add and one delete, and only
-if it waited. Kept in memory by the service that showed it: after a restart, or when another
-service sharing the inbox starts the message, the reaction stays (harmless: it only said "got it").
+if it waited.
+
+The reaction's id is recorded in the inbox (`receipt_id`), so that whichever service starts
+the message removes it: this one, another sharing the inbox, or this one after a restart.
+Services racing to remove it ask the inbox first (`take_receipt`): one of them is told to.
+A message started while its reaction was being added is seen by the service that added it
+(here, or in the inbox after recording the id), which then removes it itself.
 """
 
 from __future__ import annotations
@@ -14,41 +19,63 @@ import logging
 
 from bot.feishu.ids import reply_target
 from bot.feishu.openapi import FeishuApi, FeishuApiError
+from bot.inbox import Inbox, InboxState, StorageError, StoredMessage
 
 log = logging.getLogger("vlbridge.feishu.receipts")
 
-_ADDING = ""  # the reaction's id while the add is in flight
-
 
 class Receipts:
-    def __init__(self, api: FeishuApi, emoji: str) -> None:
+    def __init__(self, api: FeishuApi, emoji: str, inbox: Inbox) -> None:
         self.api = api
         self.emoji = emoji  # a Feishu emoji_type, e.g. "OnIt"; "" turns receipts off
-        self._shown: dict[str, str] = {}  # answer id -> reaction id (or _ADDING)
-
-    def __contains__(self, answer_id: str) -> bool:
-        return answer_id in self._shown
+        self.inbox = inbox
+        self._adding: set[str] = set()  # answer ids whose reaction is being added
 
     async def show(self, answer_id: str) -> None:
-        """React on the answer's message, once (never raises)."""
-        if not self.emoji or answer_id in self._shown:
+        """React on the answer's message, once, and record the reaction (never raises)."""
+        if not self.emoji or answer_id in self._adding:
             return
-        self._shown[answer_id] = _ADDING
+        self._adding.add(answer_id)
         target = reply_target(answer_id)
         try:
             reaction = await self.api.add_reaction(target, self.emoji)
         except FeishuApiError as exc:
+            self._adding.discard(answer_id)
             log.info("message %s: no receipt (%s)", answer_id, exc)
             return
-        if answer_id in self._shown:
-            self._shown[answer_id] = reaction
-        else:  # its answer started while the reaction was being added
+        if answer_id not in self._adding:  # its answer started here meanwhile (`clear`)
             await self._remove(target, reaction)
+            return
+        self._adding.discard(answer_id)
+        try:
+            await self.inbox.run(lambda: self.inbox.db.note_reply(answer_id, receipt_id=reaction))
+            stored = await self.inbox.run(self.inbox.db.get, answer_id)
+        except StorageError as exc:  # unrecorded: removed now rather than left for good
+            log.warning("message %s: receipt not recorded (%s)", answer_id, exc)
+            await self._remove(target, reaction)
+            return
+        if stored is None or stored.state is not InboxState.RECEIVED:  # started before the record
+            await self._take(answer_id, reaction)
 
-    async def clear(self, answer_id: str) -> None:
-        """Remove the answer's receipt, if it has one (never raises)."""
-        reaction = self._shown.pop(answer_id, None)
-        if reaction:
+    async def clear(self, stored: StoredMessage) -> None:
+        """Its answer starts: remove the message's receipt, if it has one (never raises).
+        *stored* is the message as its start read it."""
+        if stored.message_id in self._adding:
+            self._adding.discard(stored.message_id)  # `show` removes it once added
+        elif stored.receipt_id:
+            await self._take(stored.message_id, stored.receipt_id)
+
+    def owed(self, stored: StoredMessage) -> bool:
+        """Whether starting *stored* has a receipt to remove."""
+        return bool(stored.receipt_id) or stored.message_id in self._adding
+
+    async def _take(self, answer_id: str, reaction: str) -> None:
+        try:
+            taken = await self.inbox.run(self.inbox.db.take_receipt, answer_id, reaction)
+        except StorageError as exc:
+            log.warning("message %s: receipt %s left (%s)", answer_id, reaction, exc)
+            return
+        if taken:
             await self._remove(reply_target(answer_id), reaction)
 
     async def _remove(self, message_id: str, reaction: str) -> None:

@@ -1,0 +1,61 @@
+"""A waiting message's receipt (a reaction) is removed by whichever service starts the message:
+another one sharing the inbox, or this one after a restart; exactly once when several try
+(real reaction calls against the fake platform, one shared inbox)."""
+
+from __future__ import annotations
+
+from bot.feishu.openapi import FeishuApi
+from bot.feishu.receipts import Receipts
+from bot.inbox import Inbox, InboxState
+from tests.fakefeishu import FakeFeishu
+from tests.test_feishu_cards_shared import stored_message
+
+
+def deletes(fake: FakeFeishu) -> int:
+    """Reaction deletes the fake was asked for (also failed ones)."""
+    return sum(1 for c in fake.records.api_calls() if c.method == "DELETE" and "/reactions/" in c.path)
+
+
+async def test_a_receipt_shown_by_one_service_is_removed_by_the_one_that_starts_the_message(
+    fake_feishu: FakeFeishu, inbox: Inbox
+) -> None:
+    """The starter knows nothing of the reaction but what the inbox says: another service
+    sharing it, or the one that showed it, restarted."""
+    api = FeishuApi(fake_feishu.app_id, fake_feishu.app_secret, fake_feishu.url)
+    try:
+        message_id = await stored_message(fake_feishu, inbox)
+        await Receipts(api, "OnIt", inbox).show(message_id)  # waits for room: the reaction
+        (reaction,) = fake_feishu.records.reactions()
+        assert reaction.message_id == message_id
+        stored = await inbox.run(inbox.db.start, message_id)  # elsewhere, or after a restart
+        assert stored.receipt_id == reaction.reaction_id
+        starter = Receipts(api, "OnIt", inbox)  # nothing in memory of the reaction
+        assert starter.owed(stored)
+        await starter.clear(stored)
+        assert fake_feishu.records.reactions() == [], "the receipt stayed"
+        assert deletes(fake_feishu) == 1
+        await starter.clear(stored)  # again (a second service with the same snapshot): nothing
+        assert deletes(fake_feishu) == 1
+    finally:
+        api.close()
+
+
+async def test_a_message_started_while_its_receipt_was_added_loses_it(
+    fake_feishu: FakeFeishu, inbox: Inbox
+) -> None:
+    """Another service started the message before this one recorded the reaction it was adding
+    (its snapshot has no receipt): the service that added it sees the start and removes it."""
+    api = FeishuApi(fake_feishu.app_id, fake_feishu.app_secret, fake_feishu.url)
+    try:
+        message_id = await stored_message(fake_feishu, inbox)
+        stored = await inbox.run(inbox.db.start, message_id)
+        starter = Receipts(api, "OnIt", inbox)
+        assert not starter.owed(stored)
+        await Receipts(api, "OnIt", inbox).show(message_id)
+        assert fake_feishu.records.reactions() == []
+        (reaction,) = fake_feishu.records.reactions(include_deleted=True)
+        assert reaction.deleted_at is not None and deletes(fake_feishu) == 1
+        now = await inbox.run(inbox.db.get, message_id)
+        assert now is not None and (now.state, now.receipt_id) == (InboxState.RUNNING, "")
+    finally:
+        api.close()
