@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +16,7 @@ from server.agentcheck import AgentCheck
 from server.health import Status, agent_line, assess
 from server.inference.api import ExecutorState, ExecutorStats
 from server.platform import HttpRequest, HttpResponse, HttpRoute
-from tests.haproxy import DEPLOY_CONFIG, free_port, needs_haproxy, render, run_haproxy
+from tests.haproxy import DEPLOY_CONFIG, HAProxy, free_port, needs_haproxy, render, run_haproxy
 from tests.serving import make_config, serve, slow_echo
 from tests.waiting import until_blocking
 from tests.wsclient import Client
@@ -230,71 +233,68 @@ backend vlbridge
             await client.close()
 
 
+@contextlib.asynccontextmanager
+async def behind_haproxy(
+    tmp_path: Path, executor: list[ExecutorStats]
+) -> AsyncIterator[tuple[HAProxy, AgentCheck]]:
+    """A service behind HAProxy on the deployment's configuration, its agent answering from
+    `executor[0]` (swap it to change what the agent says)."""
+    agent = AgentCheck("127.0.0.1", 0, lambda: agent_line(executor[0], assess(executor[0], True, False)))
+    await agent.start()
+    try:
+        with serve(make_config()) as running:
+            front_port, stats_socket = free_port(), tmp_path / "haproxy.sock"
+            config = render(DEPLOY_CONFIG.read_text(), front_port, [running.port], stats_socket, [agent.port])
+            with run_haproxy(config, tmp_path, front_port, stats_socket) as proxy:
+                yield proxy, agent
+    finally:
+        await agent.stop()
+
+
 @needs_haproxy
-async def test_an_instance_the_agent_drained_while_loading_gets_traffic_once_ready(tmp_path) -> None:
+async def test_an_instance_the_agent_drained_while_loading_gets_traffic_once_ready(tmp_path: Path) -> None:
     """HAProxy keeps a server that its agent put in DRAIN (an administrative state) there until
     the agent says "ready": "up 100%" alone after the "drain" of a model load would leave a
     restarted instance without new traffic for good. Run on the deployment's configuration."""
     executor = [stats(ExecutorState.LOADING)]
-    agent = AgentCheck("127.0.0.1", 0, lambda: agent_line(executor[0], assess(executor[0], True, False)))
-    await agent.start()
-    try:
-        with serve(make_config()) as running:
-            front_port, stats_socket = free_port(), tmp_path / "haproxy.sock"
-            config = render(DEPLOY_CONFIG.read_text(), front_port, [running.port], stats_socket, [agent.port])
-            with run_haproxy(config, tmp_path, front_port, stats_socket) as proxy:
+    async with behind_haproxy(tmp_path, executor) as (proxy, _):
 
-                def state() -> tuple[str, str]:
-                    row = proxy.servers()["vlbridge1"]
-                    return row["status"], row["weight"]
+        def state() -> tuple[str, str]:
+            row = proxy.servers()["vlbridge1"]
+            return row["status"], row["weight"]
 
-                await asyncio.to_thread(
-                    until_blocking, lambda: state()[0].startswith("DRAIN"), "the agent's drain", poll=0.05
-                )
-                executor[0] = stats()  # the model has loaded
-                await asyncio.to_thread(
-                    until_blocking, lambda: state() == ("UP", "100"), "the server back in service", poll=0.05
-                )
-    finally:
-        await agent.stop()
+        await asyncio.to_thread(
+            until_blocking, lambda: state()[0].startswith("DRAIN"), "the agent's drain", poll=0.05
+        )
+        executor[0] = stats()  # the model has loaded
+        await asyncio.to_thread(
+            until_blocking, lambda: state() == ("UP", "100"), "the server back in service", poll=0.05
+        )
 
 
 @needs_haproxy
-async def test_an_operators_drain_outlasts_the_agents_replies(tmp_path) -> None:
+async def test_an_operators_drain_outlasts_the_agents_replies(tmp_path: Path) -> None:
     """`set server ... state drain` on HAProxy's runtime API takes an instance out by hand; the
     agent's serving replies ("up 100%") leave it drained, and "set ... state ready" ends it.
     Run on the deployment's configuration."""
-    executor = [stats()]
-    agent = AgentCheck("127.0.0.1", 0, lambda: agent_line(executor[0], assess(executor[0], True, False)))
-    await agent.start()
-    try:
-        with serve(make_config()) as running:
-            front_port, stats_socket = free_port(), tmp_path / "haproxy.sock"
-            config = render(DEPLOY_CONFIG.read_text(), front_port, [running.port], stats_socket, [agent.port])
-            with run_haproxy(config, tmp_path, front_port, stats_socket) as proxy:
+    async with behind_haproxy(tmp_path, [stats()]) as (proxy, agent):
 
-                def status() -> str:
-                    return proxy.servers()["vlbridge1"]["status"]
+        def status() -> str:
+            return proxy.servers()["vlbridge1"]["status"]
 
-                def after_replies(count: int) -> None:
-                    seen = agent.answered
-                    until_blocking(
-                        lambda: agent.answered >= seen + count, f"{count} agent replies", poll=0.05
-                    )
+        def after_replies(count: int) -> None:
+            seen = agent.answered
+            until_blocking(lambda: agent.answered >= seen + count, f"{count} agent replies", poll=0.05)
 
-                await asyncio.to_thread(after_replies, 1)  # its "ready" (a first reply) came
-                await asyncio.to_thread(until_blocking, lambda: status() == "UP", "the server up", poll=0.05)
-                proxy.command("set server vlbridge/vlbridge1 state drain")
-                # three: HAProxy asks again only once it has acted on the reply before, so the
-                # second, sent after the command, has been applied
-                await asyncio.to_thread(after_replies, 3)
-                assert status().startswith("DRAIN")
-                proxy.command("set server vlbridge/vlbridge1 state ready")
-                await asyncio.to_thread(
-                    until_blocking, lambda: status() == "UP", "the drain ended", poll=0.05
-                )
-    finally:
-        await agent.stop()
+        await asyncio.to_thread(after_replies, 1)  # its "ready" (a first reply) came
+        await asyncio.to_thread(until_blocking, lambda: status() == "UP", "the server up", poll=0.05)
+        proxy.command("set server vlbridge/vlbridge1 state drain")
+        # three: HAProxy asks again only once it has acted on the reply before, so the second,
+        # sent after the command, has been applied
+        await asyncio.to_thread(after_replies, 3)
+        assert status().startswith("DRAIN")
+        proxy.command("set server vlbridge/vlbridge1 state ready")
+        await asyncio.to_thread(until_blocking, lambda: status() == "UP", "the drain ended", poll=0.05)
 
 
 def test_loop_metrics_expose_cumulative_buckets_and_counts() -> None:
