@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.waiting import DEADLINE, until_blocking
+from tests.waiting import DEADLINE, stop_process, until_blocking
 
 DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "docker" / "haproxy.cfg"
 
@@ -134,12 +134,7 @@ def run_haproxy(config: str, directory: Path, port: int, stats_socket: Path) -> 
         until_blocking(answering, "haproxy's runtime API", poll=0.05)
         yield proxy
     finally:
-        process.terminate()
-        try:
-            process.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def wait_up(proxy: HAProxy, names: Sequence[str]) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from server.config import ServerConfig
-from tests.waiting import DEADLINE, until_blocking
+from tests.waiting import DEADLINE, stop_process, until_blocking
 
 DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "docker" / "nginx.conf"
 
@@ -123,9 +123,4 @@ def run_nginx(config: str, directory: Path, port: int) -> Iterator[Nginx]:
         until_blocking(accepting, "nginx to listen", poll=0.05)
         yield proxy
     finally:
-        process.terminate()
-        try:
-            process.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)

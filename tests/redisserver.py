@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.waiting import until_blocking
+from tests.waiting import stop_process, until_blocking
 
 REDIS_SERVER = shutil.which("redis-server")
 MISSING = "redis-server is not installed (.ci/system-packages installs it; in CI its absence fails the test)"
@@ -71,12 +71,7 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 10)
         self.proc = None
 
 

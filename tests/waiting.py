@@ -11,6 +11,7 @@ busy; nothing in the suite is expected to take more than a few seconds of it.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -43,3 +44,14 @@ def until_blocking(
             raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
         time.sleep(poll)
     return value
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = DEADLINE) -> None:
+    """Ask *process* to end (SIGTERM) and wait for it; killed if it is still there after
+    *timeout* seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
