@@ -363,20 +363,20 @@ class InboxDb:
 
     # -- the reply --------------------------------------------------------------------------------
 
-    def note_reply(
-        self,
-        message_id: str,
-        *,
-        card_id: str | None = None,
-        reply_id: str | None = None,
-        receipt_id: str | None = None,
-    ) -> None:
+    def note_reply(self, message_id: str, *, card_id: str | None = None, reply_id: str | None = None) -> None:
         if card_id is not None:
             self._set(message_id, "card_id = ?", card_id)
         if reply_id is not None:
             self._set(message_id, "reply_id = ?", reply_id)
-        if receipt_id is not None:
-            self._set(message_id, "receipt_id = ?", receipt_id)
+
+    def claim_receipt(self, message_id: str, receipt_id: str) -> str:
+        row = self._db.execute(
+            "UPDATE messages SET receipt_id = CASE receipt_id WHEN '' THEN ? ELSE receipt_id END"
+            " WHERE platform = ? AND message_id = ? RETURNING receipt_id",
+            (receipt_id, self.platform, message_id),
+        ).fetchone()
+        self._sync.touch()
+        return str(row[0]) if row else ""
 
     def take_receipt(self, message_id: str, receipt_id: str) -> bool:
         cursor = self._db.execute(

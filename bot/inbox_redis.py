@@ -135,6 +135,14 @@ if redis.call('HGET', key, 'card_id') == '' then redis.call('HSET', key, 'card_i
 return redis.call('HMGET', key, 'card_id', 'sequence')
 """
 
+# ARGV: prefix, message_id, receipt_id. The receipt recorded now ('' when unknown).
+_CLAIM_RECEIPT = """
+local key = ARGV[1] .. 'm:' .. ARGV[2]
+if redis.call('EXISTS', key) == 0 then return '' end
+if redis.call('HGET', key, 'receipt_id') == '' then redis.call('HSET', key, 'receipt_id', ARGV[3]) end
+return redis.call('HGET', key, 'receipt_id')
+"""
+
 # ARGV: prefix, message_id, receipt_id. 1 when this call cleared the receipt, else 0.
 _TAKE_RECEIPT = """
 local key = ARGV[1] .. 'm:' .. ARGV[2]
@@ -361,6 +369,7 @@ class RedisInboxDb:
         self._move_script = script(_MOVE)
         self._set_script = script(_SET)
         self._claim_card = script(_CLAIM_CARD)
+        self._claim_receipt = script(_CLAIM_RECEIPT)
         self._take_receipt = script(_TAKE_RECEIPT)
         self._raise_sequence = script(_RAISE_SEQUENCE)
         self._in_state = script(_IN_STATE)
@@ -500,20 +509,18 @@ class RedisInboxDb:
     # -- the reply --------------------------------------------------------------------------------
 
     @_storage_errors
-    def note_reply(
-        self,
-        message_id: str,
-        *,
-        card_id: str | None = None,
-        reply_id: str | None = None,
-        receipt_id: str | None = None,
-    ) -> None:
+    def note_reply(self, message_id: str, *, card_id: str | None = None, reply_id: str | None = None) -> None:
         pairs: list[str] = []
-        for name, value in (("card_id", card_id), ("reply_id", reply_id), ("receipt_id", receipt_id)):
-            if value is not None:
-                pairs += [name, value]
+        if card_id is not None:
+            pairs += ["card_id", card_id]
+        if reply_id is not None:
+            pairs += ["reply_id", reply_id]
         if pairs:
             self._set_script(args=[self.prefix, message_id, *pairs])
+
+    @_storage_errors
+    def claim_receipt(self, message_id: str, receipt_id: str) -> str:
+        return _text(self._claim_receipt(args=[self.prefix, message_id, receipt_id]))
 
     @_storage_errors
     def take_receipt(self, message_id: str, receipt_id: str) -> bool:

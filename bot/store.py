@@ -175,16 +175,13 @@ class InboxStore(Protocol):
     def retry(self, message_id: str) -> StoredMessage:
         """failed -> received, attempts and reason reset (an admin asks for another try)."""
 
-    def note_reply(
-        self,
-        message_id: str,
-        *,
-        card_id: str | None = None,
-        reply_id: str | None = None,
-        receipt_id: str | None = None,
-    ) -> None:
-        """Record the reply's card id, reply message id and/or the receipt's reaction id (nothing
-        for an unknown message)."""
+    def note_reply(self, message_id: str, *, card_id: str | None = None, reply_id: str | None = None) -> None:
+        """Record the reply's card id and/or reply message id (nothing for an unknown message)."""
+
+    def claim_receipt(self, message_id: str, receipt_id: str) -> str:
+        """Record *receipt_id* (a reaction's id) as the message's receipt unless one is recorded
+        (another service showed one first); returns the receipt recorded now, ``""`` for an
+        unknown message."""
 
     def take_receipt(self, message_id: str, receipt_id: str) -> bool:
         """Clear the message's receipt if it is *receipt_id*: whether this call cleared it (of

@@ -1,6 +1,7 @@
 """A waiting message's receipt (a reaction) is removed by whichever service starts the message:
-another one sharing the inbox, or this one after a restart; exactly once when several try
-(real reaction calls against the fake platform, one shared inbox)."""
+another one sharing the inbox, or this one after a restart; exactly once when several try; one
+receipt when several services show the message waiting (real reaction calls against the fake
+platform, one shared inbox)."""
 
 from __future__ import annotations
 
@@ -57,5 +58,25 @@ async def test_a_message_started_while_its_receipt_was_added_loses_it(
         assert reaction.deleted_at is not None and deletes(fake_feishu) == 1
         now = await inbox.run(inbox.db.get, message_id)
         assert now is not None and (now.state, now.receipt_id) == (InboxState.RUNNING, "")
+    finally:
+        api.close()
+
+
+async def test_services_showing_one_waiting_message_leave_one_receipt(
+    fake_feishu: FakeFeishu, inbox: Inbox
+) -> None:
+    """Every service whose executor is full shows the waiting messages: the first reaction
+    recorded stays, the others are removed at once; the starter removes that one."""
+    api = FeishuApi(fake_feishu.app_id, fake_feishu.app_secret, fake_feishu.url)
+    try:
+        message_id = await stored_message(fake_feishu, inbox)
+        await Receipts(api, "OnIt", inbox).show(message_id)
+        await Receipts(api, "OnIt", inbox).show(message_id)
+        (kept,) = fake_feishu.records.reactions()
+        assert len(fake_feishu.records.reactions(include_deleted=True)) == 2
+        stored = await inbox.run(inbox.db.start, message_id)
+        assert stored.receipt_id == kept.reaction_id
+        await Receipts(api, "OnIt", inbox).clear(stored)
+        assert fake_feishu.records.reactions() == [] and deletes(fake_feishu) == 2
     finally:
         api.close()

@@ -112,6 +112,6 @@ def test_a_version_4_inbox_gets_receipts(tmp_path: Path) -> None:
     old.close()
     db = InboxDb(path, platform="feishu")
     db.receive(message("om_waiting"), b"{}", 1.0)
-    db.note_reply("om_waiting", receipt_id="r_1")
+    assert db.claim_receipt("om_waiting", "r_1") == "r_1"
     assert db.take_receipt("om_waiting", "r_1")
     db.close()

@@ -141,22 +141,25 @@ def test_the_reply_is_recorded_and_sequences_only_grow(opener: Opener) -> None:
     assert db.get("om_gone") is None
 
 
-def test_a_receipt_is_taken_once_whichever_connection_asks(opener: Opener) -> None:
-    """The reaction a waiting message got: any service sharing the store may remove it once
-    the message starts, and of several that try, one is told to."""
+def test_a_receipt_is_the_first_recorded_and_taken_once_whichever_connection_asks(opener: Opener) -> None:
+    """The reaction a waiting message got: the first service to record one shows the message's
+    receipt; any service sharing the store may remove it once the message starts, and of
+    several that try, one is told to."""
     db, other = opener(), opener()
     db.receive(message("om_1"), b"{}", 1.0)
     stored = db.get("om_1")
     assert stored is not None and stored.receipt_id == ""
     assert not db.take_receipt("om_1", "")  # none shown
-    db.note_reply("om_1", receipt_id="r_1")
+    assert db.claim_receipt("om_1", "r_1") == "r_1"
+    assert other.claim_receipt("om_1", "r_2") == "r_1"  # shown elsewhere first: r_2 goes
     stored = other.get("om_1")
     assert stored is not None and stored.receipt_id == "r_1"
-    assert not other.take_receipt("om_1", "r_other")
+    assert not other.take_receipt("om_1", "r_2")
     assert other.take_receipt("om_1", "r_1")
     assert not db.take_receipt("om_1", "r_1")  # taken already
     stored = db.get("om_1")
     assert stored is not None and stored.receipt_id == ""
+    assert db.claim_receipt("om_gone", "r_1") == ""
     assert not db.take_receipt("om_gone", "r_1")
     assert db.get("om_gone") is None
 

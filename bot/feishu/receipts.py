@@ -8,7 +8,9 @@ if it waited.
 
 The reaction's id is recorded in the inbox (`receipt_id`), so that whichever service starts
 the message removes it: this one, another sharing the inbox, or this one after a restart.
-Services racing to remove it ask the inbox first (`take_receipt`): one of them is told to.
+The first recorded is the message's receipt (`claim_receipt`: services whose executors are all
+full each show the waiting messages, and a second reaction is removed at once); services
+racing to remove it ask the inbox first (`take_receipt`): one of them is told to.
 A message started while its reaction was being added is seen by the service that added it
 (here, or in the inbox after recording the id), which then removes it itself.
 """
@@ -48,13 +50,15 @@ class Receipts:
             return
         self._adding.discard(answer_id)
         try:
-            await self.inbox.run(lambda: self.inbox.db.note_reply(answer_id, receipt_id=reaction))
+            recorded = await self.inbox.run(self.inbox.db.claim_receipt, answer_id, reaction)
             stored = await self.inbox.run(self.inbox.db.get, answer_id)
         except StorageError as exc:  # unrecorded: removed now rather than left for good
             log.warning("message %s: receipt not recorded (%s)", answer_id, exc)
             await self._remove(target, reaction)
             return
-        if stored is None or stored.state is not InboxState.RECEIVED:  # started before the record
+        if recorded != reaction:  # another service's came first (or the message is gone)
+            await self._remove(target, reaction)
+        elif stored is None or stored.state is not InboxState.RECEIVED:  # started before the record
             await self._take(answer_id, reaction)
 
     async def clear(self, stored: StoredMessage) -> None:
