@@ -5,11 +5,15 @@ platform, one shared inbox)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 from bot.feishu.openapi import FeishuApi
 from bot.feishu.receipts import Receipts
 from bot.inbox import Inbox, InboxState
 from tests.fakefeishu import FakeFeishu
 from tests.test_feishu_cards_shared import stored_message
+from tests.waiting import until
 
 
 def deletes(fake: FakeFeishu) -> int:
@@ -80,3 +84,36 @@ async def test_services_showing_one_waiting_message_leave_one_receipt(
         assert fake_feishu.records.reactions() == [] and deletes(fake_feishu) == 2
     finally:
         api.close()
+
+
+async def test_a_message_started_here_while_adding_a_second_receipt_loses_both(
+    fake_feishu: FakeFeishu, inbox: Inbox
+) -> None:
+    """Another service's receipt is recorded; this one is adding its own (its call held until
+    the message starts here): starting removes the recorded one, the add removes its own."""
+    api, held_api = (FeishuApi(fake_feishu.app_id, fake_feishu.app_secret, fake_feishu.url) for _ in range(2))
+    try:
+        message_id = await stored_message(fake_feishu, inbox)
+        await Receipts(api, "OnIt", inbox).show(message_id)
+        release = asyncio.Event()
+        add = held_api.add_reaction
+
+        async def held(target: str, emoji: str) -> str:
+            await release.wait()
+            return await add(target, emoji)
+
+        held_api.add_reaction = held  # type: ignore[method-assign]
+        here = Receipts(held_api, "OnIt", inbox)
+        adding = asyncio.create_task(here.show(message_id))
+        waiting = await inbox.run(inbox.db.get, message_id)
+        assert waiting is not None
+        await until(lambda: here.owed(dataclasses.replace(waiting, receipt_id="")), "the add under way")
+        stored = await inbox.run(inbox.db.start, message_id)
+        await here.clear(stored)
+        release.set()
+        await adding
+        assert fake_feishu.records.reactions() == [], "a receipt stayed"
+        assert len(fake_feishu.records.reactions(include_deleted=True)) == 2 and deletes(fake_feishu) == 2
+    finally:
+        api.close()
+        held_api.close()

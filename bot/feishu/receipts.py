@@ -64,9 +64,8 @@ class Receipts:
     async def clear(self, stored: StoredMessage) -> None:
         """Its answer starts: remove the message's receipt, if it has one (never raises).
         *stored* is the message as its start read it."""
-        if stored.message_id in self._adding:
-            self._adding.discard(stored.message_id)  # `show` removes it once added
-        elif stored.receipt_id:
+        self._adding.discard(stored.message_id)  # one being added here: `show` removes it then
+        if stored.receipt_id:  # recorded (by any service; not the one being added here)
             await self._take(stored.message_id, stored.receipt_id)
 
     def owed(self, stored: StoredMessage) -> bool:
