@@ -30,6 +30,7 @@ from server.inference.executor import ExecutorLimits, InferenceExecutor, coalesc
 from server.inference.model.model_engine import EngineOptions, ModelEngine
 from tests.conftest import make_png
 from tests.executors import demo_executor
+from tests.waiting import until
 
 GREEDY = SamplingParams(max_new_tokens=24)
 
@@ -237,19 +238,37 @@ async def test_full_queue_answers_busy_at_once_with_retry_after(executor: Infere
         handle.cancel()
 
 
-async def test_a_burst_into_free_rows_is_taken_whole(executor: InferenceExecutor) -> None:
+async def test_a_burst_into_free_rows_is_taken_whole(demo_model_dir: Path) -> None:
     """Queue places are for what no free batch row takes: an idle executor with 4 rows and 8
     places takes 12 at once (the Feishu bot hands over as many as rows + places allow: a refusal
-    would make a message wait up to 5 s to retry), and refuses the 13th."""
-    long = SamplingParams(max_new_tokens=64, min_new_tokens=64)
-    handles = [executor.submit(InferenceRequest(f"q{i}", [Turn.user("hi")], long)) for i in range(12)]
-    firsts = [await anext(aiter(h)) for h in handles]
-    assert not [e for e in firsts if isinstance(e, Failed)], firsts
-    more = [executor.submit(InferenceRequest(f"m{i}", [Turn.user("hi")], long)) for i in range(4)]
-    refused = [e for e in [await anext(aiter(h)) for h in more] if isinstance(e, Failed)]
-    assert refused and all(e.code == "busy" for e in refused), refused
-    for handle in handles + more:
-        handle.cancel()
+    would make a message wait up to 5 s to retry), and refuses the 13th. The first 12 are kept
+    listened to and long enough (2048 tokens: seconds a wave) that none ends while the test
+    looks, however busy the machine: the test once let their streams go, which cancels them,
+    and the 13th was taken when the cancellations ran first (with a core busy)."""
+    options = EngineOptions(max_batch=4, max_context_tokens=4096, max_new_tokens=2048)
+    executor = demo_executor(demo_model_dir, options, queue_size=8)
+    await executor.start()
+    try:
+        await executor.wait_ready(60)
+        long = SamplingParams(max_new_tokens=2048, min_new_tokens=2048)
+        handles = [executor.submit(InferenceRequest(f"q{i}", [Turn.user("hi")], long)) for i in range(12)]
+        streams = [aiter(h) for h in handles]  # kept: a stream let go of cancels its request
+        firsts = [await anext(stream) for stream in streams]
+        assert not [e for e in firsts if isinstance(e, Failed)], firsts
+        full = (4, 8)  # every row running, every place taken
+
+        def taken() -> tuple[int, int]:
+            stats = executor.stats()
+            return stats.active, stats.queue_depth
+
+        await until(lambda: taken() == full, "rows and places full")
+        more = [executor.submit(InferenceRequest(f"m{i}", [Turn.user("hi")], long)) for i in range(4)]
+        refused = [e for e in [await anext(aiter(h)) for h in more] if isinstance(e, Failed)]
+        assert len(refused) == 4 and all(e.code == "busy" for e in refused), refused
+        for handle in handles + more:
+            handle.cancel()
+    finally:
+        await executor.stop()
 
 
 async def test_a_fast_executor_that_is_full_says_retry_in_one_second(demo_model_dir: Path) -> None:
