@@ -124,7 +124,7 @@ def works(device: torch.device, dtype: torch.dtype) -> bool:
     weight = torch.randn(128, 256, generator=generator, device=device).to(dtype)
     try:
         error = relative_error(Float8Linear(weight)(x), _dequantized(x, weight))
-    except (RuntimeError, NotImplementedError, TypeError):
+    except (RuntimeError, TypeError):  # torch's "no kernel for this device" is a RuntimeError too
         log.warning("float8 weights: the GEMMs failed on %s; keeping %s", device, dtype, exc_info=True)
         return False
     if error > 0.05:
