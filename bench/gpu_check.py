@@ -185,6 +185,7 @@ def _compare(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float,
     return err.max().item(), err.median().item(), top1
 
 
+DEMOS = ("demo", "demo-moe")  # check_teacher_forcing on the CPU: the demo model, with experts
 FLOAT8_REFERENCE = "against the float8 reference"  # float8.simulated: the same roundings, plain arithmetic
 
 
@@ -222,7 +223,7 @@ def check_teacher_forcing(
     """Engine vs stock transformers by teacher forcing, bf16, a batch of mixed picture sizes.
 
     `model="demo", device="cpu"` runs the same check on the demo model in float32 (a dry run
-    of this code: errors ~1e-6, top-1 agreement 1.0)."""
+    of this code: errors ~1e-6, top-1 agreement 1.0); "demo-moe" on its mixture-of-experts twin."""
     from dataclasses import replace
 
     from bench.architectures import load_in_memory
@@ -238,8 +239,9 @@ def check_teacher_forcing(
     started = time.monotonic()
     work = Path(tempfile.mkdtemp())
     demo = build_demo_model(work / "demo")
-    if model == "demo":
-        loaded = load_model(str(demo), device, "float32" if device == "cpu" else "bfloat16")
+    if model in DEMOS:
+        checkpoint = build_demo_model(work / model, experts=True) if model == "demo-moe" else demo
+        loaded = load_model(str(checkpoint), device, "float32" if device == "cpu" else "bfloat16")
     else:
         loaded = load_in_memory(model, demo)
     runner = ModelRunner(loaded, ImageLimits(), 4096)
@@ -334,11 +336,12 @@ if __name__ == "__main__":
     parser.add_argument("--teacher-forcing-only", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the teacher-forcing check")
+    parser.add_argument("--demo", default="demo", choices=DEMOS, help="the demo model a dry run checks")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="the engine's")
     parser.add_argument("--weights-dtype", default="auto", choices=["auto", "fp8"], help="the engine's")
     args = parser.parse_args()
     if args.device == "cpu":
-        report = check_teacher_forcing("demo", 8, "cpu", args.kv_cache_dtype, args.weights_dtype)
+        report = check_teacher_forcing(args.demo, 8, "cpu", args.kv_cache_dtype, args.weights_dtype)
         print(json.dumps(report, indent=1))
         sys.exit(0)
     results: dict[str, object] = {"model": args.model}

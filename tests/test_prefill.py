@@ -23,9 +23,12 @@ from server.inference.model.model_engine import EngineOptions, ModelEngine
 from tests.conftest import make_png
 
 
-def test_teacher_forcing_matches_transformers_at_every_position() -> None:
-    """bench/gpu_check.py's check, as run on the GPU for 2B/8B/30B-A3B, on the demo model."""
-    report = check_teacher_forcing("demo", 8, "cpu")
+@pytest.mark.parametrize("model", ["demo", "demo-moe"])
+def test_teacher_forcing_matches_transformers_at_every_position(model: str) -> None:
+    """bench/gpu_check.py's check, as run on the GPU for 2B/8B/30B-A3B, on the demo model and
+    on its mixture-of-experts twin (whose block wants (batch, tokens, hidden): the CPU paths
+    failed on it before `TextModel.mlp`)."""
+    report = check_teacher_forcing(model, 8, "cpu")
     for name in ("cold", "prefix cache", "vision cache"):
         result = report[name]
         assert isinstance(result, dict)

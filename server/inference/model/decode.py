@@ -150,8 +150,7 @@ class DecodeStep(TextModel):
             self.cache.write(index, slots, k[:, :, 0], v[:, :, 0])
             out = self._attention(q[:, :, 0].contiguous(), index, rows)  # (rows, heads, dim)
             hidden = residual + attn.o_proj(out.reshape(rows, 1, -1))
-            mlp = layer.mlp(layer.post_attention_layernorm(hidden))
-            hidden = hidden + (mlp[0] if isinstance(mlp, tuple) else mlp)
+            hidden = hidden + self.mlp(layer, layer.post_attention_layernorm(hidden))
         hidden = self.norm(hidden)
         self.logits[:rows] = self.lm_head(hidden[:, 0]).float()
 

@@ -116,15 +116,33 @@ def _train_tokenizer(vocab_size: int) -> object:
     return tokenizer
 
 
-def build_demo_model(directory: str | Path, *, seed: int = 0, shard_size: str | None = None) -> Path:
+# *experts*: the same model with a mixture of experts in every layer (Qwen3-VL-30B-A3B's shape).
+MOE_TEXT = {
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 128,
+    "decoder_sparse_step": 1,
+}
+
+
+def build_demo_model(
+    directory: str | Path, *, seed: int = 0, shard_size: str | None = None, experts: bool = False
+) -> Path:
     """Write the tiny checkpoint into *directory* (created if needed) and return its path.
 
     Deterministic for a given *seed*; takes a few seconds on a CPU and needs no network.
     *shard_size* (e.g. "1MB") splits the weights into shards with an index, as real
-    checkpoints are (a download then reports progress shard by shard).
+    checkpoints are (a download then reports progress shard by shard). *experts*: a mixture
+    of experts in each layer (qwen3_vl_moe, as 30B-A3B), for tests of the experts' paths.
     """
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+    )
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.utils import logging as hf_logging
 
@@ -150,7 +168,9 @@ def build_demo_model(directory: str | Path, *, seed: int = 0, shard_size: str | 
 
     text = _text_config()
     text["vocab_size"] = len(tokenizer)
-    config = Qwen3VLConfig(
+    if experts:
+        text.update(MOE_TEXT)
+    config = (Qwen3VLMoeConfig if experts else Qwen3VLConfig)(
         text_config=text,
         vision_config=_vision_config(),
         image_token_id=ids["<|image_pad|>"],
@@ -163,7 +183,9 @@ def build_demo_model(directory: str | Path, *, seed: int = 0, shard_size: str | 
     config.eos_token_id = ids["<|im_end|>"]
 
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = (Qwen3VLMoeForConditionalGeneration if experts else Qwen3VLForConditionalGeneration)(
+        config
+    ).eval()
     with torch.no_grad():
         for param in model.parameters():  # a wider spread than the default init: less bland answers
             if param.dim() > 1:

@@ -247,8 +247,7 @@ class PrefillForward(TextModel):
             q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
             self.cache.write(index, batch.store, k, v)
             hidden = residual + attn.o_proj(self._attend(q, index, batch).reshape(tokens, -1))
-            mlp = layer.mlp(layer.post_attention_layernorm(hidden))
-            hidden = hidden + (mlp[0] if isinstance(mlp, tuple) else mlp)
+            hidden = hidden + self.mlp(layer, layer.post_attention_layernorm(hidden))
             if index < len(deepstack):
                 self._deepstack(hidden, batch, deepstack[index])
         return hidden

@@ -58,7 +58,7 @@ class TextModel:
         norm = layer.post_attention_layernorm
         x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon, residual)
         assert residual is not None
-        return self.fused_mlp(layer, x), residual
+        return self.mlp(layer, x), residual
 
     def fused_query(
         self, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor
@@ -84,13 +84,14 @@ class TextModel:
         )
 
     @staticmethod
-    def fused_mlp(layer: Any, x: torch.Tensor) -> torch.Tensor:
-        """The layer's MLP over (tokens, hidden): gate/up GEMM + SiLU*up + down, or a mixture of
-        experts block's own forward."""
-        from .kernels import silu_mul
-
+    def mlp(layer: Any, x: torch.Tensor) -> torch.Tensor:
+        """The layer's MLP over (..., hidden): the fused gate/up GEMM + SiLU*up + down
+        (`kernels.fuse_projections`), or the block's own forward (a mixture of experts block
+        takes (batch, tokens, hidden))."""
         mlp = layer.mlp
         if hasattr(mlp, "gate_up"):
+            from .kernels import silu_mul
+
             return mlp.down_proj(silu_mul(mlp.gate_up(x)))
-        out = mlp(x.unsqueeze(1))
-        return (out[0] if isinstance(out, tuple) else out).view(x.shape[0], -1)
+        out = mlp(x.reshape(-1, 1, x.shape[-1]))
+        return (out[0] if isinstance(out, tuple) else out).view(x.shape)
