@@ -1,0 +1,80 @@
+"""Checks of the CUDA paths' Triton kernels on the CPU, through Triton's interpreter
+(tests/test_triton_interpreted.py runs each in a child process with TRITON_INTERPRET=1, which
+Triton reads when a kernel is defined).
+
+    TRITON_INTERPRET=1 python -m tests.interpreted fused|fused-moe
+
+The interpreter multiplies bfloat16 wrongly (triton 3.9: `tl.dot` of two bf16 blocks is off by
+~1e10), so the kernels run on float16 and float32 tensors here; the GPU runs them on bf16.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def check_fused(experts: bool) -> None:
+    """The engine's CUDA paths (fused kernels.py kernels, paged attention) run eagerly against
+    its CPU paths on the demo model (float32): prefill and decode logits agree to ~1e-6."""
+    from protocol.pictures import ImageLimits
+    from server.inference.api import SamplingParams, Turn
+    from server.inference.engine import Sequence
+    from server.inference.model.demo import build_demo_model
+    from server.inference.model.model_engine import EngineOptions, ModelEngine
+    from tests.conftest import make_png
+
+    demo = build_demo_model(Path(tempfile.mkdtemp()) / "demo", experts=experts)
+    engine = ModelEngine.load(
+        str(demo),
+        device="cpu",
+        dtype="float32",
+        limits=ImageLimits(),
+        options=EngineOptions(max_batch=4, max_context_tokens=2048, prefix_cache=False),
+    )
+    conversations = [
+        [Turn.user("What is this?", [make_png(320, 256)])],
+        [Turn.user("Hello there, two?", [make_png(96, 64, (9, 200, 30)), make_png(64, 160)])],
+    ]
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        seqs = [
+            Sequence(str(i), engine.prepare(turns), SamplingParams(max_new_tokens=6), 6)
+            for i, turns in enumerate(conversations)
+        ]
+        for seq in seqs:
+            assert engine.reserve(seq)
+        engine.keep_logits = True
+        engine.prefill(seqs)
+        assert engine.prefill_logits is not None
+        prefill = [logits.clone() for logits in engine.prefill_logits]
+        steps = []
+        for _ in range(5):
+            engine.decode(seqs).tokens()
+            steps.append(engine.step.logits[: len(seqs)].clone())
+        for seq in seqs:
+            engine.release(seq)
+        return prefill, steps
+
+    stock = run()
+    from server.inference.model.kernels import fuse_projections
+
+    fuse_projections(engine.model)
+    engine.forward.fused = True
+    engine.step._forward = engine.step._forward_fused  # type: ignore[method-assign]  # eagerly
+    fused = run()
+    for name, want, got in zip(("prefill", "decode"), stock, fused, strict=True):
+        for a, b in zip(want, got, strict=True):
+            difference = float((a - b).abs().max())
+            print(f"{name}: largest difference {difference:.2e} of logits up to {float(a.abs().max()):.2f}")
+            assert difference < 1e-4 and torch.equal(a.argmax(-1), b.argmax(-1)), difference
+
+
+if __name__ == "__main__":
+    {
+        "fused": lambda: check_fused(experts=False),
+        "fused-moe": lambda: check_fused(experts=True),
+    }[sys.argv[1]]()
