@@ -41,8 +41,8 @@ ROWS = (64, 4096)
 CALLS = 10  # calls in a timed graph
 
 
-def graph_ms(fn: Callable[[], Any]) -> float:
-    """Device time of one call of *fn*: a CUDA graph of CALLS calls, median of 10 replays."""
+def graph_ms(fn: Callable[[], Any], calls: int = CALLS) -> float:
+    """Device time of one call of *fn*: a CUDA graph of *calls* calls, median of 10 replays."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -51,7 +51,7 @@ def graph_ms(fn: Callable[[], Any]) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(CALLS):
+        for _ in range(calls):
             fn()
     times = []
     for _ in range(10):
@@ -60,7 +60,7 @@ def graph_ms(fn: Callable[[], Any]) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / CALLS)
+        times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
 
 

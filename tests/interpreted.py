@@ -2,7 +2,7 @@
 (tests/test_triton_interpreted.py runs each in a child process with TRITON_INTERPRET=1, which
 Triton reads when a kernel is defined).
 
-    TRITON_INTERPRET=1 python -m tests.interpreted fused|fused-moe
+    TRITON_INTERPRET=1 python -m tests.interpreted experts|fused|fused-moe
 
 The interpreter multiplies bfloat16 wrongly (triton 3.9: `tl.dot` of two bf16 blocks is off by
 ~1e10), so the kernels run on float16 and float32 tensors here; the GPU runs them on bf16.
@@ -15,6 +15,46 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+
+def check_experts() -> None:
+    """float8_gemm.experts against the float32 reference (`Float8Experts(kernel=False)`):
+    routing spread and concentrated (an expert's pairs in several blocks), several tiles."""
+    from types import SimpleNamespace
+
+    from server.inference.model import float8, float8_gemm
+    from server.inference.model.agreement import relative_error
+    from server.inference.model.float8_gemm import Tiles
+
+    cases = [  # experts, hidden, inter, tokens, per token, skew, tiles
+        (8, 128, 128, 6, 3, 0.0, None),
+        (8, 128, 128, 40, 2, 6.0, None),
+        (16, 256, 128, 64, 4, 8.0, (Tiles(16, 64, 64), Tiles(32, 32, 32))),
+        (6, 128, 64, 50, 2, 0.0, (Tiles(64, 32, 128, 4, 2), Tiles(16, 128, 64, 8, 3))),
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for count, hidden, inter, tokens, chosen, skew, tiles in cases:
+        experts = SimpleNamespace(
+            gate_up_proj=torch.randn(count, 2 * inter, hidden, generator=generator),
+            down_proj=torch.randn(count, hidden, inter, generator=generator),
+            act_fn=torch.nn.SiLU(),
+        )
+        layer = float8.Float8Experts(experts, kernel=False)
+        x = torch.randn(tokens, hidden, generator=generator).half()
+        logits = torch.randn(tokens, count, generator=generator) + skew * torch.randn(
+            count, generator=generator
+        )
+        weights, index = torch.softmax(logits, -1).topk(chosen, dim=-1)
+        weights = weights.half()
+        got = float8_gemm.experts(
+            x, index, weights, layer.gate_up, layer.gate_up_scale, layer.down, layer.down_scale,
+            layer.bounds, tiles=tiles,
+        )  # fmt: skip
+        want = layer(x, index, weights)
+        error = relative_error(got, want)
+        crowded = int(index.reshape(-1).bincount().max())
+        print(f"experts {count}, tokens {tokens}, most pairs an expert {crowded}, tiles {tiles}: {error:.2e}")
+        assert got.shape == want.shape and error < 5e-3, error
 
 
 def check_fused(experts: bool) -> None:
@@ -75,6 +115,7 @@ def check_fused(experts: bool) -> None:
 
 if __name__ == "__main__":
     {
+        "experts": check_experts,
         "fused": lambda: check_fused(experts=False),
         "fused-moe": lambda: check_fused(experts=True),
     }[sys.argv[1]]()

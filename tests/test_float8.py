@@ -1,18 +1,23 @@
 """float8 weights (`model.weights_dtype = "fp8"`, server/inference/model/float8.py) on the CPU.
 
 The CUDA side (the Triton activation kernel, `_scaled_mm` on the GPU, the fused projections) is
-checked at start-up against the same reference (`float8.works`) and by bench/gpu_check.py."""
+checked at start-up against the same reference (`float8.works`) and by bench/gpu_check.py; the
+experts' Triton kernel also through Triton's interpreter (tests/test_float8_kernel.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from bench.gpu_check import FLOAT8_REFERENCE, check_teacher_forcing
 from server.inference.api import Done, InferenceRequest, SamplingParams, Turn
 from server.inference.model import float8
 from server.inference.model.agreement import relative_error
+from server.inference.model.demo import build_demo_model
+from server.inference.model.loader import load_model
 from server.inference.model.model_engine import EngineOptions, ModelEngine
 from tests.conftest import make_png
 from tests.executors import demo_executor
@@ -37,6 +42,60 @@ def test_a_float8_linear_layer_is_its_reference_and_scales_each_row_and_channel(
         for columns in (slice(0, 5), slice(6, 96)):
             error = relative_error(out[row, columns], exact[row, columns])
             assert 1e-3 < error < 0.1, (row, columns, error)  # float8's rounding, and only that
+
+
+def test_a_kept_weight_multiplies_a_decode_steps_rows_and_float8_a_prefills() -> None:
+    """Where the GPU has room (`float8._room`), a layer keeps the model's weight for up to
+    DECODE_ROWS rows, where float8's GEMM is no faster (bench/float8_gemms.py)."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(96, 128, generator=generator)
+    layer = float8.Float8Linear(weight, keep=True)
+    step = torch.randn(float8.DECODE_ROWS, 128, generator=generator)
+    assert torch.equal(layer(step), step @ weight.t())
+    prefill = torch.randn(float8.DECODE_ROWS + 1, 128, generator=generator)
+    assert torch.equal(layer(prefill), float8._dequantized(prefill, weight))
+    assert float8.Float8Linear(weight).kept is None
+
+
+@pytest.fixture(scope="module")
+def experts_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The demo model's mixture-of-experts twin (8 experts, 2 a token), float32 on the CPU."""
+    return load_model(
+        str(build_demo_model(tmp_path_factory.mktemp("moe"), experts=True)), "cpu", "float32"
+    ).model
+
+
+def test_float8_experts_are_their_reference_and_keep_the_models_own_for_prefills(experts_model: Any) -> None:
+    experts = experts_model.model.language_model.layers[0].mlp.experts
+    generator = torch.Generator().manual_seed(5)
+    tokens = 3 * float8.DECODE_ROWS
+    x = torch.randn(tokens, experts.gate_up_proj.shape[-1], generator=generator)
+    weights, index = torch.softmax(torch.randn(tokens, 8, generator=generator), -1).topk(2, dim=-1)
+    with torch.no_grad():
+        exact = experts(x, index, weights)
+        rounded = float8.Float8Experts(experts)(x, index, weights)
+        kept = float8.Float8Experts(experts, keep=True)
+        assert torch.equal(kept(x, index, weights), exact)  # a prefill's tokens: the model's experts
+        step = slice(0, float8.DECODE_ROWS)
+        assert torch.equal(kept(x[step], index[step], weights[step]), rounded[step])
+    assert 1e-3 < relative_error(rounded, exact) < 0.1  # float8's rounding, and only that
+    for token in (0, 1):  # each (token, expert) pair weighted by its routing weight
+        alone = [float8.Float8Experts(experts)(x[token : token + 1], index[token : token + 1, [k]],
+                                               torch.ones(1, 1)) for k in (0, 1)]  # fmt: skip
+        mixed = weights[token, 0] * alone[0] + weights[token, 1] * alone[1]
+        assert relative_error(rounded[token : token + 1], mixed) < 1e-5
+
+
+def test_teacher_forcing_with_float8_experts_matches_the_float8_reference() -> None:
+    """The demo's mixture-of-experts twin in float8 against `float8.simulated` (its experts
+    included): as close as the dense model."""
+    report = check_teacher_forcing("demo-moe", 8, "cpu", weights_dtype="fp8")
+    result = report["cold"]
+    assert isinstance(result, dict)
+    simulated = result[FLOAT8_REFERENCE]
+    assert simulated["prefill_max_rel_err"] < 0.1 and simulated["decode_max_rel_err"] < 0.1, result
+    assert simulated["prefill_top1"] >= 0.95 and simulated["decode_top1"] >= 0.95, result
+    assert result["prefill_median_rel_err"] > 0.02, result  # the float8 experts ran
 
 
 def test_teacher_forcing_with_float8_weights_matches_the_float8_reference() -> None:

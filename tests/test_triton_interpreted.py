@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("check", ["fused", "fused-moe"])
+@pytest.mark.parametrize("check", ["experts", "fused", "fused-moe"])
 def test_the_kernels_agree_with_their_references_in_tritons_interpreter(check: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(

@@ -1,4 +1,4 @@
-"""float8 weights for the language model (W8A8, opt-in: `model.weights_dtype = "fp8"`).
+"""float8 weights for the language model (W8A8 and W8A16, opt-in: `model.weights_dtype = "fp8"`).
 
 Why: 8B and 30B-A3B keep an H200 busy 97% in bf16 (docs/executor.md): their prefill is GEMMs
 at ~640 TFLOP/s and their decode step reads every weight once. float8 e4m3 halves the weights'
@@ -11,10 +11,18 @@ the float8 operands and applies both scales in float32 in its epilogue, the outp
 model's dtype.
 
 What changes: the linear layers of the language model's decoder layers (q/k/v, o, gate/up,
-down). What stays in the model's dtype: embeddings, `lm_head`, norms, the vision encoder, and
-the experts of a mixture-of-experts model (30B-A3B): torch's float8 grouped GEMM
-(`_scaled_grouped_mm`) took 2.2x the time of bf16's `grouped_mm` at a prefill's size on an
-H200, and its CUDA graphs disagreed with its eager runs (bench/float8_gemms.py, docs/executor.md).
+down), and the experts of a mixture-of-experts model (30B-A3B, `Float8Experts`), multiplied by
+float8_gemm.py's kernel, which widens the float8 weights to the activations' dtype as it reads
+them (W8A16): their GEMMs at a decode step are many small ones bound by reading the weights
+(torch's float8 grouped GEMM, `_scaled_grouped_mm`, took 2.2x the time of bf16's `grouped_mm`
+at a prefill's size on an H200 and its CUDA graphs disagreed with its eager runs). What stays in
+the model's dtype: embeddings, `lm_head`, norms, the routers, and the vision encoder.
+
+Where float8 is not faster, the model's own weights do the work if the GPU has room for both
+(a share ROOM of its memory left free: `_room`): dense layers up to DECODE_ROWS rows (a decode
+step: no float8 GEMM tried beats bf16 at 32-64 rows), experts above (a prefill: bf16's grouped
+GEMM beats the W8A16 kernel there). Measured in bench/float8_gemms.py, bench/w8a16.py and
+docs/executor.md.
 
 The logits are no longer the checkpoint's bf16 ones, so this is opt-in. Checked: at start-up
 against the same product in float32 arithmetic (`works`: a GPU whose kernels fail or disagree
@@ -36,6 +44,8 @@ log = logging.getLogger("vlbridge.model")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn
 TINY = 1e-12  # the smallest row maximum a scale divides by (a row of zeros stays zeros)
+DECODE_ROWS = 64  # a decode step's rows at most (c=64): see Float8Linear and Float8Experts
+ROOM = 0.25  # the model's own weights are kept beside float8's while this share of the GPU stays free
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # kernels.py
 
 
@@ -74,17 +84,22 @@ def _quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Float8Linear(torch.nn.Module):
-    """A bias-free linear layer over float8 weights and float8 activations (module doc)."""
+    """A bias-free linear layer over float8 weights and float8 activations (module doc). With
+    *keep*, the model's own weight stays beside them and multiplies up to DECODE_ROWS rows (a
+    decode step), where the float8 GEMM is no faster (bench/float8_gemms.py)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, keep: bool = False) -> None:
         super().__init__()
         values, scale = quantize_weight(weight.detach())
         self.register_buffer("weight", values)  # (out, in): its .t() is the column-major operand
         self.register_buffer("scale", scale.unsqueeze(0))  # (1, out)
+        self.register_buffer("kept", weight.detach() if keep else None)
         self.out_dtype = weight.dtype
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kept is not None and x.numel() <= DECODE_ROWS * self.in_features:
+            return torch.nn.functional.linear(x, self.kept)
         q, scale = quantize_rows(x.reshape(-1, self.in_features))
         out = torch._scaled_mm(
             q, self.weight.t(), scale_a=scale, scale_b=self.scale, out_dtype=self.out_dtype
@@ -92,12 +107,78 @@ class Float8Linear(torch.nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
+class Float8Experts(torch.nn.Module):
+    """The experts of a mixture-of-experts block (transformers' `...TextExperts`: `gate_up_proj`
+    (experts, 2 * inter, hidden) holding [gate | up], `down_proj` (experts, hidden, inter), SiLU)
+    over float8 weights with a scale per expert and output channel; its forward is theirs. On CUDA
+    float8_gemm.py's kernel multiplies (W8A16); elsewhere, and with `kernel=False`, the same
+    arithmetic in float32 (the reference). With *keep*, the model's own experts stay beside them
+    and run more than DECODE_ROWS tokens (a prefill: bf16's grouped GEMM is faster there than
+    this kernel, bench/w8a16.py)."""
+
+    def __init__(self, experts: Any, kernel: bool = True, keep: bool = False) -> None:
+        super().__init__()
+        if type(getattr(experts, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation") or any(
+            getattr(experts, flag, False) for flag in ("is_transposed", "has_bias")
+        ):
+            raise ValueError("float8 experts: only bias-free SiLU-gated experts, (out, in) weights")
+        for name in ("gate_up", "down"):
+            values, scale = quantize_weight(getattr(experts, f"{name}_proj").detach())
+            self.register_buffer(name, values)
+            self.register_buffer(f"{name}_scale", scale)
+        self.register_buffer("bounds", torch.arange(self.gate_up.shape[0] + 1, device=self.gate_up.device))
+        self.kernel = kernel
+        self.prefill = experts if keep else None
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if self.prefill is not None and hidden_states.shape[0] > DECODE_ROWS:
+            return self.prefill(hidden_states, top_k_index, top_k_weights)
+        if self.kernel and hidden_states.is_cuda:
+            from .float8_gemm import experts
+
+            return experts(
+                hidden_states, top_k_index, top_k_weights,
+                self.gate_up, self.gate_up_scale, self.down, self.down_scale, self.bounds,
+            )  # fmt: skip
+        return self._reference(hidden_states, top_k_index, top_k_weights)
+
+    def _reference(
+        self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for expert in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == expert)
+            gate_up = (
+                x[token].float() @ (self.gate_up[expert].float() * self.gate_up_scale[expert, :, None]).t()
+            )
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = (torch.nn.functional.silu(gate) * up).to(x.dtype).float()  # the kernel stores it so
+            down = hidden @ (self.down[expert].float() * self.down_scale[expert, :, None]).t()
+            out.index_add_(0, token, down * top_k_weights[token, slot, None].float())
+        return out.to(x.dtype)
+
+
+def _room(*weights: torch.Tensor) -> bool:
+    """Whether the GPU holding *weights* keeps them beside their float8 copies: a share ROOM of its
+    memory stays free once it also holds the copies (memory the KV cache would otherwise get)."""
+    if not weights[0].is_cuda:
+        return False
+    free, total = torch.cuda.mem_get_info(weights[0].device)
+    return free - sum(w.numel() for w in weights) > ROOM * total  # a float8 element is a byte
+
+
 def quantize_language_model(model: Any) -> int:
-    """Replace the decoder layers' linear layers by float8 ones, in place; the number replaced.
-    The parts of a fused projection (`kernels.fuse_projections`: `qkv`, `gate_up`) are removed,
-    so that the fused weight's memory, which they view, is freed."""
+    """Replace the decoder layers' linear layers (and experts) by float8 ones, in place; the number
+    replaced. The parts of a fused projection (`kernels.fuse_projections`: `qkv`, `gate_up`) are
+    removed, so that the fused weight's memory, which they view, is freed."""
     replaced = 0
     for layer in model.model.language_model.layers:
+        if hasattr(layer.mlp, "experts"):
+            experts = layer.mlp.experts
+            layer.mlp.experts = Float8Experts(experts, keep=_room(experts.gate_up_proj, experts.down_proj))
+            replaced += 1
         for block in (layer.self_attn, layer.mlp):
             for fused, parts in FUSED.items():
                 if hasattr(block, fused):
@@ -107,7 +188,7 @@ def quantize_language_model(model: Any) -> int:
                 if isinstance(child, torch.nn.Linear):
                     if child.bias is not None:
                         raise ValueError(f"float8 weights: biased {name} is not supported")
-                    setattr(block, name, Float8Linear(child.weight))
+                    setattr(block, name, Float8Linear(child.weight, keep=_room(child.weight)))
                     replaced += 1
     if next(model.parameters()).is_cuda:
         torch.cuda.empty_cache()
@@ -115,20 +196,35 @@ def quantize_language_model(model: Any) -> int:
 
 
 def works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether float8 GEMMs run on *device* and agree with the dequantized reference: a torch or
-    GPU without row-wise float8 GEMMs fails here."""
+    """Whether the float8 kernels run on *device* and agree with their references: a linear layer
+    (a torch or GPU without row-wise float8 GEMMs fails here) and experts."""
+    from types import SimpleNamespace
+
     from .agreement import relative_error
 
     generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(48, 256, generator=generator, device=device).to(dtype)
-    weight = torch.randn(128, 256, generator=generator, device=device).to(dtype)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device).to(dtype)
+
+    weight = randn(128, 256)
+    experts = SimpleNamespace(
+        gate_up_proj=randn(8, 128, 256), down_proj=randn(8, 256, 64), act_fn=torch.nn.SiLU()
+    )
+    index = torch.rand(24, 8, generator=generator, device=device).topk(2, dim=-1).indices
+    routing = torch.softmax(randn(24, 2).float(), dim=-1).to(dtype)
     try:
-        error = relative_error(Float8Linear(weight)(x), _dequantized(x, weight))
+        x = randn(48, 256)
+        errors = {"linear": relative_error(Float8Linear(weight)(x), _dequantized(x, weight))}
+        x = x[:24]
+        errors["experts"] = relative_error(
+            Float8Experts(experts)(x, index, routing), Float8Experts(experts, kernel=False)(x, index, routing)
+        )
     except (RuntimeError, TypeError):  # torch's "no kernel for this device" is a RuntimeError too
-        log.warning("float8 weights: the GEMMs failed on %s; keeping %s", device, dtype, exc_info=True)
+        log.warning("float8 weights: the kernels failed on %s; keeping %s", device, dtype, exc_info=True)
         return False
-    if error > 0.05:
-        log.warning("float8 weights: the GEMMs disagree with the reference (%.3f); keeping %s", error, dtype)
+    if max(errors.values()) > 0.05:
+        log.warning("float8 weights: the kernels disagree with the reference (%s); keeping %s", errors, dtype)
         return False
     return True
 
@@ -169,8 +265,11 @@ def simulated(model: Any) -> Iterator[None]:
         for block in (layer.self_attn, layer.mlp):
             for name, child in list(block.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    setattr(block, name, _Reference(child.weight))
                     swapped.append((block, name, child))
+                    setattr(block, name, _Reference(child.weight))
+                elif name == "experts":
+                    swapped.append((block, name, child))
+                    setattr(block, name, Float8Experts(child, kernel=False))
     try:
         yield
     finally:

@@ -1,0 +1,171 @@
+"""float8 experts (W8A16, server/inference/model/float8_gemm.py) against bf16, on one GPU.
+
+The experts of 30B-A3B (8 of 128 a token) at 64 rows (a decode step at c=64) and 4096 rows (a
+prefill slice of ~4 pictures), routed two ways: uniformly at random (as a trained router
+spreads tokens), and skewed (every token prefers the same few experts, as the random-weight
+checkpoints' routers do: the engine's 30B-A3B decode step took 10.9 ms in bf16 where uniform
+routing needs ~24). For each: transformers' experts module (`grouped_mm`, bf16) against
+`float8.Float8Experts` (two launches of the W8A16 kernel) with the engine's tiles and with the
+best of a sweep; the kernel's error against the same product in float32 (what is left is
+bf16's rounding of its outputs, ~1e-3 of their largest) and against bf16 (float8's own
+rounding, ~5%). Device time of one call inside a CUDA graph (bench/float8_gemms.py).
+
+python bench/w8a16.py [--out w8a16.json] [--write-tiles]
+
+--write-tiles keeps each shape's fastest tiles for this GPU in float8_tiles.json, which the
+engine reads (float8_gemm.py): those of the skewed routing, which the benchmarks serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from typing import Any
+
+import torch
+
+from bench.float8_gemms import EXPERTS, graph_ms
+from server.inference.model import float8, float8_gemm
+from server.inference.model.agreement import relative_error
+from server.inference.model.float8_gemm import Tiles
+
+DEVICE = "cuda"  # --device cpu: a dry run of this script through Triton's interpreter, untimed
+TILES = {
+    64: [  # a decode step: ~4 pairs an expert (uniform)
+        Tiles(m, n, k, warps, stages)
+        for m, n, k, (warps, stages) in itertools.product(
+            (16, 32), (32, 64, 128), (64, 128), ((4, 3), (4, 4))
+        )
+    ],
+    4096: [  # a prefill slice: ~256 pairs an expert (uniform)
+        Tiles(m, n, 64, warps, stages)
+        for m, n, (warps, stages) in itertools.product((64, 128), (64, 128), ((4, 3), (8, 3), (8, 4)))
+    ],
+}
+
+
+def timed(fn: Any) -> float:
+    if DEVICE != "cuda":
+        fn()
+        return 1.0
+    try:
+        return graph_ms(fn)
+    except Exception as exc:  # a tile the compiler refuses (shared memory): skipped, said why
+        print(f"    skipped: {type(exc).__name__}: {str(exc)[:100]}")
+        return float("inf")
+
+
+def routing(rows: int, count: int, per_token: int, skewed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device=DEVICE).manual_seed(rows)
+    logits = torch.randn(rows, count, device=DEVICE, generator=generator)
+    if skewed:  # one preference for all tokens, as a random router's over similar hidden states
+        logits += 4 * torch.randn(count, device=DEVICE, generator=generator)
+    weights, index = torch.softmax(logits, -1).topk(per_token, dim=-1)
+    return (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16), index
+
+
+def experts(count: int, per_token: int, hidden: int, inter: int, rows: int, skewed: bool) -> dict[str, Any]:
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    config = Qwen3VLMoeTextConfig(
+        hidden_size=hidden, moe_intermediate_size=inter, num_experts=count, num_experts_per_tok=per_token
+    )
+    config._experts_implementation = "grouped_mm"
+    with torch.device(DEVICE):
+        stock = Qwen3VLMoeTextExperts(config).to(torch.bfloat16)
+    with torch.no_grad():
+        stock.gate_up_proj.normal_(0, hidden**-0.5)
+        stock.down_proj.normal_(0, inter**-0.5)
+    fp8 = float8.Float8Experts(stock)
+    x = torch.randn(rows, hidden, device=DEVICE, dtype=torch.bfloat16)
+    weights, index = routing(rows, count, per_token, skewed)
+    with torch.no_grad():
+        got = fp8(x, index, weights)
+        reference = float8.Float8Experts(stock, kernel=False)(x[:256], index[:256], weights[:256])
+        result: dict[str, Any] = {
+            "experts_touched": int(index.unique().numel()),
+            "most_pairs_an_expert": int(index.reshape(-1).bincount().max()),
+            "error_vs_reference": relative_error(got[:256], reference),
+            "error_vs_bf16": relative_error(got, stock(x, index, weights)),
+            "bf16_ms": timed(lambda: stock(x, index, weights)),
+            "w8a16_ms": timed(lambda: fp8(x, index, weights)),
+        }
+        best: tuple[float, Tiles | None] = (float("inf"), None)
+        args = (fp8.gate_up, fp8.gate_up_scale, fp8.down, fp8.down_scale, fp8.bounds)
+        for tiles in TILES[rows]:
+            ms = timed(lambda t=tiles: float8_gemm.experts(x, index, weights, *args, tiles=(t, t)))
+            best = min(best, (ms, tiles), key=lambda b: b[0])
+    per_expert = rows * per_token // count
+    result.update(
+        w8a16_best_ms=best[0],
+        best_tiles=best[1],
+        keys=[
+            float8_gemm.tile_key("gated", inter, hidden, per_expert),
+            float8_gemm.tile_key("routed", hidden, inter, per_expert),
+        ],
+    )
+    return result
+
+
+def write_tiles(results: list[dict[str, Any]], device: str) -> None:
+    """The fastest tiles of each shape into float8_gemm.TILES_FILE under *device*, where they beat
+    the engine's rule (the tiles it ran as w8a16_ms) by more than 3%."""
+    path = float8_gemm.TILES_FILE
+    table = json.loads(path.read_text()) if path.exists() else {}
+    found = table.setdefault(device, {})
+    for result in results:
+        if result["best_tiles"] and result["w8a16_best_ms"] < 0.97 * result["w8a16_ms"]:
+            for key in result["keys"]:
+                found[key] = list(result["best_tiles"])
+    table[device] = dict(sorted(found.items()))
+    devices = [
+        f"  {json.dumps(name)}: {{\n"
+        + ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in keys.items())
+        for name, keys in table.items()
+    ]
+    path.write_text("{\n" + "\n  },\n".join(devices) + "\n  }\n}\n")  # a shape's tiles on one line
+    print(f"tiles for {device}: {len(table[device])} shapes in {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--write-tiles", action="store_true", help="the fastest tiles into float8_tiles.json")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    started = time.monotonic()
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
+    print(device, "torch", torch.__version__)
+    report: dict[str, Any] = {"device": device, "torch": torch.__version__}
+    for model, shape in EXPERTS.items():
+        for rows, skewed in itertools.product((64, 4096), (False, True)):
+            r = experts(*shape, rows, skewed)
+            report[f"{model}/{rows}/{'skewed' if skewed else 'uniform'}"] = r
+            print(
+                f"{model} experts, {rows} rows, {'skewed' if skewed else 'uniform'} routing"
+                f" ({r['experts_touched']} experts, at most {r['most_pairs_an_expert']} pairs):"
+                f" bf16 {r['bf16_ms'] * 1e3:.1f} us, float8 {r['w8a16_ms'] * 1e3:.1f} us"
+                f" ({r['bf16_ms'] / r['w8a16_ms']:.2f}x), best {r['w8a16_best_ms'] * 1e3:.1f} us"
+                f" ({r['bf16_ms'] / r['w8a16_best_ms']:.2f}x) {tuple(r['best_tiles'] or ())};"
+                f" error {r['error_vs_reference']:.4f} (reference) {r['error_vs_bf16']:.4f} (bf16)",
+                flush=True,
+            )
+    print(f"{time.monotonic() - started:.0f} s")
+    if args.write_tiles:
+        write_tiles([r for key, r in report.items() if key.endswith("skewed")], device)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
