@@ -18,8 +18,9 @@ import torch
 
 
 def check_experts() -> None:
-    """float8_gemm.experts against the float32 reference (`Float8Experts(kernel=False)`):
-    routing spread and concentrated (an expert's pairs in several blocks), several tiles."""
+    """float8_gemm.experts against the float32 reference (`Float8Experts._reference`), with
+    bf16-like (here float16) and float8 activations: routing spread and concentrated (an
+    expert's pairs in several blocks), several tiles."""
     from types import SimpleNamespace
 
     from server.inference.model import float8, float8_gemm
@@ -46,15 +47,19 @@ def check_experts() -> None:
         )
         weights, index = torch.softmax(logits, -1).topk(chosen, dim=-1)
         weights = weights.half()
-        got = float8_gemm.experts(
-            x, index, weights, layer.gate_up, layer.gate_up_scale, layer.down, layer.down_scale,
-            layer.bounds, tiles=tiles,
-        )  # fmt: skip
-        want = layer(x, index, weights)
-        error = relative_error(got, want)
         crowded = int(index.reshape(-1).bincount().max())
-        print(f"experts {count}, tokens {tokens}, most pairs an expert {crowded}, tiles {tiles}: {error:.2e}")
-        assert got.shape == want.shape and error < 5e-3, error
+        for float8_activations in (False, True):
+            got = float8_gemm.experts(
+                x, index, weights, layer.gate_up, layer.gate_up_scale, layer.down, layer.down_scale,
+                layer.bounds, tiles=tiles, float8_activations=float8_activations,
+            )  # fmt: skip
+            want = layer._reference(x, index, weights, float8_activations)
+            error = relative_error(got, want)
+            print(
+                f"experts {count}, tokens {tokens}, most pairs an expert {crowded}, tiles {tiles},"
+                f" float8 activations {float8_activations}: {error:.2e}"
+            )
+            assert got.shape == want.shape and error < 5e-3, error
 
 
 def check_fused(experts: bool) -> None:

@@ -21,7 +21,7 @@ the model's dtype: embeddings, `lm_head`, norms, the routers, and the vision enc
 Where float8 is not faster, the model's own weights do the work if the GPU has room for both
 (a share ROOM of its memory left free: `_room`): dense layers up to DECODE_ROWS rows (a decode
 step: no float8 GEMM tried beats bf16 at 32-64 rows), experts above (a prefill: bf16's grouped
-GEMM beats the W8A16 kernel there). Measured in bench/float8_gemms.py, bench/w8a16.py and
+GEMM beats the W8A16 kernel there). Measured in bench/float8_gemms.py, bench/float8_experts.py and
 docs/executor.md.
 
 The logits are no longer the checkpoint's bf16 ones, so this is opt-in. Checked: at start-up
@@ -114,7 +114,7 @@ class Float8Experts(torch.nn.Module):
     float8_gemm.py's kernel multiplies (W8A16); elsewhere, and with `kernel=False`, the same
     arithmetic in float32 (the reference). With *keep*, the model's own experts stay beside them
     and run more than DECODE_ROWS tokens (a prefill: bf16's grouped GEMM is faster there than
-    this kernel, bench/w8a16.py)."""
+    this kernel, bench/float8_experts.py)."""
 
     def __init__(self, experts: Any, kernel: bool = True, keep: bool = False) -> None:
         super().__init__()
@@ -145,17 +145,29 @@ class Float8Experts(torch.nn.Module):
         return self._reference(hidden_states, top_k_index, top_k_weights)
 
     def _reference(
-        self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        float8_activations: bool = False,
     ) -> torch.Tensor:
+        """What the kernel computes (`float8_gemm.experts`), in float32 arithmetic."""
+
+        def rows(a: torch.Tensor) -> torch.Tensor:
+            if not float8_activations:
+                return a.float()
+            q, scale = _quantize_rows_torch(a)
+            return q.float() * scale
+
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for expert in top_k_index.unique().tolist():
             token, slot = torch.where(top_k_index == expert)
             gate_up = (
-                x[token].float() @ (self.gate_up[expert].float() * self.gate_up_scale[expert, :, None]).t()
+                rows(x[token]) @ (self.gate_up[expert].float() * self.gate_up_scale[expert, :, None]).t()
             )
             gate, up = gate_up.chunk(2, dim=-1)
-            hidden = (torch.nn.functional.silu(gate) * up).to(x.dtype).float()  # the kernel stores it so
-            down = hidden @ (self.down[expert].float() * self.down_scale[expert, :, None]).t()
+            hidden = (torch.nn.functional.silu(gate) * up).to(x.dtype)  # the kernel stores it so
+            down = rows(hidden) @ (self.down[expert].float() * self.down_scale[expert, :, None]).t()
             out.index_add_(0, token, down * top_k_weights[token, slot, None].float())
         return out.to(x.dtype)
 

@@ -1,4 +1,4 @@
-"""The experts of a mixture of experts over float8 weights and the model's activations (W8A16).
+"""The experts of a mixture of experts over float8 weights: W8A16 (the model's activations), or W8A8.
 
 Why: at a decode step the experts' GEMMs are many skinny ones (30B-A3B at 64 rows: 512
 (token, expert) pairs over 128 experts, a few rows each), bound by reading the weights, and
@@ -14,11 +14,13 @@ launch is the same at every step and CUDA graphs capture it. Each program takes 
 BLOCK_M pairs of one expert (an expert with many pairs gets several programs, as routing
 with random weights concentrates tokens on few experts) and one block of output channels.
 gate/up and SiLU * up are one launch (GATED), the down projection and the routing weight
-another (ROUTED); the pairs' outputs are then summed per token.
+another (ROUTED); the pairs' outputs are then summed per token. With `float8_activations` the
+inputs are float8 too, a scale per row (W8A8), for float8 tensor cores at a prefill's rows
+(bench/float8_experts.py measures it; the engine does not use it yet).
 
 Tiles (pairs, channels and inputs a program takes at a time, warps, pipeline stages) come from
 `float8_tiles.json` where it has the GPU and the shape: the fastest of a sweep on that GPU
-(`bench/w8a16.py --write-tiles`, as vLLM keeps measured configs for its kernel), else a rule.
+(`bench/float8_experts.py --write-tiles`, as vLLM keeps measured configs for its kernel), else a rule.
 """
 
 from __future__ import annotations
@@ -47,15 +49,16 @@ class Tiles(NamedTuple):
 
 @triton.jit
 def _experts_kernel(  # type: ignore[no-untyped-def]
-    X, W, SCALE, OUT, ORDER, STARTS, ROUTE,
+    X, X_SCALE, W, SCALE, OUT, ORDER, STARTS, ROUTE,
     stride_x, stride_we, stride_wn, stride_se, stride_out, N, K, IN_DIV, EXPERTS,
-    GATED: tl.constexpr, ROUTED: tl.constexpr, EXPERTS_POW2: tl.constexpr,
+    FLOAT8_X: tl.constexpr, GATED: tl.constexpr, ROUTED: tl.constexpr, EXPERTS_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Program (block b of pairs, block of N): the experts' pairs are ORDER[STARTS[e]:STARTS[e+1]],
     cut into blocks of BLOCK_M, numbered expert after expert; for each pair p of block b, of
     expert e, OUT[p] = X[p // IN_DIV] @ (W[e] * SCALE[e]).T over this block of channels. GATED:
-    W[e] holds [gate | up] (2N rows) and OUT[p] = SiLU(gate) * up. ROUTED: times ROUTE[p]."""
+    W[e] holds [gate | up] (2N rows) and OUT[p] = SiLU(gate) * up. ROUTED: times ROUTE[p].
+    FLOAT8_X: X is float8 too, each row r scaled by X_SCALE[r] (W8A8: float8 tensor cores)."""
     block = tl.program_id(0)
     experts = tl.arange(0, EXPERTS_POW2)
     known = experts < EXPERTS
@@ -78,9 +81,19 @@ def _experts_kernel(  # type: ignore[no-untyped-def]
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             a = tl.load(x + k, mask=inside[:, None], other=0.0)
-            acc = tl.dot(a, tl.load(w + k).to(a.dtype), acc)
+            b = tl.load(w + k)
+            if not FLOAT8_X:
+                b = b.to(a.dtype)
+            acc = tl.dot(a, b, acc)
             if GATED:
-                acc_up = tl.dot(a, tl.load(w + N * stride_wn + k).to(a.dtype), acc_up)
+                b = tl.load(w + N * stride_wn + k)
+                if not FLOAT8_X:
+                    b = b.to(a.dtype)
+                acc_up = tl.dot(a, b, acc_up)
+        if FLOAT8_X:
+            row_scale = tl.load(X_SCALE + pair // IN_DIV, mask=inside, other=0.0)[:, None]
+            acc = acc * row_scale
+            acc_up = acc_up * row_scale
         acc = acc * tl.load(SCALE + expert * stride_se + offs_n)[None, :]
         if GATED:
             up = acc_up * tl.load(SCALE + expert * stride_se + N + offs_n)[None, :]
@@ -100,6 +113,7 @@ def _launch(
     order: torch.Tensor,
     starts: torch.Tensor,
     *,
+    x_scale: torch.Tensor | None = None,
     route: torch.Tensor | None = None,
     in_div: int = 1,
     gated: bool = False,
@@ -109,10 +123,12 @@ def _launch(
         raise ValueError(f"float8 experts: {n} outputs, {k} inputs do not tile by {tiles}")
     blocks = triton.cdiv(order.shape[0], tiles.m) + experts  # each expert's last block may be partial
     _experts_kernel[(blocks, n // tiles.n)](
-        x, weight, scale, out, order, starts, out if route is None else route,
+        x, out if x_scale is None else x_scale, weight, scale, out, order, starts,
+        out if route is None else route,
         x.stride(0), weight.stride(0), weight.stride(1), scale.stride(0), out.stride(0),
         n, k, in_div, experts,
-        GATED=gated, ROUTED=route is not None, EXPERTS_POW2=triton.next_power_of_2(experts),
+        FLOAT8_X=x_scale is not None, GATED=gated, ROUTED=route is not None,
+        EXPERTS_POW2=triton.next_power_of_2(experts),
         BLOCK_M=tiles.m, BLOCK_N=tiles.n, BLOCK_K=tiles.k, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
 
@@ -140,8 +156,8 @@ def _divisor(size: int, most: int) -> int:
 
 
 def tile_key(kind: str, n: int, k: int, per_expert: int) -> str:
-    """The key of `float8_tiles.json` for a launch: kernel ("gated" or "routed"), outputs, inputs,
-    and the class of pairs an expert holds on average."""
+    """The key of `float8_tiles.json` for a launch: kernel ("gated" or "routed", "... fp8" with
+    float8 activations), outputs, inputs, and the class of pairs an expert holds on average."""
     return f"{kind} {n}x{k} m{_rows_class(per_expert)}"
 
 
@@ -161,23 +177,44 @@ def experts(
     down_scale: torch.Tensor,
     bounds: torch.Tensor,
     tiles: tuple[Tiles, Tiles] | None = None,
+    float8_activations: bool = False,
 ) -> torch.Tensor:
     """A mixture of experts over x (tokens, hidden): each token through its top_k experts
     (SiLU(x @ gate.T) * (x @ up.T)) @ down.T, summed with its routing weights. *gate_up*
     (experts, 2 * inter, hidden) and *down* (experts, hidden, inter) are float8 with float32 scales
-    per output channel (experts, channels); *bounds* is arange(experts + 1) on the device."""
+    per output channel (experts, channels); *bounds* is arange(experts + 1) on the device.
+    *float8_activations*: each GEMM's input rows rounded to float8 too, with a scale each
+    (`float8.quantize_rows`), for float8 tensor cores (W8A8: for a prefill's many rows, where
+    W8A16 is bound by the tensor cores' bf16 rate; bench/float8_experts.py measures both)."""
     tokens, chosen = top_k_index.shape
     inter = down.shape[2]
     expert_of_pair, order = torch.sort(top_k_index.reshape(-1))
     starts = torch.searchsorted(expert_of_pair, bounds)
     if tiles is None:
         per_expert = tokens * chosen // gate_up.shape[0]
+        kinds = ("gated fp8", "routed fp8") if float8_activations else ("gated", "routed")
         tiles = (
-            _tiles("gated", inter, x.shape[1], per_expert, x.device),
-            _tiles("routed", x.shape[1], inter, per_expert, x.device),
+            _tiles(kinds[0], inter, x.shape[1], per_expert, x.device),
+            _tiles(kinds[1], x.shape[1], inter, per_expert, x.device),
         )
     pairs = torch.empty((tokens * chosen, inter), dtype=x.dtype, device=x.device)
-    _launch(x, gate_up, gate_up_scale, pairs, tiles[0], order, starts, in_div=chosen, gated=True)
+    a, a_scale = _rows(x, float8_activations)
+    _launch(
+        a, gate_up, gate_up_scale, pairs, tiles[0], order, starts, x_scale=a_scale, in_div=chosen, gated=True
+    )
     out = torch.empty((tokens * chosen, x.shape[1]), dtype=x.dtype, device=x.device)
-    _launch(pairs, down, down_scale, out, tiles[1], order, starts, route=top_k_weights.reshape(-1))
+    a, a_scale = _rows(pairs, float8_activations)
+    _launch(
+        a, down, down_scale, out, tiles[1], order, starts, x_scale=a_scale, route=top_k_weights.reshape(-1)
+    )
     return out.view(tokens, chosen, -1).sum(dim=1)
+
+
+def _rows(x: torch.Tensor, float8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A GEMM's input: *x*, or its rows in float8 and their scales."""
+    if not float8:
+        return x, None
+    from .float8 import quantize_rows
+
+    q, scale = quantize_rows(x)
+    return q, scale.view(-1)

@@ -1,4 +1,4 @@
-"""float8 experts (W8A16, server/inference/model/float8_gemm.py) against bf16, on one GPU.
+"""float8 experts (server/inference/model/float8_gemm.py) against bf16, on one GPU.
 
 The experts of 30B-A3B (8 of 128 a token) at 64 rows (a decode step at c=64) and 4096 rows (a
 prefill slice of ~4 pictures), routed two ways: uniformly at random (as a trained router
@@ -6,11 +6,14 @@ spreads tokens), and skewed (every token prefers the same few experts, as the ra
 checkpoints' routers do: the engine's 30B-A3B decode step took 10.9 ms in bf16 where uniform
 routing needs ~24). For each: transformers' experts module (`grouped_mm`, bf16) against
 `float8.Float8Experts` (two launches of the W8A16 kernel) with the engine's tiles and with the
-best of a sweep; the kernel's error against the same product in float32 (what is left is
-bf16's rounding of its outputs, ~1e-3 of their largest) and against bf16 (float8's own
-rounding, ~5%). Device time of one call inside a CUDA graph (bench/float8_gemms.py).
+best of a sweep, with bf16 activations (W8A16, what the engine runs at a decode step's rows)
+and with float8 activations (W8A8, float8 tensor cores: not yet used by the engine, which keeps
+bf16 experts for prefills where it has room; this table says whether W8A8 should take their
+place); the kernel's error against the same product in float32 (what is left is bf16's rounding
+of its outputs, ~1e-3 of their largest) and against bf16 (float8's own rounding, ~5%; more
+with float8 activations). Device time of one call inside a CUDA graph (bench/float8_gemms.py).
 
-python bench/w8a16.py [--out w8a16.json] [--write-tiles]
+python bench/float8_experts.py [--out float8_experts.json] [--write-tiles]
 
 --write-tiles keeps each shape's fastest tiles for this GPU in float8_tiles.json, which the
 engine reads (float8_gemm.py): those of the skewed routing, which the benchmarks serve.
@@ -87,31 +90,40 @@ def experts(count: int, per_token: int, hidden: int, inter: int, rows: int, skew
     fp8 = float8.Float8Experts(stock)
     x = torch.randn(rows, hidden, device=DEVICE, dtype=torch.bfloat16)
     weights, index = routing(rows, count, per_token, skewed)
-    with torch.no_grad():
-        got = fp8(x, index, weights)
-        reference = float8.Float8Experts(stock, kernel=False)(x[:256], index[:256], weights[:256])
-        result: dict[str, Any] = {
-            "experts_touched": int(index.unique().numel()),
-            "most_pairs_an_expert": int(index.reshape(-1).bincount().max()),
-            "error_vs_reference": relative_error(got[:256], reference),
-            "error_vs_bf16": relative_error(got, stock(x, index, weights)),
-            "bf16_ms": timed(lambda: stock(x, index, weights)),
-            "w8a16_ms": timed(lambda: fp8(x, index, weights)),
-        }
-        best: tuple[float, Tiles | None] = (float("inf"), None)
-        args = (fp8.gate_up, fp8.gate_up_scale, fp8.down, fp8.down_scale, fp8.bounds)
-        for tiles in TILES[rows]:
-            ms = timed(lambda t=tiles: float8_gemm.experts(x, index, weights, *args, tiles=(t, t)))
-            best = min(best, (ms, tiles), key=lambda b: b[0])
+    args = (fp8.gate_up, fp8.gate_up_scale, fp8.down, fp8.down_scale, fp8.bounds)
     per_expert = rows * per_token // count
-    result.update(
-        w8a16_best_ms=best[0],
-        best_tiles=best[1],
-        keys=[
-            float8_gemm.tile_key("gated", inter, hidden, per_expert),
-            float8_gemm.tile_key("routed", hidden, inter, per_expert),
-        ],
-    )
+    result: dict[str, Any] = {
+        "experts_touched": int(index.unique().numel()),
+        "most_pairs_an_expert": int(index.reshape(-1).bincount().max()),
+    }
+    with torch.no_grad():
+        result["bf16_ms"] = timed(lambda: stock(x, index, weights))
+        bf16 = stock(x, index, weights)
+        for mode, a8 in (("w8a16", False), ("w8a8", True)):
+            got = float8_gemm.experts(x, index, weights, *args, float8_activations=a8)
+            reference = fp8._reference(x[:256], index[:256], weights[:256], a8)
+            best: tuple[float, Tiles | None] = (float("inf"), None)
+            for tiles in TILES[rows]:
+                ms = timed(
+                    lambda t=tiles, a8=a8: float8_gemm.experts(
+                        x, index, weights, *args, tiles=(t, t), float8_activations=a8
+                    )
+                )
+                best = min(best, (ms, tiles), key=lambda b: b[0])
+            suffix = " fp8" if a8 else ""
+            result[mode] = {
+                "error_vs_reference": relative_error(got[:256], reference),
+                "error_vs_bf16": relative_error(got, bf16),
+                "ms": timed(
+                    lambda a8=a8: float8_gemm.experts(x, index, weights, *args, float8_activations=a8)
+                ),
+                "best_ms": best[0],
+                "best_tiles": best[1],
+                "keys": [
+                    float8_gemm.tile_key("gated" + suffix, inter, hidden, per_expert),
+                    float8_gemm.tile_key("routed" + suffix, hidden, inter, per_expert),
+                ],
+            }
     return result
 
 
@@ -122,7 +134,7 @@ def write_tiles(results: list[dict[str, Any]], device: str) -> None:
     table = json.loads(path.read_text()) if path.exists() else {}
     found = table.setdefault(device, {})
     for result in results:
-        if result["best_tiles"] and result["w8a16_best_ms"] < 0.97 * result["w8a16_ms"]:
+        if result["best_tiles"] and result["best_ms"] < 0.97 * result["ms"]:
             for key in result["keys"]:
                 found[key] = list(result["best_tiles"])
     table[device] = dict(sorted(found.items()))
@@ -154,15 +166,22 @@ def main() -> None:
             print(
                 f"{model} experts, {rows} rows, {'skewed' if skewed else 'uniform'} routing"
                 f" ({r['experts_touched']} experts, at most {r['most_pairs_an_expert']} pairs):"
-                f" bf16 {r['bf16_ms'] * 1e3:.1f} us, float8 {r['w8a16_ms'] * 1e3:.1f} us"
-                f" ({r['bf16_ms'] / r['w8a16_ms']:.2f}x), best {r['w8a16_best_ms'] * 1e3:.1f} us"
-                f" ({r['bf16_ms'] / r['w8a16_best_ms']:.2f}x) {tuple(r['best_tiles'] or ())};"
-                f" error {r['error_vs_reference']:.4f} (reference) {r['error_vs_bf16']:.4f} (bf16)",
+                f" bf16 {r['bf16_ms'] * 1e3:.1f} us",
                 flush=True,
             )
+            for mode in ("w8a16", "w8a8"):
+                m = r[mode]
+                best = tuple(m["best_tiles"] or ())
+                print(
+                    f"  {mode}: {m['ms'] * 1e3:.1f} us ({r['bf16_ms'] / m['ms']:.2f}x), best"
+                    f" {m['best_ms'] * 1e3:.1f} us ({r['bf16_ms'] / m['best_ms']:.2f}x) {best};"
+                    f" error {m['error_vs_reference']:.4f} (reference) {m['error_vs_bf16']:.4f} (bf16)",
+                    flush=True,
+                )
     print(f"{time.monotonic() - started:.0f} s")
     if args.write_tiles:
-        write_tiles([r for key, r in report.items() if key.endswith("skewed")], device)
+        crowded = [r for key, r in report.items() if key.endswith("skewed")]
+        write_tiles([r[mode] for r in crowded for mode in ("w8a16", "w8a8")], device)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
 
