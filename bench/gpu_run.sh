@@ -138,6 +138,12 @@ if [ "${KERNELS:-0}" = 1 ]; then
     cp "$WORK/profile-$model.txt" "$KEEP/" 2>/dev/null && tar -czf "$OUT/logs.tar.gz" -C "$KEEP" . 2>/dev/null
   done
 fi
+# `FLOAT8_EXPERTS=1`: 30B-A3B's experts in bf16, float8 W8A16 and W8A8 (bench/float8_experts.py), the
+# fastest tiles written into float8_tiles.json (copied back with the logs: commit it).
+if [ "${FLOAT8_EXPERTS:-0}" = 1 ]; then
+  step 200 "float8 experts" python3 bench/float8_experts.py --write-tiles --out "$OUT/float8-experts.json"
+  cp server/inference/model/float8_tiles.json "$KEEP/" && tar -czf "$OUT/logs.tar.gz" -C "$KEEP" . 2>/dev/null
+fi
 if [ "${PROBE:-0}" = 1 ]; then
   step 90 "prefill probe 2b" python3 bench/prefill_probe.py --model 2b --out "$OUT/probe-2b.json"
 fi
