@@ -85,13 +85,8 @@ class TextModel:
 
     @staticmethod
     def mlp(layer: Any, x: torch.Tensor) -> torch.Tensor:
-        """The layer's MLP over (..., hidden): the fused gate/up GEMM + SiLU*up + down
-        (`kernels.fuse_projections`), or the block's own forward (a mixture of experts block
-        takes (batch, tokens, hidden))."""
-        mlp = layer.mlp
-        if hasattr(mlp, "gate_up"):
-            from .kernels import silu_mul
-
-            return mlp.down_proj(silu_mul(mlp.gate_up(x)))
-        out = mlp(x.reshape(-1, 1, x.shape[-1]))
+        """The layer's MLP over (..., hidden), as (tokens, 1, hidden): a mixture-of-experts block
+        wants (batch, tokens, hidden). A dense MLP runs fused where `kernels.fuse_projections`
+        patched its forward."""
+        out = layer.mlp(x.reshape(-1, 1, x.shape[-1]))
         return (out[0] if isinstance(out, tuple) else out).view(x.shape)
