@@ -7,16 +7,17 @@ checkpoints' routers do: the engine's 30B-A3B decode step took 10.9 ms in bf16 w
 routing needs ~24). For each: transformers' experts module (`grouped_mm`, bf16) against
 `float8.Float8Experts` (two launches of the W8A16 kernel) with the engine's tiles and with the
 best of a sweep, with bf16 activations (W8A16, what the engine runs at a decode step's rows)
-and with float8 activations (W8A8, float8 tensor cores: not yet used by the engine, which keeps
-bf16 experts for prefills where it has room; this table says whether W8A8 should take their
-place); the kernel's error against the same product in float32 (what is left is bf16's rounding
-of its outputs, ~1e-3 of their largest) and against bf16 (float8's own rounding, ~5%; more
-with float8 activations). Device time of one call inside a CUDA graph (bench/float8_gemms.py).
+and with float8 activations (W8A8, float8 tensor cores: at a prefill's rows only); the kernel's
+error against the same product in float32 (what is left is bf16's rounding of its outputs,
+~1e-3 of their largest) and against bf16 (float8's own rounding, ~5%; more with float8
+activations). Device time of one call inside a CUDA graph (bench/float8_gemms.py).
 
-python bench/float8_experts.py [--out float8_experts.json] [--write-tiles]
+python bench/float8_experts.py [--out float8_experts.json] [--write-tiles] [--rows 64,4096] [--profile]
 
 --write-tiles keeps each shape's fastest tiles for this GPU in float8_tiles.json, which the
-engine reads (float8_gemm.py): those of the skewed routing, which the benchmarks serve.
+engine reads (float8_gemm.py): those of the skewed routing, which the benchmarks serve; and
+the three ways ranked at a prefill's rows, which decides how the engine's experts take a
+prefill (`float8.prefill_mode`).
 """
 
 from __future__ import annotations
@@ -40,18 +41,23 @@ from server.inference.model.agreement import relative_error
 from server.inference.model.float8_gemm import Tiles
 
 DEVICE = "cuda"  # --device cpu: a dry run of this script through Triton's interpreter, untimed
+PROFILE = False  # --profile: each shape's kernels, one by one (the engine's tiles)
 TILES = {
     64: [  # a decode step: ~4 pairs an expert (uniform)
         Tiles(m, n, k, warps, stages)
         for m, n, k, (warps, stages) in itertools.product(
-            (16, 32), (32, 64, 128), (64, 128), ((4, 3), (4, 4))
+            (16, 32), (32, 64, 128), (128, 256), ((2, 4), (4, 3), (4, 4), (8, 4))
         )
     ],
     4096: [  # a prefill slice: ~256 pairs an expert (uniform)
-        Tiles(m, n, 64, warps, stages)
-        for m, n, (warps, stages) in itertools.product((64, 128), (64, 128), ((4, 3), (8, 3), (8, 4)))
+        Tiles(m, n, k, warps, stages)
+        for m, n, k, (warps, stages) in itertools.product(
+            (64, 128), (64, 128), (64, 128), ((4, 3), (8, 3), (8, 4))
+        )
     ],
 }
+
+MODES = {64: (("w8a16", False),), 4096: (("w8a16", False), ("w8a8", True))}  # the engine's at these rows
 
 
 def timed(fn: Any) -> float:
@@ -99,7 +105,7 @@ def experts(count: int, per_token: int, hidden: int, inter: int, rows: int, skew
     with torch.no_grad():
         result["bf16_ms"] = timed(lambda: stock(x, index, weights))
         bf16 = stock(x, index, weights)
-        for mode, a8 in (("w8a16", False), ("w8a8", True)):
+        for mode, a8 in MODES[rows]:
             got = float8_gemm.experts(x, index, weights, *args, float8_activations=a8)
             reference = fp8._reference(x[:256], index[:256], weights[:256], a8)
             best: tuple[float, Tiles | None] = (float("inf"), None)
@@ -111,6 +117,24 @@ def experts(count: int, per_token: int, hidden: int, inter: int, rows: int, skew
                 )
                 best = min(best, (ms, tiles), key=lambda b: b[0])
             suffix = " fp8" if a8 else ""
+            if a8 and best[1]:  # Hopper's float8 accumulation throughout: how much the sums in float32 cost
+                imprecise = float8_gemm.experts(
+                    x,
+                    index,
+                    weights,
+                    *args,
+                    tiles=(best[1], best[1]),
+                    float8_activations=True,
+                    imprecise=True,
+                )
+                result["w8a8 imprecise"] = {
+                    "best_ms": timed(
+                        lambda t=best[1]: float8_gemm.experts(
+                            x, index, weights, *args, tiles=(t, t), float8_activations=True, imprecise=True
+                        )
+                    ),
+                    "error_vs_reference": relative_error(imprecise[:256], reference),
+                }
             result[mode] = {
                 "error_vs_reference": relative_error(got[:256], reference),
                 "error_vs_bf16": relative_error(got, bf16),
@@ -124,19 +148,49 @@ def experts(count: int, per_token: int, hidden: int, inter: int, rows: int, skew
                     float8_gemm.tile_key("routed" + suffix, hidden, inter, per_expert),
                 ],
             }
+        if PROFILE:
+            a8 = rows > float8.DECODE_ROWS  # the engine's way at these rows where W8A8 ranks first
+            print(kernel_times(lambda: float8_gemm.experts(x, index, weights, *args, float8_activations=a8)))
     return result
 
 
-def write_tiles(results: list[dict[str, Any]], device: str) -> None:
-    """The fastest tiles of each shape into float8_gemm.TILES_FILE under *device*, where they beat
-    the engine's rule (the tiles it ran as w8a16_ms) by more than 3%."""
+def kernel_times(fn: Any, calls: int = 20) -> str:
+    """Where one call's device time goes, kernel by kernel (torch's profiler over *calls* calls)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted(
+        ((e.key, e.device_time_total / calls, e.count // calls) for e in profile.key_averages()),
+        key=lambda row: -row[1],
+    )
+    return "\n".join(f"    {us:7.1f} us  x{n}  {name[:90]}" for name, us, n in rows if us >= 0.5)
+
+
+def write_tiles(report: dict[str, Any], device: str) -> None:
+    """Into float8_gemm.TILES_FILE under *device*: the fastest tiles of each shape with the skewed
+    routing (which the benchmarks serve) where they beat the engine's rule (the tiles it ran as
+    "ms") by more than 3%; and per model, bf16, W8A16 and W8A8 ranked by their time at a
+    prefill's rows (best tiles, both routings summed), which `float8.prefill_mode` follows."""
     path = float8_gemm.TILES_FILE
     table = json.loads(path.read_text()) if path.exists() else {}
     found = table.setdefault(device, {})
-    for result in results:
-        if result["best_tiles"] and result["best_ms"] < 0.97 * result["ms"]:
-            for key in result["keys"]:
-                found[key] = list(result["best_tiles"])
+    for key, result in report.items():
+        if not key.endswith("skewed"):
+            continue
+        for mode, _ in MODES[int(key.split("/")[1])]:
+            m = result[mode]
+            if m["best_tiles"] and m["best_ms"] < 0.97 * m["ms"]:
+                for tile_key in m["keys"]:
+                    found[tile_key] = list(m["best_tiles"])
+    for model, (_, _, hidden, inter) in EXPERTS.items():
+        prefills = [report[f"{model}/4096/{routing}"] for routing in ("uniform", "skewed")]
+        times = {mode: sum(r[mode]["best_ms"] for r in prefills) for mode in ("w8a16", "w8a8")}
+        times["bf16"] = sum(r["bf16_ms"] for r in prefills)
+        found[float8_gemm.prefill_key(hidden, inter)] = sorted(times, key=times.__getitem__)
+        print(f"{model} prefill, fastest first: {found[float8_gemm.prefill_key(hidden, inter)]}")
     table[device] = dict(sorted(found.items()))
     devices = [
         f"  {json.dumps(name)}: {{\n"
@@ -144,7 +198,7 @@ def write_tiles(results: list[dict[str, Any]], device: str) -> None:
         for name, keys in table.items()
     ]
     path.write_text("{\n" + "\n  },\n".join(devices) + "\n  }\n}\n")  # a shape's tiles on one line
-    print(f"tiles for {device}: {len(table[device])} shapes in {path}")
+    print(f"tiles for {device}: {len(table[device])} entries in {path}")
 
 
 def main() -> None:
@@ -152,15 +206,19 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--write-tiles", action="store_true", help="the fastest tiles into float8_tiles.json")
+    parser.add_argument("--profile", action="store_true", help="each shape's device time by kernel")
+    parser.add_argument(
+        "--rows", default="64,4096", help="comma list of 64 and/or 4096 (a decode step, a prefill)"
+    )
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, PROFILE
+    DEVICE, PROFILE = args.device, args.profile and args.device == "cuda"
     started = time.monotonic()
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     print(device, "torch", torch.__version__)
     report: dict[str, Any] = {"device": device, "torch": torch.__version__}
     for model, shape in EXPERTS.items():
-        for rows, skewed in itertools.product((64, 4096), (False, True)):
+        for rows, skewed in itertools.product(map(int, args.rows.split(",")), (False, True)):
             r = experts(*shape, rows, skewed)
             report[f"{model}/{rows}/{'skewed' if skewed else 'uniform'}"] = r
             print(
@@ -169,7 +227,7 @@ def main() -> None:
                 f" bf16 {r['bf16_ms'] * 1e3:.1f} us",
                 flush=True,
             )
-            for mode in ("w8a16", "w8a8"):
+            for mode, _ in MODES[rows]:
                 m = r[mode]
                 best = tuple(m["best_tiles"] or ())
                 print(
@@ -178,10 +236,16 @@ def main() -> None:
                     f" error {m['error_vs_reference']:.4f} (reference) {m['error_vs_bf16']:.4f} (bf16)",
                     flush=True,
                 )
+            if "w8a8 imprecise" in r:
+                m = r["w8a8 imprecise"]
+                print(
+                    f"  w8a8 without float32 sums: {m['best_ms'] * 1e3:.1f} us"
+                    f" ({r['bf16_ms'] / m['best_ms']:.2f}x); error {m['error_vs_reference']:.4f} (reference)",
+                    flush=True,
+                )
     print(f"{time.monotonic() - started:.0f} s")
     if args.write_tiles:
-        crowded = [r for key, r in report.items() if key.endswith("skewed")]
-        write_tiles([r[mode] for r in crowded for mode in ("w8a16", "w8a8")], device)
+        write_tiles({key: r for key, r in report.items() if "/" in key}, device)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
 

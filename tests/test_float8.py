@@ -65,20 +65,29 @@ def experts_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
     ).model
 
 
-def test_float8_experts_are_their_reference_and_keep_the_models_own_for_prefills(experts_model: Any) -> None:
+def test_float8_experts_are_their_reference_and_take_a_prefill_as_told(experts_model: Any) -> None:
+    """A decode step's tokens through float8 weights; a prefill's (more than DECODE_ROWS) as
+    *prefill* says: the same (W8A16), with float8 activations too (W8A8), or the model's own."""
     experts = experts_model.model.language_model.layers[0].mlp.experts
     generator = torch.Generator().manual_seed(5)
     tokens = 3 * float8.DECODE_ROWS
     x = torch.randn(tokens, experts.gate_up_proj.shape[-1], generator=generator)
     weights, index = torch.softmax(torch.randn(tokens, 8, generator=generator), -1).topk(2, dim=-1)
+    step = slice(0, float8.DECODE_ROWS)
     with torch.no_grad():
         exact = experts(x, index, weights)
         rounded = float8.Float8Experts(experts)(x, index, weights)
-        kept = float8.Float8Experts(experts, keep=True)
+        kept = float8.Float8Experts(experts, prefill="bf16")
         assert torch.equal(kept(x, index, weights), exact)  # a prefill's tokens: the model's experts
-        step = slice(0, float8.DECODE_ROWS)
         assert relative_error(kept(x[step], index[step], weights[step]), rounded[step]) < 1e-6
+        w8a8 = float8.Float8Experts(experts, prefill="w8a8")
+        both = w8a8(x, index, weights)
+        assert torch.equal(both, w8a8._reference(x, index, weights, float8_activations=True))
+        assert relative_error(w8a8(x[step], index[step], weights[step]), rounded[step]) < 1e-6
     assert 1e-3 < relative_error(rounded, exact) < 0.1  # float8's rounding, and only that
+    assert relative_error(rounded, exact) < relative_error(both, exact) < 0.1  # the activations' too
+    with pytest.raises(ValueError, match="prefill"):
+        float8.Float8Experts(experts, prefill="fp4")
     for token in (0, 1):  # each (token, expert) pair weighted by its routing weight
         alone = [float8.Float8Experts(experts)(x[token : token + 1], index[token : token + 1, [k]],
                                                torch.ones(1, 1)) for k in (0, 1)]  # fmt: skip
@@ -156,3 +165,40 @@ async def test_the_executor_answers_with_float8_weights(demo_model_dir: Path) ->
         finally:
             await executor.stop()
     assert answers["fp8"] and answers["fp8"] != answers["auto"]
+
+
+def test_the_experts_benchmark_ranks_prefill_modes_where_the_engine_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/float8_experts.py --write-tiles ranks bf16, W8A16 and W8A8 at a prefill's rows (both
+    routings summed) into float8_tiles.json, and `float8_gemm.prefill_modes` reads that ranking;
+    the tiles of a skewed routing are kept only where they beat the rule's."""
+    from bench import float8_experts
+    from server.inference.model import float8_gemm
+
+    monkeypatch.setattr(float8_gemm, "TILES_FILE", tmp_path / "tiles.json")
+    float8_gemm._measured.cache_clear()
+    monkeypatch.setattr(float8_experts, "EXPERTS", {"moe": (8, 2, 256, 64)})
+
+    def result(bf16: float, w8a16: float, w8a8: float, rows: int) -> dict[str, Any]:
+        def mode(ms: float, suffix: str) -> dict[str, Any]:
+            keys = [float8_gemm.tile_key("gated" + suffix, 64, 256, rows // 4),
+                    float8_gemm.tile_key("routed" + suffix, 256, 64, rows // 4)]  # fmt: skip
+            return {"ms": 2 * ms, "best_ms": ms, "best_tiles": (64, 64, 128, 8, 3), "keys": keys}
+
+        return {"bf16_ms": bf16, "w8a16": mode(w8a16, ""), "w8a8": mode(w8a8, " fp8")}
+
+    report = {
+        "moe/64/uniform": result(0.5, 0.25, 0.3, 64),
+        "moe/64/skewed": result(0.2, 0.1, 0.15, 64),
+        "moe/4096/uniform": result(1.2, 1.3, 0.7, 4096),
+        "moe/4096/skewed": result(1.1, 1.2, 1.0, 4096),  # summed with uniform's: w8a8 first
+    }
+    try:
+        float8_experts.write_tiles(report, "cpu")
+        assert float8_gemm.prefill_modes(torch.device("cpu"), 256, 64) == ["w8a8", "bf16", "w8a16"]
+        assert float8_gemm.prefill_modes(torch.device("cpu"), 2048, 768) == []  # not measured
+        tiles = float8_gemm._tiles("gated fp8", 64, 256, 1024, torch.device("cpu"))
+        assert tiles == float8_gemm.Tiles(64, 64, 128, 8, 3)
+    finally:
+        float8_gemm._measured.cache_clear()

@@ -15,13 +15,16 @@ down), and the experts of a mixture-of-experts model (30B-A3B, `Float8Experts`),
 float8_gemm.py's kernel, which widens the float8 weights to the activations' dtype as it reads
 them (W8A16): their GEMMs at a decode step are many small ones bound by reading the weights
 (torch's float8 grouped GEMM, `_scaled_grouped_mm`, took 2.2x the time of bf16's `grouped_mm`
-at a prefill's size on an H200 and its CUDA graphs disagreed with its eager runs). What stays in
+at a prefill's size on an H200 and its CUDA graphs disagreed with its eager runs); a prefill's
+rows go through the same kernel with float8 activations (W8A8: 1.55x bf16's `grouped_mm` at
+4096 rows on an H200) where that was measured fastest (`prefill_mode`). What stays in
 the model's dtype: embeddings, `lm_head`, norms, the routers, and the vision encoder.
 
 Where float8 is not faster, the model's own weights do the work if the GPU has room for both
 (a share ROOM of its memory left free: `_room`): dense layers up to DECODE_ROWS rows (a decode
-step: no float8 GEMM tried beats bf16 at 32-64 rows), experts above (a prefill: bf16's grouped
-GEMM beats the W8A16 kernel there). Measured in bench/float8_gemms.py, bench/float8_experts.py and
+step: no float8 GEMM tried beats bf16 at 32-64 rows). Experts above DECODE_ROWS rows (a
+prefill) take the fastest of bf16 (kept), W8A16 and W8A8 measured on the GPU for their shape
+(`prefill_mode`). Measured in bench/float8_gemms.py, bench/float8_experts.py and
 docs/executor.md.
 
 The logits are no longer the checkpoint's bf16 ones, so this is opt-in. Checked: at start-up
@@ -46,6 +49,7 @@ FP8_MAX = 448.0  # the largest finite float8 e4m3fn
 TINY = 1e-12  # the smallest row maximum a scale divides by (a row of zeros stays zeros)
 DECODE_ROWS = 64  # a decode step's rows at most (c=64): see Float8Linear and Float8Experts
 ROOM = 0.25  # the model's own weights are kept beside float8's while this share of the GPU stays free
+PREFILL_MODES = ("bf16", "w8a8", "w8a16")  # how float8 experts may take a prefill's rows: Float8Experts
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # kernels.py
 
 
@@ -112,11 +116,11 @@ class Float8Experts(torch.nn.Module):
     (experts, 2 * inter, hidden) holding [gate | up], `down_proj` (experts, hidden, inter), SiLU)
     over float8 weights with a scale per expert and output channel; its forward is theirs. On CUDA
     float8_gemm.py's kernel multiplies (W8A16); elsewhere, and with `kernel=False`, the same
-    arithmetic in float32 (the reference). With *keep*, the model's own experts stay beside them
-    and run more than DECODE_ROWS tokens (a prefill: bf16's grouped GEMM is faster there than
-    this kernel, bench/float8_experts.py)."""
+    arithmetic in float32 (the reference). *prefill* says how more than DECODE_ROWS tokens (a
+    prefill's) are multiplied: "w8a16" as a decode step's, "w8a8" with float8 activations too
+    (float8 tensor cores), "bf16" by the model's own experts, kept beside (`prefill_mode`)."""
 
-    def __init__(self, experts: Any, kernel: bool = True, keep: bool = False) -> None:
+    def __init__(self, experts: Any, kernel: bool = True, prefill: str = "w8a16") -> None:
         super().__init__()
         if type(getattr(experts, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation") or any(
             getattr(experts, flag, False) for flag in ("is_transposed", "has_bias")
@@ -127,22 +131,28 @@ class Float8Experts(torch.nn.Module):
             self.register_buffer(name, values)
             self.register_buffer(f"{name}_scale", scale)
         self.register_buffer("bounds", torch.arange(self.gate_up.shape[0] + 1, device=self.gate_up.device))
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"float8 experts: prefill {prefill!r} is none of {PREFILL_MODES}")
         self.kernel = kernel
-        self.prefill = experts if keep else None
+        self.prefill = prefill
+        self.kept = experts if prefill == "bf16" else None
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self.prefill is not None and hidden_states.shape[0] > DECODE_ROWS:
-            return self.prefill(hidden_states, top_k_index, top_k_weights)
+        prefill = hidden_states.shape[0] > DECODE_ROWS
+        if prefill and self.kept is not None:
+            return self.kept(hidden_states, top_k_index, top_k_weights)
+        float8_activations = prefill and self.prefill == "w8a8"
         if self.kernel and hidden_states.is_cuda:
             from .float8_gemm import experts
 
             return experts(
                 hidden_states, top_k_index, top_k_weights,
                 self.gate_up, self.gate_up_scale, self.down, self.down_scale, self.bounds,
+                float8_activations=float8_activations,
             )  # fmt: skip
-        return self._reference(hidden_states, top_k_index, top_k_weights)
+        return self._reference(hidden_states, top_k_index, top_k_weights, float8_activations)
 
     def _reference(
         self,
@@ -181,6 +191,20 @@ def _room(*weights: torch.Tensor) -> bool:
     return free - sum(w.numel() for w in weights) > ROOM * total  # a float8 element is a byte
 
 
+def prefill_mode(experts: Any) -> str:
+    """How *experts* (transformers' module) take a prefill's tokens once in float8: the fastest of
+    PREFILL_MODES measured on their GPU for their shape (`float8_gemm.prefill_modes`, from
+    bench/float8_experts.py), "bf16" only where the GPU has room to keep them (`_room`);
+    unmeasured, "bf16" where it has room (an H200 before W8A8 was measured), else "w8a16"."""
+    ranked = ["bf16", "w8a16"]
+    if experts.gate_up_proj.is_cuda:
+        from .float8_gemm import prefill_modes
+
+        ranked = prefill_modes(experts.gate_up_proj.device, *experts.down_proj.shape[1:]) or ranked
+    room = _room(experts.gate_up_proj, experts.down_proj)
+    return next(mode for mode in [*ranked, "w8a16"] if mode != "bf16" or room)
+
+
 def quantize_language_model(model: Any) -> int:
     """Replace the decoder layers' linear layers (and experts) by float8 ones, in place; the number
     replaced. The parts of a fused projection (`kernels.fuse_projections`: `qkv`, `gate_up`) are
@@ -189,7 +213,7 @@ def quantize_language_model(model: Any) -> int:
     for layer in model.model.language_model.layers:
         if hasattr(layer.mlp, "experts"):
             experts = layer.mlp.experts
-            layer.mlp.experts = Float8Experts(experts, keep=_room(experts.gate_up_proj, experts.down_proj))
+            layer.mlp.experts = Float8Experts(experts, prefill=prefill_mode(experts))
             replaced += 1
         for block in (layer.self_attn, layer.mlp):
             for fused, parts in FUSED.items():
@@ -209,7 +233,8 @@ def quantize_language_model(model: Any) -> int:
 
 def works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the float8 kernels run on *device* and agree with their references: a linear layer
-    (a torch or GPU without row-wise float8 GEMMs fails here) and experts."""
+    (a torch or GPU without row-wise float8 GEMMs fails here) and experts, with a decode step's
+    and a prefill's rows (float8 activations)."""
     from types import SimpleNamespace
 
     from .agreement import relative_error
@@ -223,15 +248,17 @@ def works(device: torch.device, dtype: torch.dtype) -> bool:
     experts = SimpleNamespace(
         gate_up_proj=randn(8, 128, 256), down_proj=randn(8, 256, 64), act_fn=torch.nn.SiLU()
     )
-    index = torch.rand(24, 8, generator=generator, device=device).topk(2, dim=-1).indices
-    routing = torch.softmax(randn(24, 2).float(), dim=-1).to(dtype)
     try:
         x = randn(48, 256)
         errors = {"linear": relative_error(Float8Linear(weight)(x), _dequantized(x, weight))}
-        x = x[:24]
-        errors["experts"] = relative_error(
-            Float8Experts(experts)(x, index, routing), Float8Experts(experts, kernel=False)(x, index, routing)
-        )
+        for mode, rows in (("w8a16", 24), ("w8a8", DECODE_ROWS + 8)):  # a decode step's rows, a prefill's
+            index = torch.rand(rows, 8, generator=generator, device=device).topk(2, dim=-1).indices
+            routing = torch.softmax(randn(rows, 2).float(), dim=-1).to(dtype)
+            x = randn(rows, 256)
+            errors[f"experts {mode}"] = relative_error(
+                Float8Experts(experts, prefill=mode)(x, index, routing),
+                Float8Experts(experts, kernel=False, prefill=mode)(x, index, routing),
+            )
     except (RuntimeError, TypeError):  # torch's "no kernel for this device" is a RuntimeError too
         log.warning("float8 weights: the kernels failed on %s; keeping %s", device, dtype, exc_info=True)
         return False
@@ -281,7 +308,7 @@ def simulated(model: Any) -> Iterator[None]:
                     setattr(block, name, _Reference(child.weight))
                 elif name == "experts":
                     swapped.append((block, name, child))
-                    setattr(block, name, Float8Experts(child, kernel=False))
+                    setattr(block, name, Float8Experts(child, kernel=False, prefill=prefill_mode(child)))
     try:
         yield
     finally:

@@ -16,7 +16,8 @@ with random weights concentrates tokens on few experts) and one block of output 
 gate/up and SiLU * up are one launch (GATED), the down projection and the routing weight
 another (ROUTED); the pairs' outputs are then summed per token. With `float8_activations` the
 inputs are float8 too, a scale per row (W8A8), for float8 tensor cores at a prefill's rows
-(bench/float8_experts.py measures it; the engine does not use it yet).
+(bench/float8_experts.py measures it and ranks it against bf16 and W8A16 for the engine:
+`prefill_modes`).
 
 Tiles (pairs, channels and inputs a program takes at a time, warps, pipeline stages) come from
 `float8_tiles.json` where it has the GPU and the shape: the fastest of a sweep on that GPU
@@ -28,7 +29,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -52,13 +53,15 @@ def _experts_kernel(  # type: ignore[no-untyped-def]
     X, X_SCALE, W, SCALE, OUT, ORDER, STARTS, ROUTE,
     stride_x, stride_we, stride_wn, stride_se, stride_out, N, K, IN_DIV, EXPERTS,
     FLOAT8_X: tl.constexpr, GATED: tl.constexpr, ROUTED: tl.constexpr, EXPERTS_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IMPRECISE: tl.constexpr,
 ):  # fmt: skip
     """Program (block b of pairs, block of N): the experts' pairs are ORDER[STARTS[e]:STARTS[e+1]],
     cut into blocks of BLOCK_M, numbered expert after expert; for each pair p of block b, of
     expert e, OUT[p] = X[p // IN_DIV] @ (W[e] * SCALE[e]).T over this block of channels. GATED:
     W[e] holds [gate | up] (2N rows) and OUT[p] = SiLU(gate) * up. ROUTED: times ROUTE[p].
-    FLOAT8_X: X is float8 too, each row r scaled by X_SCALE[r] (W8A8: float8 tensor cores)."""
+    FLOAT8_X: X is float8 too, each row r scaled by X_SCALE[r] (W8A8: float8 tensor cores), the
+    products summed in float32 every IMPRECISE inputs (Hopper's float8 tensor cores keep fewer
+    bits while they accumulate; Triton's default there, None, never sums in float32)."""
     block = tl.program_id(0)
     experts = tl.arange(0, EXPERTS_POW2)
     known = experts < EXPERTS
@@ -84,12 +87,12 @@ def _experts_kernel(  # type: ignore[no-untyped-def]
             b = tl.load(w + k)
             if not FLOAT8_X:
                 b = b.to(a.dtype)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=IMPRECISE)
             if GATED:
                 b = tl.load(w + N * stride_wn + k)
                 if not FLOAT8_X:
                     b = b.to(a.dtype)
-                acc_up = tl.dot(a, b, acc_up)
+                acc_up = tl.dot(a, b, acc_up, max_num_imprecise_acc=IMPRECISE)
         if FLOAT8_X:
             row_scale = tl.load(X_SCALE + pair // IN_DIV, mask=inside, other=0.0)[:, None]
             acc = acc * row_scale
@@ -117,6 +120,7 @@ def _launch(
     route: torch.Tensor | None = None,
     in_div: int = 1,
     gated: bool = False,
+    imprecise: bool = False,
 ) -> None:
     experts, n, k = weight.shape[0], out.shape[1], weight.shape[2]
     if n % tiles.n or k % tiles.k or x.stride(-1) != 1 or weight.stride(-1) != 1:
@@ -130,16 +134,33 @@ def _launch(
         FLOAT8_X=x_scale is not None, GATED=gated, ROUTED=route is not None,
         EXPERTS_POW2=triton.next_power_of_2(experts),
         BLOCK_M=tiles.m, BLOCK_N=tiles.n, BLOCK_K=tiles.k, num_warps=tiles.warps, num_stages=tiles.stages,
+        IMPRECISE=None if x_scale is None or imprecise else tiles.k,  # None: Triton's default
     )  # fmt: skip
 
 
 @functools.cache
-def _measured(device: str) -> dict[str, list[int]]:
+def _measured(device: str) -> dict[str, list[Any]]:
     try:
-        table: dict[str, dict[str, list[int]]] = json.loads(TILES_FILE.read_text())
+        table: dict[str, dict[str, list[Any]]] = json.loads(TILES_FILE.read_text())
     except FileNotFoundError:
         return {}
     return table.get(device, {})
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def prefill_key(hidden: int, inter: int) -> str:
+    """The key of `float8_tiles.json` under which the ways of taking a prefill's rows (bf16
+    experts, W8A16, W8A8: `float8.PREFILL_MODES`) are ranked, fastest first, for these experts."""
+    return f"prefill {hidden}x{inter}"
+
+
+def prefill_modes(device: torch.device, hidden: int, inter: int) -> list[str]:
+    """The ways experts of *hidden* x *inter* take a prefill's rows on *device*, fastest first,
+    as bench/float8_experts.py measured them; empty where it has not."""
+    return [str(mode) for mode in _measured(_device_name(device)).get(prefill_key(hidden, inter), [])]
 
 
 def _rows_class(rows: int) -> int:
@@ -162,8 +183,7 @@ def tile_key(kind: str, n: int, k: int, per_expert: int) -> str:
 
 
 def _tiles(kind: str, n: int, k: int, per_expert: int, device: torch.device) -> Tiles:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    found = _measured(name).get(tile_key(kind, n, k, per_expert))
+    found = _measured(_device_name(device)).get(tile_key(kind, n, k, per_expert))
     return Tiles(*found) if found else Tiles(_rows_class(per_expert), _divisor(n, 64), _divisor(k, 128))
 
 
@@ -178,6 +198,7 @@ def experts(
     bounds: torch.Tensor,
     tiles: tuple[Tiles, Tiles] | None = None,
     float8_activations: bool = False,
+    imprecise: bool = False,
 ) -> torch.Tensor:
     """A mixture of experts over x (tokens, hidden): each token through its top_k experts
     (SiLU(x @ gate.T) * (x @ up.T)) @ down.T, summed with its routing weights. *gate_up*
@@ -185,7 +206,9 @@ def experts(
     per output channel (experts, channels); *bounds* is arange(experts + 1) on the device.
     *float8_activations*: each GEMM's input rows rounded to float8 too, with a scale each
     (`float8.quantize_rows`), for float8 tensor cores (W8A8: for a prefill's many rows, where
-    W8A16 is bound by the tensor cores' bf16 rate; bench/float8_experts.py measures both)."""
+    W8A16 is bound by the tensor cores' bf16 rate; bench/float8_experts.py measures both), their
+    products summed in float32 every block of inputs, unless *imprecise* (Hopper's float8 tensor
+    cores' own accumulation throughout, as Triton's default: faster, ~2% off)."""
     tokens, chosen = top_k_index.shape
     inter = down.shape[2]
     expert_of_pair, order = torch.sort(top_k_index.reshape(-1))
@@ -200,13 +223,15 @@ def experts(
     pairs = torch.empty((tokens * chosen, inter), dtype=x.dtype, device=x.device)
     a, a_scale = _rows(x, float8_activations)
     _launch(
-        a, gate_up, gate_up_scale, pairs, tiles[0], order, starts, x_scale=a_scale, in_div=chosen, gated=True
-    )
+        a, gate_up, gate_up_scale, pairs, tiles[0], order, starts,
+        x_scale=a_scale, in_div=chosen, gated=True, imprecise=imprecise,
+    )  # fmt: skip
     out = torch.empty((tokens * chosen, x.shape[1]), dtype=x.dtype, device=x.device)
     a, a_scale = _rows(pairs, float8_activations)
     _launch(
-        a, down, down_scale, out, tiles[1], order, starts, x_scale=a_scale, route=top_k_weights.reshape(-1)
-    )
+        a, down, down_scale, out, tiles[1], order, starts,
+        x_scale=a_scale, route=top_k_weights.reshape(-1), imprecise=imprecise,
+    )  # fmt: skip
     return out.view(tokens, chosen, -1).sum(dim=1)
 
 
