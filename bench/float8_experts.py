@@ -23,6 +23,7 @@ prefill (`float8.prefill_mode`).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -118,22 +119,13 @@ def experts(count: int, per_token: int, hidden: int, inter: int, rows: int, skew
                 best = min(best, (ms, tiles), key=lambda b: b[0])
             suffix = " fp8" if a8 else ""
             if a8 and best[1]:  # Hopper's float8 accumulation throughout: how much the sums in float32 cost
-                imprecise = float8_gemm.experts(
-                    x,
-                    index,
-                    weights,
-                    *args,
-                    tiles=(best[1], best[1]),
-                    float8_activations=True,
-                    imprecise=True,
-                )
+                imprecise = functools.partial(
+                    float8_gemm.experts, x, index, weights, *args,
+                    tiles=(best[1], best[1]), float8_activations=True, imprecise=True,
+                )  # fmt: skip
                 result["w8a8 imprecise"] = {
-                    "best_ms": timed(
-                        lambda t=best[1]: float8_gemm.experts(
-                            x, index, weights, *args, tiles=(t, t), float8_activations=True, imprecise=True
-                        )
-                    ),
-                    "error_vs_reference": relative_error(imprecise[:256], reference),
+                    "best_ms": timed(imprecise),
+                    "error_vs_reference": relative_error(imprecise()[:256], reference),
                 }
             result[mode] = {
                 "error_vs_reference": relative_error(got[:256], reference),

@@ -2,7 +2,7 @@
 
 The CUDA side (the Triton activation kernel, `_scaled_mm` on the GPU, the fused projections) is
 checked at start-up against the same reference (`float8.works`) and by bench/gpu_check.py; the
-experts' Triton kernel also through Triton's interpreter (tests/test_float8_kernel.py)."""
+experts' Triton kernel also through Triton's interpreter (tests/test_triton_interpreted.py)."""
 
 from __future__ import annotations
 
